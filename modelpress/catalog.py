@@ -1,0 +1,274 @@
+"""The catalogue of methods, schemes and their options.
+
+Pure data and validation, no torch: the API validates job specs with it at
+submit time (so a job that cannot run answers 422 before any worker time is
+spent), `GET /v1/methods` publishes it, and the engine reads the same
+definitions, so the three can never disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+OptionKind = Literal["float", "int", "bool", "str", "str_list", "object"]
+Device = Literal["cpu", "cuda"]
+
+# Model formats as users upload them. state_dict and safetensors become eager
+# modules (a registered architecture), exported programs become graph modules.
+MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program")
+EAGER_FORMATS = ("state_dict", "safetensors", "exported_program")
+OUTPUT_FORMATS = ("torchscript", "exported_program", "state_dict", "sparse_state_dict")
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message says why, for a 422."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    name: str
+    kind: OptionKind
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    maximum_exclusive: bool = False
+    choices: tuple[str, ...] | None = None
+    help: str = ""
+
+    def validate(self, value: Any, where: str) -> None:
+        label = f"{where}.{self.name}"
+        if self.kind == "float":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise SpecError(f"{label} must be a number, got {value!r}")
+        elif self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SpecError(f"{label} must be an integer, got {value!r}")
+        elif self.kind == "bool":
+            if not isinstance(value, bool):
+                raise SpecError(f"{label} must be true or false, got {value!r}")
+        elif self.kind == "str":
+            if not isinstance(value, str):
+                raise SpecError(f"{label} must be a string, got {value!r}")
+        elif self.kind == "str_list":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise SpecError(f"{label} must be a list of strings")
+        elif self.kind == "object":
+            if not isinstance(value, dict):
+                raise SpecError(f"{label} must be an object")
+        if self.kind in ("float", "int"):
+            if self.minimum is not None and value < self.minimum:
+                raise SpecError(f"{label} must be >= {self.minimum}, got {value}")
+            if self.maximum is not None:
+                too_big = value >= self.maximum if self.maximum_exclusive else value > self.maximum
+                if too_big:
+                    bound = "<" if self.maximum_exclusive else "<="
+                    raise SpecError(f"{label} must be {bound} {self.maximum}, got {value}")
+        if self.choices is not None and value not in self.choices:
+            raise SpecError(f"{label} must be one of {list(self.choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SchemeSpec:
+    method: str
+    name: str
+    summary: str
+    devices: tuple[Device, ...] = ("cpu",)
+    input_formats: tuple[str, ...] = MODEL_FORMATS
+    needs_dataset: bool = False
+    needs_labels: bool = False
+    # Changes weights to a non-float representation: later stages that need
+    # float weights (pruning, distillation) cannot follow it.
+    quantizes: bool = False
+    min_compute_capability: float | None = None
+    options: tuple[OptionSpec, ...] = ()
+    library: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["options"] = [asdict(o) for o in self.options]
+        return data
+
+
+_LAYERS = OptionSpec("layers", "object", None,
+                     help='{"include": [globs], "exclude": [globs]} on module names')
+_AMOUNT = OptionSpec("amount", "float", 0.5, 0.0, 1.0, True, help="fraction of weights to remove")
+_KEEP_CLASSIFIER = OptionSpec("prune_classifier", "bool", False,
+                              help="also prune the final classifier layer")
+_SCHEDULE = OptionSpec("schedule", "object", None,
+                       help='{"steps": N, "finetune_epochs": E}: gradual pruning (Zhu & Gupta 2017); needs a dataset')
+_TRAIN = OptionSpec("train", "object", None, help="training-loop options (optimizer, lr, epochs, ...)")
+_SKIP = OptionSpec("skip_layers", "str_list", [], help="glob patterns of module names left in float")
+_KEEP_ENDS = OptionSpec("keep_first_last_float", "bool", False, help="leave the first and last layers in float")
+
+_PRUNE_COMMON = (_AMOUNT, _LAYERS, _KEEP_CLASSIFIER, _SCHEDULE, _TRAIN)
+
+SCHEMES: tuple[SchemeSpec, ...] = (
+    SchemeSpec("prune", "l1_unstructured", "zero the smallest-magnitude weights of each layer",
+               ("cpu", "cuda"), options=_PRUNE_COMMON, library="torch.nn.utils.prune"),
+    SchemeSpec("prune", "random_unstructured", "zero random weights of each layer",
+               ("cpu", "cuda"), options=_PRUNE_COMMON, library="torch.nn.utils.prune"),
+    SchemeSpec("prune", "global_l1_unstructured", "one magnitude threshold across all chosen layers",
+               ("cpu", "cuda"), options=_PRUNE_COMMON, library="torch.nn.utils.prune"),
+    SchemeSpec("prune", "ln_structured",
+               "remove whole output channels / neurons by their Ln norm; shapes shrink",
+               ("cpu", "cuda"), input_formats=EAGER_FORMATS,
+               options=_PRUNE_COMMON + (OptionSpec("norm", "float", 2.0, 1.0, None),),
+               library="torch-pruning (dependency graph)"),
+    SchemeSpec("prune", "nm_semi_structured", "N of every M weights along the input dimension (2:4)",
+               ("cpu", "cuda"),
+               options=(OptionSpec("n", "int", 2, 1, 16), OptionSpec("m", "int", 4, 2, 32),
+                        _LAYERS, _KEEP_CLASSIFIER, _TRAIN),
+               library="torch (to_sparse_semi_structured on CUDA)"),
+    SchemeSpec("quantize", "dynamic_int8", "int8 weights, activations quantized on the fly (Linear, LSTM, GRU)",
+               ("cpu",), quantizes=True, options=(_SKIP, _KEEP_ENDS),
+               library="torch.ao.quantization.quantize_dynamic / quantize_dynamic_jit"),
+    SchemeSpec("quantize", "static_int8", "int8 weights and activations, calibrated on the dataset",
+               ("cpu",), input_formats=EAGER_FORMATS, needs_dataset=True, quantizes=True,
+               options=(_SKIP, _KEEP_ENDS, OptionSpec("calibration_batches", "int", 16, 1, 10_000)),
+               library="torchao PT2E (X86InductorQuantizer) / torch.ao FX"),
+    SchemeSpec("quantize", "fp16", "half-precision weights and activations", ("cpu", "cuda"),
+               quantizes=True, options=(_SKIP,), library="torch"),
+    SchemeSpec("quantize", "bf16", "bfloat16 weights and activations", ("cpu", "cuda"),
+               quantizes=True, options=(_SKIP,), library="torch"),
+    SchemeSpec("quantize", "int8_weight_only", "torchao int8 weight-only", ("cuda",),
+               input_formats=EAGER_FORMATS, quantizes=True, options=(_SKIP,), library="torchao"),
+    SchemeSpec("quantize", "int8_dynamic", "torchao int8 dynamic activations, int8 weights", ("cuda",),
+               input_formats=EAGER_FORMATS, quantizes=True, options=(_SKIP,), library="torchao"),
+    SchemeSpec("quantize", "int4_weight_only", "torchao int4 weight-only (CUDA kernels)", ("cuda",),
+               input_formats=EAGER_FORMATS, quantizes=True,
+               options=(_SKIP, OptionSpec("group_size", "int", 128, 32, 256)), library="torchao"),
+    SchemeSpec("quantize", "float8", "torchao float8 dynamic (compute capability >= 8.9)", ("cuda",),
+               input_formats=EAGER_FORMATS, quantizes=True, min_compute_capability=8.9,
+               options=(_SKIP,), library="torchao"),
+    SchemeSpec("distill", "hinton", "knowledge distillation into a smaller student (Hinton et al. 2015)",
+               ("cpu", "cuda"), needs_dataset=True,
+               options=(OptionSpec("student", "object", "auto",
+                                   help='"auto", {"architecture": {...}} or {"model_id": ...}'),
+                        OptionSpec("width_multiplier", "float", 0.25, 0.01, 1.0),
+                        OptionSpec("temperature", "float", 4.0, 0.1, 100.0),
+                        OptionSpec("alpha", "float", 0.7, 0.0, 1.0),
+                        OptionSpec("baseline", "bool", False, help="also train the student on labels alone"),
+                        OptionSpec("feature_layers", "object", None,
+                                   help='{"teacher_layer": "student_layer"} pairs for feature distillation'),
+                        _TRAIN),
+               library="torch"),
+)
+
+DEFAULT_SCHEME = {"distill": "hinton"}
+METHODS = tuple(sorted({s.method for s in SCHEMES}))
+
+
+def find_scheme(method: str, scheme: str | None) -> SchemeSpec:
+    if method not in METHODS:
+        raise SpecError(f"unknown method {method!r}; known methods: {list(METHODS)}")
+    name = scheme or DEFAULT_SCHEME.get(method)
+    if name is None:
+        raise SpecError(f"method {method!r} needs a scheme")
+    for spec in SCHEMES:
+        if spec.method == method and spec.name == name:
+            return spec
+    known = [s.name for s in SCHEMES if s.method == method]
+    raise SpecError(f"unknown scheme {name!r} for method {method!r}; known schemes: {known}")
+
+
+@dataclass(frozen=True)
+class JobFacts:
+    """What submit-time validation knows about a job without loading anything."""
+
+    model_format: str
+    device: Device = "cpu"
+    has_dataset: bool = False
+    dataset_has_labels: bool = False
+    compute_capability: float | None = None
+    live_devices: tuple[str, ...] | None = None
+
+
+@dataclass
+class ValidatedStage:
+    spec: SchemeSpec
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[ValidatedStage]:
+    """Check every stage against the catalogue and against the stages before it."""
+    if not stages:
+        raise SpecError("a job needs at least one stage")
+    validated: list[ValidatedStage] = []
+    current_format = facts.model_format
+    quantized_by: str | None = None
+    for index, stage in enumerate(stages):
+        where = f"stages[{index}]"
+        if not isinstance(stage, dict) or "method" not in stage:
+            raise SpecError(f"{where} needs a 'method'")
+        spec = find_scheme(stage["method"], stage.get("scheme"))
+        if facts.device not in spec.devices:
+            raise SpecError(f"{where}: scheme {spec.name!r} runs on {list(spec.devices)}, not on {facts.device!r}")
+        if (spec.min_compute_capability and facts.compute_capability is not None
+                and facts.compute_capability < spec.min_compute_capability):
+            raise SpecError(f"{where}: scheme {spec.name!r} needs compute capability >= {spec.min_compute_capability}")
+        if current_format not in spec.input_formats:
+            raise SpecError(
+                f"{where}: scheme {spec.name!r} needs an eager model (state_dict + architecture, or an "
+                f"exported program); a {current_format} model cannot be changed that way")
+        if quantized_by is not None and spec.method in ("prune", "distill"):
+            raise SpecError(f"{where}: {spec.method} needs float weights, but stage {quantized_by} already quantized them")
+        if spec.needs_dataset and not facts.has_dataset:
+            raise SpecError(f"{where}: scheme {spec.name!r} needs a dataset_id (calibration or training data)")
+        if spec.needs_labels and not facts.dataset_has_labels:
+            raise SpecError(f"{where}: scheme {spec.name!r} needs a dataset with labels")
+        known = {o.name: o for o in spec.options}
+        options: dict[str, Any] = {}
+        for key, value in stage.items():
+            if key in ("method", "scheme"):
+                continue
+            if key not in known:
+                raise SpecError(f"{where}: unknown option {key!r} for {spec.method}/{spec.name}; "
+                                f"options: {sorted(known)}")
+            if value is not None:
+                known[key].validate(value, where)
+            options[key] = value
+        for option in spec.options:
+            options.setdefault(option.name, option.default)
+        _validate_nested(spec, options, facts, where)
+        if spec.quantizes and quantized_by is None:
+            quantized_by = str(index)
+        validated.append(ValidatedStage(spec, options))
+    return validated
+
+
+def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts, where: str) -> None:
+    schedule = options.get("schedule")
+    if schedule:
+        if not facts.has_dataset:
+            raise SpecError(f"{where}.schedule: gradual pruning fine-tunes, so it needs a dataset_id with labels")
+        steps = schedule.get("steps", 1)
+        epochs = schedule.get("finetune_epochs", 1)
+        if not isinstance(steps, int) or not 1 <= steps <= 100:
+            raise SpecError(f"{where}.schedule.steps must be an integer in [1, 100]")
+        if not isinstance(epochs, int) or not 0 <= epochs <= 1000:
+            raise SpecError(f"{where}.schedule.finetune_epochs must be an integer in [0, 1000]")
+    layers = options.get("layers")
+    if layers:
+        for key, value in layers.items():
+            if key not in ("include", "exclude"):
+                raise SpecError(f"{where}.layers accepts 'include' and 'exclude', not {key!r}")
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise SpecError(f"{where}.layers.{key} must be a list of glob patterns")
+    if spec.name == "nm_semi_structured" and options["n"] >= options["m"]:
+        raise SpecError(f"{where}: n must be smaller than m, got {options['n']}:{options['m']}")
+    if spec.method == "distill":
+        student = options.get("student")
+        if student != "auto" and not (isinstance(student, dict) and ("model_id" in student or "architecture" in student)):
+            raise SpecError(f'{where}.student must be "auto", {{"model_id": ...}} or {{"architecture": ...}}')
+        if student == "auto" and facts.model_format == "torchscript":
+            raise SpecError(f'{where}: student "auto" is derived from an eager teacher; a TorchScript teacher '
+                            'needs an explicit student (model_id or architecture)')
+
+
+def describe_methods() -> list[dict[str, Any]]:
+    """The catalogue as `GET /v1/methods` publishes it."""
+    return [
+        {"method": method,
+         "schemes": [s.describe() for s in SCHEMES if s.method == method]}
+        for method in METHODS
+    ]
