@@ -154,7 +154,43 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                library="torch"),
 )
 
-DEFAULT_SCHEME = {"distill": "hinton"}
+SCHEMES += (
+    SchemeSpec("search", "accuracy_aware",
+               "the smallest (or fastest) model that meets an accuracy or fidelity bar, over recipes and amounts",
+               ("cpu",), options=(
+                   OptionSpec("max_accuracy_drop", "float", None, 0.0, 1.0,
+                              help="absolute top-1 drop allowed; needs an eval dataset with labels"),
+                   OptionSpec("min_sqnr_db", "float", None, 0.0, 200.0, help="fidelity bar; no labels needed"),
+                   OptionSpec("objective", "str", "size", choices=("size", "latency")),
+                   OptionSpec("candidates", "object", None,
+                              help='{"recipes": [[stage, ...], ...], "amount": {"min": 0.3, "max": 0.95}}'),
+                   OptionSpec("max_trials", "int", 12, 1, 200),
+                   OptionSpec("time_budget_s", "float", 1800.0, 1.0, 86400.0),
+                   _TRAIN),
+               library="ModelPress search over the other methods"),
+)
+
+# Presets expand into recipes (lists of stages); GET /v1/methods lists them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-int8": {"summary": "dynamic int8 quantization for CPU serving",
+                 "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]},
+    "deep-compression": {
+        "summary": "gradual magnitude pruning with fine-tuning, then int8, then sparse encoding (Han et al. 2016)",
+        "stages": [{"method": "prune", "scheme": "global_l1_unstructured", "amount": 0.9,
+                    "schedule": {"steps": 4, "finetune_epochs": 3}}]},
+    "distill-small": {"summary": "distil into a student a quarter of the teacher's width",
+                      "stages": [{"method": "distill", "scheme": "hinton", "student": "auto",
+                                  "width_multiplier": 0.25}]},
+}
+
+
+def expand_preset(name: str) -> list[dict[str, Any]]:
+    if name not in PRESETS:
+        raise SpecError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    return [dict(stage) for stage in PRESETS[name]["stages"]]
+
+
+DEFAULT_SCHEME = {"distill": "hinton", "search": "accuracy_aware"}
 METHODS = tuple(sorted({s.method for s in SCHEMES}))
 
 
@@ -179,6 +215,7 @@ class JobFacts:
     device: Device = "cpu"
     has_dataset: bool = False
     dataset_has_labels: bool = False
+    eval_has_labels: bool = False
     compute_capability: float | None = None
     live_devices: tuple[str, ...] | None = None
 
@@ -256,6 +293,11 @@ def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts,
                 raise SpecError(f"{where}.layers.{key} must be a list of glob patterns")
     if spec.name == "nm_semi_structured" and options["n"] >= options["m"]:
         raise SpecError(f"{where}: n must be smaller than m, got {options['n']}:{options['m']}")
+    if spec.method == "search":
+        if options.get("max_accuracy_drop") is None and options.get("min_sqnr_db") is None:
+            raise SpecError(f"{where}: search needs max_accuracy_drop or min_sqnr_db")
+        if options.get("max_accuracy_drop") is not None and not facts.eval_has_labels:
+            raise SpecError(f"{where}: max_accuracy_drop needs an eval_dataset_id with labels")
     if spec.method == "distill":
         student = options.get("student")
         if student != "auto" and not (isinstance(student, dict) and ("model_id" in student or "architecture" in student)):
@@ -265,10 +307,12 @@ def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts,
                             'needs an explicit student (model_id or architecture)')
 
 
-def describe_methods() -> list[dict[str, Any]]:
+def describe_methods() -> dict[str, Any]:
     """The catalogue as `GET /v1/methods` publishes it."""
-    return [
-        {"method": method,
-         "schemes": [s.describe() for s in SCHEMES if s.method == method]}
-        for method in METHODS
-    ]
+    return {
+        "methods": [{"method": method, "schemes": [s.describe() for s in SCHEMES if s.method == method]}
+                    for method in METHODS],
+        "presets": [{"name": name, "summary": p["summary"], "stages": p["stages"]} for name, p in PRESETS.items()],
+        "output_formats": list(OUTPUT_FORMATS),
+        "model_formats": list(MODEL_FORMATS),
+    }

@@ -1,0 +1,69 @@
+"""One settings class; every variable is MODELPRESS_<NAME>.
+
+Defaults give the embedded mode (SQLite, a file-system broker, local files);
+pointing the URLs at Postgres, Redis and S3 gives the production mode.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPRESS_", extra="ignore")
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = None
+    broker_url: str | None = None
+    storage_url: str | None = None
+
+    max_upload_bytes: int = 2 * 1024**3
+    max_archive_unpacked_bytes: int = 16 * 1024**3
+    max_queued_jobs_per_tenant: int = 100
+    max_stored_bytes_per_tenant: int = 50 * 1024**3
+    rate_limit_per_minute: int = 600
+    cors_origins: list[str] = Field(default_factory=list)
+
+    # worker
+    job_time_limit_s: int = 3600
+    job_soft_time_limit_s: int = 3300
+    lease_seconds: int = 120
+    max_attempts: int = 3
+    sandbox_memory_bytes: int = 16 * 1024**3
+    sandbox_cpu_seconds: int = 7200
+    sandbox_file_bytes: int = 8 * 1024**3
+    sandbox_open_files: int = 256
+    worker_threads: int = 1
+    worker_queues: str = "cpu"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'modelpress.sqlite3').resolve()}"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or f"file://{(self.data_dir / 'storage').resolve()}"
+
+    @property
+    def scratch_dir(self) -> Path:
+        return (self.data_dir / "scratch").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,42 @@
+"""Annotated dependencies: the request's session (committed at the edge) and tenant."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header
+from sqlalchemy.orm import Session
+
+from app.auth import tenant_for_key
+from app.db import get_session_factory
+from app.errors import Unauthorized
+from app.ratelimit import check_rate
+from app.tables import Tenant
+
+
+def get_session() -> Iterator[Session]:
+    session = get_session_factory()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise Unauthorized("send 'Authorization: Bearer <api key>'")
+    tenant = tenant_for_key(session, authorization[7:].strip())
+    if tenant is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    check_rate(tenant.id)
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -1,0 +1,165 @@
+"""Rules for jobs: validate at submit, idempotent create, cancel, and the read model."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import get_settings
+from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from app.outbox import enqueue
+from app.resources import get_dataset, get_model
+from app.schemas import ArtifactRead, JobCreate, JobRead
+from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
+from modelpress.catalog import JobFacts, SpecError, expand_preset, validate_stages
+from worker.celery_app import RUN_JOB
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _dataset_has_labels(info: dict[str, Any] | None) -> bool:
+    return bool(info) and "labels" in (info or {}).get("arrays", [])
+
+
+def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[str, Any]:
+    """Everything that can be checked without loading the model; returns the normalised spec."""
+    model = get_model(session, tenant, job_in.model_id)
+    if model.status == "rejected":
+        raise Invalid(f"model {model.id} was rejected at inspection: {(model.inspection or {}).get('error')}")
+    dataset = get_dataset(session, tenant, job_in.dataset_id) if job_in.dataset_id else None
+    evaluation = get_dataset(session, tenant, job_in.eval_dataset_id) if job_in.eval_dataset_id else None
+    stages = list(job_in.stages)
+    try:
+        if job_in.preset:
+            if stages:
+                raise SpecError("give either a preset or stages, not both")
+            stages = expand_preset(job_in.preset)
+        if job_in.search is not None:
+            if stages:
+                raise SpecError("give either search or stages, not both")
+            stages = [dict(job_in.search, method="search")]
+        facts = JobFacts(model_format=model.format, device=job_in.target.device,
+                         has_dataset=dataset is not None,
+                         dataset_has_labels=_dataset_has_labels(dataset.info if dataset else None),
+                         eval_has_labels=_dataset_has_labels(evaluation.info if evaluation else None))
+        validated = validate_stages(stages, facts)
+    except SpecError as error:
+        raise Invalid(str(error)) from error
+    if job_in.example_input_shape is None and dataset is None and evaluation is None:
+        raise Invalid("example_input_shape is required when no dataset gives the input shape")
+    if job_in.example_input_shape is not None and any(d <= 0 for d in job_in.example_input_shape):
+        raise Invalid("example_input_shape must hold positive sizes")
+    if job_in.output_format == "exported_program" and model.format == "torchscript":
+        raise Invalid("a TorchScript model cannot be turned into an exported program; use output_format torchscript")
+    extra_models: list[str] = []
+    for stage in validated:
+        student = stage.options.get("student")
+        if isinstance(student, dict) and "model_id" in student:
+            get_model(session, tenant, student["model_id"])
+            extra_models.append(student["model_id"])
+    spec = job_in.model_dump(mode="json")
+    spec["stages"] = [{"method": v.spec.method, "scheme": v.spec.name, **v.options} for v in validated]
+    spec["extra_model_ids"] = extra_models
+    return spec
+
+
+def create_job(session: Session, *, tenant: Tenant, job_in: JobCreate, idempotency_key: str | None) -> tuple[Job, int | None]:
+    """Insert the job and its outbox row in one transaction; returns (job, outbox id to publish)."""
+    body_hash = request_hash(job_in.model_dump(mode="json"))
+    if idempotency_key:
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id,
+                                                     Job.idempotency_key == idempotency_key))
+        if existing is not None:
+            if existing.request_hash != body_hash:
+                raise Invalid("this Idempotency-Key was used with a different request body")
+            return existing, None
+    spec = validate_job(session, tenant, job_in)
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant.id, Job.status.in_(("queued", "running"))))
+    limit = get_settings().max_queued_jobs_per_tenant
+    if active is not None and active >= limit:
+        raise QuotaExceeded(f"tenant already has {active} queued or running jobs (limit {limit})",
+                            headers={"Retry-After": "30"})
+    queue = "gpu" if job_in.target.device == "cuda" else "cpu"
+    job = Job(tenant_id=tenant.id, model_id=job_in.model_id, method=spec["stages"][0]["method"], status="queued",
+              spec=spec, queue=queue, priority=job_in.priority, idempotency_key=idempotency_key,
+              request_hash=body_hash)
+    session.add(job)
+    session.flush()
+    session.add(JobEvent(job_id=job.id, kind="state", data={"status": "queued"}))
+    message = enqueue(session, task=RUN_JOB, object_id=job.id, queue=queue, priority=job_in.priority)
+    return job, message.id
+
+
+def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant.id:
+        raise NotFound(f"no job {job_id!r}")
+    return job
+
+
+def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = get_job(session, tenant, job_id)
+    if job.status in TERMINAL:
+        raise Conflict(f"job {job_id} is already {job.status}")
+    if job.status == "queued":
+        job.status, job.finished_at, job.stage = "cancelled", utcnow(), "cancelled"
+        session.add(JobEvent(job_id=job.id, kind="state", data={"status": "cancelled"}))
+    else:
+        # the runner sees the flag within one epoch, stops the child and ends the job cancelled
+        job.cancel_requested = True
+    session.flush()
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(created), job_id
+    except ValueError as error:
+        raise Invalid("cursor is not one this API returned") from error
+
+
+def list_jobs(session: Session, tenant: Tenant, *, status: str | None, model_id: str | None, method: str | None,
+              limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status:
+        query = query.where(Job.status == status)
+    if model_id:
+        query = query.where(Job.model_id == model_id)
+    if method:
+        query = query.where(Job.method == method)
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        if session.get_bind().dialect.name == "sqlite":
+            created = created.replace(tzinfo=None)
+        query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
+    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return jobs[:limit], next_cursor
+
+
+def job_read(session: Session, job: Job) -> JobRead:
+    metrics = session.get(JobMetrics, job.id)
+    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
+    return JobRead(
+        id=job.id, status=job.status, progress=job.progress, stage=job.stage, spec=job.spec, error=job.error,
+        attempt=job.attempt, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        metrics=metrics.document if metrics else None,
+        artifact=ArtifactRead(size_bytes=artifact.size_bytes, sha256=artifact.sha256, format=artifact.format,
+                              requires=artifact.requires or [], download_url=f"/v1/jobs/{job.id}/artifact")
+        if artifact else None,
+    )

@@ -1,0 +1,143 @@
+"""Rules for models and datasets: store the file, record it, never leave half of it behind."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.config import get_settings
+from app.errors import Invalid, NotFound, QuotaExceeded
+from app.outbox import enqueue
+from app.storage import get_store
+from app.tables import Job, StoredDataset, StoredModel, Tenant, new_id
+from app.uploads import ReceivedFile
+from modelpress.architectures import architecture_names
+from modelpress.catalog import MODEL_FORMATS
+from modelpress.formats import FormatError, check_model_file, sniff_dataset, sniff_model_format
+from worker.celery_app import INSPECT_MODEL
+
+
+def stored_bytes(session: Session, tenant_id: str) -> int:
+    models = session.scalar(select(func.coalesce(func.sum(StoredModel.size_bytes), 0))
+                            .where(StoredModel.tenant_id == tenant_id)) or 0
+    datasets = session.scalar(select(func.coalesce(func.sum(StoredDataset.size_bytes), 0))
+                              .where(StoredDataset.tenant_id == tenant_id)) or 0
+    return int(models) + int(datasets)
+
+
+def _check_storage_quota(session: Session, tenant: Tenant, incoming: int) -> None:
+    limit = get_settings().max_stored_bytes_per_tenant
+    if stored_bytes(session, tenant.id) + incoming > limit:
+        raise QuotaExceeded(f"tenant storage quota of {limit} bytes would be exceeded; delete models or datasets")
+
+
+def parse_architecture(raw: str | None) -> dict[str, Any] | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise Invalid(f"architecture must be JSON like {{\"name\": \"mlp\", \"kwargs\": {{...}}}}: {error}") from error
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise Invalid('architecture must be an object with a "name" from the registry')
+    if not isinstance(value.get("kwargs", {}), dict):
+        raise Invalid("architecture.kwargs must be an object")
+    known = architecture_names()
+    if value["name"] not in known:
+        raise Invalid(f"unknown architecture {value['name']!r}; registered: {known}")
+    return {"name": value["name"], "kwargs": value.get("kwargs", {})}
+
+
+def create_model(session: Session, *, tenant: Tenant, upload: ReceivedFile, name: str | None,
+                 declared_format: str | None, architecture_json: str | None) -> StoredModel:
+    settings = get_settings()
+    if declared_format is not None and declared_format not in MODEL_FORMATS:
+        raise Invalid(f"format must be one of {list(MODEL_FORMATS)}")
+    try:
+        if declared_format:
+            check_model_file(upload.path, declared_format, settings.max_archive_unpacked_bytes)
+            model_format = declared_format
+        else:
+            model_format = sniff_model_format(upload.path, settings.max_archive_unpacked_bytes)
+    except FormatError as error:
+        raise Invalid(f"not an accepted model file: {error}") from error
+    architecture = parse_architecture(architecture_json)
+    if model_format in ("state_dict", "safetensors") and architecture is None:
+        raise Invalid(f"a {model_format} upload holds weights only: send an architecture "
+                      f"from the registry ({architecture_names()})")
+    _check_storage_quota(session, tenant, upload.size_bytes)
+    model_id = new_id("mdl")
+    key = f"models/{tenant.id}/{model_id}"
+    record = StoredModel(id=model_id, tenant_id=tenant.id, name=name or upload.filename, format=model_format,
+                         architecture=architecture, size_bytes=upload.size_bytes, sha256=upload.sha256,
+                         storage_key=key, status="pending")
+    store = get_store()
+    store.put_file(key, upload.path)
+    try:
+        session.add(record)
+        session.flush()
+        enqueue(session, task=INSPECT_MODEL, object_id=model_id)
+    except BaseException:
+        store.delete(key)
+        raise
+    return record
+
+
+def get_model(session: Session, tenant: Tenant, model_id: str) -> StoredModel:
+    record = session.get(StoredModel, model_id)
+    if record is None or record.tenant_id != tenant.id:
+        raise NotFound(f"no model {model_id!r}")
+    return record
+
+
+def delete_model(session: Session, tenant: Tenant, model_id: str) -> None:
+    record = get_model(session, tenant, model_id)
+    active = session.scalar(select(func.count()).select_from(Job).where(
+        Job.model_id == model_id, Job.status.in_(("queued", "running"))))
+    if active:
+        from app.errors import Conflict
+
+        raise Conflict(f"model {model_id} has {active} queued or running jobs")
+    key = record.storage_key
+    session.delete(record)
+    session.flush()
+    get_store().delete(key)
+
+
+def create_dataset(session: Session, *, tenant: Tenant, upload: ReceivedFile, name: str | None) -> StoredDataset:
+    settings = get_settings()
+    try:
+        info = sniff_dataset(upload.path, settings.max_archive_unpacked_bytes)
+    except FormatError as error:
+        raise Invalid(f"not an accepted dataset file: {error}") from error
+    _check_storage_quota(session, tenant, upload.size_bytes)
+    dataset_id = new_id("ds")
+    key = f"datasets/{tenant.id}/{dataset_id}"
+    record = StoredDataset(id=dataset_id, tenant_id=tenant.id, name=name or upload.filename, format=info["format"],
+                           size_bytes=upload.size_bytes, sha256=upload.sha256, storage_key=key, info=info)
+    store = get_store()
+    store.put_file(key, upload.path)
+    try:
+        session.add(record)
+        session.flush()
+    except BaseException:
+        store.delete(key)
+        raise
+    return record
+
+
+def get_dataset(session: Session, tenant: Tenant, dataset_id: str) -> StoredDataset:
+    record = session.get(StoredDataset, dataset_id)
+    if record is None or record.tenant_id != tenant.id:
+        raise NotFound(f"no dataset {dataset_id!r}")
+    return record
+
+
+def delete_dataset(session: Session, tenant: Tenant, dataset_id: str) -> None:
+    record = get_dataset(session, tenant, dataset_id)
+    key = record.storage_key
+    session.delete(record)
+    session.flush()
+    get_store().delete(key)

@@ -1,0 +1,33 @@
+"""Alembic environment: the URL comes from MODELPRESS_DATABASE_URL (or the caller's config)."""
+from __future__ import annotations
+
+from alembic import context
+
+import app.tables  # noqa: F401  (registers every table on Base.metadata)
+from app.config import get_settings
+from app.db import Base, make_engine
+
+config = context.config
+url = config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=url, target_metadata=Base.metadata, literal_binds=True, compare_type=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = make_engine(url)
+    with engine.connect() as connection:
+        context.configure(connection=connection, target_metadata=Base.metadata, compare_type=True,
+                          render_as_batch=connection.dialect.name == "sqlite")
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,127 @@
+"""The `modelpress` command: serve, worker, migrate, keys, and client commands."""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from app.migrate import downgrade, upgrade
+
+    if args.downgrade:
+        downgrade(revision=args.downgrade)
+    else:
+        upgrade()
+    print("database migrated")
+    return 0
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from app.auth import create_key, revoke_key
+    from app.db import session_scope
+    from app.migrate import upgrade
+    from app.tables import ApiKey, Tenant
+
+    upgrade()
+    with session_scope() as session:
+        if args.keys_command == "create":
+            record, plain = create_key(session, tenant_name=args.tenant)
+            print(f"created key {record.id} for tenant {args.tenant!r}; it is shown once:")
+            print(plain)
+        elif args.keys_command == "list":
+            rows = session.execute(select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+                                   .order_by(ApiKey.created_at)).all()
+            for key, tenant_name in rows:
+                state = "revoked" if key.revoked_at else "active"
+                print(f"{key.id}\t{tenant_name}\t{key.prefix}…\t{state}\t{key.created_at:%Y-%m-%d %H:%M}")
+        elif args.keys_command == "revoke":
+            if not revoke_key(session, args.key_id):
+                print(f"no active key {args.key_id}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id}")
+    return 0
+
+
+def worker_command(queues: str, concurrency: int, pool: str = "prefork") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
+            "--concurrency", str(concurrency), "--pool", pool, "--loglevel", "INFO", "-E",
+            "--without-mingle", "--without-gossip"]
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    os.environ["MODELPRESS_WORKER_QUEUES"] = args.queues
+    return subprocess.call(worker_command(args.queues, args.concurrency, args.pool))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.migrate import upgrade
+
+    upgrade()
+    worker: subprocess.Popen[bytes] | None = None
+    if args.embedded_worker:
+        env = dict(os.environ, MODELPRESS_WORKER_QUEUES="cpu")
+        worker = subprocess.Popen(worker_command("cpu", 1), env=env)
+    print(f"ModelPress API on http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port} "
+          f"(docs at /docs, dashboard at /ui)", flush=True)
+    try:
+        uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="warning")
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelpress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the API (optionally with an embedded worker)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--embedded-worker", action="store_true", help="also start a worker process")
+    serve.set_defaults(func=_cmd_serve)
+
+    worker = sub.add_parser("worker", help="run a Celery worker")
+    worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument("--pool", default="prefork")
+    worker.set_defaults(func=_cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="apply database migrations")
+    migrate.add_argument("--downgrade", metavar="REVISION")
+    migrate.set_defaults(func=_cmd_migrate)
+
+    keys = sub.add_parser("keys", help="manage API keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="create a key; prints it as the last line")
+    create.add_argument("--tenant", required=True)
+    keys_sub.add_parser("list", help="list keys")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key")
+    revoke.add_argument("key_id")
+    keys.set_defaults(func=_cmd_keys)
+
+    from modelpress.client_cli import add_client_commands
+
+    add_client_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args: Any = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

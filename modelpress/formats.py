@@ -1,0 +1,121 @@
+"""Cheap, torch-free facts about uploaded files: magic bytes and zip structure.
+
+The API uses these to reject garbage at once and to guess a format; the
+worker's sandboxed child does the real loading.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+ZIP_MAX_MEMBERS = 10_000
+ZIP_MAX_RATIO = 200  # declared uncompressed size / compressed size
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+
+
+class FormatError(ValueError):
+    """The file is not a model or dataset we accept; the message says why."""
+
+
+def check_zip(path: Path, max_total_bytes: int) -> list[str]:
+    """Structural checks of a zip archive before anything parses it; returns member names."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise FormatError(f"not a valid zip archive: {error}") from error
+    if len(infos) > ZIP_MAX_MEMBERS:
+        raise FormatError(f"archive has {len(infos)} members (limit {ZIP_MAX_MEMBERS})")
+    total = sum(info.file_size for info in infos)
+    if total > max_total_bytes:
+        raise FormatError(f"archive declares {total} uncompressed bytes (limit {max_total_bytes})")
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED and info.compress_size and \
+                info.file_size / info.compress_size > ZIP_MAX_RATIO:
+            raise FormatError(f"member {info.filename!r} has a compression ratio above {ZIP_MAX_RATIO}")
+        if info.filename.startswith("/") or ".." in Path(info.filename).parts:
+            raise FormatError(f"member {info.filename!r} has an unsafe path")
+    return [info.filename for info in infos]
+
+
+def check_safetensors(path: Path) -> dict:
+    """Header size and tensor offsets must lie inside the file; returns the header."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise FormatError("file too short for safetensors")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(SAFETENSORS_MAX_HEADER, size - 8):
+            raise FormatError("safetensors header size points outside the file")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise FormatError(f"safetensors header is not JSON: {error}") from error
+    if not isinstance(header, dict):
+        raise FormatError("safetensors header is not an object")
+    data_len = size - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len):
+            raise FormatError(f"safetensors tensor {name!r} has offsets outside the file")
+    return header
+
+
+def sniff_model_format(path: Path, max_total_bytes: int) -> str:
+    """Guess the format of an uploaded model from its structure, without unpickling."""
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    if magic[:2] == b"PK":
+        names = check_zip(path, max_total_bytes)
+        if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json")
+               or n.endswith("archive_format") for n in names):
+            return "exported_program"
+        if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
+            return "torchscript"
+        if any(n.endswith("data.pkl") for n in names):
+            return "state_dict"
+        raise FormatError("zip archive is neither TorchScript, torch.save nor torch.export output")
+    if len(magic) == 8:
+        check_safetensors(path)
+        return "safetensors"
+    raise FormatError("file is not a PyTorch model (TorchScript, state_dict, safetensors or exported program)")
+
+
+def check_model_file(path: Path, declared_format: str, max_total_bytes: int) -> None:
+    """Check that the structure matches the declared format."""
+    if declared_format == "safetensors":
+        check_safetensors(path)
+        return
+    sniffed = sniff_model_format(path, max_total_bytes)
+    if sniffed != declared_format:
+        raise FormatError(f"file looks like {sniffed}, not {declared_format}")
+
+
+def sniff_dataset(path: Path, max_total_bytes: int) -> dict:
+    """Check an .npz (no pickled members) or .safetensors dataset; returns what we can tell cheaply."""
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    if magic[:2] == b"PK":
+        names = check_zip(path, max_total_bytes)
+        arrays = [n[:-4] for n in names if n.endswith(".npy")]
+        if "inputs" not in arrays:
+            raise FormatError("dataset .npz needs an array named 'inputs'")
+        with zipfile.ZipFile(path) as archive:
+            for name in names:
+                with archive.open(name) as member:
+                    header = member.read(128)
+                if b"'O'" in header or b"|O" in header:
+                    raise FormatError(f"array {name} holds Python objects (pickles are not accepted)")
+        return {"format": "npz", "arrays": sorted(arrays)}
+    header = check_safetensors(path)
+    arrays = [k for k in header if k != "__metadata__"]
+    if "inputs" not in arrays:
+        raise FormatError("dataset needs an array named 'inputs'")
+    return {"format": "safetensors", "arrays": sorted(arrays),
+            "shapes": {k: header[k].get("shape") for k in arrays}}

@@ -1,0 +1,424 @@
+"""Knowledge distillation (Hinton et al. 2015) into a smaller student, on the one training loop.
+
+The teacher is the job's model, of any kind: it only runs forward, so its logits
+are computed once for the whole training set. The student is derived from an
+eager teacher ("auto", structured width reduction with torch-pruning), built from
+a registered architecture, or another uploaded model. With `baseline`, a copy of
+the initial student is trained on labels alone with the same budget and seed,
+so the report shows what distillation bought.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from worker.compression.base import Dataset, EngineError, ModelKind, StageContext, StageResult, select_layers
+from worker.compression.training import (
+    TrainConfig, evaluate_accuracy, fit, logits_of, module_device, set_training_mode, split_dataset,
+)
+
+SCHEMES = ("hinton",)
+# The training budget when the job spec's "train" object leaves it out. Distillation
+# trains a student from a poor start, so it needs more than a fine-tune: measured on
+# digits (MLP 64-300-100-10 teacher, 64-32-10 student) this gets the student within
+# about a point of the teacher in a few seconds on CPU.
+DEFAULT_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-3, "epochs": 80, "batch_size": 64,
+                                 "schedule": "cosine"}
+# Share of the training data held out to report accuracies when there is no eval set.
+DEFAULT_VAL_SPLIT = 0.1
+# Weight of the feature-matching MSE next to the logit loss.
+FEATURE_LOSS_WEIGHT = 1.0
+_PREDICT_BATCH = 256
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Validated options of the distill/hinton stage (see modelpress.catalog)."""
+
+    student: str | dict[str, Any] = "auto"
+    width_multiplier: float = 0.25
+    temperature: float = 4.0
+    alpha: float = 0.7
+    baseline: bool = False
+    feature_layers: dict[str, str] | None = None
+    train: TrainConfig = TrainConfig()
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> DistillConfig:
+        """Check the stage options; the "train" object gets `DEFAULT_TRAIN` under it.
+
+        Example:
+            >>> DistillConfig.from_options({"student": "auto", "width_multiplier": 0.5})
+        """
+        known = {"student", "width_multiplier", "temperature", "alpha", "baseline", "feature_layers", "train"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise EngineError(f"unknown distill option(s) {unknown}; known: {sorted(known)}")
+        given = {k: v for k, v in options.items() if v is not None}
+        student = given.get("student", "auto")
+        if student != "auto" and not (isinstance(student, dict) and (
+                isinstance(student.get("model_id"), str) or isinstance(student.get("architecture"), dict))):
+            raise EngineError('student must be "auto", {"model_id": "..."} or {"architecture": {"name": ..., "kwargs": {...}}}')
+        width = given.get("width_multiplier", 0.25)
+        temperature = given.get("temperature", 4.0)
+        alpha = given.get("alpha", 0.7)
+        if not _is_number(width) or not 0 < width <= 1:
+            raise EngineError(f"width_multiplier must be in (0, 1], got {width!r}")
+        if not _is_number(temperature) or temperature <= 0:
+            raise EngineError(f"temperature must be a positive number, got {temperature!r}")
+        if not _is_number(alpha) or not 0 <= alpha <= 1:
+            raise EngineError(f"alpha must be in [0, 1], got {alpha!r}")
+        baseline = given.get("baseline", False)
+        if not isinstance(baseline, bool):
+            raise EngineError("baseline must be true or false")
+        features = given.get("feature_layers")
+        if features is not None and (not isinstance(features, dict) or not features or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in features.items())):
+            raise EngineError('feature_layers must be a non-empty object {"teacher_module": "student_module"}')
+        return cls(student=student, width_multiplier=float(width), temperature=float(temperature),
+                   alpha=float(alpha), baseline=baseline, feature_layers=features,
+                   train=TrainConfig.from_options(given.get("train"), DEFAULT_TRAIN))
+
+
+def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: StageContext) -> StageResult:
+    """Distill the teacher `model` into a student trained on ctx.train_data.
+
+    Args:
+        model: the teacher, of kind ctx.kind; it only runs forward, under no_grad.
+        scheme: "hinton".
+        options: student, width_multiplier, temperature, alpha, baseline, feature_layers, train.
+        ctx: training (and optional evaluation) data, device, seed, progress and cancellation.
+    Returns:
+        The trained student, its kind, and info with student/baseline/teacher accuracies,
+        parameter counts and the training summary.
+    Example:
+        >>> run_stage(teacher, "hinton", {"student": "auto", "width_multiplier": 0.25, "baseline": True}, ctx)
+    """
+    if scheme not in SCHEMES:
+        raise EngineError(f"unknown distill scheme {scheme!r}; known: {list(SCHEMES)}")
+    config = DistillConfig.from_options(options)
+    data = ctx.train_data
+    if data is None or len(data) == 0:
+        raise EngineError("distillation needs a training dataset")
+    teacher = model
+    set_training_mode(teacher, False)
+    student, student_kind, source = _build_student(teacher, config, ctx)
+    num_classes = _check_dataset(teacher, student, data, "training")
+    if ctx.eval_data is not None:
+        _check_dataset(teacher, student, ctx.eval_data, "evaluation")
+    if config.baseline and data.labels is None:
+        raise EngineError("baseline trains the student on labels alone, so it needs a dataset with labels")
+    if config.feature_layers and (ctx.kind != "eager" or student_kind != "eager"):
+        raise EngineError("feature_layers needs an eager teacher and an eager student "
+                          f"(here: teacher {ctx.kind}, student {student_kind}); hooks do not run inside "
+                          "TorchScript or exported graphs")
+    initial_student = copy.deepcopy(student) if config.baseline else None
+
+    ctx.progress(0.0, "computing teacher logits")
+    teacher_logits = predict_logits(teacher, data.inputs, ctx.device)
+    with_labels = data.labels is not None
+    targets = torch.cat([data.labels.float().unsqueeze(1), teacher_logits], dim=1) if with_labels else teacher_logits
+    train, train_targets, val, val_targets = _hold_out(data, targets, config, ctx)
+    evaluation = ctx.eval_data if ctx.eval_data is not None else val
+    train_config = config.train
+
+    trained, features = _attach_features(teacher, student, config, train.inputs[:2])
+    loss = HintonLoss(config.temperature, config.alpha, with_labels=with_labels,
+                      label_smoothing=train_config.label_smoothing, features=features)
+    plan_weight = 0.5 if config.baseline else 1.0
+    try:
+        summary = fit(trained, train, train_config, _scaled(ctx, 0.0, plan_weight, "student"),
+                      loss_fn=loss, val_data=val, targets=train_targets, val_targets=val_targets)
+    finally:
+        if features is not None:
+            features.remove_hooks()
+
+    info: dict[str, Any] = {
+        "student_source": source,
+        "temperature": config.temperature,
+        "alpha": config.alpha if with_labels else None,
+        "label_free": not with_labels,
+        "feature_layers": config.feature_layers,
+        "num_classes": num_classes,
+        "teacher_parameters": _count_parameters(teacher),
+        "student_parameters": _count_parameters(student),
+        "training": summary,
+    }
+    if initial_student is not None:
+        info["baseline_training"] = fit(initial_student, train, train_config,
+                                        _scaled(ctx, 0.5, 0.5, "baseline"), val_data=val)
+    if evaluation is not None and evaluation.labels is not None:
+        info["evaluated_on"] = "eval_data" if ctx.eval_data is not None else "validation_split"
+        info["student_accuracy"] = evaluate_accuracy(student, evaluation)
+        info["teacher_accuracy"] = evaluate_accuracy(teacher, evaluation)
+        info["baseline_accuracy"] = evaluate_accuracy(initial_student, evaluation) if initial_student else None
+    ctx.progress(1.0, "distillation done")
+    return StageResult(model=student, kind=student_kind, info=info)
+
+
+class HintonLoss:
+    """alpha · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − alpha) · CE(y, z_s), plus feature MSE.
+
+    Targets are the precomputed teacher logits, with the label in column 0 when there
+    are labels; without labels only the soft term is used (label-free distillation).
+    """
+
+    def __init__(self, temperature: float, alpha: float, *, with_labels: bool,
+                 label_smoothing: float = 0.0, features: FeatureMatcher | None = None) -> None:
+        self.temperature, self.alpha, self.with_labels = temperature, alpha, with_labels
+        self.label_smoothing, self.features = label_smoothing, features
+
+    def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor | None) -> Tensor:
+        if targets is None:
+            raise EngineError("distillation needs the teacher's logits as targets")
+        if self.features is not None:
+            self.features.run_teacher(inputs)
+        student_logits = logits_of(model(inputs)).float()
+        teacher_logits = targets[:, 1:] if self.with_labels else targets
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                        reduction="batchmean", log_target=True) * (t * t)
+        if self.with_labels:
+            hard = F.cross_entropy(student_logits, targets[:, 0].long(), label_smoothing=self.label_smoothing)
+            loss = self.alpha * soft + (1 - self.alpha) * hard
+        else:
+            loss = soft
+        if self.features is not None:
+            loss = loss + FEATURE_LOSS_WEIGHT * self.features.loss()
+        return loss
+
+
+class StudentWithAdapters(nn.Module):
+    """The student plus the learned adapters of feature distillation, so one optimizer trains both."""
+
+    def __init__(self, student: nn.Module, adapters: nn.ModuleList) -> None:
+        super().__init__()
+        self.student = student
+        self.adapters = adapters
+
+    def forward(self, inputs: Tensor) -> Any:
+        return self.student(inputs)
+
+
+class FeatureMatcher:
+    """Forward hooks on paired teacher/student modules and the MSE between their outputs."""
+
+    def __init__(self, teacher: nn.Module, pairs: list[tuple[nn.Module, nn.Module]], adapters: nn.ModuleList) -> None:
+        self.teacher, self.adapters = teacher, adapters
+        self.teacher_outputs: list[Tensor | None] = [None] * len(pairs)
+        self.student_outputs: list[Tensor | None] = [None] * len(pairs)
+        self.handles: list[RemovableHandle] = []
+        for index, (teacher_module, student_module) in enumerate(pairs):
+            self.handles.append(teacher_module.register_forward_hook(self._store(self.teacher_outputs, index)))
+            self.handles.append(student_module.register_forward_hook(self._store(self.student_outputs, index)))
+
+    @staticmethod
+    def _store(outputs: list[Tensor | None], index: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            outputs[index] = logits_of(output)
+        return hook
+
+    def run_teacher(self, inputs: Tensor) -> None:
+        if module_device(self.teacher) != inputs.device:
+            self.teacher.to(inputs.device)
+        with torch.no_grad():
+            self.teacher(inputs)
+
+    def loss(self) -> Tensor:
+        terms = []
+        for adapter, teacher_out, student_out in zip(self.adapters, self.teacher_outputs, self.student_outputs):
+            assert teacher_out is not None and student_out is not None
+            terms.append(F.mse_loss(adapter(student_out.float()), teacher_out.detach().float()))
+        return torch.stack(terms).mean()
+
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def predict_logits(model: nn.Module, inputs: Tensor, device: torch.device | str = "cpu",
+                   batch_size: int = _PREDICT_BATCH) -> Tensor:
+    """The model's logits for every input, computed in batches under no_grad, on the CPU.
+
+    Example:
+        >>> predict_logits(teacher, data.inputs).shape
+        torch.Size([1257, 10])
+    """
+    target = torch.device(device)
+    original = module_device(model)
+    if original != target:
+        model.to(target)
+    outputs = []
+    try:
+        with torch.no_grad():
+            for start in range(0, int(inputs.shape[0]), batch_size):
+                outputs.append(logits_of(model(inputs[start:start + batch_size].to(target))).float().cpu())
+    finally:
+        if original != target:
+            model.to(original)
+    return torch.cat(outputs)
+
+
+# ---------------------------------------------------------------- students
+
+
+def _build_student(teacher: nn.Module, config: DistillConfig, ctx: StageContext) -> tuple[nn.Module, ModelKind, str]:
+    spec = config.student
+    if spec == "auto":
+        if ctx.kind != "eager":
+            raise EngineError(f'student "auto" is derived from an eager teacher; this teacher is {ctx.kind}: '
+                              'give a student as {"architecture": ...} or {"model_id": ...}')
+        return _shrink_width(teacher, config.width_multiplier, ctx.example_input), "eager", "auto"
+    assert isinstance(spec, dict)
+    if "model_id" in spec:
+        model_id = spec["model_id"]
+        if model_id not in ctx.extra_models:
+            raise EngineError(f"student model {model_id!r} is not among the job's models")
+        student, kind = ctx.extra_models[model_id]
+        if not any(p.requires_grad for p in student.parameters()):
+            raise EngineError(f"student model {model_id!r} has no trainable parameters")
+        return copy.deepcopy(student), kind, f"model_id:{model_id}"
+    architecture = spec["architecture"]
+    name, kwargs = architecture.get("name"), architecture.get("kwargs") or {}
+    if not isinstance(name, str) or not isinstance(kwargs, dict):
+        raise EngineError('student.architecture needs "name" (a string) and optional "kwargs" (an object)')
+    from worker.compression.registry import build_architecture
+
+    torch.manual_seed(ctx.seed)  # the student's initial weights follow the job's seed
+    return build_architecture(name, kwargs), "eager", f"architecture:{name}"
+
+
+def _shrink_width(teacher: nn.Module, width_multiplier: float, example_input: Tensor) -> nn.Module:
+    """A copy of the teacher with 1 - width_multiplier of its hidden channels/neurons removed."""
+    import torch_pruning as tp
+
+    student = copy.deepcopy(teacher).cpu()
+    if width_multiplier >= 1.0:
+        return student
+    layers = select_layers(student, None, include_classifier=True)
+    if len(layers) < 2:
+        raise EngineError('student "auto" needs a teacher with hidden layers to narrow; '
+                          "this one has at most one weight layer")
+    classifier = layers[-1][1]
+    try:
+        pruner = tp.pruner.MetaPruner(
+            student, example_input.cpu(), importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=1.0 - width_multiplier, ignored_layers=[classifier])
+        pruner.step()
+    except Exception as error:
+        raise EngineError(f'student "auto" could not narrow this architecture: {error}') from error
+    return student
+
+
+def _attach_features(teacher: nn.Module, student: nn.Module, config: DistillConfig,
+                     probe: Tensor) -> tuple[nn.Module, FeatureMatcher | None]:
+    """The module to train (the student, or the student with adapters) and the feature hooks."""
+    if not config.feature_layers:
+        return student, None
+    teacher_modules, student_modules = dict(teacher.named_modules()), dict(student.named_modules())
+    pairs = []
+    for teacher_name, student_name in config.feature_layers.items():
+        if teacher_name not in teacher_modules:
+            raise EngineError(f"feature_layers: the teacher has no module {teacher_name!r}")
+        if student_name not in student_modules:
+            raise EngineError(f"feature_layers: the student has no module {student_name!r}")
+        pairs.append((teacher_modules[teacher_name], student_modules[student_name]))
+    matcher = FeatureMatcher(teacher, pairs, nn.ModuleList())
+    with torch.no_grad():
+        teacher(probe.to(module_device(teacher)))
+        student(probe.to(module_device(student)))
+    adapters = []
+    for (teacher_name, student_name), t_out, s_out in zip(config.feature_layers.items(), matcher.teacher_outputs,
+                                                          matcher.student_outputs):
+        assert t_out is not None and s_out is not None
+        adapters.append(_adapter(teacher_name, student_name, t_out, s_out))
+    matcher.adapters = nn.ModuleList(adapters).to(module_device(student))
+    return StudentWithAdapters(student, matcher.adapters), matcher
+
+
+def _adapter(teacher_name: str, student_name: str, teacher_out: Tensor, student_out: Tensor) -> nn.Module:
+    """Linear map from the student's feature width to the teacher's (1x1 conv for feature maps)."""
+    if teacher_out.dim() != student_out.dim() or teacher_out.shape[2:] != student_out.shape[2:]:
+        raise EngineError(f"feature_layers: teacher {teacher_name!r} gives {list(teacher_out.shape[1:])} and "
+                          f"student {student_name!r} gives {list(student_out.shape[1:])}; they must match "
+                          "except in the channel/feature dimension")
+    if teacher_out.dim() == 2:
+        return nn.Linear(student_out.shape[1], teacher_out.shape[1])
+    if teacher_out.dim() in (3, 4, 5):
+        conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[teacher_out.dim()]
+        return conv(student_out.shape[1], teacher_out.shape[1], kernel_size=1)
+    raise EngineError(f"feature_layers: outputs of rank {teacher_out.dim()} are not supported")
+
+
+# ---------------------------------------------------------------- checks and helpers
+
+
+def _check_dataset(teacher: nn.Module, student: nn.Module, data: Dataset, which: str) -> int:
+    """The number of classes; EngineError when the data does not fit the teacher or the student."""
+    if len(data) == 0:
+        raise EngineError(f"the {which} dataset is empty")
+    probe = data.inputs[:2]
+    shape = f"inputs of shape {list(data.inputs.shape[1:])} and dtype {data.inputs.dtype}"
+    teacher_out = _probe(teacher, probe, f"the {which} dataset ({shape}) does not fit the teacher")
+    student_out = _probe(student, probe, f"the {which} dataset ({shape}) does not fit the student")
+    if teacher_out.dim() != 2:
+        raise EngineError(f"the teacher must output (batch, classes) logits, got shape {list(teacher_out.shape)}")
+    num_classes = int(teacher_out.shape[1])
+    if student_out.shape != teacher_out.shape:
+        raise EngineError(f"the student outputs shape {list(student_out.shape[1:])} but the teacher "
+                          f"{list(teacher_out.shape[1:])}: they must predict the same classes")
+    if data.labels is not None:
+        low, high = int(data.labels.min()), int(data.labels.max())
+        if low < 0 or high >= num_classes:
+            raise EngineError(f"the {which} labels span [{low}, {high}] but the teacher has {num_classes} "
+                              f"classes (labels must be in [0, {num_classes - 1}])")
+    return num_classes
+
+
+def _probe(model: nn.Module, inputs: Tensor, message: str) -> Tensor:
+    try:
+        with torch.no_grad():
+            return logits_of(model(inputs.to(module_device(model))))
+    except EngineError:
+        raise
+    except Exception as error:
+        raise EngineError(f"{message}: {str(error).strip().splitlines()[-1]}") from error
+
+
+def _hold_out(data: Dataset, targets: Tensor, config: DistillConfig,
+              ctx: StageContext) -> tuple[Dataset, Tensor, Dataset | None, Tensor | None]:
+    """Train and validation parts: a validation split reports accuracies when there is no eval set."""
+    fraction = config.train.val_split
+    if fraction is None:
+        needs_split = ctx.eval_data is None or config.train.early_stopping_patience is not None
+        fraction = DEFAULT_VAL_SPLIT if needs_split else 0.0
+    seed = config.train.seed if config.train.seed is not None else ctx.seed
+    (train, train_targets), (val, val_targets) = split_dataset(data, targets, fraction, seed)
+    if len(train) == 0:
+        raise EngineError("train.val_split leaves no training samples")
+    assert train_targets is not None
+    return train, train_targets, val, val_targets
+
+
+def _scaled(ctx: StageContext, offset: float, weight: float, label: str) -> StageContext:
+    """ctx with progress mapped into [offset, offset + weight] of the stage, events labelled with the run."""
+    return dataclasses.replace(
+        ctx,
+        progress=lambda fraction, message: ctx.progress(offset + weight * fraction, f"{label}: {message}"),
+        event=lambda kind, data: ctx.event(kind, {**data, "run": label}))
+
+
+def _count_parameters(model: nn.Module) -> int:
+    return sum(int(p.numel()) for p in model.parameters())
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

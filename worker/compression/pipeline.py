@@ -1,0 +1,192 @@
+"""A whole job in one call: load, measure, run the stages, save, measure again.
+
+`run_job` is what the worker's sandboxed child executes; `modelpress compress
+--local` calls it in-process. Pure torch: it reports through callbacks.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from worker.compression import metrics as measure
+from worker.compression.base import Dataset, EngineError, ModelKind, StageContext, StageResult
+from worker.compression.io import load_artifact, load_dataset, load_model, save_artifact
+from worker.compression.stages import run_stage
+
+DEFAULT_BATCH_FROM_DATASET = 32
+
+
+@dataclass
+class ModelRef:
+    path: str
+    format: str
+    architecture: dict[str, Any] | None = None
+
+
+@dataclass
+class StageSpec:
+    method: str
+    scheme: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class JobRequest:
+    model: ModelRef
+    stages: list[StageSpec]
+    artifact_path: str
+    example_input_shape: list[int] | None = None
+    dataset_path: str | None = None
+    eval_dataset_path: str | None = None
+    device: str = "cpu"
+    output_format: str | None = None
+    extra_models: dict[str, ModelRef] = field(default_factory=dict)
+    seed: int = 0
+    threads: int = 1
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobRequest:
+        data = dict(data)
+        data["model"] = ModelRef(**data["model"])
+        data["stages"] = [StageSpec(**s) for s in data["stages"]]
+        data["extra_models"] = {k: ModelRef(**v) for k, v in (data.get("extra_models") or {}).items()}
+        return cls(**data)
+
+
+@dataclass
+class Reporter:
+    progress: Callable[[float, str], None] = lambda fraction, stage: None
+    event: Callable[[str, dict[str, Any]], None] = lambda kind, data: None
+    check_cancelled: Callable[[], None] = lambda: None
+
+
+def _example_input(request: JobRequest, train: Dataset | None, evaluation: Dataset | None) -> torch.Tensor:
+    if request.example_input_shape:
+        generator = torch.Generator().manual_seed(request.seed)
+        return torch.randn(tuple(request.example_input_shape), generator=generator)
+    data = train or evaluation
+    if data is None:
+        raise EngineError("example_input_shape is required when no dataset gives the input shape")
+    return data.inputs[:DEFAULT_BATCH_FROM_DATASET].clone()
+
+
+def _resolve_output_format(request: JobRequest, kind: ModelKind, last: StageResult | None) -> str:
+    if request.output_format:
+        return request.output_format
+    if last is not None and last.preferred_output_format:
+        return last.preferred_output_format
+    if kind == "graph":
+        return "exported_program"
+    return "torchscript"
+
+
+def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Run every stage of `request` and return the metrics document and artifact facts."""
+    reporter = reporter or Reporter()
+    torch.manual_seed(request.seed)
+    device = torch.device("cuda" if request.device == "cuda" and torch.cuda.is_available() else "cpu")
+    if request.device == "cuda" and device.type != "cuda":
+        raise EngineError("the job targets cuda but this worker has no CUDA device")
+    reporter.progress(0.01, "loading")
+    model, kind = load_model(Path(request.model.path), request.model.format, request.model.architecture)
+    train = load_dataset(Path(request.dataset_path)) if request.dataset_path else None
+    evaluation = load_dataset(Path(request.eval_dataset_path)) if request.eval_dataset_path else None
+    example = _example_input(request, train, evaluation)
+    try:
+        with torch.inference_mode():
+            model(example)
+    except Exception as error:
+        raise EngineError(f"the model does not run on an input of shape {list(example.shape)}: {error}") from error
+    extra = {model_id: load_model(Path(ref.path), ref.format, ref.architecture)
+             for model_id, ref in request.extra_models.items()}
+
+    reporter.progress(0.05, "measuring original")
+    fid_inputs, fid_labels = measure.fidelity_inputs(example, evaluation, train, seed=request.seed)
+    reference = measure.predict(model, fid_inputs)
+    parameters = measure.count_parameters(model)
+    original = measure.describe(model, size_bytes=Path(request.model.path).stat().st_size, example_input=example,
+                                threads=request.threads, outputs=reference, labels=fid_labels,
+                                parameters=parameters)
+
+    stage_reports: list[dict[str, Any]] = []
+    result: StageResult | None = None
+    requires: set[str] = set()
+    span = 0.8 / len(request.stages)
+    working = copy.deepcopy(model) if kind != "torchscript" else model
+    for index, stage in enumerate(request.stages):
+        base = 0.1 + index * span
+        label = f"{stage.method}:{stage.scheme}"
+
+        def stage_progress(fraction: float, message: str, base: float = base, label: str = label) -> None:
+            reporter.progress(base + span * min(max(fraction, 0.0), 1.0), f"{label}: {message}" if message else label)
+
+        reporter.check_cancelled()
+        stage_progress(0.0, "starting")
+        context = StageContext(kind=kind, example_input=example, device=device, train_data=train,
+                               eval_data=evaluation, progress=stage_progress, event=reporter.event,
+                               check_cancelled=reporter.check_cancelled, seed=request.seed, extra_models=extra)
+        result = run_stage(working, stage.method, stage.scheme, stage.options, context)
+        working, kind = result.model, result.kind
+        requires.update(result.requires)
+        if stage.method != "quantize":
+            parameters = measure.count_parameters(working)
+        outputs = measure.predict(working, fid_inputs)
+        stage_reports.append({
+            "method": stage.method, "scheme": stage.scheme,
+            "parameters": parameters[0], "nonzero_parameters": parameters[1],
+            "sparsity": round(1 - parameters[1] / parameters[0], 6) if parameters[0] else 0.0,
+            "accuracy": measure.accuracy(outputs, fid_labels),
+            "fidelity": measure.fidelity(reference, outputs),
+            "info": result.info,
+        })
+
+    reporter.progress(0.92, "saving artifact")
+    output_format = _resolve_output_format(request, kind, result)
+    artifact = Path(request.artifact_path)
+    save_artifact(working, kind, output_format, artifact, example)
+    # Measure what the user downloads: reload the artifact where it is a runnable module.
+    final_model: nn.Module = working
+    if output_format in ("torchscript", "exported_program"):
+        loaded = load_artifact(artifact, output_format)
+        assert isinstance(loaded, nn.Module)
+        final_model = loaded
+    reporter.progress(0.95, "measuring compressed")
+    outputs = measure.predict(final_model, fid_inputs)
+    compressed = measure.describe(final_model, size_bytes=artifact.stat().st_size, example_input=example,
+                                  threads=request.threads, outputs=outputs, labels=fid_labels,
+                                  parameters=parameters)
+    document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
+                             device=device, batch_size=int(example.shape[0]), threads=request.threads)
+    return {"metrics": document, "artifact_format": output_format, "requires": sorted(requires)}
+
+
+def build_metrics(original: dict[str, Any], compressed: dict[str, Any], fidelity: dict[str, Any],
+                  stages: list[dict[str, Any]], *, device: torch.device, batch_size: int,
+                  threads: int) -> dict[str, Any]:
+    ratio = original["size_bytes"] / compressed["size_bytes"]
+    speedup = original["latency_ms_p50"] / compressed["latency_ms_p50"] if compressed["latency_ms_p50"] else None
+    warnings = []
+    if ratio <= 1.0:
+        warnings.append(f"the artifact is not smaller than the original ({ratio:.2f}x)")
+    if speedup is not None and speedup < 1.0:
+        warnings.append(f"the compressed model is slower than the original at batch {batch_size} "
+                        f"on {device.type} ({speedup:.2f}x)")
+    device_name = "cpu" if device.type == "cpu" else f"cuda:{torch.cuda.get_device_name(device)}"
+    return {
+        "original": original,
+        "compressed": compressed,
+        "compression_ratio": round(ratio, 4),
+        "speedup": round(speedup, 4) if speedup is not None else None,
+        "fidelity": fidelity,
+        "device": device_name,
+        "batch_size": batch_size,
+        "threads": threads,
+        "torch_version": torch.__version__,
+        "stages": stages,
+        "warnings": warnings,
+    }

@@ -1,0 +1,78 @@
+"""Registered architectures: weight-only uploads (state_dict, safetensors) name one.
+
+Built in: `mlp` and `lenet5`. Teams add their own classes through the
+`modelpress.architectures` entry-point group of an installed package; import
+paths sent over HTTP are never honoured.
+"""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Any, Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from worker.compression.base import EngineError
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them: widths [in, hidden..., out]."""
+
+    def __init__(self, widths: list[int]) -> None:
+        super().__init__()
+        if len(widths) < 2 or not all(isinstance(w, int) and w > 0 for w in widths):
+            raise EngineError("mlp needs widths: a list of at least two positive integers")
+        layers: list[nn.Module] = []
+        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers[:-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1))
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 style CNN for square single-channel images (8x8 digits by default)."""
+
+    def __init__(self, image_size: int = 8, in_channels: int = 1, num_classes: int = 10,
+                 channels: tuple[int, int] | list[int] = (32, 64), hidden: int = 128) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise EngineError("lenet5 needs image_size divisible by 4")
+        self.image_size, self.in_channels = image_size, in_channels
+        self.c1 = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.c2 = nn.Conv2d(channels[0], channels[1], 3, padding=1)
+        self.f1 = nn.Linear(channels[1] * (image_size // 4) ** 2, hidden)
+        self.f2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(-1, self.in_channels, self.image_size, self.image_size)
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.f2(F.relu(self.f1(x.flatten(1))))
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "lenet5": LeNet5}
+from modelpress.architectures import ENTRY_POINT_GROUP  # noqa: E402
+
+
+def available_architectures() -> dict[str, Callable[..., nn.Module]]:
+    found = dict(BUILTIN)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(entry.name, entry.load())
+    return found
+
+
+def build_architecture(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """Instantiate a registered architecture by name.
+
+    Example:
+        >>> build_architecture("mlp", {"widths": [64, 32, 10]})
+    """
+    registry = available_architectures()
+    if name not in registry:
+        raise EngineError(f"unknown architecture {name!r}; registered: {sorted(registry)}")
+    try:
+        return registry[name](**(kwargs or {}))
+    except TypeError as error:
+        raise EngineError(f"architecture {name!r} rejected its kwargs: {error}") from error

@@ -1,0 +1,89 @@
+"""Workers register their capabilities and heartbeat; /v1/workers lists the live ones."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from app.config import get_settings
+from app.db import session_scope
+from app.tables import WorkerRecord, utcnow
+
+log = logging.getLogger("modelpress.registration")
+HEARTBEAT_S = 10.0
+_stop = threading.Event()
+
+
+def capabilities() -> dict[str, Any]:
+    import torch
+
+    from modelpress.catalog import SCHEMES
+
+    devices = ["cpu"]
+    info: dict[str, Any] = {"torch": torch.__version__, "cpu_count": os.cpu_count()}
+    try:
+        import torchao
+
+        info["torchao"] = torchao.__version__
+    except Exception:
+        info["torchao"] = None
+    if torch.cuda.is_available():
+        devices.append("cuda")
+        props = torch.cuda.get_device_properties(0)
+        info["cuda"] = {"name": props.name, "memory_bytes": props.total_memory,
+                        "compute_capability": float(f"{props.major}.{props.minor}"),
+                        "count": torch.cuda.device_count()}
+    info["devices"] = devices
+    info["schemes"] = sorted(f"{s.method}:{s.name}" for s in SCHEMES if any(d in devices for d in s.devices))
+    return info
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def heartbeat(name: str, queues: list[str], caps: dict[str, Any]) -> None:
+    with session_scope() as session:
+        record = session.get(WorkerRecord, name)
+        if record is None:
+            session.add(WorkerRecord(name=name, queues=queues, capabilities=caps))
+        else:
+            record.last_heartbeat, record.queues, record.capabilities = utcnow(), queues, caps
+
+
+def deregister(name: str) -> None:
+    with session_scope() as session:
+        record = session.get(WorkerRecord, name)
+        if record is not None:
+            session.delete(record)
+
+
+@worker_ready.connect
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    name = worker_name()
+    queues = [q.strip() for q in get_settings().worker_queues.split(",") if q.strip()]
+    caps = capabilities()
+
+    def loop() -> None:
+        while True:
+            try:
+                heartbeat(name, queues, caps)
+            except Exception as error:
+                log.warning("worker heartbeat failed: %s", error)
+            if _stop.wait(HEARTBEAT_S):
+                return
+
+    threading.Thread(target=loop, name="worker-heartbeat", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _on_shutdown(sender: Any = None, **_: Any) -> None:
+    _stop.set()
+    try:
+        deregister(worker_name())
+    except Exception as error:
+        log.warning("worker deregistration failed: %s", error)

@@ -1,0 +1,261 @@
+"""claim -> fetch inputs -> run the engine in the sandbox -> store the artifact -> finish.
+
+Every write after the claim is fenced by the attempt number: a stale run whose
+lease was taken over can no longer change the job.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from app.config import get_settings
+from app.db import session_scope
+from app.storage import get_store
+from app.tables import Artifact, Job, JobEvent, JobMetrics, StoredDataset, StoredModel, utcnow
+from worker.sandbox import Limits, run_sandboxed
+
+log = logging.getLogger("modelpress.runner")
+WORKER_NAME = f"{socket.gethostname()}:{__import__('os').getpid()}"
+PROGRESS_WRITE_INTERVAL_S = 0.5
+EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt"}
+
+
+def claim_job(job_id: str) -> int | None:
+    """Move a queued job to running; returns the attempt number, or None when it is not ours to run."""
+    settings = get_settings()
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "queued" or job.cancel_requested:
+            return None
+        attempt = job.attempt + 1
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "queued", Job.attempt == job.attempt)
+            .values(status="running", attempt=attempt, worker_name=WORKER_NAME, stage="starting",
+                    lease_expires_at=utcnow() + timedelta(seconds=settings.lease_seconds),
+                    started_at=job.started_at or utcnow()))
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        session.add(JobEvent(job_id=job_id, kind="state", data={"status": "running", "attempt": attempt}))
+    return attempt
+
+
+def _fenced(session: Any, job_id: str, attempt: int, **values: Any) -> bool:
+    result = session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "running")
+                             .values(**values))
+    return bool(result.rowcount == 1)
+
+
+def finish_failed(job_id: str, attempt: int, error: dict[str, str]) -> None:
+    with session_scope() as session:
+        if _fenced(session, job_id, attempt, status="failed", error=error, finished_at=utcnow(),
+                   lease_expires_at=None, stage="failed"):
+            session.add(JobEvent(job_id=job_id, kind="state", data={"status": "failed", "error": error}))
+
+
+def _finish_cancelled(job_id: str, attempt: int) -> None:
+    with session_scope() as session:
+        if _fenced(session, job_id, attempt, status="cancelled", finished_at=utcnow(), lease_expires_at=None,
+                   stage="cancelled"):
+            session.add(JobEvent(job_id=job_id, kind="state", data={"status": "cancelled"}))
+
+
+def _model_ref(model: StoredModel, folder: Path) -> dict[str, Any]:
+    path = folder / f"{model.id}.{model.format}"
+    get_store().fetch_to(model.storage_key, path)
+    return {"path": str(path), "format": model.format, "architecture": model.architecture}
+
+
+def _dataset_path(dataset_id: str | None, folder: Path) -> str | None:
+    if not dataset_id:
+        return None
+    with session_scope() as session:
+        dataset = session.get(StoredDataset, dataset_id)
+        assert dataset is not None
+        key, fmt = dataset.storage_key, dataset.format
+    path = folder / f"{dataset_id}.{fmt}"
+    get_store().fetch_to(key, path)
+    return str(path)
+
+
+class JobMonitor:
+    """Parent-side bookkeeping while the child runs: progress, events, heartbeats, cancellation."""
+
+    def __init__(self, job_id: str, attempt: int) -> None:
+        self.job_id, self.attempt = job_id, attempt
+        self.settings = get_settings()
+        self.pending_progress: tuple[float, str] | None = None
+        self.pending_events: list[tuple[str, dict[str, Any]]] = []
+        self.last_write = 0.0
+        self.cancelled = self.fenced = False
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "progress":
+            self.pending_progress = (float(message["fraction"]), str(message["stage"])[:200])
+        elif message.get("type") == "event":
+            self.pending_events.append((str(message["kind"])[:32], message.get("data") or {}))
+        if time.monotonic() - self.last_write > PROGRESS_WRITE_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_write = time.monotonic()
+        with session_scope() as session:
+            values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=self.settings.lease_seconds)}
+            if self.pending_progress:
+                values["progress"], values["stage"] = self.pending_progress
+            if not _fenced(session, self.job_id, self.attempt, **values):
+                self.fenced = True
+                return
+            if self.pending_progress:
+                session.add(JobEvent(job_id=self.job_id, kind="progress",
+                                     data={"progress": values["progress"], "stage": values["stage"]}))
+            for kind, data in self.pending_events:
+                session.add(JobEvent(job_id=self.job_id, kind=kind, data=data))
+            self.pending_progress, self.pending_events = None, []
+            self.cancelled = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+
+    def should_stop(self) -> bool:
+        self.flush()  # doubles as the heartbeat
+        return self.cancelled or self.fenced
+
+
+def run_job(job_id: str) -> str:
+    """The whole job; returns its final status (or 'skipped' when it was not ours to run)."""
+    attempt = claim_job(job_id)
+    if attempt is None:
+        return "skipped"
+    settings = get_settings()
+    scratch = settings.scratch_dir / f"{job_id}-{attempt}"
+    try:
+        return _run_claimed(job_id, attempt, scratch)
+    except Exception as error:  # the worker lives on; the job says what happened
+        log.exception("job %s failed", job_id)
+        finish_failed(job_id, attempt, {"error": type(error).__name__, "detail": str(error)[:2000]})
+        return "failed"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_claimed(job_id: str, attempt: int, scratch: Path) -> str:
+    settings = get_settings()
+    inputs = scratch / "inputs"
+    inputs.mkdir(parents=True, exist_ok=True)
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        spec, tenant_id = dict(job.spec), job.tenant_id
+        model = session.get(StoredModel, job.model_id)
+        assert model is not None
+        model_ref = _model_ref(model, inputs)
+        extra = {}
+        for extra_id in spec.get("extra_model_ids", []):
+            extra_model = session.get(StoredModel, extra_id)
+            assert extra_model is not None
+            extra[extra_id] = _model_ref(extra_model, inputs)
+    artifact_path = scratch / "artifact.bin"
+    request = {
+        "model": model_ref,
+        "stages": [{"method": s["method"], "scheme": s["scheme"],
+                    "options": {k: v for k, v in s.items() if k not in ("method", "scheme")}}
+                   for s in spec["stages"]],
+        "artifact_path": str(artifact_path),
+        "example_input_shape": spec.get("example_input_shape"),
+        "dataset_path": _dataset_path(spec.get("dataset_id"), inputs),
+        "eval_dataset_path": _dataset_path(spec.get("eval_dataset_id"), inputs),
+        "device": spec.get("target", {}).get("device", "cpu"),
+        "output_format": spec.get("output_format"),
+        "extra_models": extra,
+        "seed": spec.get("seed", 0),
+        "threads": spec.get("target", {}).get("threads", settings.worker_threads),
+    }
+    limits = Limits(memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=settings.sandbox_cpu_seconds,
+                    file_bytes=settings.sandbox_file_bytes, open_files=settings.sandbox_open_files,
+                    wall_seconds=settings.job_soft_time_limit_s, threads=max(1, request["threads"]))
+    monitor = JobMonitor(job_id, attempt)
+    outcome = run_sandboxed("job", request, scratch / "work", limits, on_message=monitor.on_message,
+                            should_stop=monitor.should_stop)
+    if outcome.stopped:
+        if monitor.fenced:
+            log.warning("job %s attempt %s was taken over; dropping its result", job_id, attempt)
+            return "fenced"
+        _finish_cancelled(job_id, attempt)
+        return "cancelled"
+    if not outcome.ok:
+        finish_failed(job_id, attempt, outcome.error or {"error": "Unknown", "detail": "no result"})
+        return "failed"
+    monitor.flush()
+    assert outcome.result is not None
+    return _store_result(job_id, attempt, tenant_id, artifact_path, outcome.result)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _store_result(job_id: str, attempt: int, tenant_id: str, artifact_path: Path, result: dict[str, Any]) -> str:
+    artifact_format = result["artifact_format"]
+    key = f"artifacts/{tenant_id}/{job_id}/attempt-{attempt}.{EXTENSIONS.get(artifact_format, 'bin')}"
+    size = artifact_path.stat().st_size
+    digest = _sha256(artifact_path)
+    metrics = result["metrics"]
+    if metrics["compressed"]["size_bytes"] != size:
+        raise RuntimeError("artifact size changed between measurement and storage")
+    store = get_store()
+    store.put_file(key, artifact_path)
+    with session_scope() as session:
+        fidelity = metrics.get("fidelity") or {}
+        if not _fenced(session, job_id, attempt, status="succeeded", progress=1.0, stage="done",
+                       finished_at=utcnow(), lease_expires_at=None, error=None):
+            store.delete(key)
+            return "fenced"
+        session.add(Artifact(job_id=job_id, tenant_id=tenant_id, storage_key=key, size_bytes=size, sha256=digest,
+                             format=artifact_format, requires=result.get("requires", [])))
+        session.add(JobMetrics(
+            job_id=job_id, original_size_bytes=metrics["original"]["size_bytes"], compressed_size_bytes=size,
+            compression_ratio=metrics["compression_ratio"], speedup=metrics.get("speedup"),
+            original_accuracy=metrics["original"].get("accuracy"),
+            compressed_accuracy=metrics["compressed"].get("accuracy"),
+            sparsity=metrics["compressed"].get("sparsity"), sqnr_db=fidelity.get("sqnr_db"),
+            top1_agreement=fidelity.get("top1_agreement"), latency_ms_p50=metrics["compressed"].get("latency_ms_p50"),
+            device=metrics.get("device", "cpu"), document=metrics))
+        session.add(JobEvent(job_id=job_id, kind="state", data={"status": "succeeded"}))
+    return "succeeded"
+
+
+def inspect_model(model_id: str) -> str:
+    """Inspect an upload in the sandbox and mark it ready or rejected."""
+    settings = get_settings()
+    with session_scope() as session:
+        model = session.get(StoredModel, model_id)
+        if model is None or model.status != "pending":
+            return "skipped"
+        scratch = settings.scratch_dir / f"inspect-{model_id}"
+        scratch.mkdir(parents=True, exist_ok=True)
+        ref = _model_ref(model, scratch)
+    limits = Limits(memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=300, file_bytes=settings.sandbox_file_bytes,
+                    open_files=settings.sandbox_open_files, wall_seconds=300)
+    try:
+        outcome = run_sandboxed("inspect", ref, scratch / "work", limits)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    with session_scope() as session:
+        model = session.get(StoredModel, model_id)
+        if model is None:
+            return "gone"
+        if outcome.ok:
+            model.status, model.inspection = "ready", outcome.result
+        else:
+            model.status = "rejected"
+            model.inspection = {"error": (outcome.error or {}).get("detail", "could not be loaded")}
+        return model.status
