@@ -243,14 +243,14 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
         if (spec.min_compute_capability and facts.compute_capability is not None
                 and facts.compute_capability < spec.min_compute_capability):
             raise SpecError(f"{where}: scheme {spec.name!r} needs compute capability >= {spec.min_compute_capability}")
-        if current_format not in spec.input_formats:
-            raise SpecError(
-                f"{where}: scheme {spec.name!r} needs an eager model (state_dict + architecture, or an "
-                f"exported program); a {current_format} model cannot be changed that way")
         if quantized_by is not None and spec.method in ("prune", "distill"):
             raise SpecError(f"{where}: {spec.method} needs float weights, but stage {quantized_by} already quantized them")
         if spec.needs_dataset and not facts.has_dataset:
             raise SpecError(f"{where}: scheme {spec.name!r} needs a dataset_id (calibration or training data)")
+        if current_format not in spec.input_formats:
+            raise SpecError(
+                f"{where}: scheme {spec.name!r} needs an eager model (state_dict + architecture, or an "
+                f"exported program); a {current_format} model cannot be changed that way")
         if spec.needs_labels and not facts.dataset_has_labels:
             raise SpecError(f"{where}: scheme {spec.name!r} needs a dataset with labels")
         known = {o.name: o for o in spec.options}

@@ -1,0 +1,141 @@
+"""Models and data the tests build themselves (nothing is downloaded)."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    inputs = (data.data / 16.0).astype(np.float32)
+    labels = data.target.astype(np.int64)
+    return tuple(train_test_split(inputs, labels, test_size=0.3, random_state=0, stratify=labels))  # type: ignore[return-value]
+
+
+def mlp(widths: tuple[int, ...] = (64, 300, 100, 10)) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.f1 = nn.Linear(256, 128)
+        self.f2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 8, 8)
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.f2(F.relu(self.f1(x.flatten(1))))
+
+
+def train(model: nn.Module, inputs: np.ndarray, labels: np.ndarray, epochs: int = 20, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    x, y = torch.tensor(inputs), torch.tensor(labels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), 64):
+            batch = order[start:start + 64]
+            loss = F.cross_entropy(model(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def accuracy(model: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, labels: np.ndarray) -> float:
+    with torch.no_grad():
+        return float((model(torch.tensor(inputs)).argmax(1) == torch.tensor(labels)).float().mean())
+
+
+def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
+    reference, output = reference.float(), output.float()
+    return float(10 * torch.log10(reference.pow(2).mean() / (reference - output).pow(2).mean().clamp_min(1e-20)))
+
+
+def torchscript_bytes(model: nn.Module) -> bytes:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(model.eval()), buffer)
+    return buffer.getvalue()
+
+
+def exported_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def npz_bytes(inputs: np.ndarray, labels: np.ndarray | None = None) -> bytes:
+    buffer = io.BytesIO()
+    arrays: dict[str, Any] = {"inputs": inputs}
+    if labels is not None:
+        arrays["labels"] = labels
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+class WorkerProcess:
+    """A real Celery worker process, started with the given environment."""
+
+    def __init__(self, env: dict[str, str], queues: str = "cpu", log_path: Path | None = None) -> None:
+        self.env = dict(os.environ, **env, MODELPRESS_WORKER_QUEUES=queues)
+        self.queues = queues
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", self.queues,
+             "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO", "--without-mingle",
+             "--without-gossip"], cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path and self.log_path.exists() else ""
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, message: str, interval: float = 0.3) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s: {message}")

@@ -1,0 +1,144 @@
+"""Upload -> job -> real Celery worker process -> download -> load with stock torch -> compare.
+
+Production mode: Postgres + Redis. Embedded mode: SQLite + the file-system broker, as `make run`.
+"""
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from tests.helpers import WorkerProcess, mlp, sqnr_db, torchscript_bytes, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+class Service:
+    def __init__(self, client: TestClient, key: str, worker: WorkerProcess) -> None:
+        self.client, self.key, self.worker = client, key, worker
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+    def upload(self, blob: bytes, name: str = "model.pt") -> dict:
+        response = self.client.post("/v1/models", headers=self.headers, files={"file": (name, blob)})
+        assert response.status_code == 201, response.text
+        return response.json()
+
+    def submit(self, spec: dict) -> dict:
+        response = self.client.post("/v1/jobs", headers=self.headers, json=spec)
+        assert response.status_code == 202, response.text
+        return response.json()
+
+    def wait(self, job_id: str, timeout: float = 240) -> dict:
+        def finished() -> dict | None:
+            job = self.client.get(f"/v1/jobs/{job_id}", headers=self.headers).json()
+            return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+        try:
+            return wait_for(finished, timeout, f"job {job_id} to finish")
+        except AssertionError:
+            raise AssertionError(f"job {job_id} did not finish; worker log:\n{self.worker.log_tail()}") from None
+
+
+def start_service(env: dict[str, str], tmp_path: Path) -> Iterator[Service]:
+    from app.auth import create_key
+    from app.db import session_scope
+    from app.main import create_app
+
+    with session_scope() as session:
+        _, key = create_key(session, tenant_name="e2e")
+    worker = WorkerProcess(env, log_path=tmp_path / "worker.log").start()
+    try:
+        with TestClient(create_app()) as client:
+            yield Service(client, key, worker)
+    finally:
+        worker.stop()
+
+
+@pytest.fixture
+def production(make_postgres_database, redis_url, service_env, tmp_path) -> Iterator[Service]:  # type: ignore[no-untyped-def]
+    from app.migrate import upgrade
+
+    database_url = make_postgres_database()
+    upgrade(database_url)
+    env = service_env(database_url=database_url, broker_url=redis_url)
+    yield from start_service(env, tmp_path)
+
+
+@pytest.fixture
+def embedded(service_env, tmp_path) -> Iterator[Service]:  # type: ignore[no-untyped-def]
+    from app.migrate import upgrade
+
+    env = service_env()
+    upgrade()
+    yield from start_service(env, tmp_path)
+
+
+def check_dynamic_int8_round_trip(service: Service) -> None:
+    torch.manual_seed(0)
+    model = mlp((256, 1024, 256)).eval()
+    source = torchscript_bytes(model)
+    uploaded = service.upload(source)
+    job = service.wait(service.submit({
+        "model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [32, 256], "target": {"device": "cpu"}, "output_format": "torchscript"})["id"])
+    assert job["status"] == "succeeded", job["error"]
+    download = service.client.get(f"/v1/jobs/{job['id']}/artifact", headers=service.headers)
+    assert download.status_code == 200
+    blob = download.content
+    assert download.headers["ETag"] == f'"{job["artifact"]["sha256"]}"'
+    # independent measurements of what the service reported
+    metrics = job["metrics"]
+    assert len(blob) == metrics["compressed"]["size_bytes"] == job["artifact"]["size_bytes"]
+    assert metrics["original"]["size_bytes"] == len(source)
+    assert metrics["compression_ratio"] == pytest.approx(len(source) / len(blob), rel=1e-3)
+    assert metrics["original"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert len(blob) < 0.35 * len(source)
+    quantized = torch.jit.load(io.BytesIO(blob))
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        measured = sqnr_db(model(x), quantized(x))
+    assert measured >= 20
+    assert abs(measured - metrics["fidelity"]["sqnr_db"]) < 6
+    assert metrics["compressed"]["latency_ms_p95"] >= metrics["compressed"]["latency_ms_p50"] > 0
+    assert metrics["batch_size"] == 32 and metrics["device"] == "cpu"
+    events = [e for e in service.client.get(f"/v1/jobs/{job['id']}", headers=service.headers).json()["spec"]["stages"]]
+    assert events[0]["scheme"] == "dynamic_int8"
+
+
+def check_failure_is_readable_and_worker_lives_on(service: Service) -> None:
+    uploaded = service.upload(torchscript_bytes(mlp((16, 8, 4))))
+    failed = service.wait(service.submit({
+        "model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [2, 7]})["id"])
+    assert failed["status"] == "failed"
+    assert failed["error"]["error"] == "EngineError" and "shape [2, 7]" in failed["error"]["detail"]
+    assert failed["artifact"] is None
+    ok = service.wait(service.submit({
+        "model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [2, 16]})["id"])
+    assert ok["status"] == "succeeded", ok["error"]
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_production_mode_postgres_redis_and_a_real_worker(production: Service) -> None:
+    check_dynamic_int8_round_trip(production)
+    check_failure_is_readable_and_worker_lives_on(production)
+    workers = production.client.get("/v1/workers", headers=production.headers).json()["items"]
+    assert workers and "cpu" in workers[0]["capabilities"]["devices"]
+
+
+def test_embedded_mode_sqlite_and_file_broker(embedded: Service) -> None:
+    check_dynamic_int8_round_trip(embedded)
+    model = mlp((16, 8, 4))
+    uploaded = embedded.upload(torchscript_bytes(model))
+    inspected = wait_for(lambda: (m := embedded.client.get(f"/v1/models/{uploaded['id']}",
+                                                            headers=embedded.headers).json())["status"] != "pending"
+                         and m, 120, "model inspection")
+    assert inspected["status"] == "ready"
+    assert inspected["inspection"]["parameters"] == sum(p.numel() for p in model.parameters())
+    assert inspected["inspection"]["layer_types"]["Linear"] == 2

@@ -1,0 +1,99 @@
+"""Hostile files never run; a killed child ends with a readable reason and the parent lives on."""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from worker.sandbox import Limits, run_sandboxed
+
+LIMITS = Limits(memory_bytes=4 * 1024**3, cpu_seconds=120, file_bytes=1024**3, open_files=128, wall_seconds=120)
+
+
+class Exploit:
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {os.environ['EXPLOIT_MARKER']}",))
+
+
+def test_pickle_payload_in_a_state_dict_never_runs(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
+    path = tmp_path / "evil.pt"
+    torch.save({"weight": torch.zeros(2, 2), "payload": Exploit()}, path)
+    outcome = run_sandboxed("inspect", {"path": str(path), "format": "state_dict",
+                                        "architecture": {"name": "mlp", "kwargs": {"widths": [2, 2]}}},
+                            tmp_path / "work", LIMITS)
+    assert not outcome.ok and outcome.error is not None
+    assert "allowlist" in outcome.error["detail"] or "weights_only" in outcome.error["detail"]
+    assert not marker.exists()
+
+
+def test_child_environment_holds_no_secrets(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from worker.sandbox import _clean_environment
+
+    monkeypatch.setenv("MODELPRESS_DATABASE_URL", "postgresql://secret")
+    env = _clean_environment(tmp_path, 1)
+    assert not any(k.startswith(("MODELPRESS_", "AWS_")) for k in env)
+    assert env["HOME"] == str(tmp_path)
+
+
+def test_memory_hungry_model_is_killed_with_a_reason(tmp_path: Path) -> None:
+    # A TorchScript model whose forward allocates far beyond the address-space limit.
+    class Hog(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.ones(1024, 1024, 1024, 4) + x.sum()
+
+    path = tmp_path / "hog.pt"
+    torch.jit.save(torch.jit.script(Hog()), str(path))
+    limits = Limits(memory_bytes=3 * 1024**3, cpu_seconds=60, file_bytes=1024**3, open_files=128, wall_seconds=120)
+    request = {"model": {"path": str(path), "format": "torchscript"},
+               "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+               "artifact_path": str(tmp_path / "out.pt"), "example_input_shape": [1, 4]}
+    outcome = run_sandboxed("job", request, tmp_path / "work", limits)
+    assert not outcome.ok and outcome.error is not None
+    assert "memory" in outcome.error["detail"].lower() or "alloc" in outcome.error["detail"].lower()
+
+
+def test_wall_clock_timeout_kills_the_child(tmp_path: Path) -> None:
+    class Sleeper(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(1000000000):
+                x = x + 1
+            return x
+
+    path = tmp_path / "slow.pt"
+    torch.jit.save(torch.jit.script(Sleeper()), str(path))
+    limits = Limits(memory_bytes=4 * 1024**3, cpu_seconds=60, file_bytes=1024**3, open_files=128, wall_seconds=8)
+    request = {"model": {"path": str(path), "format": "torchscript"},
+               "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+               "artifact_path": str(tmp_path / "out.pt"), "example_input_shape": [1, 4]}
+    outcome = run_sandboxed("job", request, tmp_path / "work", limits)
+    assert not outcome.ok and outcome.error == {"error": "TimeLimitExceeded",
+                                                "detail": "the job ran past its 8 s limit"}
+
+
+def test_zip_bomb_and_bad_safetensors_are_refused_by_structure(tmp_path: Path) -> None:
+    import struct
+    import zipfile
+
+    import pytest
+
+    from modelpress.formats import FormatError, check_safetensors, check_zip
+
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("a/data.pkl", b"\0" * 50_000_000)
+    with pytest.raises(FormatError, match="compression ratio"):
+        check_zip(bomb, 10**12)
+    with pytest.raises(FormatError, match="uncompressed"):
+        check_zip(bomb, 1000)
+    bad = tmp_path / "bad.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 4000]}}'
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(FormatError, match="offsets"):
+        check_safetensors(bad)
+    unused = io.BytesIO(pickle.dumps(1))
+    assert unused.getvalue()
