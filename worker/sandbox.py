@@ -10,6 +10,7 @@ The child speaks JSON lines on stdout: {"type": "progress", ...} and
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import queue
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class SandboxOutcome:
 def _apply_limits(limits: Limits) -> Callable[[], None]:
     def apply() -> None:
         os.setsid()
+        # die with the worker process that started us, so a killed worker leaves no orphan running
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds + 5))
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))
