@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -69,7 +69,7 @@ class JobCreate(BaseModel):
     example_input_shape: list[int] | None = Field(None, min_length=1, max_length=8)
     target: Target = Field(default_factory=Target)
     output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict"] | None = None
-    webhook_url: str | None = None
+    webhook_url: AnyHttpUrl | None = Field(None, description="POSTed the job summary when it finishes")
     priority: int = Field(5, ge=0, le=9, description="0..9, 9 runs first")
     seed: int = 0
 

@@ -134,13 +134,47 @@ def run_job(job_id: str) -> str:
     settings = get_settings()
     scratch = settings.scratch_dir / f"{job_id}-{attempt}"
     try:
-        return _run_claimed(job_id, attempt, scratch)
+        status = _run_claimed(job_id, attempt, scratch)
     except Exception as error:  # the worker lives on; the job says what happened
         log.exception("job %s failed", job_id)
         finish_failed(job_id, attempt, {"error": type(error).__name__, "detail": str(error)[:2000]})
-        return "failed"
+        status = "failed"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if status in ("succeeded", "failed", "cancelled"):
+        notify_webhook(job_id)
+    return status
+
+
+WEBHOOK_ATTEMPTS = 3
+
+
+def notify_webhook(job_id: str) -> None:
+    """POST the finished job's summary to its webhook_url, with a few retries; the outcome is an event."""
+    import httpx
+
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or not job.spec.get("webhook_url"):
+            return
+        url = job.spec["webhook_url"]
+        metrics = session.get(JobMetrics, job_id)
+        body = {"id": job.id, "status": job.status, "error": job.error,
+                "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+                "compression_ratio": metrics.compression_ratio if metrics else None,
+                "speedup": metrics.speedup if metrics else None}
+    outcome: dict[str, Any] = {"url": url}
+    for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
+        try:
+            response = httpx.post(url, json=body, timeout=5.0, headers={"User-Agent": "ModelPress-Webhook/1"})
+            outcome.update(status_code=response.status_code, attempts=attempt)
+            if response.status_code < 500:
+                break
+        except httpx.HTTPError as error:
+            outcome.update(error=str(error)[:200], attempts=attempt)
+        time.sleep(0.5 * 2**attempt)
+    with session_scope() as session:
+        session.add(JobEvent(job_id=job_id, kind="webhook", data=outcome))
 
 
 def _run_claimed(job_id: str, attempt: int, scratch: Path) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,15 @@ def _accuracy(model: nn.Module, data: Dataset) -> float:
         return float((model(data.inputs).argmax(1) == data.labels).float().mean())
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny models: one thread is as fast and does not fight other processes for cores.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def digits() -> tuple[Dataset, Dataset]:
     from sklearn.datasets import load_digits
@@ -76,6 +86,7 @@ def digits() -> tuple[Dataset, Dataset]:
 
 @pytest.fixture(scope="module")
 def trained_mlp(digits: tuple[Dataset, Dataset]) -> nn.Module:
+    torch.manual_seed(0)
     return _train(MLP(), digits[0], epochs=15)
 
 
@@ -226,6 +237,40 @@ def test_ln_structured_keeps_surviving_channels_exactly() -> None:
         assert torch.allclose(masked(EXAMPLE), model(EXAMPLE), atol=1e-5)
 
 
+class BatchNormCNN(nn.Module):
+    """Batch norm between convs and a reshape to a fixed feature count, as people write them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(32)
+        self.c2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.f1 = nn.Linear(64 * 2 * 2, 128)
+        self.f2 = nn.Linear(128, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.max_pool2d(F.relu(self.bn(self.c1(x.reshape(-1, 1, 8, 8)))), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.f2(F.relu(self.f1(x.reshape(-1, 256))))
+
+
+def test_ln_structured_on_graph_with_batch_norm_and_fixed_reshape() -> None:
+    torch.manual_seed(0)
+    original = BatchNormCNN().eval()
+    with torch.no_grad():
+        original.bn.running_mean.uniform_(-0.5, 0.5)
+        original.bn.running_var.uniform_(0.5, 2.0)
+    graph = _as_kind(original, "graph", EXAMPLE)
+    result = run_stage(graph, "ln_structured", _options(amount=0.5), StageContext(kind="graph", example_input=EXAMPLE))
+    pruned = result.model
+    assert isinstance(pruned.bn, nn.BatchNorm2d) and pruned.bn.running_mean.shape == (16,)
+    assert _parameter_count(pruned) <= 0.55 * _parameter_count(original)
+    with torch.no_grad():
+        assert pruned(EXAMPLE[:3]).shape == (3, 10)
+    program = torch.export.export(pruned, (EXAMPLE,), dynamic_shapes=({0: BATCH},))
+    assert program.module()(EXAMPLE[:2]).shape == (2, 10)
+
+
 def test_bad_requests_say_what_to_change(trained_mlp: nn.Module) -> None:
     script = _as_kind(trained_mlp, "torchscript", EXAMPLE)
     with pytest.raises(EngineError, match="TorchScript"):
@@ -300,24 +345,38 @@ def test_gradual_pruning_keeps_digits_accuracy(trained_mlp: nn.Module, digits: t
                        progress=lambda fraction, message: seen.append(fraction))
     result = run_stage(model, "l1_unstructured", options, ctx)
 
-    assert result.info["sparsity"] == pytest.approx(0.9, abs=0.01)
+    assert result.info["sparsity"] == pytest.approx(0.9, abs=0.01)  # masks held through fine-tuning
     assert [step["target_sparsity"] for step in result.info["schedule"]] == [
         round(cubic_sparsity(t, 3, 0.9), 6) for t in (1, 2, 3)]
     assert all(step["epochs_run"] == 2 for step in result.info["schedule"])
-    assert _accuracy(model, test) >= baseline - 0.02
+    gradual = _accuracy(model, test)
+    assert gradual >= baseline - 0.03
     assert seen == sorted(seen) and seen[-1] == 1.0
+    # the fine-tuning is what keeps it: one-shot to the same sparsity loses clearly more
+    one_shot = copy.deepcopy(trained_mlp)
+    run_stage(one_shot, "l1_unstructured", _options(amount=0.9), StageContext(kind="eager", example_input=EXAMPLE))
+    assert _accuracy(one_shot, test) < gradual - 0.05
 
 
-def test_one_shot_is_worse_than_gradual_at_high_sparsity(trained_mlp: nn.Module, digits: tuple[Dataset, Dataset]) -> None:
-    """The fine-tuning matters: one-shot 0.9 without it loses more accuracy than the gradual run keeps."""
-    _, test = digits
-    model = copy.deepcopy(trained_mlp)
-    run_stage(model, "l1_unstructured", _options(amount=0.97), StageContext(kind="eager", example_input=EXAMPLE))
-    assert _accuracy(model, test) < _accuracy(trained_mlp, test) - 0.02
+@pytest.mark.parametrize("kind", ["torchscript", "graph"])
+def test_finetuning_holds_masks_on_every_kind(trained_mlp: nn.Module, digits: tuple[Dataset, Dataset],
+                                              kind: ModelKind) -> None:
+    train, test = digits
+    model = _as_kind(trained_mlp, kind, EXAMPLE)
+    options = _options(amount=0.8, train={"epochs": 1, "lr": 1e-3})
+    result = run_stage(model, "global_l1_unstructured", options,
+                       StageContext(kind=kind, example_input=EXAMPLE, train_data=train))
+    weights = _weights(result.model)
+    zeros = sum(int((weights[k] == 0).sum()) for k in ("net.0.weight", "net.2.weight"))
+    assert zeros / (64 * 300 + 300 * 100) == pytest.approx(0.8, abs=0.01)
+    assert result.info["finetune"]["epochs_run"] == 1
+    assert _accuracy(result.model, test) >= _accuracy(trained_mlp, test) - 0.05
 
 
 def test_gradual_structured_pruning_finetunes(digits: tuple[Dataset, Dataset]) -> None:
-    train, test = digits
+    full_train, test = digits
+    train = Dataset(full_train.inputs[:700], full_train.labels[:700])
+    torch.manual_seed(0)
     original = _train(CNN(), train, epochs=4)
     model = copy.deepcopy(original)
     options = _options(amount=0.5, schedule={"steps": 2, "finetune_epochs": 1}, train={"lr": 1e-3})

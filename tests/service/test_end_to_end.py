@@ -105,8 +105,7 @@ def check_dynamic_int8_round_trip(service: Service) -> None:
     assert abs(measured - metrics["fidelity"]["sqnr_db"]) < 6
     assert metrics["compressed"]["latency_ms_p95"] >= metrics["compressed"]["latency_ms_p50"] > 0
     assert metrics["batch_size"] == 32 and metrics["device"] == "cpu"
-    events = [e for e in service.client.get(f"/v1/jobs/{job['id']}", headers=service.headers).json()["spec"]["stages"]]
-    assert events[0]["scheme"] == "dynamic_int8"
+    assert job["spec"]["stages"][0]["scheme"] == "dynamic_int8"
 
 
 def check_failure_is_readable_and_worker_lives_on(service: Service) -> None:
@@ -134,6 +133,7 @@ def test_production_mode_postgres_redis_and_a_real_worker(production: Service) -
 
 def test_embedded_mode_sqlite_and_file_broker(embedded: Service) -> None:
     check_dynamic_int8_round_trip(embedded)
+    check_webhook_is_called(embedded)
     model = mlp((16, 8, 4))
     uploaded = embedded.upload(torchscript_bytes(model))
     inspected = wait_for(lambda: (m := embedded.client.get(f"/v1/models/{uploaded['id']}",
@@ -142,3 +142,33 @@ def test_embedded_mode_sqlite_and_file_broker(embedded: Service) -> None:
     assert inspected["status"] == "ready"
     assert inspected["inspection"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert inspected["inspection"]["layer_types"]["Linear"] == 2
+
+
+def check_webhook_is_called(service: Service) -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uploaded = service.upload(torchscript_bytes(mlp((16, 8, 4))))
+        job = service.wait(service.submit({
+            "model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [2, 16], "webhook_url": f"http://127.0.0.1:{server.server_port}/hook"})["id"])
+        wait_for(lambda: received, 30, "webhook call")
+        assert received[0]["id"] == job["id"] and received[0]["status"] == "succeeded"
+        assert received[0]["compression_ratio"] == job["metrics"]["compression_ratio"]
+    finally:
+        server.shutdown()

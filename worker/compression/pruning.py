@@ -299,9 +299,20 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
     if options.get("prune_classifier"):
         raise EngineError("ln_structured removes whole output neurons; on the final classifier that would remove "
                           "classes. Set prune_classifier to false")
+    example = ctx.example_input.to(_device_of(model))
+    batches = [example]
+    if example.dim() >= 1:
+        batches.append(example[:1] if example.shape[0] > 1 else torch.cat([example, example]))
     if ctx.kind == "graph":
+        with torch.no_grad():
+            expected = _first_tensor(model(example))
         # The graph's ops carry the mode it was exported in (training batch norm is refused).
         model = lift_exported_graph(model).eval()
+        with torch.no_grad():
+            lifted = _first_tensor(model(example))
+        if lifted.shape != expected.shape or not torch.allclose(lifted, expected, rtol=1e-4, atol=1e-5):
+            raise EngineError("the exported program could not be rebuilt from nn modules faithfully, so its "
+                              "channels cannot be removed; upload a state_dict with a registered architecture")
     layers = _chosen_layers(model, options)
     targeted = {id(module) for _, module in layers}
     ignored = [module for _, module in _matrix_layers(model) if id(module) not in targeted]
@@ -309,10 +320,14 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
     norm = float(options.get("norm") or 2.0)
     schedule = options.get("schedule")
     steps, epochs = _schedule_lengths(schedule) if schedule else (1, 0)
-    data = _labelled_train_data(ctx, "gradual pruning") if schedule and epochs else None
-    example = ctx.example_input.to(_device_of(model))
-    with torch.no_grad():
-        reference_shape = _output_shape(model, example)
+    if schedule and epochs:
+        data: Dataset | None = _labelled_train_data(ctx, "gradual pruning")
+    elif not schedule and options.get("train"):
+        data = _labelled_train_data(ctx, "fine-tuning (train options)")
+    else:
+        data = None
+    # Batch sizes the model ran on before must still work after (a graph may allow only some).
+    reference_shapes = _output_shapes(model, batches)
     was_training = model.training
     try:
         pruner = tp.pruner.MetaPruner(
@@ -332,19 +347,18 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
         except Exception as error:
             raise EngineError(f"torch-pruning failed to remove channels: {_last_line(error)}") from error
         record: dict[str, Any] = {"step": step, "target_channel_ratio": round(target, 6)}
-        if data is not None:
+        if schedule and data is not None:
             record.update(_fit_figures(_fit(model, data, options, epochs, ctx, (step - 1) / steps, 1 / steps)))
         history.append(record)
     model.train(was_training)
-    _check_still_runs(model, example, reference_shape)
+    _check_still_runs(model, batches, reference_shapes)
     info: dict[str, Any] = {"scheme": "ln_structured", "amount": amount, "norm": norm,
                             "amount_means": "fraction of output channels removed from each targeted layer",
                             "targeted": [name for name, _ in layers]}
     if schedule:
         info["schedule"] = history
-    elif options.get("train"):
-        info["finetune"] = _fit_figures(_fit(model, _labelled_train_data(ctx, "fine-tuning (train options)"),
-                                             options, None, ctx, 0.0, 1.0))
+    elif data is not None:
+        info["finetune"] = _fit_figures(_fit(model, data, options, None, ctx, 0.0, 1.0))
     return model, info
 
 
@@ -500,26 +514,34 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-def _output_shape(model: nn.Module, example: Tensor) -> list[int]:
-    output = model(example)
-    output = output[0] if isinstance(output, (tuple, list)) else output
-    return list(output.shape)
+def _first_tensor(output: Any) -> Tensor:
+    first: Tensor = output[0] if isinstance(output, (tuple, list)) else output
+    return first
 
 
-def _check_still_runs(model: nn.Module, example: Tensor, reference_shape: list[int]) -> None:
-    """The pruned model must give outputs of the same shape, also at another batch size."""
-    batches = [example]
-    if example.dim() >= 1:
-        batches.append(example[:1] if example.shape[0] > 1 else torch.cat([example, example]))
+def _output_shapes(model: nn.Module, batches: Sequence[Tensor]) -> list[list[int] | None]:
+    shapes: list[list[int] | None] = []
     for batch in batches:
         try:
             with torch.no_grad():
-                shape = _output_shape(model, batch)
+                shapes.append(list(_first_tensor(model(batch)).shape))
+        except Exception:
+            shapes.append(None)
+    return shapes
+
+
+def _check_still_runs(model: nn.Module, batches: Sequence[Tensor], reference: Sequence[list[int] | None]) -> None:
+    """The pruned model must give outputs of the same shapes on the inputs the original ran on."""
+    for batch, expected in zip(batches, reference):
+        if expected is None:
+            continue
+        try:
+            with torch.no_grad():
+                shape = list(_first_tensor(model(batch)).shape)
         except Exception as error:
             raise EngineError(f"after removing channels the model no longer runs on inputs of shape "
                               f"{list(batch.shape)}: {_last_line(error)}. It may hard-code channel counts "
                               f"(reshape to fixed sizes); exclude those layers with layers.exclude") from error
-        expected = [int(batch.shape[0])] + reference_shape[1:] if batch is not example else reference_shape
         if shape != expected:
             raise EngineError(f"after removing channels the model's output has shape {shape} instead of "
                               f"{expected}; exclude the output layers with layers.exclude")
