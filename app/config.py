@@ -38,6 +38,16 @@ class Settings(BaseSettings):
     sandbox_open_files: int = 256
     worker_threads: int = 1
     worker_queues: str = "cpu"
+    worker_stale_after_s: float = 30.0
+    # 422 at submit when no live worker has the job's device; otherwise queue it with a warning
+    require_live_worker: bool = False
+
+    # object storage (s3:// storage URLs); credentials come from the standard AWS_* variables
+    s3_endpoint_url: str | None = None
+    s3_create_bucket: bool = False
+    s3_addressing_style: str | None = None
+    s3_multipart_threshold_bytes: int = 64 * 1024**2
+    s3_multipart_chunk_bytes: int = 16 * 1024**2
 
     @property
     def resolved_database_url(self) -> str:

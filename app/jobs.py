@@ -69,6 +69,12 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
     spec = job_in.model_dump(mode="json")
     spec["stages"] = [{"method": v.spec.method, "scheme": v.spec.name, **v.options} for v in validated]
     spec["extra_model_ids"] = extra_models
+    from app.workers import device_problem, require_live_worker
+
+    if problem := device_problem(session, job_in.target.device):
+        if require_live_worker():
+            raise Invalid(problem)
+        spec["warnings"] = [f"{problem}; the job stays queued until such a worker starts"]
     return spec
 
 

@@ -1,23 +1,21 @@
 """HTTP only: health, readiness, Prometheus metrics, the method catalogue, live workers."""
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import select, text
+from sqlalchemy import text
 
 from app.config import get_settings
 from app.db import get_engine
 from app.deps import SessionDep, TenantDep
 from app.observability import render_metrics
 from app.storage import get_store
-from app.tables import WorkerRecord, utcnow
+from app.workers import live_devices as _live_devices, live_workers, stale_after_s
 from modelpress.catalog import describe_methods
 
 router = APIRouter()
-WORKER_STALE_AFTER_S = 30
 
 
 @router.get("/healthz", summary="Process alive")
@@ -60,23 +58,11 @@ def metrics() -> Response:
     return Response(body, media_type=content_type)
 
 
-def live_workers(session: Any) -> list[WorkerRecord]:
-    cutoff = utcnow() - timedelta(seconds=WORKER_STALE_AFTER_S)
-    workers = session.scalars(select(WorkerRecord)).all()
-    return [w for w in workers if _aware(w.last_heartbeat) >= cutoff]
-
-
-def _aware(moment: Any) -> Any:
-    from datetime import timezone
-
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
 @router.get("/v1/methods", summary="Methods, schemes, options and devices this deployment supports")
 def methods(session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     catalogue = describe_methods()
     workers = live_workers(session)
-    live_devices = sorted({d for w in workers for d in w.capabilities.get("devices", [])})
+    live_devices = _live_devices(workers)
     catalogue["live_devices"] = live_devices
     for method in catalogue["methods"]:
         for scheme in method["schemes"]:
@@ -89,7 +75,7 @@ def workers(session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
     return {"items": [{"name": w.name, "queues": w.queues, "capabilities": w.capabilities,
                        "started_at": w.started_at, "last_heartbeat": w.last_heartbeat}
                       for w in live_workers(session)],
-            "stale_after_s": WORKER_STALE_AFTER_S}
+            "stale_after_s": stale_after_s()}
 
 
 def settings_summary() -> dict[str, Any]:

@@ -263,8 +263,8 @@ def digits() -> dict[str, Any]:
     model = LeNet()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(5):
-        for start in range(0, len(train), 64):
-            batch = train[start:start + 64]
+        for start in range(0, len(train), 128):
+            batch = train[start:start + 128]
             optimizer.zero_grad()
             F.cross_entropy(model(inputs[batch]), labels[batch]).backward()
             optimizer.step()
@@ -310,7 +310,7 @@ def test_static_int8_eager_cnn_with_skips(digits: dict[str, Any]) -> None:
     result = run_stage(digits["model"], "static_int8", {**STATIC, "skip_layers": ["conv2"]}, ctx)
 
     assert result.info["quantized_layers"] == ["conv1", "fc1", "fc2"] and result.info["skipped_layers"] == ["conv2"]
-    assert type(result.model.get_submodule("conv2")) is nn.Conv2d
+    assert result.model.get_submodule("conv2")[0].weight.dtype == torch.float32  # fused with its ReLU, float
     assert "quantized" in type(result.model.get_submodule("conv1")).__module__
     loaded, _ = script_roundtrip(torch.jit.trace(result.model, digits["example"]))
     float_accuracy = accuracy(digits["model"], digits["test_x"], digits["test_y"])
@@ -374,8 +374,38 @@ def test_torch_level_module_names_layers_like_the_source() -> None:
 
     assert {n for n, m in lifted.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))} == {
         "conv1", "conv2", "fc1", "fc2"}
+    other_batch = torch.randn(5, 64)
     with torch.no_grad():
-        assert torch.allclose(lifted(torch.randn(5, 64) * 0 + x[:1]), model(x[:1]).expand(5, -1), atol=1e-5)
+        assert torch.allclose(lifted(other_batch), model(other_batch), atol=1e-5)
+
+
+class ConvBnNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.Conv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.GELU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+def test_static_int8_exported_graph_folds_batch_norm_and_keeps_unknown_ops_float() -> None:
+    torch.manual_seed(0)
+    model = ConvBnNet().eval()
+    for norm in (model.features[1], model.features[4]):
+        norm.running_mean.uniform_(-0.2, 0.2)
+        norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 12, 12)
+    ctx = StageContext("graph", x, train_data=Dataset(torch.randn(64, 3, 12, 12)))
+    result = run_stage(exported(model, x), "static_int8", {**STATIC, "calibration_batches": 2}, ctx)
+
+    assert result.info["quantized_layers"] == ["features.0", "features.3", "head"]
+    assert type(result.model.get_submodule("features.0")).__name__ == "ConvReLU2d"  # conv + bn + relu fused
+    loaded, _ = script_roundtrip(torch.jit.trace(result.model, x))
+    other_batch = torch.randn(6, 3, 12, 12)
+    with torch.no_grad():
+        assert sqnr_db(model(other_batch), loaded(other_batch)) >= 20
 
 
 # --------------------------------------------------------------------------- CUDA (torchao)

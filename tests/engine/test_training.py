@@ -3,14 +3,23 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
 from torch import Tensor, nn
 
 from worker.compression.base import Dataset, EngineError, JobCancelled, StageContext
-from worker.compression.training import TrainConfig, evaluate_accuracy, fit, learning_rate
+from worker.compression.training import TrainConfig, evaluate_accuracy, fit, learning_rate, set_training_mode
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny models on a shared CPU: more intra-op threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -295,3 +304,17 @@ def test_data_parallel_cancellation() -> None:
         fit(model, data, {"epochs": 200, "batch_size": 1, "devices": 2}, recorder.context(data.inputs[:1]))
     assert len(recorder.epochs()) < 200
     assert all(torch.equal(initial[k], v) for k, v in model.state_dict().items())
+
+
+def test_exported_graph_with_dropout_switches_modes() -> None:
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    batch = torch.export.Dim("batch")
+    graph = torch.export.export(eager, (torch.randn(4, 8),), dynamic_shapes=({0: batch},)).module()
+    probe = torch.randn(6, 8)
+    set_training_mode(graph, True)
+    assert not torch.equal(graph(probe), graph(probe))  # dropout active while training
+    data = Dataset(torch.randn(40, 8), torch.randint(0, 3, (40,)))
+    summary = fit(graph, data, {"epochs": 2, "val_split": 0.25}, ctx_for(data))
+    assert summary["epochs_run"] == 2
+    assert torch.equal(graph(probe), graph(probe))  # left in eval mode: deterministic

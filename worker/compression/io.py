@@ -98,6 +98,17 @@ def _dynamic_batch_shapes() -> tuple[dict[int, Any]]:
     return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
 
 
+KIND_TO_FORMAT: dict[str, str] = {"eager": "state_dict", "graph": "exported_program", "torchscript": "torchscript"}
+
+
+def default_output_format(kind: ModelKind, preferred: str | None) -> str:
+    """What an artifact is stored as when the job does not say: the stage's preference, else
+    an exported program for exported inputs, else TorchScript."""
+    if preferred:
+        return preferred
+    return "exported_program" if kind == "graph" else "torchscript"
+
+
 def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: Path,
                   example_input: torch.Tensor) -> None:
     """Write `model` to `path` in `output_format`, loadable with stock PyTorch."""

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from worker.compression import metrics as measure
-from worker.compression.base import Dataset, EngineError, ModelKind, StageContext, StageResult
-from worker.compression.io import load_artifact, load_dataset, load_model, save_artifact
+from worker.compression.base import Dataset, EngineError, StageContext, StageResult
+from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
 from worker.compression.stages import run_stage
 
 DEFAULT_BATCH_FROM_DATASET = 32
@@ -75,16 +75,6 @@ def _example_input(request: JobRequest, train: Dataset | None, evaluation: Datas
     return data.inputs[:DEFAULT_BATCH_FROM_DATASET].clone()
 
 
-def _resolve_output_format(request: JobRequest, kind: ModelKind, last: StageResult | None) -> str:
-    if request.output_format:
-        return request.output_format
-    if last is not None and last.preferred_output_format:
-        return last.preferred_output_format
-    if kind == "graph":
-        return "exported_program"
-    return "torchscript"
-
-
 def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, Any]:
     """Run every stage of `request` and return the metrics document and artifact facts."""
     reporter = reporter or Reporter()
@@ -133,7 +123,11 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         result = run_stage(working, stage.method, stage.scheme, stage.options, context)
         working, kind = result.model, result.kind
         requires.update(result.requires)
-        if stage.method != "quantize":
+        # Quantized modules pack their weights out of reach of a parameter count, so a
+        # quantize stage keeps the float model's count; a stage may report its own.
+        if "parameters" in result.info:
+            parameters = (int(result.info["parameters"][0]), int(result.info["parameters"][1]))
+        elif stage.method != "quantize":
             parameters = measure.count_parameters(working)
         outputs = measure.predict(working, fid_inputs)
         stage_reports.append({
@@ -146,7 +140,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         })
 
     reporter.progress(0.92, "saving artifact")
-    output_format = _resolve_output_format(request, kind, result)
+    output_format = request.output_format or default_output_format(
+        kind, result.preferred_output_format if result else None)
     artifact = Path(request.artifact_path)
     save_artifact(working, kind, output_format, artifact, example)
     # Measure what the user downloads: reload the artifact where it is a runnable module.
@@ -162,6 +157,9 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
                                   parameters=parameters)
     document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
                              device=device, batch_size=int(example.shape[0]), threads=request.threads)
+    for report in stage_reports:
+        if "result" in report["info"]:
+            document["result"] = report["info"]["result"]
     return {"metrics": document, "artifact_format": output_format, "requires": sorted(requires)}
 
 

@@ -8,21 +8,28 @@ Every scheme checks afterwards that the layers it targeted changed
 representation (packed int8 weights, quantized ops in a TorchScript graph, a
 new dtype); a stage that would change nothing raises `EngineError` saying why.
 
-Measured on 2 x86 cores, torch 2.13, `torch.set_num_threads(2)`:
-- dynamic_int8, 1024->4096->ReLU->1024 MLP as TorchScript, batch 64:
-  quantize_dynamic_jit gives 0.25x the file, SQNR 33 dB, 3.9x faster.
-- static_int8, LeNet-style CNN on 8x8 digits, batch 64, 128 calibration samples:
-  FX graph mode (fbgemm/x86 kernels, traced to TorchScript) runs 0.19 ms against
-  1.10 ms in float (5.6x), file 0.14x the float .pt2, same top-1.
-  PT2E + X86InductorQuantizer, re-exported, keeps q/dq pairs around float
-  kernels: no speedup without torch.compile, and the artifact only loads after
-  importing the `quantized_decomposed` op library. So exported programs are
-  lifted back to torch-level modules (`torch_level_module`) and go through FX.
+Measured on 2 x86 cores (a shared, busy box: timings are noisy), torch 2.13,
+`torch.set_num_threads(2)`:
+- dynamic_int8, 1024->4096->ReLU->1024 MLP uploaded as TorchScript, batch 64:
+  quantize_dynamic_jit gives 0.25x the file, SQNR 33 dB, 2-4x faster (median
+  of interleaved runs); the eager path (quantize_dynamic, then traced) matches.
+- static_int8, LeNet-style CNN on 8x8 digits, exported program, batch 64, 128
+  calibration samples: FX graph mode (x86 qconfig, fbgemm/onednn int8 kernels,
+  traced to TorchScript) runs 0.2-0.3 ms against 1.1-1.3 ms in float (4-5x),
+  file 0.13x the float .pt2, top-1 unchanged (0.977).
+  PT2E (torchao prepare_pt2e/convert_pt2e with X86InductorQuantizer),
+  re-exported: the same top-1, but q/dq pairs around float kernels give no
+  speedup without torch.compile, the .pt2 only loads after importing torch's
+  `quantized_decomposed` op library, and it came out 1.16x the float file
+  because the graph keeps the float weights beside the folded int8 ones. So
+  exported programs are lifted back to torch-level modules
+  (`torch_level_module`) and go through FX.
 """
 from __future__ import annotations
 
 import copy
 import fnmatch
+import io
 import math
 import operator
 import warnings
@@ -101,6 +108,16 @@ class LayerPlan:
     left_float: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class _Done:
+    """What a backend hands back to `run_stage`."""
+
+    model: nn.Module
+    kind: ModelKind
+    plan: LayerPlan
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 def plan_layers(candidates: Sequence[str], options: dict[str, Any]) -> LayerPlan:
     """Split `candidates` (module names, in definition order) by skip_layers and keep_first_last_float.
 
@@ -130,14 +147,6 @@ _DYNAMIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.LSTM, nn.GRU, nn.LS
 _DYNAMIC_WHAT = "Linear / LSTM / GRU layers"
 
 
-@dataclass
-class _Done:
-    model: nn.Module
-    kind: ModelKind
-    plan: LayerPlan
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 def _dynamic_int8_eager(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
     from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
 
@@ -164,13 +173,14 @@ def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: St
     plan.left_float.update({name: "the TorchScript path (quantize_dynamic_jit) quantizes Linear only"
                             for name, kind in kinds.items() if kind in ("LSTM", "GRU", "RNN")})
     qconfig: dict[str, Any] = {"": default_dynamic_qconfig, **{name: None for name in plan.skipped}}
-    quantized = quantize_dynamic_jit(model.eval(), qconfig, inplace=False)
+    working = _fresh_script_copy(model)
+    _isolate_control_flow_outputs(working)
+    quantized = quantize_dynamic_jit(working.eval(), qconfig, inplace=True)
     ops = count_quantized_ops(quantized)
     if ops == 0:
-        if candidates and not plan.targets:
-            _require_targets(plan, candidates, "Linear layers", "dynamic_int8")
-        raise EngineError("dynamic_int8 found no Linear layer or linear call to quantize in this TorchScript "
-                          "model (the TorchScript path covers Linear only), so it would change nothing")
+        _require_targets(plan, candidates, "Linear layers", "dynamic_int8")  # names the usual cause
+        raise EngineError("dynamic_int8 left no quantized op in this TorchScript model (the TorchScript "
+                          "path covers Linear only), so it would change nothing")
     return _Done(quantized, "torchscript", plan, {"quantized_ops": ops})
 
 
@@ -178,6 +188,43 @@ def _dynamic_int8_graph(model: nn.Module, options: dict[str, Any], ctx: StageCon
     # Dynamically quantized Linear holds torchbind packed weights that torch.export
     # cannot trace, so the result is an eager module stored as TorchScript.
     return _dynamic_int8_eager(torch_level_module(model), options, ctx)
+
+
+def _fresh_script_copy(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    # deepcopy shares the class types, hence the method graphs, with the upload;
+    # a save/load round trip gives graphs of its own to rewrite.
+    buffer = io.BytesIO()
+    torch.jit.save(model, buffer)
+    buffer.seek(0)
+    return torch.jit.load(buffer, map_location="cpu")
+
+
+def _isolate_control_flow_outputs(model: torch.jit.ScriptModule) -> None:
+    """Route every tensor leaving an if/loop through aten::clone, in all methods of all submodules.
+
+    The JIT dynamic-quant pass places the observer of a Linear input that comes
+    straight out of a prim::If before the If itself, and finalizing then fails with
+    "Graph::copy() encountered a use of a value ... not in scope" (torch 2.13).
+    A clone gives the observer an ordinary value to sit on.
+    """
+    for module in model.modules():
+        for method_name in module._c._method_names():
+            graph = module._c._get_method(method_name).graph
+            for node in list(_walk_nodes(graph.nodes())):
+                if node.kind() not in ("prim::If", "prim::Loop"):
+                    continue
+                for value in node.outputs():
+                    if not value.uses() or not isinstance(value.type(), torch._C.TensorType):
+                        continue
+                    clone = graph.create("aten::clone")
+                    clone.insertAfter(node)
+                    with graph.insert_point_guard(clone):
+                        none = graph.insertConstant(None)
+                    value.replaceAllUsesWith(clone.output())
+                    clone.addInput(value)
+                    clone.addInput(none)
+                    clone.output().setType(value.type())
+            torch._C._jit_pass_lint(graph)
 
 
 def _script_type_name(module: nn.Module) -> str:
@@ -203,10 +250,16 @@ def _is_quantized_module(module: nn.Module) -> bool:
 
 def _check_swapped(model: nn.Module, plan: LayerPlan, scheme: str) -> None:
     modules = dict(model.named_modules())
+    _keep_changed(plan, lambda name: name in modules and _is_quantized_module(modules[name]),
+                  "the backend left it in float (its pattern is not quantizable here)", scheme)
+
+
+def _keep_changed(plan: LayerPlan, changed: Callable[[str], bool], reason: str, scheme: str) -> None:
+    """Move targets the backend did not change to `left_float`; fail if none changed."""
     for name in list(plan.targets):
-        if name not in modules or not _is_quantized_module(modules[name]):
+        if not changed(name):
             plan.targets.remove(name)
-            plan.left_float[name] = "the backend left it in float (its pattern is not quantizable here)"
+            plan.left_float[name] = reason
     if not plan.targets:
         raise EngineError(f"{scheme} changed no layer: " + "; ".join(f"{k}: {v}" for k, v in plan.left_float.items()))
 
@@ -286,12 +339,13 @@ def _half_precision(dtype: torch.dtype) -> Callable[[nn.Module, dict[str, Any], 
 
 def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx: StageContext) -> _Done:
     scheme = "fp16" if dtype == torch.float16 else "bf16"
-    out_dtype = _output_dtype(model, ctx)
+    out_dtype = _output_dtype(model, ctx.example_input)
+    if ctx.kind == "graph" and (options.get("skip_layers") or options.get("keep_first_last_float")):
+        model = torch_level_module(model)  # skipped layers need to be submodule calls to be wrapped
     candidates = [name for name, module in model.named_modules()
                   if name and any(p.is_floating_point() for p in module.parameters(recurse=False))]
     plan = plan_layers(candidates, options)
-    if not candidates:
-        raise EngineError(f"{scheme}: the model has no floating-point parameters, so it would change nothing")
+    _require_targets(plan, candidates, "layers with floating-point parameters", scheme)
     if ctx.kind == "torchscript":
         if plan.skipped:
             raise EngineError(f"{scheme}: skip_layers is not supported for TorchScript models "
@@ -300,38 +354,35 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
         wrapped: nn.Module = torch.jit.script(CastWrapper(converted, dtype, out_dtype))
     else:
         converted = copy.deepcopy(model).to(dtype)
-        for name in plan.skipped:
+        for name in sorted(plan.skipped, key=lambda n: -n.count(".")):  # innermost first
             # Skipped layers stay float32 and talk to their half-precision neighbours through casts.
             module = converted.get_submodule(name)
             _replace_submodule(converted, name, CastWrapper(module.float(), torch.float32, dtype))
         wrapped = CastWrapper(converted, dtype, out_dtype)
-    _require_targets(plan, candidates, "layers with parameters", scheme)
-    changed = [name for name in plan.targets if _has_dtype(converted, name, dtype)]
-    if not changed:
+    if not any(_has_dtype(converted, name, dtype) for name in plan.targets):
         raise EngineError(f"{scheme} changed no parameter to {dtype}")
-    _run_or_explain(wrapped, ctx, scheme)
-    kind: ModelKind = "torchscript" if ctx.kind == "torchscript" else ("graph" if ctx.kind == "graph" else "eager")
-    return _Done(wrapped.eval(), kind, plan, {"dtype": str(dtype).removeprefix("torch.")})
+    _run_or_explain(wrapped, ctx.example_input, scheme)
+    return _Done(wrapped.eval(), ctx.kind, plan, {"dtype": str(dtype).removeprefix("torch.")})
 
 
 def _has_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
-    module = model.get_submodule(name)
+    module = dict(model.named_modules())[name]  # ScriptModules have no get_submodule
     return any(p.dtype == dtype for p in module.parameters(recurse=False))
 
 
-def _output_dtype(model: nn.Module, ctx: StageContext) -> torch.dtype:
+def _output_dtype(model: nn.Module, example: torch.Tensor) -> torch.dtype:
     with torch.no_grad():
-        output = model(ctx.example_input)
+        output = model(example.to(_model_device(model)))
     if not isinstance(output, torch.Tensor):
-        raise EngineError("fp16/bf16 wrap the model so it takes and returns float32; that needs a model "
-                          f"returning one tensor, this one returns {type(output).__name__}")
+        raise EngineError("reduced-precision schemes wrap the model so it takes and returns float32; that needs "
+                          f"a model returning one tensor, this one returns {type(output).__name__}")
     return output.dtype
 
 
-def _run_or_explain(model: nn.Module, ctx: StageContext, scheme: str) -> None:
+def _run_or_explain(model: nn.Module, example: torch.Tensor, scheme: str) -> None:
     try:
         with torch.no_grad():
-            model(ctx.example_input.to(ctx.device))
+            model(example.to(_model_device(model)))
     except RuntimeError as error:
         raise EngineError(f"{scheme}: the converted model does not run ({error}); it probably creates "
                           "float32 tensors inside forward, so it cannot run in reduced precision") from error
@@ -358,10 +409,6 @@ def _torchao_config(scheme: str, options: dict[str, Any]) -> Any:
     raise EngineError(f"unknown torchao scheme {scheme!r}")
 
 
-# Kernels for these expect bfloat16 activations and weights.
-_BF16_SCHEMES = ("int4_weight_only", "float8")
-
-
 def _torchao_cuda(scheme: str) -> Callable[[nn.Module, dict[str, Any], StageContext], _Done]:
     def run(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
         return _quantize_with_torchao(model, scheme, options, ctx)
@@ -378,24 +425,20 @@ def _quantize_with_torchao(model: nn.Module, scheme: str, options: dict[str, Any
     from torchao.quantization import quantize_
 
     eager = torch_level_module(model) if ctx.kind == "graph" else copy.deepcopy(model)
-    out_dtype = _output_dtype(eager, ctx)
+    out_dtype = _output_dtype(eager, ctx.example_input)
     candidates = [name for name, module in eager.named_modules() if name and type(module) is nn.Linear]
     plan = plan_layers(candidates, options)
     _require_targets(plan, candidates, "Linear layers", scheme)
-    work_dtype = torch.bfloat16 if scheme in _BF16_SCHEMES else torch.float32
+    work_dtype = torch.bfloat16  # torchao's CUDA kernels (tinygemm int4, float8, int8 mm) are tuned for bf16
     eager = eager.to(device=device, dtype=work_dtype).eval()
     targets = set(plan.targets)
     quantize_(eager, _torchao_config(scheme, options), filter_fn=lambda module, fqn: fqn in targets)
     modules = dict(eager.named_modules())
-    for name in list(plan.targets):
-        weight = getattr(modules[name], "weight", None)
-        if type(weight) in (torch.Tensor, nn.Parameter):
-            plan.targets.remove(name)
-            plan.left_float[name] = "torchao did not quantize it (shape or dtype not supported by the kernel)"
-    if not plan.targets:
-        raise EngineError(f"{scheme} changed no layer: " + "; ".join(f"{k}: {v}" for k, v in plan.left_float.items()))
+    # quantize_ swaps the weight for a torchao tensor subclass; a plain tensor means it was passed over
+    _keep_changed(plan, lambda name: type(modules[name].weight) not in (torch.Tensor, nn.Parameter),
+                  "torchao did not quantize it (shape or dtype not supported by the kernel)", scheme)
     wrapped = CastWrapper(eager, work_dtype, out_dtype).eval()
-    _run_or_explain(wrapped, ctx, scheme)
+    _run_or_explain(wrapped, ctx.example_input, scheme)
     return _Done(wrapped, "eager", plan, {"device": str(device)})
 
 
@@ -420,7 +463,7 @@ def torch_level_module(graph_module: nn.Module) -> fx.GraphModule:
     root = nn.Module()
     graph = fx.Graph()
     env: dict[fx.Node, Any] = {}
-    lifted: dict[tuple[str, str], str] = {}  # (weight target, bias target) -> submodule name
+    lifted: dict[tuple[str, ...], str] = {}  # targets of the parameters -> submodule name
 
     def arg(value: Any) -> Any:
         return fx.node.map_arg(value, lambda node: env[node])
@@ -469,14 +512,18 @@ def _aten_tables() -> None:
 
 
 def _translate_call(source: fx.GraphModule, root: nn.Module, graph: fx.Graph, node: fx.Node,
-                    arg: Callable[[Any], Any], lifted: dict[tuple[str, str], str]) -> Any:
+                    arg: Callable[[Any], Any], lifted: dict[tuple[str, ...], str]) -> Any:
     if not _SIMPLE_CALLS:
         _aten_tables()
     aten = torch.ops.aten
     target = node.target
     kwargs = dict(node.kwargs)
-    if target in (aten.linear.default, *_CONV_TYPES) and _is_parameter_access(node, 1) and not kwargs:
-        name = _lift_layer(source, root, node, lifted)
+    if target in (aten.linear.default, *_CONV_TYPES) and _reads_attributes(node, (1,)) and not kwargs:
+        name = _lift(source, root, node, lifted, (1, 2), _make_layer)
+        return graph.call_module(name, (arg(node.args[0]),))
+    if (target is aten.batch_norm.default and _reads_attributes(node, (1, 2, 3, 4)) and not node.args[5]
+            and not kwargs):
+        name = _lift(source, root, node, lifted, (1, 2, 3, 4), _make_batch_norm)
         return graph.call_module(name, (arg(node.args[0]),))
     if target is aten.sym_size.int:
         # a method call keeps the size symbolic when the module is traced again
@@ -494,58 +541,76 @@ def _translate_call(source: fx.GraphModule, root: nn.Module, graph: fx.Graph, no
     return graph.call_function(target, arg(node.args), arg(kwargs))
 
 
-def _is_parameter_access(node: fx.Node, index: int) -> bool:
-    value = node.args[index] if len(node.args) > index else None
-    return isinstance(value, fx.Node) and value.op == "get_attr"
+def _reads_attributes(node: fx.Node, indices: tuple[int, ...]) -> bool:
+    """Whether the node's arguments at `indices` are parameters or buffers (get_attr nodes)."""
+    return all(isinstance(node.args[i], fx.Node) and node.args[i].op == "get_attr"  # type: ignore[union-attr]
+               for i in indices if i < len(node.args))
 
 
-def _lift_layer(source: fx.GraphModule, root: nn.Module, node: fx.Node,
-                lifted: dict[tuple[str, str], str]) -> str:
-    weight_node = node.args[1]
-    bias_node = node.args[2] if len(node.args) > 2 else None
-    assert isinstance(weight_node, fx.Node)
-    weight_target = str(weight_node.target)
-    bias_target = str(bias_node.target) if isinstance(bias_node, fx.Node) else ""
-    key = (weight_target, bias_target)
+def _lift(source: fx.GraphModule, root: nn.Module, node: fx.Node, lifted: dict[tuple[str, ...], str],
+          indices: tuple[int, ...], make: Callable[[fx.Node, list[Any]], nn.Module]) -> str:
+    """Put a module that owns the node's parameters (args at `indices`) on `root`; return its name."""
+    attributes = [node.args[i] if i < len(node.args) else None for i in indices]
+    for attribute in attributes:
+        if attribute is not None and not (isinstance(attribute, fx.Node) and attribute.op == "get_attr"):
+            raise EngineError(f"a {node.target} call computes its parameters; only stored parameters are supported")
+    key = tuple(str(a.target) if isinstance(a, fx.Node) else "" for a in attributes)
     if key in lifted:
         return lifted[key]
-    weight = _fetch(source, weight_target)
-    bias = _fetch(source, bias_target) if bias_target else None
-    if isinstance(bias_node, fx.Node) and bias_node.op != "get_attr" or bias_node is not None and bias is None:
-        raise EngineError(f"layer at {weight_target}: bias is computed, not a parameter")
-    owner = weight_target.rpartition(".")[0] or weight_target.replace(".", "_") + "_layer"
-    name = owner
-    while _has_submodule(root, name) and name not in lifted.values():
-        if isinstance(root.get_submodule(name), (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            name += "_"
-        else:
-            break
-    layer = _make_layer(node, weight, bias)
+    owner = key[0].rpartition(".")[0]
+    name = owner if owner and owner not in lifted.values() else f"{owner or 'layer'}_{len(lifted)}".replace(".", "_")
+    module = make(node, [_fetch(source, target) if target else None for target in key])
     if _has_submodule(root, name):
-        # a container created for another attribute; keep its contents on the layer
-        for key_name, child in root.get_submodule(name)._modules.items():
-            layer.add_module(key_name, child)
-        for key_name, buffer in root.get_submodule(name)._buffers.items():
-            layer.register_buffer(key_name, buffer)
-    _set_path(root, name, layer)
+        # the container made for this owner's get_attr nodes: its other contents move onto the module
+        container = root.get_submodule(name)
+        for child_name, child in container._modules.items():
+            module.add_module(child_name, child)
+        for buffer_name, buffer in container._buffers.items():
+            if buffer_name not in module._buffers:
+                module.register_buffer(buffer_name, buffer)
+        for parameter_name, parameter in container._parameters.items():
+            if parameter_name not in module._parameters:
+                module.register_parameter(parameter_name, parameter)
+    _set_path(root, name, module)
     lifted[key] = name
     return name
 
 
-def _make_layer(node: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def _as_parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+
+
+def _make_layer(node: fx.Node, tensors: list[Any]) -> nn.Module:
+    weight, bias = tensors
     layer: nn.Module
     if node.target is torch.ops.aten.linear.default:
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     else:
         args = list(node.args) + [None] * 7
         stride, padding, dilation, groups = (args[3] or 1), (args[4] or 0), (args[5] or 1), (args[6] or 1)
-        conv_type = _CONV_TYPES[node.target]
-        layer = conv_type(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]), stride=stride,
-                          padding=padding, dilation=dilation, groups=groups, bias=bias is not None, device="meta")
-    layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        layer = _CONV_TYPES[node.target](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                                         stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                         bias=bias is not None, device="meta")
+    layer.weight = _as_parameter(weight)
     if bias is not None:
-        layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+        layer.bias = _as_parameter(bias)
     return layer
+
+
+def _make_batch_norm(node: fx.Node, tensors: list[Any]) -> nn.Module:
+    weight, bias, running_mean, running_var = tensors
+    value = node.meta.get("val")
+    rank = value.dim() if isinstance(value, torch.Tensor) else 4
+    norm_type = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, nn.BatchNorm2d)
+    norm = norm_type(running_mean.shape[0], eps=float(node.args[7]), momentum=float(node.args[6]),
+                     affine=weight is not None, device="meta")
+    if weight is not None:
+        norm.weight = _as_parameter(weight)
+        norm.bias = _as_parameter(bias)
+    norm.running_mean = running_mean
+    norm.running_var = running_var
+    norm.num_batches_tracked = torch.tensor(0)
+    return norm.eval()
 
 
 def _fetch(source: nn.Module, target: str) -> Any:
@@ -595,12 +660,12 @@ def _copy_attribute(source: nn.Module, root: nn.Module, target: str) -> None:
 
 
 def _unflatten_output(source: fx.GraphModule, leaves: list[Any]) -> Any:
-    spec = getattr(getattr(source, "_out_spec", None), "type", None)
-    if len(leaves) == 1 and getattr(source, "_out_spec", None) is not None and source._out_spec.is_leaf():
-        return leaves[0]
-    if spec in (tuple, list) or spec is None:
+    spec = getattr(source, "_out_spec", None)
+    if spec is None or spec.type in (tuple, list):
         return tuple(leaves)
-    raise EngineError(f"exported models returning a {spec.__name__} are not supported; return tensors")
+    if spec.is_leaf():
+        return leaves[0]
+    raise EngineError(f"exported models returning a {spec.type.__name__} are not supported; return tensors")
 
 
 def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -647,6 +712,7 @@ def _quiet_deprecations() -> Iterator[None]:
         warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
         warnings.filterwarnings("ignore", message=".*grad attribute of a Tensor that is not a leaf.*")
+        warnings.filterwarnings("ignore", message=".*reduce_range will be deprecated.*")
         yield
 
 

@@ -16,6 +16,7 @@ _METHOD_MODULES = {
     "prune": "worker.compression.pruning",
     "quantize": "worker.compression.quantization",
     "distill": "worker.compression.distillation",
+    "search": "worker.compression.search",
 }
 
 
