@@ -8,12 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
@@ -129,16 +128,24 @@ def print_result(metrics: dict[str, Any], artifact: Path | None, title: str) -> 
         out.print(f"artifact: {artifact} ({artifact.stat().st_size:,} bytes)")
 
 
+class _Bar:
+    """A rich progress bar on stderr: call it with (fraction, stage); `log` prints a line above it."""
+
+    def __init__(self, progress: Progress, label: str) -> None:
+        self.progress, self.task = progress, progress.add_task(label, total=1.0, stage="")
+
+    def __call__(self, fraction: float, stage: str | None) -> None:
+        self.progress.update(self.task, completed=max(0.0, min(1.0, fraction)), stage=(stage or "")[:60])
+
+    def log(self, text: str) -> None:
+        self.progress.console.print(text, markup=False)
+
+
 @contextmanager
-def progress_bar(label: str) -> Iterator[Callable[[float, str | None], None]]:
+def progress_bar(label: str) -> Iterator[_Bar]:
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[stage]}"), console=err, transient=False) as bar:
-        task = bar.add_task(label, total=1.0, stage="")
-
-        def update(fraction: float, stage: str | None) -> None:
-            bar.update(task, completed=max(0.0, min(1.0, fraction)), stage=(stage or "")[:60])
-
-        yield update
+                  TextColumn("{task.fields[stage]}"), console=err, transient=False) as progress:
+        yield _Bar(progress, label)
 
 
 def _job_row(job: Job) -> list[str]:
@@ -168,7 +175,7 @@ def _cmd_models_upload(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(model.raw)
     else:
-        out.print(f"{model.id}\t{model.format}\t{model.size_bytes:,} bytes\t{model.status}")
+        print(f"{model.id}\t{model.format}\t{model.size_bytes:,} bytes\t{model.status}")
     return 0
 
 
@@ -191,7 +198,7 @@ def _cmd_datasets_upload(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(dataset.raw)
     else:
-        out.print(f"{dataset.id}\t{dataset.format}\t{dataset.size_bytes:,} bytes")
+        print(f"{dataset.id}\t{dataset.format}\t{dataset.size_bytes:,} bytes")
     return 0
 
 
@@ -230,7 +237,7 @@ def _cmd_jobs_submit(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(job.raw)
     else:
-        out.print(f"{job.id}\t{job.status}")
+        print(f"{job.id}\t{job.status}")
         if job.metrics:
             out.print(metrics_table(job.metrics, f"job {job.id}"))
     return 0 if job.status in ("queued", "running", "succeeded") else 1
@@ -269,7 +276,7 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
 def _cmd_jobs_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.cancel(args.job_id)
-    out.print(f"{job.id}\t{job.status}" + ("\t(cancel requested)" if job.status == "running" else ""))
+    print(f"{job.id}\t{job.status}" + ("\t(cancel requested)" if job.status == "running" else ""))
     return 0
 
 
@@ -279,10 +286,10 @@ def _cmd_jobs_watch(args: argparse.Namespace) -> int:
             if event.kind == "progress":
                 update(float(event.data.get("progress", 0.0)), event.data.get("stage"))
             elif event.kind != "end":
-                err.print(f"{event.kind}: {json.dumps(event.data)}")
+                update.log(f"{event.kind}: {json.dumps(event.data)}")
         job = client.get_job(args.job_id)
         update(job.progress, job.status)
-    out.print(f"{job.id}\t{job.status}")
+    print(f"{job.id}\t{job.status}")
     if job.error:
         out.print(f"[red]{job.error.get('error')}[/red]: {job.error.get('detail')}")
     return 0 if job.status == "succeeded" else 1
@@ -396,10 +403,10 @@ def _compress_local(args: argparse.Namespace, spec: dict[str, Any]) -> int:
         from worker.compression.base import EngineError
         from worker.compression.pipeline import Reporter, run_job
 
-        events: list[tuple[str, dict[str, Any]]] = []
         try:
             with progress_bar("local") as update:
-                result = run_job(request, Reporter(progress=update, event=lambda k, d: events.append((k, d))))
+                result = run_job(request, Reporter(progress=update,
+                                                   event=lambda kind, data: update.log(f"{kind}: {json.dumps(data)}")))
                 update(1.0, "done")
         except EngineError as error:
             err.print(f"[red]error:[/red] {error}")

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -169,6 +170,7 @@ def test_feature_distillation_trains_adapters_and_removes_hooks(
 def test_dataset_mismatch_raises_engine_error(digits: tuple[Dataset, Dataset], teacher: nn.Module,
                                               case: str, words: str) -> None:
     train, test = digits
+    assert train.labels is not None and test.labels is not None
     small = {"architecture": {"name": "mlp", "kwargs": {"widths": [64, 8, 10]}}}
     options: dict[str, Any] = {"student": small, "train": QUICK}
     data, eval_data = train, None

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ def digits() -> tuple[Dataset, Dataset]:
             Dataset(torch.tensor(x_test, dtype=torch.float32), torch.tensor(y_test)))
 
 
-def small_mlp(seed: int = 0, hidden: int = 32) -> nn.Module:
+def small_mlp(seed: int = 0, hidden: int = 32) -> nn.Sequential:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
 
@@ -157,7 +158,7 @@ def test_early_stopping_stops_and_reports() -> None:
 
 
 def test_early_stopping_restores_best_weights(digits: tuple[Dataset, Dataset]) -> None:
-    train, test = digits
+    train, _ = digits
     model = small_mlp()
     summary = fit(model, train, {"epochs": 6, "lr": 0.5, "optimizer": "sgd", "early_stopping_patience": 2,
                                  "val_split": 0.2}, ctx_for(train))
@@ -182,7 +183,7 @@ def test_same_seed_same_weights_other_seed_differs() -> None:
         fit(model, data, {"epochs": 2, "batch_size": 16, "seed": seed, "val_split": 0.2}, ctx_for(data))
     same = [torch.equal(a, b) for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values())]
     assert all(same)
-    assert not torch.equal(models[0][0].weight, models[2][0].weight)
+    assert not torch.equal(models[0].state_dict()["0.weight"], models[2].state_dict()["0.weight"])
 
 
 def test_seed_defaults_to_context_seed() -> None:
@@ -190,7 +191,7 @@ def test_seed_defaults_to_context_seed() -> None:
     first, second = small_mlp(hidden=8), small_mlp(hidden=8)
     fit(first, data, {"epochs": 1, "batch_size": 16}, ctx_for(data, seed=3))
     fit(second, data, {"epochs": 1, "batch_size": 16, "seed": 3}, ctx_for(data, seed=99))
-    assert torch.equal(first[0].weight, second[0].weight)
+    assert torch.equal(first.state_dict()["0.weight"], second.state_dict()["0.weight"])
 
 
 def test_cancellation_between_epochs() -> None:
@@ -318,3 +319,14 @@ def test_exported_graph_with_dropout_switches_modes() -> None:
     summary = fit(graph, data, {"epochs": 2, "val_split": 0.25}, ctx_for(data))
     assert summary["epochs_run"] == 2
     assert torch.equal(graph(probe), graph(probe))  # left in eval mode: deterministic
+
+
+def test_data_parallel_rank_failure_is_an_engine_error() -> None:
+    data = tiny_data(40)
+
+    def broken_step() -> None:
+        raise RuntimeError("mask shape mismatch")
+
+    with pytest.raises(EngineError, match="data-parallel training failed: .*mask shape mismatch"):
+        fit(small_mlp(hidden=4), data, {"epochs": 1, "batch_size": 10, "devices": 2}, ctx_for(data),
+            after_step=broken_step)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,7 +22,13 @@ from torch.utils.hooks import RemovableHandle
 from modelpress.catalog import find_scheme
 from worker.compression.base import Dataset, EngineError, ModelKind, StageContext, StageResult, select_layers
 from worker.compression.training import (
-    TrainConfig, evaluate_accuracy, fit, logits_of, module_device, set_training_mode, split_dataset,
+    TrainConfig,
+    evaluate_accuracy,
+    fit,
+    logits_of,
+    module_device,
+    set_training_mode,
+    split_dataset,
 )
 
 SCHEMES = ("hinton",)
@@ -51,7 +57,7 @@ class DistillConfig:
     alpha: float = _DEFAULTS["alpha"]
     baseline: bool = _DEFAULTS["baseline"]
     feature_layers: dict[str, str] | None = None
-    train: TrainConfig = TrainConfig()
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> DistillConfig:
@@ -126,7 +132,9 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     ctx.progress(0.0, "computing teacher logits")
     teacher_logits = predict_logits(teacher, data.inputs, ctx.device)
     with_labels = data.labels is not None
-    targets = torch.cat([data.labels.float().unsqueeze(1), teacher_logits], dim=1) if with_labels else teacher_logits
+    # One targets tensor, so the training loop slices labels and teacher logits together.
+    targets = teacher_logits if data.labels is None else torch.cat(
+        [data.labels.float().unsqueeze(1), teacher_logits], dim=1)
     train, train_targets, val, val_targets = _hold_out(data, targets, config, ctx)
     evaluation = ctx.eval_data if ctx.eval_data is not None else val
     train_config = config.train
@@ -134,13 +142,15 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     trained, features = _attach_features(teacher, student, config, train.inputs[:2])
     loss = HintonLoss(config.temperature, config.alpha, with_labels=with_labels,
                       label_smoothing=train_config.label_smoothing, features=features)
-    plan_weight = 0.5 if config.baseline else 1.0
+    student_share = 0.5 if config.baseline else 1.0  # of the stage's progress
+    teacher_device = module_device(teacher)
     try:
-        summary = fit(trained, train, train_config, _scaled(ctx, 0.0, plan_weight, "student"),
+        summary = fit(trained, train, train_config, _scaled(ctx, 0.0, student_share, "student"),
                       loss_fn=loss, val_data=val, targets=train_targets, val_targets=val_targets)
     finally:
         if features is not None:
             features.remove_hooks()
+            teacher.to(teacher_device)  # feature matching ran it on the training device
 
     info: dict[str, Any] = {
         "student_source": source,
@@ -152,6 +162,10 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         "teacher_parameters": _count_parameters(teacher),
         "student_parameters": _count_parameters(student),
         "training": summary,
+        "evaluated_on": None,
+        "student_accuracy": None,
+        "baseline_accuracy": None,
+        "teacher_accuracy": None,
     }
     if initial_student is not None:
         info["baseline_training"] = fit(initial_student, train, train_config,
@@ -160,7 +174,7 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         info["evaluated_on"] = "eval_data" if ctx.eval_data is not None else "validation_split"
         info["student_accuracy"] = evaluate_accuracy(student, evaluation)
         info["teacher_accuracy"] = evaluate_accuracy(teacher, evaluation)
-        info["baseline_accuracy"] = evaluate_accuracy(initial_student, evaluation) if initial_student else None
+        info["baseline_accuracy"] = evaluate_accuracy(initial_student, evaluation) if initial_student is not None else None
     ctx.progress(1.0, "distillation done")
     return StageResult(model=student, kind=student_kind, info=info)
 

@@ -45,7 +45,8 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
             raise EngineError(f"TorchScript archive could not be loaded: {error}") from error
     if model_format == "exported_program":
         try:
-            program = torch.export.load(str(path))
+            with open(path, "rb") as handle:
+                program = torch.export.load(handle)
         except Exception as error:
             raise EngineError(f"exported program could not be loaded: {error}") from error
         return program.module(), "graph"
@@ -126,12 +127,16 @@ def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: P
     elif output_format == "exported_program":
         if kind == "torchscript":
             raise EngineError("a TorchScript model cannot be saved as an exported program; use output_format torchscript")
+        # torch.export specialises a dimension of size 1; export with two samples so the batch stays dynamic
+        if example_input.shape[0] == 1:
+            example_input = torch.cat([example_input, example_input])
         try:
             program = torch.export.export(model, (example_input,), dynamic_shapes=_dynamic_batch_shapes())
         except Exception:
             # some models specialise the batch dimension; a static export still loads and runs
             program = torch.export.export(model, (example_input,))
-        torch.export.save(program, str(path))
+        with open(path, "wb") as handle:  # a file object: torch.export wants a .pt2 name otherwise
+            torch.export.save(program, handle)
     elif output_format == "state_dict":
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, str(path))
     elif output_format == "sparse_state_dict":
@@ -147,5 +152,6 @@ def load_artifact(path: Path, artifact_format: str) -> nn.Module | dict[str, tor
     if artifact_format == "torchscript":
         return torch.jit.load(str(path))
     if artifact_format == "exported_program":
-        return torch.export.load(str(path)).module()
+        with open(path, "rb") as handle:
+            return torch.export.load(handle).module()
     return torch.load(str(path), weights_only=True)

@@ -10,6 +10,7 @@ the worker starts itself (gloo on CPU, nccl on CUDA).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -17,9 +18,10 @@ import queue as queue_module
 import socket
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,9 @@ class TrainConfig:
     over the epochs after the warmup, `plateau` multiplies by `gamma` when the
     monitored loss (validation if there is a split, else training) has not improved
     for more than `plateau_patience` epochs.
+
+    With `devices` > 1, `batch_size` is per process (as in DDP): each optimizer step sees
+    devices x batch_size samples and an epoch has 1/devices as many steps.
     """
 
     optimizer: str = "adamw"
@@ -225,6 +230,7 @@ def fit(model: nn.Module, data: Dataset, options: dict[str, Any] | TrainConfig |
             raise EngineError("training with the default loss needs a dataset with labels")
         loss_fn = CrossEntropyLoss(config.label_smoothing)
     default_targets = targets is None
+    val: Dataset | None
     if targets is None:
         targets = data.labels
     elif int(targets.shape[0]) != len(data):
@@ -236,7 +242,7 @@ def fit(model: nn.Module, data: Dataset, options: dict[str, Any] | TrainConfig |
     else:
         fraction = config.val_split if config.val_split is not None else (
             0.1 if config.early_stopping_patience is not None else 0.0)
-        if config.early_stopping_patience is not None and int(round(len(data) * fraction)) == 0:
+        if config.early_stopping_patience is not None and round(len(data) * fraction) == 0:
             raise EngineError("early stopping needs a validation split: set train.val_split > 0")
         (train, train_targets), (val, val_targets) = split_dataset(data, targets, fraction, config.seed or 0)
     if len(train) == 0:
@@ -505,7 +511,7 @@ def split_dataset(data: Dataset, targets: Tensor | None, fraction: float,
     Example:
         >>> (train, _), (val, _) = split_dataset(data, None, 0.1, seed=0)
     """
-    held_out = int(round(len(data) * fraction))
+    held_out = round(len(data) * fraction)
     if held_out == 0:
         return (data, targets), (None, None)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
@@ -597,6 +603,7 @@ def _fit_distributed(job: _Job, ctx: StageContext) -> dict[str, Any]:
         result_path = Path(folder) / "result.pt"
         port = _free_port()
         import torch.multiprocessing as torch_mp
+        from torch.multiprocessing.spawn import ProcessException
 
         processes = torch_mp.start_processes(
             _distributed_worker, args=(world_size, port, job, messages, cancelled, str(result_path)),
@@ -614,7 +621,7 @@ def _fit_distributed(job: _Job, ctx: StageContext) -> dict[str, Any]:
                     except JobCancelled:
                         was_cancelled = True
                         cancelled.set()
-        except torch_mp.ProcessRaisedException as error:
+        except ProcessException as error:  # a rank raised, or died (e.g. out of memory)
             last_line = str(error).strip().splitlines()[-1]
             raise EngineError(f"data-parallel training failed: {last_line}") from error
         finally:
@@ -705,16 +712,14 @@ def logits_of(output: Any) -> Tensor:
 
 
 def module_device(model: nn.Module) -> torch.device:
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for parameter in model.parameters():
+        return parameter.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
 def _replace(config: TrainConfig, **changes: Any) -> TrainConfig:
-    import dataclasses
-
     return dataclasses.replace(config, **changes)
 
 
