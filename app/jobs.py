@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
@@ -99,8 +100,21 @@ def create_job(session: Session, *, tenant: Tenant, job_in: JobCreate, idempoten
     job = Job(tenant_id=tenant.id, model_id=job_in.model_id, method=spec["stages"][0]["method"], status="queued",
               spec=spec, queue=queue, priority=job_in.priority, idempotency_key=idempotency_key,
               request_hash=body_hash)
-    session.add(job)
-    session.flush()
+    try:
+        # a savepoint: when a concurrent request with the same Idempotency-Key won the race,
+        # the unique constraint fires and we answer with that request's job instead
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        if not idempotency_key:
+            raise
+        winner = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        if winner is None:
+            raise
+        if winner.request_hash != body_hash:
+            raise Invalid("this Idempotency-Key was used with a different request body") from None
+        return winner, None
     session.add(JobEvent(job_id=job.id, kind="state", data={"status": "queued"}))
     message = enqueue(session, task=RUN_JOB, object_id=job.id, queue=queue, priority=job_in.priority)
     return job, message.id

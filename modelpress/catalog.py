@@ -150,6 +150,9 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                         OptionSpec("baseline", "bool", False, help="also train the student on labels alone"),
                         OptionSpec("feature_layers", "object", None,
                                    help='{"teacher_layer": "student_layer"} pairs for feature distillation'),
+                        OptionSpec("transfer_augmentation", "str", "none", choices=("mixup", "noise", "none"),
+                                   help="extra teacher-labelled views of each batch (the teacher sees the same "
+                                        "view as the student); float inputs only"),
                         _TRAIN),
                library="torch"),
 )

@@ -286,3 +286,17 @@ def test_api_process_never_imports_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_concurrent_posts_with_one_idempotency_key_make_one_job(api: Api) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = upload_ts(api)
+    spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [1, 8]}
+    headers = {**api.headers(), "Idempotency-Key": "burst-1"}
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda _: api.client.post("/v1/jobs", headers=headers, json=spec), range(8)))
+    assert {r.status_code for r in responses} == {202}
+    assert len({r.json()["id"] for r in responses}) == 1
+    assert counts()[2] == 1

@@ -44,6 +44,11 @@ _DEFAULTS: dict[str, Any] = {option.name: option.default for option in find_sche
 DEFAULT_VAL_SPLIT = 0.1
 # Weight of the feature-matching MSE next to the logit loss.
 FEATURE_LOSS_WEIGHT = 1.0
+AUGMENTATIONS = ("mixup", "noise", "none")
+# Mixing weights of "mixup" views are drawn per sample from Beta(MIXUP_ALPHA, MIXUP_ALPHA).
+MIXUP_ALPHA = 1.0
+# Standard deviation of "noise" views, relative to the training inputs' standard deviation.
+NOISE_SCALE = 0.1
 _PREDICT_BATCH = 256
 
 
@@ -57,6 +62,7 @@ class DistillConfig:
     alpha: float = _DEFAULTS["alpha"]
     baseline: bool = _DEFAULTS["baseline"]
     feature_layers: dict[str, str] | None = None
+    transfer_augmentation: str = _DEFAULTS["transfer_augmentation"]
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
@@ -66,7 +72,8 @@ class DistillConfig:
         Example:
             >>> DistillConfig.from_options({"student": "auto", "width_multiplier": 0.5})
         """
-        known = {"student", "width_multiplier", "temperature", "alpha", "baseline", "feature_layers", "train"}
+        known = {"student", "width_multiplier", "temperature", "alpha", "baseline", "feature_layers",
+                 "transfer_augmentation", "train"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise EngineError(f"unknown distill option(s) {unknown}; known: {sorted(known)}")
@@ -90,8 +97,12 @@ class DistillConfig:
         if features is not None and (not isinstance(features, dict) or not features or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in features.items())):
             raise EngineError('feature_layers must be a non-empty object {"teacher_module": "student_module"}')
+        augmentation = given["transfer_augmentation"]
+        if augmentation not in AUGMENTATIONS:
+            raise EngineError(f"transfer_augmentation must be one of {list(AUGMENTATIONS)}, got {augmentation!r}")
         return cls(student=student, width_multiplier=float(width), temperature=float(temperature),
                    alpha=float(alpha), baseline=baseline, feature_layers=features,
+                   transfer_augmentation=augmentation,
                    train=TrainConfig.from_options(given.get("train"), DEFAULT_TRAIN))
 
 
@@ -140,8 +151,14 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     train_config = config.train
 
     trained, features = _attach_features(teacher, student, config, train.inputs[:2])
+    augmentation = config.transfer_augmentation
+    if augmentation != "none" and not train.inputs.is_floating_point():
+        raise EngineError(f"transfer_augmentation {augmentation!r} needs floating-point inputs, "
+                          f"these are {train.inputs.dtype}: use \"none\"")
+    augment = TransferAugmentation(augmentation, teacher, float(train.inputs.float().std())) \
+        if augmentation != "none" else None
     loss = HintonLoss(config.temperature, config.alpha, with_labels=with_labels,
-                      label_smoothing=train_config.label_smoothing, features=features)
+                      label_smoothing=train_config.label_smoothing, features=features, augment=augment)
     student_share = 0.5 if config.baseline else 1.0  # of the stage's progress
     teacher_device = module_device(teacher)
     try:
@@ -150,7 +167,8 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     finally:
         if features is not None:
             features.remove_hooks()
-            teacher.to(teacher_device)  # feature matching ran it on the training device
+        if features is not None or augment is not None:
+            teacher.to(teacher_device)  # feature matching or augmentation ran it on the training device
 
     info: dict[str, Any] = {
         "student_source": source,
@@ -158,6 +176,7 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         "alpha": config.alpha if with_labels else None,
         "label_free": not with_labels,
         "feature_layers": config.feature_layers,
+        "transfer_augmentation": augmentation,
         "num_classes": num_classes,
         "teacher_parameters": _count_parameters(teacher),
         "student_parameters": _count_parameters(student),
@@ -187,28 +206,67 @@ class HintonLoss:
     """
 
     def __init__(self, temperature: float, alpha: float, *, with_labels: bool,
-                 label_smoothing: float = 0.0, features: FeatureMatcher | None = None) -> None:
+                 label_smoothing: float = 0.0, features: FeatureMatcher | None = None,
+                 augment: TransferAugmentation | None = None) -> None:
         self.temperature, self.alpha, self.with_labels = temperature, alpha, with_labels
-        self.label_smoothing, self.features = label_smoothing, features
+        self.label_smoothing, self.features, self.augment = label_smoothing, features, augment
 
     def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor | None) -> Tensor:
         if targets is None:
             raise EngineError("distillation needs the teacher's logits as targets")
+        teacher_logits = (targets[:, 1:] if self.with_labels else targets).float()
+        batch = int(inputs.shape[0])
+        if self.augment is not None:
+            # Clean batch plus one augmented view of it; the teacher labels the view.
+            views = self.augment.views(inputs)
+            inputs = torch.cat([inputs, views])
+            if self.features is None:
+                teacher_logits = torch.cat([teacher_logits, self.augment.teacher_logits(views)])
         if self.features is not None:
             self.features.run_teacher(inputs)
+            if self.augment is not None:
+                teacher_logits = self.features.teacher_logits()
         student_logits = logits_of(model(inputs)).float()
-        teacher_logits = targets[:, 1:] if self.with_labels else targets
         t = self.temperature
-        soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+        soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
                         reduction="batchmean", log_target=True) * (t * t)
         if self.with_labels:
-            hard = F.cross_entropy(student_logits, targets[:, 0].long(), label_smoothing=self.label_smoothing)
+            hard = F.cross_entropy(student_logits[:batch], targets[:, 0].long(),
+                                   label_smoothing=self.label_smoothing)
             loss = self.alpha * soft + (1 - self.alpha) * hard
         else:
             loss = soft
         if self.features is not None:
             loss = loss + FEATURE_LOSS_WEIGHT * self.features.loss()
         return loss
+
+
+class TransferAugmentation:
+    """Teacher-labelled views of a batch (Beyer et al. 2022, "a good teacher is patient and consistent").
+
+    "mixup" blends each sample with another of the batch (weight ~ Beta(1, 1) per sample),
+    "noise" adds Gaussian noise of NOISE_SCALE times the inputs' standard deviation. The
+    teacher runs on exactly the view the student sees, so the transfer set grows with
+    inputs that labels alone could not supervise.
+    """
+
+    def __init__(self, kind: str, teacher: nn.Module, input_std: float) -> None:
+        self.kind, self.teacher, self.input_std = kind, teacher, input_std
+        self._beta = torch.distributions.Beta(MIXUP_ALPHA, MIXUP_ALPHA)
+
+    def views(self, inputs: Tensor) -> Tensor:
+        if self.kind == "mixup":
+            shape = (int(inputs.shape[0]),) + (1,) * (inputs.dim() - 1)
+            weight = self._beta.sample(shape).to(device=inputs.device, dtype=inputs.dtype)
+            partner = inputs[torch.randperm(int(inputs.shape[0])).to(inputs.device)]
+            return weight * inputs + (1 - weight) * partner
+        return inputs + torch.randn_like(inputs) * (NOISE_SCALE * self.input_std)
+
+    def teacher_logits(self, views: Tensor) -> Tensor:
+        if module_device(self.teacher) != views.device:
+            self.teacher.to(views.device)
+        with torch.no_grad():
+            return logits_of(self.teacher(views)).float()
 
 
 class StudentWithAdapters(nn.Module):
@@ -245,7 +303,11 @@ class FeatureMatcher:
         if module_device(self.teacher) != inputs.device:
             self.teacher.to(inputs.device)
         with torch.no_grad():
-            self.teacher(inputs)
+            self._teacher_logits = logits_of(self.teacher(inputs)).float()
+
+    def teacher_logits(self) -> Tensor:
+        """The teacher's logits from the last run_teacher."""
+        return self._teacher_logits
 
     def loss(self) -> Tensor:
         terms = []
