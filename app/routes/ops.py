@@ -7,7 +7,6 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app.config import get_settings
 from app.db import get_engine
 from app.deps import SessionDep, TenantDep
 from app.observability import render_metrics
@@ -76,8 +75,3 @@ def workers(session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
                        "started_at": w.started_at, "last_heartbeat": w.last_heartbeat}
                       for w in live_workers(session)],
             "stale_after_s": stale_after_s()}
-
-
-def settings_summary() -> dict[str, Any]:
-    settings = get_settings()
-    return {"embedded_broker": settings.is_embedded_broker}

@@ -216,15 +216,16 @@ class HintonLoss:
             raise EngineError("distillation needs the teacher's logits as targets")
         teacher_logits = (targets[:, 1:] if self.with_labels else targets).float()
         batch = int(inputs.shape[0])
-        if self.augment is not None:
+        augment = self.augment if torch.is_grad_enabled() else None  # not in validation (no_grad)
+        if augment is not None:
             # Clean batch plus one augmented view of it; the teacher labels the view.
-            views = self.augment.views(inputs)
+            views = augment.views(inputs)
             inputs = torch.cat([inputs, views])
             if self.features is None:
-                teacher_logits = torch.cat([teacher_logits, self.augment.teacher_logits(views)])
+                teacher_logits = torch.cat([teacher_logits, augment.teacher_logits(views)])
         if self.features is not None:
             self.features.run_teacher(inputs)
-            if self.augment is not None:
+            if augment is not None:
                 teacher_logits = self.features.teacher_logits()
         student_logits = logits_of(model(inputs)).float()
         t = self.temperature
