@@ -63,8 +63,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.migrate import upgrade
+    from app.observability import configure_logging
 
     upgrade()
+    configure_logging()
     worker: subprocess.Popen[bytes] | None = None
     if args.embedded_worker:
         env = dict(os.environ, MODELPRESS_WORKER_QUEUES="cpu")

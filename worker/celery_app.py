@@ -4,6 +4,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
+from celery.signals import setup_logging
 from kombu import Queue
 
 from app.config import Settings, get_settings
@@ -50,6 +51,14 @@ def make_celery(settings: Settings) -> Celery:
         include=["worker.tasks"],
     )
     return app
+
+
+@setup_logging.connect
+def _json_logs(**_: object) -> None:
+    """Workers log JSON lines (with job ids) instead of Celery's own format."""
+    from app.observability import configure_logging
+
+    configure_logging()
 
 
 @lru_cache

@@ -134,6 +134,7 @@ def test_production_mode_postgres_redis_and_a_real_worker(production: Service) -
 def test_embedded_mode_sqlite_and_file_broker(embedded: Service) -> None:
     check_dynamic_int8_round_trip(embedded)
     check_webhook_is_called(embedded)
+    check_cancelling_a_running_job(embedded)
     model = mlp((16, 8, 4))
     uploaded = embedded.upload(torchscript_bytes(model))
     inspected = wait_for(lambda: (m := embedded.client.get(f"/v1/models/{uploaded['id']}",
@@ -172,3 +173,29 @@ def check_webhook_is_called(service: Service) -> None:
         assert received[0]["compression_ratio"] == job["metrics"]["compression_ratio"]
     finally:
         server.shutdown()
+
+
+class SlowForward(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(50000):
+            x = x * 1.0
+        return self.fc(x)
+
+
+def check_cancelling_a_running_job(service: Service) -> None:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(SlowForward()), buffer)
+    uploaded = service.upload(buffer.getvalue(), name="slow.pt")
+    job_id = service.submit({"model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                             "example_input_shape": [1, 8]})["id"]
+    wait_for(lambda: service.client.get(f"/v1/jobs/{job_id}", headers=service.headers).json()["status"] == "running",
+             120, "job running")
+    response = service.client.post(f"/v1/jobs/{job_id}/cancel", headers=service.headers)
+    assert response.status_code == 200
+    job = service.wait(job_id, timeout=60)
+    assert job["status"] == "cancelled" and job["artifact"] is None
+    assert service.client.get(f"/v1/jobs/{job_id}/artifact", headers=service.headers).status_code == 409
