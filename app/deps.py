@@ -8,22 +8,15 @@ from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
 from app.auth import tenant_for_key
-from app.db import get_session_factory
+from app.db import session_scope
 from app.errors import Unauthorized
 from app.ratelimit import check_rate
 from app.tables import Tenant
 
 
 def get_session() -> Iterator[Session]:
-    session = get_session_factory()()
-    try:
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -36,6 +29,9 @@ def get_tenant(session: SessionDep, authorization: Annotated[str | None, Header(
     if tenant is None:
         raise Unauthorized("the API key is unknown or revoked")
     check_rate(tenant.id)
+    # End the authentication transaction now: on SQLite a transaction holds the write lock,
+    # and an upload or a stream must not hold it while bytes flow.
+    session.commit()
     return tenant
 
 

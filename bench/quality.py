@@ -173,16 +173,16 @@ def _section(size: Size, assets: Assets, rows: list[dict[str, Any]]) -> dict[str
     table_rows = []
     for row in rows:
         if "error" in row:
-            table_rows.append([MODELS[row["model"]]["label"].split(" (")[0], row["stages"], "FAILED", "–", "–", "–",
+            table_rows.append([MODELS[row["model"]]["label"].split(" (")[0], _recipe_cell(row), "FAILED", "–", "–", "–",
                                "–", "–", "–", row["error"]])
             continue
         table_rows.append([
-            MODELS[row["model"]]["label"].split(" (")[0], row["stages"], row.get("artifact_format", "–"),
+            MODELS[row["model"]]["label"].split(" (")[0], _recipe_cell(row), row.get("artifact_format", "–"),
             fmt(row.get("size_ratio"), 2, "×"),
             f"{fmt(row.get('accuracy_before'), 3)} → {fmt(row.get('accuracy_after'), 3)}",
             fmt(None if row.get("accuracy_change") is None else 100 * row["accuracy_change"], 1, " pt"),
             fmt(row.get("speedup_b1"), 2, "×"), fmt(row.get("speedup_b64"), 2, "×"),
-            fmt(row.get("compress_s"), 2, " s"), "; ".join(row["notes"] + row.get("warnings", [])) or ""])
+            fmt(row.get("compress_s"), 2, " s"), "; ".join(row["notes"])])
     han = _han_table(rows)
     failed = [r for r in rows if "error" in r]
     return {
@@ -217,6 +217,10 @@ def _section(size: Size, assets: Assets, rows: list[dict[str, Any]]) -> dict[str
         "targets": [],
         "data": {"rows": rows, "han_reference": HAN_REFERENCE, "train_seconds": assets.train_seconds},
     }
+
+
+def _recipe_cell(row: dict[str, Any]) -> str:
+    return f"{row['recipe']}: {row['stages']}" if row["kind"] == "preset" else row["stages"]
 
 
 def _han_table(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -82,6 +82,26 @@ def torchscript_bytes(model: nn.Module) -> bytes:
     return buffer.getvalue()
 
 
+class SlowForward(nn.Module):
+    """A model whose forward takes seconds: long enough to cancel or kill a job while it runs."""
+
+    def __init__(self, iterations: int = 50000) -> None:
+        super().__init__()
+        self.iterations = iterations
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.iterations):
+            x = x * 1.0
+        return self.fc(x)
+
+
+def slow_torchscript_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(SlowForward()), buffer)
+    return buffer.getvalue()
+
+
 def exported_bytes(model: nn.Module, example: torch.Tensor) -> bytes:
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},))

@@ -68,6 +68,7 @@ def download_artifact(job_id: str, session: SessionDep, tenant: TenantDep,
     if artifact is None:
         raise Conflict(f"job {job_id} has no artifact (status {job.status})")
     etag = f'"{artifact.sha256}"'
+    session.commit()  # no transaction stays open while the file streams
     if if_none_match == etag:
         return Response(status_code=304, headers={"ETag": etag})
     extension = {"torchscript": "pt", "exported_program": "pt2"}.get(artifact.format, "pt")
@@ -83,6 +84,7 @@ def download_artifact(job_id: str, session: SessionDep, tenant: TenantDep,
 async def job_events(job_id: str, request: Request, session: SessionDep, tenant: TenantDep,
                      last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
     service.get_job(session, tenant, job_id)
+    session.commit()  # the stream reads with short sessions of its own
     start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
     return StreamingResponse(_event_stream(job_id, start, request), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -51,6 +51,7 @@ def read_model(model_id: str, session: SessionDep, tenant: TenantDep) -> StoredM
             response_class=StreamingResponse)
 def download_model(model_id: str, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
     record = resources.get_model(session, tenant, model_id)
+    session.commit()  # no transaction stays open while the file streams
     return StreamingResponse(get_store().iter_bytes(record.storage_key), media_type="application/octet-stream",
                              headers={"ETag": f'"{record.sha256}"', "Content-Length": str(record.size_bytes),
                                       "Content-Disposition": f'attachment; filename="{record.id}"'})

@@ -12,7 +12,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.helpers import WorkerProcess, mlp, sqnr_db, torchscript_bytes, wait_for
+from tests.helpers import WorkerProcess, mlp, slow_torchscript_bytes, sqnr_db, torchscript_bytes, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -175,21 +175,8 @@ def check_webhook_is_called(service: Service) -> None:
         server.shutdown()
 
 
-class SlowForward(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(50000):
-            x = x * 1.0
-        return self.fc(x)
-
-
 def check_cancelling_a_running_job(service: Service) -> None:
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(SlowForward()), buffer)
-    uploaded = service.upload(buffer.getvalue(), name="slow.pt")
+    uploaded = service.upload(slow_torchscript_bytes(), name="slow.pt")
     job_id = service.submit({"model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
                              "example_input_shape": [1, 8]})["id"]
     wait_for(lambda: service.client.get(f"/v1/jobs/{job_id}", headers=service.headers).json()["status"] == "running",

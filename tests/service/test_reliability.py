@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.tables import Job, OutboxMessage, utcnow
-from tests.helpers import WorkerProcess, mlp, torchscript_bytes, wait_for
+from tests.helpers import WorkerProcess, mlp, slow_torchscript_bytes, torchscript_bytes, wait_for
 from tests.service.conftest import Api
 
 pytestmark = pytest.mark.postgres
@@ -121,28 +121,12 @@ def test_a_killed_worker_loses_no_job(make_postgres_database, redis_url, service
     with session_scope() as session:
         _, key = create_key(session, tenant_name="reliability")
     headers = {"Authorization": f"Bearer {key}"}
-    # a model whose forward is slow enough to kill the worker while it runs
-    import torch
-
-    class Slow(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(8, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            for _ in range(20000):
-                x = x * 1.0
-            return self.fc(x)
-
-    import io
-
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(Slow()), buffer)
+    slow_model = slow_torchscript_bytes()  # slow enough to kill the worker while it runs
     first = WorkerProcess(env, log_path=tmp_path / "w1.log").start()
     second: WorkerProcess | None = None
     try:
         with TestClient(create_app()) as client:
-            model = client.post("/v1/models", headers=headers, files={"file": ("slow.pt", buffer.getvalue())}).json()
+            model = client.post("/v1/models", headers=headers, files={"file": ("slow.pt", slow_model)}).json()
             job_id = client.post("/v1/jobs", headers=headers, json={
                 "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
                 "example_input_shape": [1, 8]}).json()["id"]
