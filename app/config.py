@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = 600
     cors_origins: list[str] = Field(default_factory=list)
 
+    # artifacts of jobs finished longer ago than this are removed by `modelpress cleanup`
+    artifact_retention_days: int | None = None
+
     # worker
     job_time_limit_s: int = 3600
     job_soft_time_limit_s: int = 3300

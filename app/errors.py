@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -45,6 +46,10 @@ class QuotaExceeded(AppError):
     status_code, error = 429, "QuotaExceeded"
 
 
+class ArtifactCorrupted(AppError):
+    status_code, error = 500, "ArtifactCorrupted"
+
+
 class Unavailable(AppError):
     status_code, error = 503, "ServiceUnavailable"
 
@@ -67,6 +72,12 @@ def install_error_handlers(app: FastAPI) -> None:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in exc.errors())
         return JSONResponse(error_body("InvalidRequest", problems or "invalid request"), status_code=422)
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
+        # the database went away or is locked: a dependency problem, so 503 and a hint to retry
+        return JSONResponse(error_body("ServiceUnavailable", "the database is unavailable; retry shortly"),
+                            status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

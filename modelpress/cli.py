@@ -85,6 +85,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    from app.config import get_settings
+    from app.retention import remove_expired_artifacts
+
+    days = args.older_than_days if args.older_than_days is not None else get_settings().artifact_retention_days
+    if days is None:
+        print("no retention set: pass --older-than-days or set MODELPRESS_ARTIFACT_RETENTION_DAYS", file=sys.stderr)
+        return 2
+    print(f"removed {remove_expired_artifacts(days)} artifacts of jobs finished more than {days} days ago")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelpress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--downgrade", metavar="REVISION")
     migrate.set_defaults(func=_cmd_migrate)
+
+    cleanup = sub.add_parser("cleanup", help="remove artifacts past their retention")
+    cleanup.add_argument("--older-than-days", type=int)
+    cleanup.set_defaults(func=_cmd_cleanup)
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

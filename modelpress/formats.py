@@ -6,6 +6,7 @@ worker's sandboxed child does the real loading.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zipfile
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 ZIP_MAX_MEMBERS = 10_000
 ZIP_MAX_RATIO = 200  # declared uncompressed size / compressed size
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 
 
 class FormatError(ValueError):
@@ -64,6 +67,14 @@ def check_safetensors(path: Path) -> dict:
         if not (isinstance(offsets, list) and len(offsets) == 2
                 and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len):
             raise FormatError(f"safetensors tensor {name!r} has offsets outside the file")
+        shape = entry.get("shape")
+        itemsize = SAFETENSORS_ITEMSIZE.get(str(entry.get("dtype")))
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)) or itemsize is None:
+            raise FormatError(f"safetensors tensor {name!r} has an unknown dtype or a bad shape")
+        # a tensor must occupy exactly its bytes: no huge shapes backed by a few bytes
+        if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+            raise FormatError(f"safetensors tensor {name!r} declares shape {shape} but holds "
+                              f"{offsets[1] - offsets[0]} bytes")
     return header
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -13,7 +14,7 @@ from sqlalchemy import select
 from app import jobs as service
 from app.db import get_session_factory
 from app.deps import SessionDep, TenantDep
-from app.errors import Conflict
+from app.errors import ArtifactCorrupted, Conflict
 from app.outbox import publish_now
 from app.schemas import ErrorBody, JobCreate, JobList, JobRead, JobStatus
 from app.storage import get_store
@@ -71,11 +72,22 @@ def download_artifact(job_id: str, session: SessionDep, tenant: TenantDep,
     session.commit()  # no transaction stays open while the file streams
     if if_none_match == etag:
         return Response(status_code=304, headers={"ETag": etag})
+    verify_stored_digest(artifact.storage_key, artifact.sha256)
     extension = {"torchscript": "pt", "exported_program": "pt2"}.get(artifact.format, "pt")
     return StreamingResponse(get_store().iter_bytes(artifact.storage_key), media_type="application/octet-stream",
                              headers={"ETag": etag, "Content-Length": str(artifact.size_bytes),
                                       "X-Artifact-Format": artifact.format,
                                       "Content-Disposition": f'attachment; filename="{job.id}.{extension}"'})
+
+
+def verify_stored_digest(key: str, expected: str) -> None:
+    """Refuse to serve an artifact whose bytes no longer match the sha256 recorded when it was made."""
+    digest = hashlib.sha256()
+    for chunk in get_store().iter_bytes(key):
+        digest.update(chunk)
+    if digest.hexdigest() != expected:
+        raise ArtifactCorrupted(f"the stored artifact's sha256 is {digest.hexdigest()}, not the {expected} "
+                                "recorded when it was made; it will not be served")
 
 
 @router.get("/jobs/{job_id}/events", summary="Server-Sent Events of a job",

@@ -161,6 +161,26 @@ def test_feature_distillation_trains_adapters_and_removes_hooks(
         run_stage(teacher, "hinton", {**options, "feature_layers": {"net.9": "net.2"}}, context(train))
 
 
+@pytest.mark.parametrize("augmentation", ["mixup", "noise"])
+def test_transfer_augmentation_with_a_graph_teacher(digits: tuple[Dataset, Dataset], teacher: nn.Module,
+                                                    augmentation: str) -> None:
+    # The teacher labels each augmented view itself, so it must run forward inside the loss,
+    # here as an exported graph; validation (under no_grad) sees the clean data only.
+    train, test = digits
+    graph_teacher = torch.export.export(copy.deepcopy(teacher), (train.inputs[:4],),
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    options = {"student": {"architecture": {"name": "mlp", "kwargs": {"widths": [64, 24, 10]}}},
+               "transfer_augmentation": augmentation, "train": QUICK}
+    result = run_stage(graph_teacher, "hinton", options, context(train, kind="graph", eval_data=test))
+    assert result.info["transfer_augmentation"] == augmentation
+    assert evaluate_accuracy(result.model, test) > 0.85
+    features = {**options, "student": {"architecture": {"name": "mlp", "kwargs": {"widths": [64, 32, 16, 10]}}},
+                "feature_layers": {"net.2": "net.2"}}
+    result = run_stage(teacher, "hinton", features, context(train, eval_data=test))
+    assert evaluate_accuracy(result.model, test) > 0.85
+    assert all(not m._forward_hooks for m in teacher.modules())
+
+
 @pytest.mark.parametrize("case, words", [
     ("wide_inputs", "does not fit the teacher"),
     ("labels_out_of_range", "labels span"),
@@ -196,6 +216,7 @@ def test_dataset_mismatch_raises_engine_error(digits: tuple[Dataset, Dataset], t
     ({"train": {"optimizer": "lion"}}, "train.optimizer"),
     ({"feature_layers": {"a": 3}}, "feature_layers"),
     ({"dropout": 0.1}, "unknown distill option"),
+    ({"transfer_augmentation": "cutmix"}, "transfer_augmentation"),
 ])
 def test_bad_options_raise_engine_error(digits: tuple[Dataset, Dataset], teacher: nn.Module,
                                         options: dict[str, Any], words: str) -> None:

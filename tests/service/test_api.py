@@ -295,8 +295,21 @@ def test_concurrent_posts_with_one_idempotency_key_make_one_job(api: Api) -> Non
     spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
             "example_input_shape": [1, 8]}
     headers = {**api.headers(), "Idempotency-Key": "burst-1"}
-    with ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(lambda _: api.client.post("/v1/jobs", headers=headers, json=spec), range(8)))
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda _: api.client.post("/v1/jobs", headers=headers, json=spec), range(50)))
     assert {r.status_code for r in responses} == {202}
     assert len({r.json()["id"] for r in responses}) == 1
     assert counts()[2] == 1
+
+
+def test_database_down_answers_503_with_retry_after(service_env) -> None:  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    service_env(database_url="postgresql+psycopg://postgres@127.0.0.1:1/gone?connect_timeout=2")
+    client = TestClient(create_app(), raise_server_exceptions=False)
+    response = client.get("/v1/jobs", headers={"Authorization": "Bearer mpk_whatever"})
+    assert_error(response, 503, "ServiceUnavailable")
+    assert response.headers["Retry-After"] == "5"
+    assert client.get("/readyz").status_code == 503

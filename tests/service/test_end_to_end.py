@@ -77,7 +77,7 @@ def embedded(service_env, tmp_path) -> Iterator[Service]:  # type: ignore[no-unt
     yield from start_service(env, tmp_path)
 
 
-def check_dynamic_int8_round_trip(service: Service) -> None:
+def check_dynamic_int8_round_trip(service: Service) -> dict:
     torch.manual_seed(0)
     model = mlp((256, 1024, 256)).eval()
     source = torchscript_bytes(model)
@@ -106,6 +106,7 @@ def check_dynamic_int8_round_trip(service: Service) -> None:
     assert metrics["compressed"]["latency_ms_p95"] >= metrics["compressed"]["latency_ms_p50"] > 0
     assert metrics["batch_size"] == 32 and metrics["device"] == "cpu"
     assert job["spec"]["stages"][0]["scheme"] == "dynamic_int8"
+    return job
 
 
 def check_failure_is_readable_and_worker_lives_on(service: Service) -> None:
@@ -132,7 +133,8 @@ def test_production_mode_postgres_redis_and_a_real_worker(production: Service) -
 
 
 def test_embedded_mode_sqlite_and_file_broker(embedded: Service) -> None:
-    check_dynamic_int8_round_trip(embedded)
+    job = check_dynamic_int8_round_trip(embedded)
+    check_corrupted_artifact_is_refused_and_retention_removes_it(embedded, job)
     check_webhook_is_called(embedded)
     check_cancelling_a_running_job(embedded)
     model = mlp((16, 8, 4))
@@ -186,3 +188,28 @@ def check_cancelling_a_running_job(service: Service) -> None:
     job = service.wait(job_id, timeout=60)
     assert job["status"] == "cancelled" and job["artifact"] is None
     assert service.client.get(f"/v1/jobs/{job_id}/artifact", headers=service.headers).status_code == 409
+
+
+def check_corrupted_artifact_is_refused_and_retention_removes_it(service: Service, job: dict) -> None:
+    from sqlalchemy import select
+
+    from app.config import get_settings
+    from app.db import session_scope
+    from app.retention import remove_expired_artifacts
+    from app.tables import Artifact
+
+    with session_scope() as session:
+        key = session.scalar(select(Artifact.storage_key).where(Artifact.job_id == job["id"]))
+    stored = get_settings().data_dir / "storage" / key
+    blob = bytearray(stored.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    stored.write_bytes(bytes(blob))
+    refused = service.client.get(f"/v1/jobs/{job['id']}/artifact", headers=service.headers)
+    assert refused.status_code == 500 and refused.json()["error"] == "ArtifactCorrupted"
+    assert job["artifact"]["sha256"] in refused.json()["detail"]
+
+    assert remove_expired_artifacts(older_than_days=0) >= 1
+    assert not stored.exists()
+    after = service.client.get(f"/v1/jobs/{job['id']}", headers=service.headers).json()
+    assert after["artifact"] is None and after["status"] == "succeeded"
+    assert service.client.get(f"/v1/jobs/{job['id']}/artifact", headers=service.headers).status_code == 409

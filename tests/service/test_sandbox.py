@@ -1,9 +1,7 @@
 """Hostile files never run; a killed child ends with a readable reason and the parent lives on."""
 from __future__ import annotations
 
-import io
 import os
-import pickle
 from pathlib import Path
 
 import torch
@@ -95,5 +93,12 @@ def test_zip_bomb_and_bad_safetensors_are_refused_by_structure(tmp_path: Path) -
     bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
     with pytest.raises(FormatError, match="offsets"):
         check_safetensors(bad)
-    unused = io.BytesIO(pickle.dumps(1))
-    assert unused.getvalue()
+    huge = tmp_path / "huge.safetensors"
+    header = b'{"w": {"dtype": "F32", "shape": [1099511627776], "data_offsets": [0, 16]}}'
+    huge.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(FormatError, match="declares shape"):
+        check_safetensors(huge)
+    lying = tmp_path / "lying.safetensors"
+    lying.write_bytes(struct.pack("<Q", 2**60) + b"{}")
+    with pytest.raises(FormatError, match="header size"):
+        check_safetensors(lying)
