@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     job_time_limit_s: int = 3600
     job_soft_time_limit_s: int = 3300
     lease_seconds: int = 120
+    # a queued job nobody claimed for this long is published again (a broker may have lost it)
+    requeue_queued_after_s: int = 300
     max_attempts: int = 3
     sandbox_memory_bytes: int = 16 * 1024**3
     sandbox_cpu_seconds: int = 7200

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from app.db import session_scope
 from app.tables import Job, OutboxMessage, utcnow
+from tests.conftest import unavailable
 from tests.helpers import WorkerProcess, mlp, slow_torchscript_bytes, torchscript_bytes, wait_for
 from tests.service.conftest import Api
 
@@ -143,3 +144,72 @@ def test_a_killed_worker_loses_no_job(make_postgres_database, redis_url, service
         first.stop(signal.SIGKILL)
         if second is not None:
             second.stop()
+
+
+@pytest.mark.slow
+def test_redis_restart_loses_no_accepted_job(make_postgres_database, service_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A private Redis without persistence is restarted with jobs on it and while jobs are submitted:
+    the outbox and the stale-queue republisher bring every accepted job to an end, exactly once."""
+    import shutil
+    import socket
+    import subprocess
+
+    from fastapi.testclient import TestClient
+
+    from app.auth import create_key
+    from app.main import create_app
+    from app.migrate import upgrade
+    from app.tables import Artifact
+
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        unavailable("redis-server (the binary)", FileNotFoundError("redis-server"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def start_redis() -> subprocess.Popen[bytes]:
+        process = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                    "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 20, "private redis up")
+        return process
+
+    database_url = make_postgres_database()
+    upgrade(database_url)
+    env = service_env(database_url=database_url, broker_url=f"redis://127.0.0.1:{port}/0",
+                      requeue_queued_after_s="3", lease_seconds="6")
+    with session_scope() as session:
+        _, key = create_key(session, tenant_name="redis-restart")
+    headers = {"Authorization": f"Bearer {key}"}
+    redis = start_redis()
+    worker: WorkerProcess | None = None
+    try:
+        with TestClient(create_app()) as client:
+            model = client.post("/v1/models", headers=headers,
+                                files={"file": ("m.pt", torchscript_bytes(mlp((8, 16, 4))))}).json()
+            spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                    "example_input_shape": [1, 8]}
+            before = [client.post("/v1/jobs", headers=headers, json=spec) for _ in range(2)]
+            redis.kill()  # the two messages on it are lost with it
+            redis.wait(10)
+            during = client.post("/v1/jobs", headers=headers, json=spec)
+            assert [r.status_code for r in before + [during]] == [202, 202, 202]
+            redis = start_redis()
+            worker = WorkerProcess(env, log_path=tmp_path / "worker.log").start()
+            ids = [r.json()["id"] for r in before + [during]]
+
+            def all_done() -> bool:
+                statuses = [client.get(f"/v1/jobs/{i}", headers=headers).json()["status"] for i in ids]
+                return all(s in ("succeeded", "failed") for s in statuses)
+
+            wait_for(all_done, 240, "every accepted job to finish after the Redis restart")
+            jobs = [client.get(f"/v1/jobs/{i}", headers=headers).json() for i in ids]
+            assert [j["status"] for j in jobs] == ["succeeded"] * 3, [j["error"] for j in jobs]
+            assert all(j["attempt"] == 1 for j in jobs)
+        with session_scope() as session:
+            for job_id in ids:
+                assert len(session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all()) == 1
+    finally:
+        if worker is not None:
+            worker.stop()
+        redis.kill()
