@@ -59,6 +59,13 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return subprocess.call(worker_command(args.queues, args.concurrency, args.pool))
 
 
+def _terminate_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -70,7 +77,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     worker: subprocess.Popen[bytes] | None = None
     if args.embedded_worker:
         env = dict(os.environ, MODELPRESS_WORKER_QUEUES="cpu")
-        worker = subprocess.Popen(worker_command("cpu", 1), env=env)
+        # the worker gets SIGTERM when this process dies, however it dies (uvicorn re-raises
+        # the signal that stopped it, so a finally block alone is not enough)
+        worker = subprocess.Popen(worker_command("cpu", 1), env=env, preexec_fn=_terminate_with_parent)
     print(f"ModelPress API on http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port} "
           f"(docs at /docs, dashboard at /ui)", flush=True)
     try:
