@@ -61,6 +61,11 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
         raise Invalid("example_input_shape must hold positive sizes")
     if job_in.output_format == "exported_program" and model.format == "torchscript":
         raise Invalid("a TorchScript model cannot be turned into an exported program; use output_format torchscript")
+    for which, data in (("dataset", dataset), ("eval dataset", evaluation)):
+        if data is not None:
+            check_dataset_fits_model(model.inspection, data.info or {}, which)
+    if job_in.example_input_shape is not None:
+        check_input_shape_fits_model(model.inspection, job_in.example_input_shape, "example_input_shape")
     extra_models: list[str] = []
     for stage in validated:
         student = stage.options.get("student")
@@ -77,6 +82,42 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             raise Invalid(problem)
         spec["warnings"] = [f"{problem}; the job stays queued until such a worker starts"]
     return spec
+
+
+def _model_input(inspection: dict[str, Any] | None) -> dict[str, Any] | None:
+    signature = (inspection or {}).get("input_signature")
+    if isinstance(signature, list) and len(signature) == 1 and isinstance(signature[0], dict):
+        return signature[0]
+    return None
+
+
+def check_input_shape_fits_model(inspection: dict[str, Any] | None, shape: list[int], what: str) -> None:
+    """Compare per-sample sizes with the inspected input signature, where the model has a fixed one."""
+    expected = _model_input(inspection)
+    if expected is None:
+        return  # not known before a worker runs it (TorchScript, or inspection still pending)
+    wanted = expected["shape"][1:]
+    given = list(shape[1:])
+    if len(wanted) != len(given) or any(w.isdigit() and int(w) != g for w, g in zip(wanted, given)):
+        raise Invalid(f"{what} has per-sample shape {given}, but the model takes {wanted}")
+
+
+def check_dataset_fits_model(inspection: dict[str, Any] | None, info: dict[str, Any], which: str) -> None:
+    """Input shape, dtype and label range of a dataset against what inspection learned of the model."""
+    shapes, dtypes = info.get("shapes") or {}, info.get("dtypes") or {}
+    if "inputs" in shapes:
+        check_input_shape_fits_model(inspection, shapes["inputs"], f"the {which}'s inputs")
+    expected = _model_input(inspection)
+    dtype = str(dtypes.get("inputs", ""))
+    if expected is not None and "float" in expected.get("dtype", "") and dtype[1:2] in ("i", "u", "b"):
+        raise Invalid(f"the {which}'s inputs are {dtype} integers, but the model takes {expected['dtype']}")
+    output = (inspection or {}).get("output_shape")
+    label_range = info.get("label_range")
+    if label_range and output and len(output) == 2:
+        classes = int(output[1])
+        if label_range[0] < 0 or label_range[1] >= classes:
+            raise Invalid(f"the {which}'s labels span {label_range[0]}..{label_range[1]}, but the model "
+                          f"has {classes} outputs")
 
 
 def create_job(session: Session, *, tenant: Tenant, job_in: JobCreate, idempotency_key: str | None) -> tuple[Job, int | None]:

@@ -108,25 +108,74 @@ def check_model_file(path: Path, declared_format: str, max_total_bytes: int) -> 
         raise FormatError(f"file looks like {sniffed}, not {declared_format}")
 
 
+def _npz_headers(path: Path, names: list[str]) -> dict[str, tuple[list[int], str]]:
+    """Shape and dtype of every array of an .npz, read from the .npy headers (no pickle, no data)."""
+    import numpy as np
+
+    found: dict[str, tuple[list[int], str]] = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in names:
+            with archive.open(name) as member:
+                try:
+                    version = np.lib.format.read_magic(member)
+                    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = reader(member)
+                except ValueError as error:
+                    raise FormatError(f"array {name} is not a valid .npy: {error}") from error
+            if dtype.hasobject:
+                raise FormatError(f"array {name} holds Python objects (pickles are not accepted)")
+            found[name[:-4]] = ([int(d) for d in shape], dtype.str)
+    return found
+
+
+def _label_range(path: Path, kind: str) -> list[int] | None:
+    import numpy as np
+
+    if kind == "npz":
+        with np.load(path, allow_pickle=False) as archive:
+            labels = archive["labels"]
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as handle:
+            labels = handle.get_tensor("labels")
+    if labels.size == 0:
+        return None
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise FormatError("dataset 'labels' must be integer class ids")
+    return [int(labels.min()), int(labels.max())]
+
+
+SAFETENSORS_TO_NUMPY = {"F16": "<f2", "BF16": "bf16", "F32": "<f4", "F64": "<f8", "I8": "|i1", "U8": "|u1",
+                        "I16": "<i2", "I32": "<i4", "I64": "<i8", "BOOL": "|b1"}
+
+
 def sniff_dataset(path: Path, max_total_bytes: int) -> dict:
-    """Check an .npz (no pickled members) or .safetensors dataset; returns what we can tell cheaply."""
+    """Check an .npz (no pickled members) or .safetensors dataset; returns its arrays' shapes,
+    dtypes, sample count and label range, all without unpickling anything."""
     with open(path, "rb") as handle:
         magic = handle.read(8)
     if magic[:2] == b"PK":
-        names = check_zip(path, max_total_bytes)
-        arrays = [n[:-4] for n in names if n.endswith(".npy")]
-        if "inputs" not in arrays:
-            raise FormatError("dataset .npz needs an array named 'inputs'")
-        with zipfile.ZipFile(path) as archive:
-            for name in names:
-                with archive.open(name) as member:
-                    header = member.read(128)
-                if b"'O'" in header or b"|O" in header:
-                    raise FormatError(f"array {name} holds Python objects (pickles are not accepted)")
-        return {"format": "npz", "arrays": sorted(arrays)}
-    header = check_safetensors(path)
-    arrays = [k for k in header if k != "__metadata__"]
-    if "inputs" not in arrays:
+        names = [n for n in check_zip(path, max_total_bytes) if n.endswith(".npy")]
+        headers = _npz_headers(path, names)
+        kind = "npz"
+    else:
+        header = check_safetensors(path)
+        headers = {k: (v["shape"], SAFETENSORS_TO_NUMPY.get(v["dtype"], v["dtype"]))
+                   for k, v in header.items() if k != "__metadata__"}
+        kind = "safetensors"
+    if "inputs" not in headers:
         raise FormatError("dataset needs an array named 'inputs'")
-    return {"format": "safetensors", "arrays": sorted(arrays),
-            "shapes": {k: header[k].get("shape") for k in arrays}}
+    shapes = {k: v[0] for k, v in headers.items()}
+    if not shapes["inputs"]:
+        raise FormatError("'inputs' needs a first axis of samples")
+    samples = shapes["inputs"][0]
+    for name in ("labels", "targets"):
+        if name in shapes and (not shapes[name] or shapes[name][0] != samples):
+            raise FormatError(f"dataset has {samples} inputs but '{name}' has shape {shapes[name]}")
+    info = {"format": kind, "arrays": sorted(headers), "shapes": shapes,
+            "dtypes": {k: v[1] for k, v in headers.items()}, "samples": samples}
+    if "labels" in headers:
+        info["label_range"] = _label_range(path, kind)
+    return info

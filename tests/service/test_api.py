@@ -313,3 +313,41 @@ def test_database_down_answers_503_with_retry_after(service_env) -> None:  # typ
     assert_error(response, 503, "ServiceUnavailable")
     assert response.headers["Retry-After"] == "5"
     assert client.get("/readyz").status_code == 503
+
+
+def test_datasets_that_do_not_fit_the_model_answer_422(api: Api) -> None:
+    model = upload_ts(api)
+    with session_scope() as session:  # what the sandboxed inspection records for an exported program
+        record = session.get(StoredModel, model["id"])
+        record.status = "ready"
+        record.inspection = {"kind": "graph", "output_shape": [2, 4],
+                             "input_signature": [{"name": "x", "shape": ["s0", "8"], "dtype": "torch.float32"}]}
+
+    def dataset(inputs: np.ndarray, labels: np.ndarray) -> str:
+        response = api.client.post("/v1/datasets", headers=api.headers(),
+                                   files={"file": ("d.npz", npz_bytes(inputs, labels))})
+        assert response.status_code == 201, response.text
+        return response.json()["id"]
+
+    def submit(dataset_id: str) -> object:
+        return api.client.post("/v1/jobs", headers=api.headers(), json={
+            "model_id": model["id"], "dataset_id": dataset_id,
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]})
+
+    fits = dataset(np.zeros((6, 8), np.float32), np.array([0, 1, 2, 3, 0, 1]))
+    wrong_shape = dataset(np.zeros((6, 7), np.float32), np.zeros(6, np.int64))
+    wrong_labels = dataset(np.zeros((6, 8), np.float32), np.array([0, 1, 2, 3, 4, 9]))
+    wrong_dtype = dataset(np.zeros((6, 8), np.int64), np.zeros(6, np.int64))
+    assert submit(fits).status_code == 202
+    assert "per-sample shape [7]" in assert_error(submit(wrong_shape), 422)["detail"]
+    assert "labels span 0..9" in assert_error(submit(wrong_labels), 422)["detail"]
+    assert "integers" in assert_error(submit(wrong_dtype), 422)["detail"]
+    shape = api.client.post("/v1/jobs", headers=api.headers(), json={
+        "model_id": model["id"], "example_input_shape": [1, 9], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]})
+    assert_error(shape, 422)
+
+
+def test_dataset_with_mismatched_label_count_is_refused(api: Api) -> None:
+    response = api.client.post("/v1/datasets", headers=api.headers(),
+                               files={"file": ("d.npz", npz_bytes(np.zeros((4, 8), np.float32), np.arange(3)))})
+    assert "labels" in assert_error(response, 422)["detail"]

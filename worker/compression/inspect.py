@@ -26,5 +26,21 @@ def inspect_model(path: Path, model_format: str, architecture: dict[str, Any] | 
         signature = [{"name": n.name, "shape": [str(d) for d in n.meta["val"].shape],
                       "dtype": str(n.meta["val"].dtype)} for n in placeholders if "val" in n.meta
                      and isinstance(n.meta["val"], torch.Tensor)]
-    return {"kind": kind, "parameters": parameters, "nonzero_parameters": nonzero,
+    output_shape = _graph_output_shape(model, signature) if kind == "graph" else None
+    return {"kind": kind, "output_shape": output_shape, "parameters": parameters, "nonzero_parameters": nonzero,
             "layer_types": dict(layer_types.most_common(30)), "input_signature": signature}
+
+
+def _graph_output_shape(model: torch.nn.Module, signature: Any) -> list[int] | None:
+    """Run an exported program once on zeros of its input signature (dynamic sizes as 2)."""
+    if not signature or len(signature) != 1:
+        return None
+    entry = signature[0]
+    shape = [int(d) if d.isdigit() else 2 for d in entry["shape"]]
+    dtype = getattr(torch, entry["dtype"].replace("torch.", ""), torch.float32)
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(shape, dtype=dtype))
+    except Exception:  # the job itself will say why the model does not run
+        return None
+    return list(out.shape) if isinstance(out, torch.Tensor) else None
