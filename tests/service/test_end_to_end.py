@@ -127,6 +127,7 @@ def check_failure_is_readable_and_worker_lives_on(service: Service) -> None:
 @pytest.mark.redis
 def test_production_mode_postgres_redis_and_a_real_worker(production: Service) -> None:
     check_dynamic_int8_round_trip(production)
+    check_pruned_accuracy_matches_an_independent_measurement(production)
     check_failure_is_readable_and_worker_lives_on(production)
     workers = production.client.get("/v1/workers", headers=production.headers).json()["items"]
     assert workers and "cpu" in workers[0]["capabilities"]["devices"]
@@ -213,3 +214,34 @@ def check_corrupted_artifact_is_refused_and_retention_removes_it(service: Servic
     after = service.client.get(f"/v1/jobs/{job['id']}", headers=service.headers).json()
     assert after["artifact"] is None and after["status"] == "succeeded"
     assert service.client.get(f"/v1/jobs/{job['id']}/artifact", headers=service.headers).status_code == 409
+
+
+def check_pruned_accuracy_matches_an_independent_measurement(service: Service) -> None:
+    from tests.helpers import accuracy, digits_split, npz_bytes, train
+
+    x_train, x_test, y_train, y_test = digits_split()
+    model = train(mlp((64, 128, 10)), x_train, y_train, epochs=15)
+    uploaded = service.upload(torchscript_bytes(model))
+    response = service.client.post("/v1/datasets", headers=service.headers,
+                                   files={"file": ("eval.npz", npz_bytes(x_test, y_test))})
+    assert response.status_code == 201
+    job = service.wait(service.submit({
+        "model_id": uploaded["id"], "eval_dataset_id": response.json()["id"],
+        "stages": [{"method": "prune", "scheme": "l1_unstructured", "amount": 0.7}]})["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert job["artifact"]["format"] == "sparse_state_dict"
+    blob = service.client.get(f"/v1/jobs/{job['id']}/artifact", headers=service.headers).content
+    state = torch.load(io.BytesIO(blob), weights_only=True)
+    state = {k: v.to_dense() if v.layout != torch.strided else v for k, v in state.items()}
+    pruned = mlp((64, 128, 10))
+    pruned.load_state_dict(state)
+    metrics = job["metrics"]
+    assert metrics["original"]["accuracy"] == pytest.approx(accuracy(model, x_test, y_test), abs=1e-6)
+    assert metrics["compressed"]["accuracy"] == pytest.approx(accuracy(pruned.eval(), x_test, y_test), abs=1e-6)
+    hidden = state["0.weight"]
+    assert float((hidden == 0).float().mean()) == pytest.approx(0.7, abs=0.01)
+    zeros = sum(int((v == 0).sum()) for k, v in state.items() if k.endswith("weight"))
+    total = sum(v.numel() for k, v in state.items())
+    assert metrics["compressed"]["nonzero_parameters"] == total - zeros - sum(
+        int((v == 0).sum()) for k, v in state.items() if k.endswith("bias"))
+    assert len(blob) == metrics["compressed"]["size_bytes"] < metrics["original"]["size_bytes"]

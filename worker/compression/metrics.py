@@ -90,11 +90,12 @@ def fidelity(reference: torch.Tensor, outputs: torch.Tensor) -> dict[str, float 
 
 def fidelity_inputs(example_input: torch.Tensor, eval_data: Dataset | None, train_data: Dataset | None,
                     limit: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Inputs both models are compared on: held-out data when there is some, else seeded noise."""
-    for data in (eval_data, train_data):
-        if data is not None:
-            labels = data.labels[:limit] if data.labels is not None and data is eval_data else None
-            return data.inputs[:limit], labels
+    """Inputs both models are compared on: the whole eval set (accuracy is reported on all of it),
+    else up to `limit` training samples, else seeded noise of the example's shape."""
+    if eval_data is not None:
+        return eval_data.inputs, eval_data.labels
+    if train_data is not None:
+        return train_data.inputs[:limit], None
     generator = torch.Generator().manual_seed(seed)
     shape = (max(64, example_input.shape[0]),) + tuple(example_input.shape[1:])
     return torch.randn(shape, generator=generator, dtype=example_input.dtype), None
