@@ -102,3 +102,51 @@ def test_zip_bomb_and_bad_safetensors_are_refused_by_structure(tmp_path: Path) -
     lying.write_bytes(struct.pack("<Q", 2**60) + b"{}")
     with pytest.raises(FormatError, match="header size"):
         check_safetensors(lying)
+
+
+class IndirectImport:
+    """Reaches os.system through importlib instead of naming it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        import importlib
+
+        return (importlib.import_module("os").system, (f"touch {self.marker}",))
+
+
+def _hostile_files(tmp_path: Path, marker: Path) -> dict[str, tuple[Path, str]]:
+    import pickle
+    import zipfile
+
+    files: dict[str, tuple[Path, str]] = {}
+    raw = tmp_path / "raw.pkl"
+    raw.write_bytes(pickle.dumps(IndirectImport(str(marker))))
+    files["raw pickle"] = (raw, "state_dict")
+    hidden = tmp_path / "hidden.pt"
+    torch.save({"weight": torch.zeros(2, 2), "x": IndirectImport(str(marker))}, hidden)
+    files["pickle inside a state_dict archive"] = (hidden, "state_dict")
+    # a TorchScript archive whose data.pkl was swapped for a payload
+    scripted = tmp_path / "good.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(scripted))
+    evil_ts = tmp_path / "evil_ts.pt"
+    with zipfile.ZipFile(scripted) as source, zipfile.ZipFile(evil_ts, "w") as target:
+        for item in source.infolist():
+            data = source.read(item.filename)
+            if item.filename.endswith("/data.pkl"):
+                data = pickle.dumps(IndirectImport(str(marker)), protocol=2)
+            target.writestr(item, data)
+    files["TorchScript with a swapped pickle"] = (evil_ts, "torchscript")
+    return files
+
+
+def test_malicious_corpus_never_runs_and_each_file_is_rejected_with_a_reason(tmp_path: Path) -> None:
+    marker = tmp_path / "canary"
+    for label, (path, fmt) in _hostile_files(tmp_path, marker).items():
+        outcome = run_sandboxed("inspect", {"path": str(path), "format": fmt,
+                                            "architecture": {"name": "mlp", "kwargs": {"widths": [2, 2]}}},
+                                tmp_path / "work", LIMITS)
+        assert not outcome.ok, label
+        assert outcome.error is not None and outcome.error["detail"], label
+        assert not marker.exists(), f"{label} ran code"

@@ -22,7 +22,11 @@ MAX_BATCH = 4096
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """torch.load(weights_only=True) after checking the checkpoint's globals against the allowlist."""
-    unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in EXTRA_SAFE_GLOBALS]
+    try:
+        referenced = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as error:  # not a torch.save zip archive at all
+        raise EngineError(f"not a torch.save checkpoint: {error}") from error
+    unsafe = [g for g in referenced if g not in EXTRA_SAFE_GLOBALS]
     if unsafe:
         raise EngineError(f"checkpoint references globals outside the allowlist: {sorted(unsafe)[:5]}")
     try:
