@@ -60,7 +60,12 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return round(sorted_values[index], 4)
 
 
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+# Dynamically quantized models scale activations per batch, so their outputs depend a little on
+# how the eval set is batched; the batch size is fixed and reported with the metrics.
+EVAL_BATCH_SIZE = 256
+
+
+def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):

@@ -183,6 +183,7 @@ def build_metrics(original: dict[str, Any], compressed: dict[str, Any], fidelity
         "fidelity": fidelity,
         "device": device_name,
         "batch_size": batch_size,
+        "eval_batch_size": measure.EVAL_BATCH_SIZE,
         "threads": threads,
         "torch_version": torch.__version__,
         "stages": stages,
