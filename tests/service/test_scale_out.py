@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 
 from tests.helpers import WorkerProcess, mlp, torchscript_bytes, wait_for
 from tests.service.conftest import Api
-from tests.service.test_storage import make_bucket, moto_endpoint, s3_env  # noqa: F401  (fixtures)
+from tests.service.conftest import make_bucket
 
 STALE_AFTER_S = "15"  # workers beat every 10 s
 

@@ -5,57 +5,14 @@ import hashlib
 import os
 import secrets
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from botocore.exceptions import BotoCoreError, ClientError
 
 from app.config import get_settings
-
 from app.storage import ArtifactStore, FileStore, store_from_url
-
-AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1"}
-CLEARED_AWS_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
-                   "AWS_SHARED_CREDENTIALS_FILE", "MODELPRESS_S3_ENDPOINT_URL", "MODELPRESS_S3_CREATE_BUCKET",
-                   "MODELPRESS_S3_ADDRESSING_STYLE")
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint() -> Iterator[str]:
-    """A real S3 HTTP API (moto's server mode) on a free loopback port, for this test session."""
-    pytest.importorskip("moto.server", reason="moto[server] is a test dependency")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """Standard AWS variables pointing at moto; returns them (for worker subprocesses)."""
-    for name in CLEARED_AWS_ENV:
-        monkeypatch.delenv(name, raising=False)
-    env = dict(AWS_TEST_ENV, AWS_ENDPOINT_URL=moto_endpoint)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return env
-
-
-def make_bucket(endpoint: str) -> str:
-    import boto3
-
-    name = f"mp-test-{secrets.token_hex(4)}"
-    boto3.client("s3", endpoint_url=endpoint, **_credentials()).create_bucket(Bucket=name)
-    return name
-
-
-def _credentials() -> dict[str, str]:
-    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing", "region_name": "us-east-1"}
-
+from tests.service.conftest import make_bucket
 
 @pytest.fixture(params=["file", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
@@ -160,7 +117,7 @@ def test_s3_check_fails_on_a_missing_bucket_unless_asked_to_create(s3_env: dict[
                                                                    monkeypatch: pytest.MonkeyPatch,
                                                                    tmp_path: Path) -> None:
     bucket = f"mp-new-{secrets.token_hex(4)}"
-    with pytest.raises(Exception):
+    with pytest.raises(ClientError):
         store_from_url(f"s3://{bucket}/p").check()
     monkeypatch.setenv("MODELPRESS_S3_CREATE_BUCKET", "true")
     get_settings.cache_clear()
@@ -180,7 +137,7 @@ def test_s3_check_fails_when_the_endpoint_is_down(s3_env: dict[str, str], monkey
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     from app.storage_s3 import S3Store
 
-    with pytest.raises(Exception):
+    with pytest.raises(BotoCoreError):
         S3Store("anything", "p").check()
 
 
