@@ -173,14 +173,30 @@ SCHEMES += (
                library="ModelPress search over the other methods"),
 )
 
+SCHEMES += (
+    SchemeSpec("encode", "codebook",
+               "k-means weight sharing over the nonzero weights and sparse relative-index storage "
+               "(Han et al. 2016), in a TorchScript artifact; run it after pruning",
+               ("cpu", "cuda"), input_formats=EAGER_FORMATS, quantizes=True, options=(
+                   OptionSpec("bits", "int", 5, 2, 8, help="code bits per weight: 2^bits shared values per layer"),
+                   _LAYERS,
+                   OptionSpec("prune_classifier", "bool", True,
+                              help="also encode the final classifier layer (Han et al. encode every layer)"),
+                   OptionSpec("min_sparsity", "float", 0.0, 0.0, 1.0,
+                              help="Linear layers with fewer zeros than this stay in float")),
+               library="torch (k-means, TorchScript CodebookLinear)"),
+)
+
 # Presets expand into recipes (lists of stages); GET /v1/methods lists them.
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-int8": {"summary": "dynamic int8 quantization for CPU serving",
                  "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]},
     "deep-compression": {
-        "summary": "gradual magnitude pruning with fine-tuning, then int8, then sparse encoding (Han et al. 2016)",
-        "stages": [{"method": "prune", "scheme": "global_l1_unstructured", "amount": 0.9,
-                    "schedule": {"steps": 4, "finetune_epochs": 3}}]},
+        "summary": "gradual magnitude pruning with fine-tuning, then 5-bit k-means weight sharing and "
+                   "relative-index sparse storage in TorchScript (Han et al. 2016; no Huffman stage)",
+        "stages": [{"method": "prune", "scheme": "global_l1_unstructured", "amount": 0.92,
+                    "prune_classifier": True, "schedule": {"steps": 4, "finetune_epochs": 3}},
+                   {"method": "encode", "scheme": "codebook", "bits": 5}]},
     "distill-small": {"summary": "distil into a student a quarter of the teacher's width",
                       "stages": [{"method": "distill", "scheme": "hinton", "student": "auto",
                                   "width_multiplier": 0.25}]},

@@ -17,6 +17,7 @@ _METHOD_MODULES = {
     "quantize": "worker.compression.quantization",
     "distill": "worker.compression.distillation",
     "search": "worker.compression.search",
+    "encode": "worker.compression.codebook",
 }
 
 
