@@ -11,7 +11,7 @@ from app.config import get_settings
 from app.errors import Invalid, NotFound, QuotaExceeded
 from app.outbox import enqueue
 from app.storage import get_store
-from app.tables import Job, StoredDataset, StoredModel, Tenant, new_id
+from app.tables import Artifact, Job, StoredDataset, StoredModel, Tenant, new_id
 from app.uploads import ReceivedFile
 from modelpress.architectures import architecture_names
 from modelpress.catalog import MODEL_FORMATS
@@ -100,10 +100,15 @@ def delete_model(session: Session, tenant: Tenant, model_id: str) -> None:
         from app.errors import Conflict
 
         raise Conflict(f"model {model_id} has {active} queued or running jobs")
+    # its finished jobs go with it (the foreign key cascades); so do their artifact files
+    artifact_keys = list(session.scalars(select(Artifact.storage_key).join(Job, Job.id == Artifact.job_id)
+                                         .where(Job.model_id == model_id)))
     key = record.storage_key
     session.delete(record)
     session.flush()
-    get_store().delete(key)
+    store = get_store()
+    for stored in [key, *artifact_keys]:
+        store.delete(stored)
 
 
 def create_dataset(session: Session, *, tenant: Tenant, upload: ReceivedFile, name: str | None) -> StoredDataset:

@@ -351,3 +351,18 @@ def test_dataset_with_mismatched_label_count_is_refused(api: Api) -> None:
     response = api.client.post("/v1/datasets", headers=api.headers(),
                                files={"file": ("d.npz", npz_bytes(np.zeros((4, 8), np.float32), np.arange(3)))})
     assert "labels" in assert_error(response, 422)["detail"]
+
+
+def test_deleting_a_model_waits_for_its_jobs_and_removes_its_files(api: Api) -> None:
+    model = upload_ts(api)
+    job = api.client.post("/v1/jobs", headers=api.headers(), json={
+        "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [1, 8]}).json()
+    assert_error(api.client.delete(f"/v1/models/{model['id']}", headers=api.headers()), 409)
+    assert_error(api.client.delete(f"/v1/models/{model['id']}", headers=api.headers(api.other_key)), 404)
+    api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=api.headers())
+    assert len(stored_files(api)) == 1
+    assert api.client.delete(f"/v1/models/{model['id']}", headers=api.headers()).status_code == 204
+    assert_error(api.client.get(f"/v1/models/{model['id']}", headers=api.headers()), 404)
+    assert_error(api.client.get(f"/v1/jobs/{job['id']}", headers=api.headers()), 404)
+    assert stored_files(api) == [] and counts() == (0, 0, 0)
