@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-OptionKind = Literal["float", "int", "bool", "str", "str_list", "object"]
+OptionKind = Literal["float", "int", "bool", "str", "str_list", "object", "str_or_object"]
 Device = Literal["cpu", "cuda"]
 
 # Model formats as users upload them. state_dict and safetensors become eager
@@ -55,6 +55,9 @@ class OptionSpec:
         elif self.kind == "object":
             if not isinstance(value, dict):
                 raise SpecError(f"{label} must be an object")
+        elif self.kind == "str_or_object":
+            if not isinstance(value, (str, dict)):
+                raise SpecError(f"{label} must be a string or an object")
         if self.kind in ("float", "int"):
             if self.minimum is not None and value < self.minimum:
                 raise SpecError(f"{label} must be >= {self.minimum}, got {value}")
@@ -142,7 +145,7 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                options=(_SKIP,), library="torchao"),
     SchemeSpec("distill", "hinton", "knowledge distillation into a smaller student (Hinton et al. 2015)",
                ("cpu", "cuda"), needs_dataset=True,
-               options=(OptionSpec("student", "object", "auto",
+               options=(OptionSpec("student", "str_or_object", "auto",
                                    help='"auto", {"architecture": {...}} or {"model_id": ...}'),
                         OptionSpec("width_multiplier", "float", 0.25, 0.01, 1.0),
                         OptionSpec("temperature", "float", 2.0, 0.1, 100.0),

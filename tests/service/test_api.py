@@ -366,3 +366,11 @@ def test_deleting_a_model_waits_for_its_jobs_and_removes_its_files(api: Api) -> 
     assert_error(api.client.get(f"/v1/models/{model['id']}", headers=api.headers()), 404)
     assert_error(api.client.get(f"/v1/jobs/{job['id']}", headers=api.headers()), 404)
     assert stored_files(api) == [] and counts() == (0, 0, 0)
+
+
+def test_every_preset_validates_on_a_model_it_is_meant_for() -> None:
+    from modelpress.catalog import PRESETS, JobFacts, expand_preset, validate_stages
+
+    facts = JobFacts(model_format="state_dict", has_dataset=True, dataset_has_labels=True, eval_has_labels=True)
+    for name in PRESETS:
+        assert validate_stages(expand_preset(name), facts), name
