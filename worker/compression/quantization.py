@@ -148,13 +148,13 @@ _DYNAMIC_WHAT = "Linear / LSTM / GRU layers"
 
 
 def _dynamic_int8_eager(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     # Exact types: subclasses such as MultiheadAttention's out_proj are not swapped by quantize_dynamic.
     candidates = [name for name, module in model.named_modules() if name and type(module) in _DYNAMIC_TYPES]
     plan = plan_layers(candidates, options)
     _require_targets(plan, candidates, _DYNAMIC_WHAT, "dynamic_int8")
-    quantized = quantize_dynamic(model, {name: default_dynamic_qconfig for name in plan.targets},
+    quantized = quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in plan.targets},
                                  dtype=torch.qint8, inplace=False)
     _check_swapped(quantized, plan, "dynamic_int8")
     return _Done(quantized.eval(), "eager", plan)
@@ -163,7 +163,7 @@ def _dynamic_int8_eager(model: nn.Module, options: dict[str, Any], ctx: StageCon
 def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
     # quantize_dynamic on a ScriptModule returns it unchanged without a word; the JIT
     # graph pass rewrites aten::linear (module or functional) to quantized::linear_dynamic.
-    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic_jit
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic_jit
 
     if not isinstance(model, torch.jit.ScriptModule):
         raise EngineError("a torchscript-kind model must be a torch.jit.ScriptModule")
@@ -172,7 +172,7 @@ def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: St
     plan = plan_layers(candidates, options)
     plan.left_float.update({name: "the TorchScript path (quantize_dynamic_jit) quantizes Linear only"
                             for name, kind in kinds.items() if kind in ("LSTM", "GRU", "RNN")})
-    qconfig: dict[str, Any] = {"": default_dynamic_qconfig, **{name: None for name in plan.skipped}}
+    qconfig: dict[str, Any] = {"": per_channel_dynamic_qconfig, **{name: None for name in plan.skipped}}
     working = _fresh_script_copy(model)
     _isolate_control_flow_outputs(working)
     quantized = quantize_dynamic_jit(working.eval(), qconfig, inplace=True)
@@ -279,6 +279,9 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
     plan = plan_layers(candidates, options)
     _require_targets(plan, candidates, "Linear / Conv layers", "static_int8")
     mapping = get_default_qconfig_mapping("x86")
+    full_range = cpu_has_vnni()
+    if full_range:
+        mapping.set_global(full_range_qconfig())
     for name in plan.skipped:
         mapping.set_module_name(name, None)
     float_model = copy.deepcopy(model).eval()
@@ -294,7 +297,33 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
             ctx.progress(0.9 * (index + 1) / len(batches), "calibrating")
     quantized = convert_fx(prepared).eval()
     _check_swapped(quantized, plan, "static_int8")
-    return _Done(quantized, "eager", plan, {"calibration_samples": sum(len(b) for b in batches)})
+    activation_range = ("8-bit (this CPU has VNNI)" if full_range else
+                        "7-bit (reduce_range: without VNNI, fbgemm's int16 accumulation could saturate)")
+    return _Done(quantized, "eager", plan, {"calibration_samples": sum(len(b) for b in batches),
+                                            "activation_range": activation_range})
+
+
+def cpu_has_vnni() -> bool:
+    """VNNI dot products accumulate in int32, so activations can use the full 8-bit range.
+
+    Measured on digits: the full range gains about 5.5 dB of SQNR over torch's x86 default
+    (reduce_range=True), which exists for CPUs without VNNI. An artifact made here and run on a
+    CPU without VNNI may lose a little of that accuracy to saturation.
+    """
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+def full_range_qconfig() -> Any:
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
+
+    return QConfig(activation=HistogramObserver.with_args(reduce_range=False),
+                   weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
 
 
 def _static_int8_graph(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
