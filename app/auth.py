@@ -37,11 +37,13 @@ def create_key(session: Session, *, tenant_name: str) -> tuple[ApiKey, str]:
 
 
 def tenant_for_key(session: Session, plain: str) -> Tenant | None:
+    """The tenant of an active key, in one query (it runs on every request)."""
     digest = hash_key(plain)
-    record = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
-    if record is None or record.revoked_at is not None or not hmac.compare_digest(record.key_hash, digest):
+    row = session.execute(select(Tenant, ApiKey.key_hash).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+                          .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
+    if row is None or not hmac.compare_digest(row[1], digest):
         return None
-    return session.get(Tenant, record.tenant_id)
+    return row[0]
 
 
 def revoke_key(session: Session, key_id: str) -> bool:

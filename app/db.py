@@ -59,7 +59,9 @@ def make_engine(url: str) -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # No pre-ping round trip on every checkout; connections are recycled instead, and a dead
+    # one surfaces as OperationalError, which the API answers with 503 + Retry-After.
+    return create_engine(url, pool_size=10, max_overflow=20, pool_recycle=300)
 
 
 @lru_cache

@@ -29,9 +29,10 @@ def get_tenant(session: SessionDep, authorization: Annotated[str | None, Header(
     if tenant is None:
         raise Unauthorized("the API key is unknown or revoked")
     check_rate(tenant.id)
-    # End the authentication transaction now: on SQLite a transaction holds the write lock,
-    # and an upload or a stream must not hold it while bytes flow.
-    session.commit()
+    if session.get_bind().dialect.name == "sqlite":
+        # End the authentication transaction now: on SQLite a transaction holds the write lock,
+        # and an upload or a stream must not hold it while bytes flow.
+        session.commit()
     return tenant
 
 
