@@ -83,7 +83,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"ModelPress API on http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port} "
           f"(docs at /docs, dashboard at /ui)", flush=True)
     try:
-        uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="warning")
+        uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="warning", workers=args.workers)
     finally:
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
@@ -114,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--embedded-worker", action="store_true", help="also start a worker process")
+    serve.add_argument("--workers", type=int, default=1, help="API processes (one per core in production)")
     serve.set_defaults(func=_cmd_serve)
 
     worker = sub.add_parser("worker", help="run a Celery worker")
