@@ -41,7 +41,8 @@ class Size:
     latency_budget_s: float                # per model, batch and round
     latency_rounds: int
     peer_models: tuple[str, ...]
-    overhead_epochs: int                   # the distillation job of the service-cost section
+    overhead_epochs: int                   # the distillation job of the service-cost section (fixed, or the probe)
+    overhead_target_s: float | None        # scale its epochs so the job takes about this long in-process
     overhead_repeats: int
     queue_jobs: int
     api_seconds: float
@@ -54,15 +55,15 @@ class Size:
 SIZES: dict[str, Size] = {
     "tiny": Size("tiny", base_epochs=3, quality_models=("lenet-300-100",), quality_stage_epochs=1, search_trials=0,
                  latency_budget_s=0.02, latency_rounds=1, peer_models=("lenet-300-100",), overhead_epochs=2,
-                 overhead_repeats=1, queue_jobs=3, api_seconds=1.5, api_rate=100, api_concurrency=4,
+                 overhead_target_s=None, overhead_repeats=1, queue_jobs=2, api_seconds=1.5, api_rate=100, api_concurrency=4,
                  api_modes=("embedded",), upload_bytes=20 * 2**20),
     "medium": Size("medium", base_epochs=20, quality_models=("lenet-300-100", "lenet5"), quality_stage_epochs=None,
-                   search_trials=6, latency_budget_s=0.15, latency_rounds=3, peer_models=("lenet-300-100", "lenet5"),
-                   overhead_epochs=200, overhead_repeats=1, queue_jobs=20, api_seconds=5.0, api_rate=200,
+                   search_trials=6, latency_budget_s=0.1, latency_rounds=3, peer_models=("lenet-300-100", "lenet5"),
+                   overhead_epochs=40, overhead_target_s=10.0, overhead_repeats=1, queue_jobs=20, api_seconds=5.0, api_rate=200,
                    api_concurrency=8, api_modes=("embedded", "postgres"), upload_bytes=256 * 2**20),
     "full": Size("full", base_epochs=20, quality_models=("lenet-300-100", "lenet5"), quality_stage_epochs=None,
-                 search_trials=8, latency_budget_s=0.2, latency_rounds=3, peer_models=("lenet-300-100", "lenet5"),
-                 overhead_epochs=200, overhead_repeats=2, queue_jobs=50, api_seconds=10.0, api_rate=200,
+                 search_trials=8, latency_budget_s=0.1, latency_rounds=3, peer_models=("lenet-300-100", "lenet5"),
+                 overhead_epochs=40, overhead_target_s=10.0, overhead_repeats=3, queue_jobs=50, api_seconds=10.0, api_rate=200,
                  api_concurrency=8, api_modes=("embedded", "postgres"), upload_bytes=2**30),
 }
 

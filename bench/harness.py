@@ -20,6 +20,13 @@ from typing import Any
 from bench.common import PYTHON, ROOT, log
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the benchmark process dies, so no service outlives it."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -119,7 +126,8 @@ class Service:
         self.api = subprocess.Popen(
             [PYTHON, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "warning", "--no-access-log"], cwd=ROOT, env=env,
-            stdout=open(self.folder / "api.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=open(self.folder / "api.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent)
         self.client = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.key}"},
                                    timeout=httpx.Timeout(600.0, connect=10.0))
         self._wait(lambda: self._healthy(), 120, "the API to answer /healthz", self.folder / "api.log")
@@ -128,25 +136,36 @@ class Service:
 
             self.worker = subprocess.Popen(
                 worker_command("cpu", 1), cwd=ROOT, env=dict(env, MODELPRESS_WORKER_QUEUES="cpu"),
-                stdout=open(self.folder / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=open(self.folder / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent)
             self._wait(lambda: self.get("/v1/workers").get("items"), 120, "the worker to register",
                        self.folder / "worker.log")
+
+    def terminate(self) -> None:
+        """Ask the worker and the API to stop (without waiting)."""
+        for process in (self.worker, self.api):
+            if process is not None and process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def stop(self) -> None:
         if self.client is not None:
             self.client.close()
             self.client = None
+        self.terminate()
         for process in (self.worker, self.api):
             if process is None or process.poll() is not None:
                 continue
             try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(30)
+                process.wait(15)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 process.wait(10)
-            except ProcessLookupError:
-                pass
         self.worker = self.api = None
         if self.database_name:
             from sqlalchemy import create_engine, text
@@ -285,6 +304,59 @@ def service_modes(size_modes: tuple[str, ...], postgres_url: str | None, redis_u
                 continue
         modes.append(mode)
     return modes, skipped
+
+
+class ServicePool:
+    """Services started once per mode and shared by the sections of one run (model and datasets uploaded once)."""
+
+    def __init__(self, folder: Path, *, postgres_url: str | None, redis_url: str | None,
+                 require_services: bool = False, allowed_modes: tuple[str, ...] | None = None) -> None:
+        self.folder, self.postgres_url, self.redis_url = folder, postgres_url, redis_url
+        self.require_services, self.allowed_modes = require_services, allowed_modes
+        self.live: dict[str, dict[str, Any]] = {}
+
+    def modes(self, wanted: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+        allowed = tuple(m for m in wanted if self.allowed_modes is None or m in self.allowed_modes)
+        modes, skipped = service_modes(allowed, self.postgres_url, self.redis_url, self.require_services)
+        for mode in wanted:
+            if mode not in allowed:
+                skipped[mode] = "not asked for in this run"
+        return modes, skipped
+
+    def get(self, mode: str, assets: Any, model_name: str) -> dict[str, Any]:
+        """{"service", "model_id", "train_id", "test_id", "started_s"} for `mode`, started on first use."""
+        if mode not in self.live:
+            from bench.common import MODELS
+
+            log(f"starting the service in {mode} mode")
+            started = time.perf_counter()
+            service = Service(mode, self.folder / mode, postgres_url=self.postgres_url, redis_url=self.redis_url)
+            service.__enter__()
+            try:
+                ready = {"service": service,
+                         "model_id": service.upload_model(assets.model_paths[model_name],
+                                                          MODELS[model_name]["architecture"]),
+                         "train_id": service.upload_dataset(assets.train_path),
+                         "test_id": service.upload_dataset(assets.test_path)}
+            except BaseException:
+                service.stop()
+                raise
+            ready["started_s"] = round(time.perf_counter() - started, 2)
+            self.live[mode] = ready
+        return self.live[mode]
+
+    def release(self, mode: str) -> None:
+        """Stop the service of `mode` now (a later get() starts a fresh one)."""
+        ready = self.live.pop(mode, None)
+        if ready is not None:
+            ready["service"].stop()
+
+    def close(self) -> None:
+        for ready in self.live.values():
+            ready["service"].terminate()
+        for ready in self.live.values():
+            ready["service"].stop()
+        self.live.clear()
 
 
 MODE_LABELS = {"embedded": "embedded (SQLite + file-system broker)", "postgres": "Postgres + Redis"}

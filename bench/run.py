@@ -28,25 +28,33 @@ DEFAULT_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
 def run(sections: list[str], size_name: str = "full", *, results_path: Path = RESULTS_PATH,
         markdown_path: Path = MARKDOWN_PATH, postgres_url: str | None = DEFAULT_POSTGRES_URL,
-        redis_url: str | None = DEFAULT_REDIS_URL, require_services: bool = False) -> dict[str, Any]:
+        redis_url: str | None = DEFAULT_REDIS_URL, require_services: bool = False,
+        modes: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Run `sections` at `size_name`, merge them into the results file and rewrite the markdown.
 
     postgres_url / redis_url None leaves the Postgres + Redis mode out; `require_services`
-    makes an unreachable Postgres or Redis an error instead of a skipped mode.
+    makes an unreachable Postgres or Redis an error instead of a skipped mode; `modes`
+    ("embedded", "postgres") limits the service modes the service and api sections run.
     """
     from bench import report
+    from bench.harness import ServicePool
+
+    import torch
 
     size = SIZES[size_name]
+    threads_before = torch.get_num_threads()
     single_thread()
     results = load_results(results_path)
     work = Path(tempfile.mkdtemp(prefix="modelpress-bench-"))
     started = time.perf_counter()
+    pool = ServicePool(work / "services", postgres_url=postgres_url, redis_url=redis_url,
+                       require_services=require_services, allowed_modes=modes)
     try:
         assets = prepare_assets(work / "assets")
         for name in sections:
             section_started = time.perf_counter()
             log(f"section {name} (size {size.name})")
-            section = _run_section(name, size, assets, work, postgres_url, redis_url, require_services)
+            section = _run_section(name, size, assets, work, pool)
             if name == "gpu" and section.get("skipped") and not results["sections"].get("gpu", {}).get("skipped", True):
                 log(f"gpu: {section['skipped']}; keeping the GPU results already in {results_path.name}")
                 continue
@@ -55,7 +63,9 @@ def run(sections: list[str], size_name: str = "full", *, results_path: Path = RE
             results["sections"][name] = finite(section)
             log(f"section {name} done in {section['seconds']} s")
     finally:
+        pool.close()
         shutil.rmtree(work, ignore_errors=True)
+        torch.set_num_threads(threads_before)
     results.update(environment=environment(), size=size.name, generated_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                    seconds=round(time.perf_counter() - started, 1), sections_run=list(sections))
     results = finite(results)
@@ -65,8 +75,7 @@ def run(sections: list[str], size_name: str = "full", *, results_path: Path = RE
     return results
 
 
-def _run_section(name: str, size: Any, assets: Any, work: Path, postgres_url: str | None, redis_url: str | None,
-                 require_services: bool) -> dict[str, Any]:
+def _run_section(name: str, size: Any, assets: Any, work: Path, pool: Any) -> dict[str, Any]:
     if name == "quality":
         from bench import quality
 
@@ -78,13 +87,11 @@ def _run_section(name: str, size: Any, assets: Any, work: Path, postgres_url: st
     if name == "service":
         from bench import service
 
-        return service.run(size, assets, work / "service", postgres_url=postgres_url, redis_url=redis_url,
-                           require_services=require_services)
+        return service.run(size, assets, work / "service", pool)
     if name == "api":
         from bench import api
 
-        return api.run(size, assets, work / "api", postgres_url=postgres_url, redis_url=redis_url,
-                       require_services=require_services)
+        return api.run(size, assets, work / "api", pool)
     if name == "gpu":
         from bench import gpu
 
@@ -105,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="admin URL of a Postgres server (a database is created and dropped)")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL, help="Redis server URL")
     parser.add_argument("--no-postgres", action="store_true", help="leave the Postgres + Redis mode out")
+    parser.add_argument("--require-services", action="store_true",
+                        help="fail (instead of leaving the mode out) when Postgres or Redis is unreachable")
     args = parser.parse_args(argv)
     sections = list(args.only or SECTIONS)
     run(sections, args.size, results_path=args.results, markdown_path=args.markdown,
         postgres_url=None if args.no_postgres else args.postgres_url,
-        redis_url=None if args.no_postgres else args.redis_url)
+        redis_url=None if args.no_postgres else args.redis_url, require_services=args.require_services)
     return 0
 
 

@@ -19,15 +19,28 @@ from typing import Any
 from bench.common import (
     MODELS, Assets, Size, command_for, engine_request, fmt, log, percentile, run_engine,
 )
-from bench.harness import MODE_LABELS, Service, service_modes
+from bench.harness import MODE_LABELS, ServicePool
 
 MODEL = "lenet-300-100"
 OVERHEAD_TARGET = 1.15
 EXAMPLE_BATCH = 64
 
 
-def overhead_stages(size: Size) -> list[dict[str, Any]]:
-    return [{"method": "distill", "scheme": "hinton", "train": {"epochs": size.overhead_epochs}}]
+def overhead_stages(epochs: int) -> list[dict[str, Any]]:
+    return [{"method": "distill", "scheme": "hinton", "train": {"epochs": epochs}}]
+
+
+def calibrated_epochs(size: Size, assets: Assets, folder: Path) -> tuple[int, dict[str, Any] | None]:
+    """Training epochs that make the job take about `size.overhead_target_s` in this process on this box now."""
+    if not size.overhead_target_s:
+        return size.overhead_epochs, None
+    probe_epochs = size.overhead_epochs
+    probe = run_engine(engine_request(assets, MODEL, overhead_stages(probe_epochs), folder / "probe.bin",
+                                      example_batch=EXAMPLE_BATCH))
+    per_epoch = max(probe["compress_s"], 1e-3) / probe_epochs
+    fixed = probe["wall_s"] - probe["compress_s"]
+    epochs = int(min(5000, max(probe_epochs, round((size.overhead_target_s - fixed) / per_epoch))))
+    return epochs, {"probe_epochs": probe_epochs, "probe_wall_s": probe["wall_s"], "seconds_per_epoch": per_epoch}
 
 
 QUEUE_STAGES = [{"method": "quantize", "scheme": "dynamic_int8"}]
@@ -49,44 +62,49 @@ def _sandboxed(request: Any, scratch: Path) -> float:
     return wall
 
 
-def run(size: Size, assets: Assets, folder: Path, *, postgres_url: str | None, redis_url: str | None,
-        require_services: bool = False) -> dict[str, Any]:
+def run(size: Size, assets: Assets, folder: Path, pool: ServicePool) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     assets.model(MODEL, size.base_epochs)
-    stages = overhead_stages(size)
+    epochs, calibration = calibrated_epochs(size, assets, folder)
+    log(f"service: the overhead job trains {epochs} epochs")
+    stages = overhead_stages(epochs)
     request = engine_request(assets, MODEL, stages, folder / "inprocess.bin", example_batch=EXAMPLE_BATCH)
-    log(f"service: in-process engine x{size.overhead_repeats}")
-    in_process = [run_engine(request)["wall_s"] for _ in range(size.overhead_repeats)]
-    log(f"service: sandboxed child alone x{size.overhead_repeats}")
-    sandboxed = []
+    modes, skipped = pool.modes(("embedded", "postgres"))
+    ready = {mode: pool.get(mode, assets, MODEL) for mode in modes}  # all started before anything is timed
+    specs: dict[str, dict[str, Any]] = {}
+    warmups: dict[str, dict[str, Any] | None] = {}
+    small = {"stages": QUEUE_STAGES, "example_input_shape": [1, int(assets.x_train.shape[1])]}
+    for mode in modes:
+        specs[mode] = {"model_id": ready[mode]["model_id"], "dataset_id": ready[mode]["train_id"],
+                       "eval_dataset_id": ready[mode]["test_id"], "stages": stages,
+                       "example_input_shape": [EXAMPLE_BATCH, int(assets.x_train.shape[1])],
+                       "target": {"device": "cpu", "threads": request.threads}}
+        # the first job after start pays one-off costs (imports in the worker); it is reported, not counted
+        warmups[mode] = ready[mode]["service"].run_job({"model_id": ready[mode]["model_id"], **small}) \
+            if size.queue_jobs >= 10 else None
+    # interleaved, so drifting load on the box affects every variant alike
+    in_process: list[float] = []
+    sandboxed: list[float] = []
+    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for index in range(size.overhead_repeats):
+        log(f"service: overhead round {index + 1}/{size.overhead_repeats}: in-process, sandboxed child, "
+            + ", ".join(modes))
+        in_process.append(run_engine(request)["wall_s"])
         child_request = dataclasses.replace(request, artifact_path=str(folder / f"sandbox-{index}.bin"))
         sandboxed.append(_sandboxed(child_request, folder / f"sandbox-{index}"))
-
-    modes, skipped = service_modes(("embedded", "postgres"), postgres_url, redis_url, require_services)
+        for mode in modes:
+            runs[mode].append(ready[mode]["service"].run_job(specs[mode]))
     per_mode: dict[str, dict[str, Any]] = {}
     for mode in modes:
-        log(f"service: {mode} mode")
-        with Service(mode, folder / mode, postgres_url=postgres_url, redis_url=redis_url) as service:
-            model_id = service.upload_model(assets.model_paths[MODEL], MODELS[MODEL]["architecture"])
-            train_id, test_id = service.upload_dataset(assets.train_path), service.upload_dataset(assets.test_path)
-            base = {"model_id": model_id, "dataset_id": train_id, "eval_dataset_id": test_id,
-                    "example_input_shape": [EXAMPLE_BATCH, int(assets.x_train.shape[1])],
-                    "target": {"device": "cpu", "threads": request.threads}}
-            warmup = service.run_job({**base, "stages": QUEUE_STAGES})
-            runs = []
-            for index in range(size.overhead_repeats):
-                log(f"service: {mode} overhead job {index + 1}/{size.overhead_repeats}")
-                runs.append(service.run_job({**base, "stages": stages}))
-            log(f"service: {mode} queue latency over {size.queue_jobs} jobs")
-            queue = [service.run_job({"model_id": model_id, "stages": QUEUE_STAGES,
-                                      "example_input_shape": [1, int(assets.x_train.shape[1])]})
-                     for _ in range(size.queue_jobs)]
-        per_mode[mode] = _summarise(runs, queue, warmup, statistics.median(in_process))
-    return _section(size, in_process, sandboxed, per_mode, skipped)
+        log(f"service: {mode} queue latency over {size.queue_jobs} jobs")
+        queue = [ready[mode]["service"].run_job({"model_id": ready[mode]["model_id"], **small})
+                 for _ in range(size.queue_jobs)]
+        per_mode[mode] = _summarise(runs[mode], queue, warmups[mode], statistics.median(in_process))
+        per_mode[mode]["service_start_s"] = ready[mode]["started_s"]
+    return _section(size, in_process, sandboxed, per_mode, skipped, epochs, calibration)
 
 
-def _summarise(runs: list[dict[str, Any]], queue: list[dict[str, Any]], warmup: dict[str, Any],
+def _summarise(runs: list[dict[str, Any]], queue: list[dict[str, Any]], warmup: dict[str, Any] | None,
                in_process_s: float) -> dict[str, Any]:
     wall = statistics.median(r["client_wall_s"] for r in runs)
     server_queue = [r["server_queue_s"] for r in queue if r["server_queue_s"] is not None]
@@ -104,7 +122,7 @@ def _summarise(runs: list[dict[str, Any]], queue: list[dict[str, Any]], warmup: 
         "small_job_wall_p50_s": _round(percentile([r["client_wall_s"] for r in queue], 0.5)),
         "submit_p50_s": _round(percentile([r["submit_s"] for r in queue], 0.5)),
         "queue_latencies_s": [round(v, 4) for v in server_queue],
-        "warmup_job_wall_s": round(warmup["client_wall_s"], 3),
+        "warmup_job_wall_s": round(warmup["client_wall_s"], 3) if warmup else None,
     }
 
 
@@ -113,7 +131,7 @@ def _round(value: float | None, digits: int = 4) -> float | None:
 
 
 def _section(size: Size, in_process: list[float], sandboxed: list[float], per_mode: dict[str, dict[str, Any]],
-             skipped: dict[str, str]) -> dict[str, Any]:
+             skipped: dict[str, str], epochs: int, calibration: dict[str, Any] | None) -> dict[str, Any]:
     base = statistics.median(in_process)
     child = statistics.median(sandboxed)
     rows = [["engine in this process (`pipeline.run_job`)", fmt(base, 2, " s"), "1.00×", "–", "–"],
@@ -134,6 +152,9 @@ def _section(size: Size, in_process: list[float], sandboxed: list[float], per_mo
                   for mode, f in per_mode.items() if f["queue_p50_s"] is not None]
     notes = [f"{mode} mode left out: {why}" for mode, why in skipped.items()]
     notes += [
+        f"The {size.overhead_repeats} rounds are interleaved (in-process, sandboxed child, then each service mode, "
+        "with both services already started), so load that drifts on this shared box hits every variant alike; "
+        "the table gives medians. With so few rounds, differences of a few percent are noise.",
         "Queue latency (server side) is the job's started_at (written by the worker when it claims the job) minus "
         "its created_at (written by the API at submit); client side is from sending POST /v1/jobs to the first "
         "GET that no longer says queued (polled every 50 ms).",
@@ -147,7 +168,10 @@ def _section(size: Size, in_process: list[float], sandboxed: list[float], per_mo
         "title": "3. The service's own cost: the same job through the service and in one process",
         "intro": (
             f"The job: `distill:hinton` of the {MODELS[MODEL]['label']} on digits with "
-            f"{size.overhead_epochs} training epochs, one thread, example batch {EXAMPLE_BATCH}. "
+            f"{epochs} training epochs"
+            + (f" (chosen by a {calibration['probe_epochs']}-epoch probe so the job takes about "
+               f"{size.overhead_target_s:.0f} s in this process on this box)" if calibration else "")
+            + f", one thread, example batch {EXAMPLE_BATCH}. "
             "Through the service it is submitted over HTTP to a uvicorn API process and run by a real Celery worker "
             "process (the command `modelpress worker` runs), and followed until it succeeds; the wall time is "
             "from sending the submit to reading the finished job. The queue-latency jobs are `dynamic_int8` jobs "
@@ -165,5 +189,6 @@ def _section(size: Size, in_process: list[float], sandboxed: list[float], per_mo
         "targets": targets,
         "notes": notes,
         "data": {"in_process_wall_s": in_process, "sandboxed_wall_s": [round(v, 3) for v in sandboxed],
-                 "modes": per_mode, "skipped_modes": skipped, "overhead_epochs": size.overhead_epochs},
+                 "modes": per_mode, "skipped_modes": skipped, "overhead_epochs": epochs,
+                 "calibration": calibration},
     }
