@@ -92,6 +92,8 @@ class Service:
         self.key = ""
         self.env: dict[str, str] = {}
         self.client: Any = None
+        # worker processes that died during the run (and were started again): what their log said
+        self.incidents: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -132,14 +134,35 @@ class Service:
                                    timeout=httpx.Timeout(600.0, connect=10.0))
         self._wait(lambda: self._healthy(), 120, "the API to answer /healthz", self.folder / "api.log")
         if self.with_worker:
-            from modelpress.cli import worker_command
-
-            self.worker = subprocess.Popen(
-                worker_command("cpu", 1), cwd=ROOT, env=dict(env, MODELPRESS_WORKER_QUEUES="cpu"),
-                stdout=open(self.folder / "worker.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_parent)
+            self._start_worker()
             self._wait(lambda: self.get("/v1/workers").get("items"), 120, "the worker to register",
                        self.folder / "worker.log")
+
+    def _start_worker(self) -> None:
+        from modelpress.cli import worker_command
+
+        self.worker = subprocess.Popen(
+            worker_command("cpu", 1), cwd=ROOT, env=dict(self.env, MODELPRESS_WORKER_QUEUES="cpu"),
+            stdout=open(self.folder / "worker.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_die_with_parent)
+
+    def check_worker(self) -> bool:
+        """Start the worker again if it died (recording why); True when it had to."""
+        if not self.with_worker or self.worker is None or self.worker.poll() is None:
+            return False
+        log_text = (self.folder / "worker.log").read_text(errors="replace")
+        lines = [line for line in log_text.splitlines() if "CRITICAL" in line or "Unrecoverable" in line]
+        reason = lines[-1] if lines else log_text[-600:]
+        try:
+            reason = str(json.loads(reason).get("message", reason))
+        except (ValueError, AttributeError):
+            pass
+        reason = reason[:600]
+        self.incidents.append({"at": time.strftime("%H:%M:%S"), "exit_code": self.worker.returncode,
+                               "log": reason})
+        log(f"the {self.mode} worker died (exit {self.worker.returncode}); starting it again: {reason[:200]}")
+        self._start_worker()
+        return True
 
     def terminate(self) -> None:
         """Ask the worker and the API to stop (without waiting)."""
@@ -243,7 +266,8 @@ class Service:
         if response.status_code != 201:
             raise RuntimeError(f"model upload answered {response.status_code}: {response.text[:500]}")
         model_id = response.json()["id"]
-        model = self._wait(lambda: (m := self.get(f"/v1/models/{model_id}"))["status"] != "pending" and m, 300,
+        model = self._wait(lambda: not self.check_worker() and (m := self.get(f"/v1/models/{model_id}"))["status"]
+                           != "pending" and m, 300,
                            "the model inspection", self.folder / "worker.log")
         if model["status"] != "ready":
             raise RuntimeError(f"model rejected: {model.get('inspection')}")
@@ -265,8 +289,10 @@ class Service:
         accepted = time.perf_counter()
         job_id = response.json()["id"]
         seen_running: float | None = None
+        restarted = False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            restarted = self.check_worker() or restarted
             job = self.get(f"/v1/jobs/{job_id}")
             now = time.perf_counter()
             if job["status"] != "queued" and seen_running is None:
@@ -276,7 +302,8 @@ class Service:
                     raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
                 created, started, finished = (parse_time(job.get(k)) for k in ("created_at", "started_at",
                                                                                  "finished_at"))
-                return {"job": job, "client_wall_s": now - submitted, "submit_s": accepted - submitted,
+                return {"job": job, "worker_restarted": restarted,
+                        "client_wall_s": now - submitted, "submit_s": accepted - submitted,
                         "client_to_running_s": (seen_running or now) - submitted,
                         "server_queue_s": (started - created) if started and created else None,
                         "server_total_s": (finished - created) if finished and created else None,

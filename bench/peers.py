@@ -258,10 +258,12 @@ def _section(size: Size, rows: list[dict[str, Any]], verdicts: list[dict[str, An
             "The reference row is the float model traced to TorchScript with no compression: part of ModelPress's "
             "speedup at batch 1 is the artifact being TorchScript rather than eager Python modules, which a user "
             "calling the libraries directly could also get with torch.jit.trace.",
-            "ModelPress static_int8 uses torch.ao's x86 qconfig, whose activation observers use reduce_range "
-            "(7-bit activations, for older fbgemm kernels); torchao's X86InductorQuantizer uses the full 8 bits, "
-            "hence its higher SQNR. torchao's Int8DynamicActivationInt8WeightConfig scales activations per row "
-            "(torch.ao's quantize_dynamic per tensor), hence its slightly higher SQNR.",
+            "static_int8: the direct torch.ao FX call uses the stock x86 qconfig, whose activation observers use "
+            "reduce_range (7-bit activations); ModelPress uses the full 8 bits on CPUs with VNNI, as this one. "
+            "torchao's PT2E flow (X86InductorQuantizer) still scores higher SQNR at the same top-1 mainly because "
+            "it leaves the last Linear's output, the logits, in float, where FX quantizes it to int8 too.",
+            "dynamic_int8: torchao's Int8DynamicActivationInt8WeightConfig scales activations per row (per token); "
+            "torch.ao's quantize_dynamic, which ModelPress uses (with per-channel weights), scales them per tensor.",
             "Tolerances exist because two timings of the same model differ by several percent on this shared box.",
         ],
         "data": {"rows": rows, "verdicts": verdicts,

@@ -101,11 +101,16 @@ def run(size: Size, assets: Assets, folder: Path, pool: ServicePool) -> dict[str
                  for _ in range(size.queue_jobs)]
         per_mode[mode] = _summarise(runs[mode], queue, warmups[mode], statistics.median(in_process))
         per_mode[mode]["service_start_s"] = ready[mode]["started_s"]
+        per_mode[mode]["worker_incidents"] = list(ready[mode]["service"].incidents)
     return _section(size, in_process, sandboxed, per_mode, skipped, epochs, calibration)
 
 
 def _summarise(runs: list[dict[str, Any]], queue: list[dict[str, Any]], warmup: dict[str, Any] | None,
                in_process_s: float) -> dict[str, Any]:
+    # a job that waited for the benchmark to start a dead worker again says nothing about the service's speed
+    left_out = sum(1 for r in runs + queue if r["worker_restarted"])
+    runs = [r for r in runs if not r["worker_restarted"]] or runs
+    queue = [r for r in queue if not r["worker_restarted"]]
     wall = statistics.median(r["client_wall_s"] for r in runs)
     server_queue = [r["server_queue_s"] for r in queue if r["server_queue_s"] is not None]
     client_queue = [r["client_to_running_s"] for r in queue]
@@ -114,7 +119,7 @@ def _summarise(runs: list[dict[str, Any]], queue: list[dict[str, Any]], warmup: 
         "overhead_job_server_total_s": [round(r["server_total_s"], 3) for r in runs if r["server_total_s"]],
         "overhead_job_server_run_s": [round(r["server_run_s"], 3) for r in runs if r["server_run_s"]],
         "wall_s": round(wall, 3), "ratio": round(wall / in_process_s, 3),
-        "queue_jobs": len(queue),
+        "queue_jobs": len(queue), "jobs_left_out_after_worker_restart": left_out,
         "queue_p50_s": _round(percentile(server_queue, 0.5)), "queue_p99_s": _round(percentile(server_queue, 0.99)),
         "queue_max_s": _round(max(server_queue) if server_queue else None),
         "client_to_running_p50_s": _round(percentile(client_queue, 0.5)),
@@ -151,6 +156,12 @@ def _section(size: Size, in_process: list[float], sandboxed: list[float], per_mo
                    fmt(f["client_to_running_p99_s"] * 1e3, 0, " ms"), fmt(f["small_job_wall_p50_s"], 2, " s")]
                   for mode, f in per_mode.items() if f["queue_p50_s"] is not None]
     notes = [f"{mode} mode left out: {why}" for mode, why in skipped.items()]
+    for mode, figures in per_mode.items():
+        for incident in figures.get("worker_incidents", []):
+            notes.append(f"**The {MODE_LABELS[mode]} worker process died** at {incident['at']} (exit code "
+                         f"{incident['exit_code']}): `{incident['log'][:300]}`. The benchmark started it again; "
+                         f"{figures['jobs_left_out_after_worker_restart']} job(s) that waited for that are left out "
+                         "of the figures.")
     notes += [
         f"The {size.overhead_repeats} rounds are interleaved (in-process, sandboxed child, then each service mode, "
         "with both services already started), so load that drifts on this shared box hits every variant alike; "
