@@ -34,13 +34,15 @@ def normalise_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """An engine for `url`; on SQLite, `read_only` engines begin deferred transactions that take no write lock."""
     url = normalise_url(url)
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=20, max_overflow=40)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -55,8 +57,9 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(connection) -> None:  # type: ignore[no-untyped-def]
-            # IMMEDIATE takes the write lock up front, so concurrent writers queue instead of failing
-            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            # Writers take the write lock up front (IMMEDIATE), so they queue instead of failing on a
+            # lock upgrade; readers begin deferred and, with WAL, never wait for a writer.
+            connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     # No pre-ping round trip on every checkout; connections are recycled instead, and a dead
@@ -72,14 +75,28 @@ def get_engine() -> Engine:
 
 
 @lru_cache
+def get_read_engine() -> Engine:
+    settings = get_settings()
+    if not settings.resolved_database_url.startswith("sqlite"):
+        return get_engine()
+    return make_engine(settings.resolved_database_url, read_only=True)
+
+
+@lru_cache
 def get_session_factory() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
+@lru_cache
+def get_read_session_factory() -> sessionmaker[Session]:
+    """Sessions for requests that only read (GET): no write lock on SQLite."""
+    return sessionmaker(bind=get_read_engine(), expire_on_commit=False)
+
+
 @contextmanager
-def session_scope() -> Iterator[Session]:
-    """A unit of work that commits on success and rolls back on error (worker and CLI side)."""
-    session = get_session_factory()()
+def session_scope(*, read_only: bool = False) -> Iterator[Session]:
+    """A unit of work that commits on success and rolls back on error."""
+    session = (get_read_session_factory() if read_only else get_session_factory())()
     try:
         yield session
         session.commit()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Header, Request
 from sqlalchemy.orm import Session
 
 from app.auth import tenant_for_key
@@ -14,8 +14,8 @@ from app.ratelimit import check_rate
 from app.tables import Tenant
 
 
-def get_session() -> Iterator[Session]:
-    with session_scope() as session:
+def get_session(request: Request) -> Iterator[Session]:
+    with session_scope(read_only=request.method in ("GET", "HEAD")) as session:
         yield session
 
 

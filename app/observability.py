@@ -26,7 +26,7 @@ class JobCollector:
     API replica reports the same truth."""
 
     def collect(self) -> Any:
-        from app.db import get_session_factory
+        from app.db import get_read_session_factory
         from app.tables import Job, OutboxMessage
 
         by_status = GaugeMetricFamily("modelpress_jobs", "Jobs by status and method", labels=["status", "method"])
@@ -35,7 +35,7 @@ class JobCollector:
         duration = GaugeMetricFamily("modelpress_job_duration_seconds_avg", "Mean duration of finished jobs",
                                      labels=["method", "status"])
         try:
-            with get_session_factory()() as session:
+            with get_read_session_factory()() as session:
                 for status, method, count in session.execute(
                         select(Job.status, Job.method, func.count()).group_by(Job.status, Job.method)):
                     by_status.add_metric([status, method], count)

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from typing import Any
 
 
@@ -66,6 +67,49 @@ def _terminate_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+class EmbeddedWorker:
+    """The worker of `serve --embedded-worker`, restarted if it dies.
+
+    kombu's file-system transport can read a half-written message and stop the worker with an
+    unrecoverable error; in embedded mode nobody else would start it again.
+    """
+
+    CHECK_S = 2.0
+
+    def __init__(self) -> None:
+        self.env = dict(os.environ, MODELPRESS_WORKER_QUEUES="cpu")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+        self.restarts = 0
+
+    def _spawn(self) -> None:
+        # the worker gets SIGTERM when this process dies, however it dies (uvicorn re-raises
+        # the signal that stopped it, so a finally block alone is not enough)
+        self.process = subprocess.Popen(worker_command("cpu", 1), env=self.env, preexec_fn=_terminate_with_parent)
+
+    def start(self) -> None:
+        self._spawn()
+        threading.Thread(target=self._watch, name="embedded-worker-supervisor", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(self.CHECK_S):
+            if self.process is not None and self.process.poll() is not None and not self.stopping.is_set():
+                self.restarts += 1
+                print(f"embedded worker exited with {self.process.returncode}; restarting "
+                      f"(restart {self.restarts})", file=sys.stderr, flush=True)
+                self._spawn()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -74,23 +118,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     upgrade()
     configure_logging()
-    worker: subprocess.Popen[bytes] | None = None
+    supervisor: EmbeddedWorker | None = None
     if args.embedded_worker:
-        env = dict(os.environ, MODELPRESS_WORKER_QUEUES="cpu")
-        # the worker gets SIGTERM when this process dies, however it dies (uvicorn re-raises
-        # the signal that stopped it, so a finally block alone is not enough)
-        worker = subprocess.Popen(worker_command("cpu", 1), env=env, preexec_fn=_terminate_with_parent)
+        supervisor = EmbeddedWorker()
+        supervisor.start()
     print(f"ModelPress API on http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port} "
           f"(docs at /docs, dashboard at /ui)", flush=True)
     try:
         uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="warning", workers=args.workers)
     finally:
-        if worker is not None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+        if supervisor is not None:
+            supervisor.stop()
     return 0
 
 

@@ -24,13 +24,15 @@ def unavailable(what: str, error: Exception) -> None:
 def reset_caches() -> None:
     """Settings, engines, stores and the Celery app are cached per process; tests rewire them."""
     from app.config import get_settings
-    from app.db import get_engine, get_session_factory
+    from app.db import get_engine, get_read_engine, get_read_session_factory, get_session_factory
     from app.storage import get_store
     from worker.celery_app import get_celery
 
-    if get_engine.cache_info().currsize:
-        get_engine().dispose()
-    for cached in (get_settings, get_engine, get_session_factory, get_store, get_celery):
+    for engine_cache in (get_engine, get_read_engine):
+        if engine_cache.cache_info().currsize:
+            engine_cache().dispose()
+    for cached in (get_settings, get_engine, get_read_engine, get_session_factory, get_read_session_factory,
+                   get_store, get_celery):
         cached.cache_clear()
 
 

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from app import jobs as service
-from app.db import get_session_factory
+from app.db import get_read_session_factory
 from app.deps import SessionDep, TenantDep
 from app.errors import ArtifactCorrupted, Conflict
 from app.outbox import publish_now
@@ -103,7 +103,7 @@ async def job_events(job_id: str, request: Request, session: SessionDep, tenant:
 
 
 def _read_events(job_id: str, after: int) -> tuple[list[JobEvent], str, float, str | None]:
-    with get_session_factory()() as session:
+    with get_read_session_factory()() as session:
         events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
                                       .order_by(JobEvent.id).limit(500)))
         job = session.get(Job, job_id)

@@ -245,3 +245,56 @@ def check_pruned_accuracy_matches_an_independent_measurement(service: Service) -
     assert metrics["compressed"]["nonzero_parameters"] == total - zeros - sum(
         int((v == 0).sum()) for k, v in state.items() if k.endswith("bias"))
     assert len(blob) == metrics["compressed"]["size_bytes"] < metrics["original"]["size_bytes"]
+
+
+def test_serve_restarts_its_embedded_worker_when_it_dies(tmp_path: Path) -> None:
+    """`make run`'s worker is supervised: killed with SIGKILL, a new one registers and takes jobs."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.helpers import PROJECT_ROOT
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = dict(os.environ, MODELPRESS_DATA_DIR=str(tmp_path / "data"))
+    for name in ("MODELPRESS_DATABASE_URL", "MODELPRESS_BROKER_URL", "MODELPRESS_STORAGE_URL"):
+        env.pop(name, None)
+    cli = [sys.executable, "-m", "modelpress.cli"]
+    subprocess.run([*cli, "migrate"], cwd=PROJECT_ROOT, env=env, check=True, capture_output=True)
+    key = subprocess.run([*cli, "keys", "create", "--tenant", "t"], cwd=PROJECT_ROOT, env=env, check=True,
+                         capture_output=True, text=True).stdout.split()[-1]
+    server = subprocess.Popen([*cli, "serve", "--port", str(port), "--embedded-worker"], cwd=PROJECT_ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+
+    def worker_pids() -> list[int]:
+        try:
+            items = httpx.get(f"{base}/v1/workers", headers=headers, timeout=5).json()["items"]
+        except httpx.HTTPError:
+            return []
+        return [int(item["name"].rsplit(":", 1)[1]) for item in items]
+
+    try:
+        [first] = wait_for(worker_pids, 120, "the embedded worker to register")
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: any(pid != first for pid in worker_pids()), 120, "a restarted worker")
+        model = httpx.post(f"{base}/v1/models", headers=headers, timeout=30,
+                           files={"file": ("m.pt", torchscript_bytes(mlp((8, 4))))}).json()
+        job = httpx.post(f"{base}/v1/jobs", headers=headers, timeout=30, json={
+            "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [1, 8]}).json()
+        done = wait_for(lambda: (j := httpx.get(f"{base}/v1/jobs/{job['id']}", headers=headers).json())["status"]
+                        in ("succeeded", "failed") and j, 180, "a job on the restarted worker")
+        assert done["status"] == "succeeded", done["error"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
