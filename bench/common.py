@@ -118,34 +118,17 @@ class Assets:
 
 
 def _train(model: Any, inputs: np.ndarray, labels: np.ndarray, epochs: int, seed: int = 0) -> None:
-    import torch
-    import torch.nn.functional as F
+    # the same recipe the tests train with, so benchmark and test models are alike
+    from tests.helpers import train
 
-    torch.manual_seed(seed)
-    x, y = torch.tensor(inputs), torch.tensor(labels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for start in range(0, len(x), 64):
-            batch = order[start:start + 64]
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    model.eval()
+    train(model, inputs, labels, epochs=epochs, seed=seed)
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 digits (1797 images, shipped inside the package), 70/30 stratified split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from tests.helpers import digits_split as split
 
-    data = load_digits()
-    inputs = (data.data / 16.0).astype(np.float32)
-    labels = data.target.astype(np.int64)
-    return tuple(train_test_split(inputs, labels, test_size=0.3, random_state=0,  # type: ignore[return-value]
-                                  stratify=labels))
+    return split()
 
 
 def prepare_assets(folder: Path) -> Assets:
