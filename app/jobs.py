@@ -12,9 +12,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from app.errors import Conflict, Invalid, QuotaExceeded
 from app.outbox import enqueue
-from app.resources import get_dataset, get_model
+from app.resources import get_dataset, get_model, get_owned
 from app.schemas import ArtifactRead, JobCreate, JobRead
 from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
 from modelpress.catalog import JobFacts, SpecError, expand_preset, validate_stages
@@ -162,10 +162,7 @@ def create_job(session: Session, *, tenant: Tenant, job_in: JobCreate, idempoten
 
 
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant.id:
-        raise NotFound(f"no job {job_id!r}")
-    return job
+    return get_owned(session, Job, tenant, job_id, "job")
 
 
 def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.errors import Invalid, NotFound, QuotaExceeded
+from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
 from app.outbox import enqueue
 from app.storage import get_store
 from app.tables import Artifact, Job, StoredDataset, StoredModel, Tenant, new_id
@@ -50,8 +50,32 @@ def parse_architecture(raw: str | None) -> dict[str, Any] | None:
     return {"name": value["name"], "kwargs": value.get("kwargs", {})}
 
 
+def _store_and_record(session: Session, upload: ReceivedFile, record: StoredModel | StoredDataset) -> None:
+    """Put the file in storage, then its row in the session; a failed insert takes the file back out."""
+    store = get_store()
+    store.put_file(record.storage_key, upload.path)
+    try:
+        session.add(record)
+        session.flush()
+    except BaseException:
+        store.delete(record.storage_key)
+        raise
+
+
+Owned = TypeVar("Owned", StoredModel, StoredDataset, Job)
+
+
+def get_owned(session: Session, table: type[Owned], tenant: Tenant, object_id: str, label: str) -> Owned:
+    """The tenant's object with that id; another tenant's object is as absent as a missing one."""
+    record = session.get(table, object_id)
+    if record is None or record.tenant_id != tenant.id:
+        raise NotFound(f"no {label} {object_id!r}")
+    return record
+
+
 def create_model(session: Session, *, tenant: Tenant, upload: ReceivedFile, name: str | None,
-                 declared_format: str | None, architecture_json: str | None) -> StoredModel:
+                 declared_format: str | None, architecture_json: str | None) -> tuple[StoredModel, int]:
+    """Store and record an upload; returns it and the outbox message of its sandboxed inspection."""
     settings = get_settings()
     if declared_format is not None and declared_format not in MODEL_FORMATS:
         raise Invalid(f"format must be one of {list(MODEL_FORMATS)}")
@@ -73,23 +97,13 @@ def create_model(session: Session, *, tenant: Tenant, upload: ReceivedFile, name
     record = StoredModel(id=model_id, tenant_id=tenant.id, name=name or upload.filename, format=model_format,
                          architecture=architecture, size_bytes=upload.size_bytes, sha256=upload.sha256,
                          storage_key=key, status="pending")
-    store = get_store()
-    store.put_file(key, upload.path)
-    try:
-        session.add(record)
-        session.flush()
-        enqueue(session, task=INSPECT_MODEL, object_id=model_id)
-    except BaseException:
-        store.delete(key)
-        raise
-    return record
+    _store_and_record(session, upload, record)
+    message = enqueue(session, task=INSPECT_MODEL, object_id=model_id)
+    return record, message.id
 
 
 def get_model(session: Session, tenant: Tenant, model_id: str) -> StoredModel:
-    record = session.get(StoredModel, model_id)
-    if record is None or record.tenant_id != tenant.id:
-        raise NotFound(f"no model {model_id!r}")
-    return record
+    return get_owned(session, StoredModel, tenant, model_id, "model")
 
 
 def delete_model(session: Session, tenant: Tenant, model_id: str) -> None:
@@ -97,8 +111,6 @@ def delete_model(session: Session, tenant: Tenant, model_id: str) -> None:
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.model_id == model_id, Job.status.in_(("queued", "running"))))
     if active:
-        from app.errors import Conflict
-
         raise Conflict(f"model {model_id} has {active} queued or running jobs")
     # its finished jobs go with it (the foreign key cascades); so do their artifact files
     artifact_keys = list(session.scalars(select(Artifact.storage_key).join(Job, Job.id == Artifact.job_id)
@@ -122,22 +134,12 @@ def create_dataset(session: Session, *, tenant: Tenant, upload: ReceivedFile, na
     key = f"datasets/{tenant.id}/{dataset_id}"
     record = StoredDataset(id=dataset_id, tenant_id=tenant.id, name=name or upload.filename, format=info["format"],
                            size_bytes=upload.size_bytes, sha256=upload.sha256, storage_key=key, info=info)
-    store = get_store()
-    store.put_file(key, upload.path)
-    try:
-        session.add(record)
-        session.flush()
-    except BaseException:
-        store.delete(key)
-        raise
+    _store_and_record(session, upload, record)
     return record
 
 
 def get_dataset(session: Session, tenant: Tenant, dataset_id: str) -> StoredDataset:
-    record = session.get(StoredDataset, dataset_id)
-    if record is None or record.tenant_id != tenant.id:
-        raise NotFound(f"no dataset {dataset_id!r}")
-    return record
+    return get_owned(session, StoredDataset, tenant, dataset_id, "dataset")
 
 
 def delete_dataset(session: Session, tenant: Tenant, dataset_id: str) -> None:

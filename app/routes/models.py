@@ -9,6 +9,7 @@ from sqlalchemy import select
 
 from app import resources
 from app.deps import SessionDep, TenantDep
+from app.outbox import publish_now
 from app.schemas import DatasetList, DatasetRead, ErrorBody, ModelList, ModelRead
 from app.storage import get_store
 from app.tables import StoredDataset, StoredModel
@@ -25,12 +26,10 @@ def upload_model(session: SessionDep, tenant: TenantDep, file: Annotated[UploadF
                  name: Annotated[str | None, Form()] = None, format: Annotated[str | None, Form()] = None,
                  architecture: Annotated[str | None, Form()] = None) -> StoredModel:
     with receive_upload(file) as received:
-        record = resources.create_model(session, tenant=tenant, upload=received, name=name,
-                                        declared_format=format, architecture_json=architecture)
+        record, inspection = resources.create_model(session, tenant=tenant, upload=received, name=name,
+                                                    declared_format=format, architecture_json=architecture)
         session.commit()
-    from app.outbox import relay_once
-
-    relay_once()
+    publish_now(inspection)  # after the commit, as for jobs; the relay retries a failed publish
     return record
 
 
