@@ -7,6 +7,9 @@ WORKDIR /app
 
 # The CPU build of torch keeps the image small; GPU workers use the same file with TORCH_INDEX below.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# bubblewrap is the worker's sandbox for users' model files (namespaces, no network); workers refuse to start
+# without it. The container must allow user namespaces: see the worker's security_opt in docker-compose.yml.
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md alembic.ini ./
 COPY app ./app
 COPY worker ./worker

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean browser-deps
+.PHONY: run test install bench clean browser-deps sandbox-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(STAMP) sandbox-deps
 	$(BIN)/modelpress migrate
 	$(BIN)/modelpress keys create --tenant default
 	$(BIN)/modelpress serve --host 0.0.0.0 --port 8000 --embedded-worker
 
-test: $(STAMP) browser-deps
+test: $(STAMP) sandbox-deps browser-deps
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# Workers run users' model files under bubblewrap (namespaces, no network); installed once when missing and we
+# are root. Without it the worker refuses to start unless MODELPRESS_SANDBOX_ISOLATION=none is set.
+sandbox-deps:
+	@command -v bwrap >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1; } || \
+	  echo "note: bubblewrap missing: install it (apt-get install bubblewrap) or workers refuse to start"
 
 # The dashboard test drives Debian's chromium + chromedriver: installed once when missing and we are root.
 browser-deps:

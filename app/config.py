@@ -41,6 +41,15 @@ class Settings(BaseSettings):
     sandbox_cpu_seconds: int = 7200
     sandbox_file_bytes: int = 8 * 1024**3
     sandbox_open_files: int = 256
+    # "bubblewrap" (namespaces, no network, read-only environment; required in production) or "none"
+    # (resource limits only: an explicit, development-only choice; the worker refuses to start otherwise
+    # when bwrap is missing)
+    sandbox_isolation: str = "bubblewrap"
+    # how long the worker keeps retrying its database writes (progress, events, the final result) through
+    # an outage before giving the attempt up
+    database_outage_tolerance_s: float = 300.0
+    # scratch folders and partial uploads older than this, that no live process holds, are swept
+    leftover_max_age_s: float = 3600.0
     worker_threads: int = 1
     worker_queues: str = "cpu"
     worker_stale_after_s: float = 30.0

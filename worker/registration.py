@@ -5,9 +5,10 @@ import logging
 import os
 import socket
 import threading
+import time
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from app.config import get_settings
 from app.db import session_scope
@@ -20,6 +21,8 @@ _stop = threading.Event()
 
 def capabilities() -> dict[str, Any]:
     import torch
+
+    from worker.sandbox import describe_isolation
 
     from modelpress.catalog import SCHEMES
 
@@ -38,6 +41,7 @@ def capabilities() -> dict[str, Any]:
                         "compute_capability": float(f"{props.major}.{props.minor}"),
                         "count": torch.cuda.device_count()}
     info["devices"] = devices
+    info["isolation"] = describe_isolation(get_settings().sandbox_isolation)
     info["schemes"] = sorted(f"{s.method}:{s.name}" for s in SCHEMES if any(d in devices for d in s.devices))
     return info
 
@@ -62,6 +66,40 @@ def deregister(name: str) -> None:
             session.delete(record)
 
 
+SWEEP_EVERY_S = 600.0
+
+
+def require_isolation() -> None:
+    """A worker without its sandbox would run users' files in the open: refuse to start, with the fix."""
+    from worker.sandbox import check_isolation
+
+    isolation = get_settings().sandbox_isolation
+    problem = check_isolation(isolation)
+    if problem:
+        log.critical("refusing to start: %s. To accept the risk on a development machine only, set "
+                     "MODELPRESS_SANDBOX_ISOLATION=none.", problem)
+        raise SystemExit(f"modelpress worker: {problem} (or set MODELPRESS_SANDBOX_ISOLATION=none on a "
+                         "development machine to accept the risk)")
+    if isolation == "none":
+        log.warning("sandbox isolation is OFF (MODELPRESS_SANDBOX_ISOLATION=none): users' model files run with "
+                    "this worker's user, files and network. Development only.")
+
+
+def sweep_leftovers() -> None:
+    from worker.runner import sweep_scratch
+
+    settings = get_settings()
+    try:
+        sweep_scratch(settings.scratch_dir, settings.leftover_max_age_s)
+    except Exception as error:
+        log.warning("scratch sweep failed: %s", error)
+
+
+@worker_init.connect
+def _on_init(sender: Any = None, **_: Any) -> None:
+    require_isolation()
+
+
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
     name = worker_name()
@@ -69,11 +107,15 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     caps = capabilities()
 
     def loop() -> None:
+        next_sweep = 0.0
         while True:
             try:
                 heartbeat(name, queues, caps)
             except Exception as error:
                 log.warning("worker heartbeat failed: %s", error)
+            if time.monotonic() >= next_sweep:  # killed attempts leave scratch folders behind
+                sweep_leftovers()
+                next_sweep = time.monotonic() + SWEEP_EVERY_S
             if _stop.wait(HEARTBEAT_S):
                 return
 

@@ -5,16 +5,22 @@ lease was taken over can no longer change the job.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
+import os
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.config import get_settings
 from app.db import session_scope
@@ -23,9 +29,77 @@ from app.tables import Artifact, Job, JobEvent, JobMetrics, StoredDataset, Store
 from worker.sandbox import Limits, run_sandboxed
 
 log = logging.getLogger("modelpress.runner")
-WORKER_NAME = f"{socket.gethostname()}:{__import__('os').getpid()}"
+WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 PROGRESS_WRITE_INTERVAL_S = 0.5
 EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt"}
+LOCK_FILE = ".in-use"
+T = TypeVar("T")
+
+
+def _is_connection_problem(error: Exception) -> bool:
+    return isinstance(error, OperationalError) or (isinstance(error, DBAPIError) and error.connection_invalidated)
+
+
+def with_database_retry(write: Callable[[], T], what: str, *, tolerance_s: float | None = None) -> T:
+    """Run a database write, retrying with backoff through an outage shorter than the tolerance.
+
+    A short database outage must not cost the running attempt: the engine keeps computing in its sandbox
+    while we wait, and the write lands once the database is back.
+    """
+    limit = get_settings().database_outage_tolerance_s if tolerance_s is None else tolerance_s
+    deadline = time.monotonic() + limit
+    delay = 0.5
+    while True:
+        try:
+            return write()
+        except Exception as error:
+            if not _is_connection_problem(error) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("database unavailable while writing %s; retrying in %.1f s: %s", what, delay,
+                        str(error).splitlines()[0][:200])
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+@contextmanager
+def scratch_folder(path: Path) -> Iterator[Path]:
+    """A job's scratch folder, locked while in use (the sweeper skips locked folders) and removed after."""
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def sweep_scratch(scratch_dir: Path, max_age_s: float) -> list[str]:
+    """Remove scratch folders that no live process holds (killed attempts), older than `max_age_s`."""
+    removed: list[str] = []
+    if not scratch_dir.exists():
+        return removed
+    now = time.time()
+    for entry in scratch_dir.iterdir():
+        try:
+            if now - entry.stat().st_mtime < max_age_s:
+                continue
+            if entry.is_dir():
+                lock_path = entry / LOCK_FILE
+                if lock_path.exists():
+                    with open(lock_path) as lock:
+                        try:
+                            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        except BlockingIOError:
+                            continue  # a live attempt holds it
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+        except FileNotFoundError:
+            continue
+    if removed:
+        log.info("swept %d scratch leftovers: %s", len(removed), removed[:10])
+    return removed
 
 
 def claim_job(job_id: str) -> int | None:
@@ -54,17 +128,23 @@ def _fenced(session: Any, job_id: str, attempt: int, **values: Any) -> bool:
 
 
 def finish_failed(job_id: str, attempt: int, error: dict[str, str]) -> None:
-    with session_scope() as session:
-        if _fenced(session, job_id, attempt, status="failed", error=error, finished_at=utcnow(),
-                   lease_expires_at=None, stage="failed"):
-            session.add(JobEvent(job_id=job_id, kind="state", data={"status": "failed", "error": error}))
+    def write() -> None:
+        with session_scope() as session:
+            if _fenced(session, job_id, attempt, status="failed", error=error, finished_at=utcnow(),
+                       lease_expires_at=None, stage="failed"):
+                session.add(JobEvent(job_id=job_id, kind="state", data={"status": "failed", "error": error}))
+
+    with_database_retry(write, f"job {job_id} failure")
 
 
 def _finish_cancelled(job_id: str, attempt: int) -> None:
-    with session_scope() as session:
-        if _fenced(session, job_id, attempt, status="cancelled", finished_at=utcnow(), lease_expires_at=None,
-                   stage="cancelled"):
-            session.add(JobEvent(job_id=job_id, kind="state", data={"status": "cancelled"}))
+    def write() -> None:
+        with session_scope() as session:
+            if _fenced(session, job_id, attempt, status="cancelled", finished_at=utcnow(), lease_expires_at=None,
+                       stage="cancelled"):
+                session.add(JobEvent(job_id=job_id, kind="state", data={"status": "cancelled"}))
+
+    with_database_retry(write, f"job {job_id} cancellation")
 
 
 def _model_ref(model: StoredModel, folder: Path) -> dict[str, Any]:
@@ -95,6 +175,7 @@ class JobMonitor:
         self.pending_events: list[tuple[str, dict[str, Any]]] = []
         self.last_write = 0.0
         self.cancelled = self.fenced = False
+        self.outage_started: float | None = None
 
     def on_message(self, message: dict[str, Any]) -> None:
         if message.get("type") == "progress":
@@ -105,21 +186,46 @@ class JobMonitor:
             self.flush()
 
     def flush(self) -> None:
+        """Write pending progress and events and renew the lease; an unreachable database is waited out.
+
+        While the database is down the pending writes stay queued here and the child keeps running; the lease
+        is renewed as soon as the database answers again, so an outage shorter than the lease costs nothing.
+        """
         self.last_write = time.monotonic()
+        try:
+            self._write()
+        except Exception as error:
+            if not _is_connection_problem(error):
+                raise
+            if self.outage_started is None:
+                self.outage_started = time.monotonic()
+                log.warning("database unavailable during job %s; keeping progress until it is back: %s",
+                            self.job_id, str(error).splitlines()[0][:200])
+            if time.monotonic() - self.outage_started > self.settings.database_outage_tolerance_s:
+                raise
+            return
+        self.outage_started = None
+
+    def _write(self) -> None:
+        progress, events = self.pending_progress, list(self.pending_events)
         with session_scope() as session:
             values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=self.settings.lease_seconds)}
-            if self.pending_progress:
-                values["progress"], values["stage"] = self.pending_progress
+            if progress:
+                values["progress"], values["stage"] = progress
             if not _fenced(session, self.job_id, self.attempt, **values):
                 self.fenced = True
                 return
-            if self.pending_progress:
+            if progress:
                 session.add(JobEvent(job_id=self.job_id, kind="progress",
                                      data={"progress": values["progress"], "stage": values["stage"]}))
-            for kind, data in self.pending_events:
+            for kind, data in events:
                 session.add(JobEvent(job_id=self.job_id, kind=kind, data=data))
-            self.pending_progress, self.pending_events = None, []
-            self.cancelled = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            cancelled = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+        # only now committed: forget what was written (messages that arrived meanwhile stay pending)
+        self.cancelled = cancelled
+        if self.pending_progress == progress:
+            self.pending_progress = None
+        self.pending_events = self.pending_events[len(events):]
 
     def should_stop(self) -> bool:
         self.flush()  # doubles as the heartbeat
@@ -132,15 +238,19 @@ def run_job(job_id: str) -> str:
     if attempt is None:
         return "skipped"
     settings = get_settings()
-    scratch = settings.scratch_dir / f"{job_id}-{attempt}"
     try:
-        status = _run_claimed(job_id, attempt, scratch)
+        with scratch_folder(settings.scratch_dir / f"{job_id}-{attempt}") as scratch:
+            status = _run_claimed(job_id, attempt, scratch)
+    except SoftTimeLimitExceeded:  # the sandboxed child is already killed (run_sandboxed's finally)
+        log.warning("job %s ran past its time limit", job_id)
+        finish_failed(job_id, attempt, {"error": "TimeLimitExceeded",
+                                        "detail": f"the job ran past its {settings.job_soft_time_limit_s} s limit; "
+                                                  "its process was stopped"})
+        status = "failed"
     except Exception as error:  # the worker lives on; the job says what happened
         log.exception("job %s failed", job_id)
         finish_failed(job_id, attempt, {"error": type(error).__name__, "detail": str(error)[:2000]})
         status = "failed"
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     if status in ("succeeded", "failed", "cancelled"):
         notify_webhook(job_id)
     return status
@@ -213,8 +323,8 @@ def _run_claimed(job_id: str, attempt: int, scratch: Path) -> str:
                     file_bytes=settings.sandbox_file_bytes, open_files=settings.sandbox_open_files,
                     wall_seconds=settings.job_soft_time_limit_s, threads=max(1, request["threads"]))
     monitor = JobMonitor(job_id, attempt)
-    outcome = run_sandboxed("job", request, scratch / "work", limits, on_message=monitor.on_message,
-                            should_stop=monitor.should_stop)
+    outcome = run_sandboxed("job", request, scratch, limits, on_message=monitor.on_message,
+                            should_stop=monitor.should_stop, isolation=settings.sandbox_isolation)
     if outcome.stopped:
         if monitor.fenced:
             log.warning("job %s attempt %s was taken over; dropping its result", job_id, attempt)
@@ -224,7 +334,7 @@ def _run_claimed(job_id: str, attempt: int, scratch: Path) -> str:
     if not outcome.ok:
         finish_failed(job_id, attempt, outcome.error or {"error": "Unknown", "detail": "no result"})
         return "failed"
-    monitor.flush()
+    with_database_retry(monitor._write, f"job {job_id} progress")
     assert outcome.result is not None
     return _store_result(job_id, attempt, tenant_id, artifact_path, outcome.result)
 
@@ -247,49 +357,61 @@ def _store_result(job_id: str, attempt: int, tenant_id: str, artifact_path: Path
         raise RuntimeError("artifact size changed between measurement and storage")
     store = get_store()
     store.put_file(key, artifact_path)
-    with session_scope() as session:
-        fidelity = metrics.get("fidelity") or {}
-        if not _fenced(session, job_id, attempt, status="succeeded", progress=1.0, stage="done",
-                       finished_at=utcnow(), lease_expires_at=None, error=None):
-            store.delete(key)
-            return "fenced"
-        session.add(Artifact(job_id=job_id, tenant_id=tenant_id, storage_key=key, size_bytes=size, sha256=digest,
-                             format=artifact_format, requires=result.get("requires", [])))
-        session.add(JobMetrics(
-            job_id=job_id, original_size_bytes=metrics["original"]["size_bytes"], compressed_size_bytes=size,
-            compression_ratio=metrics["compression_ratio"], speedup=metrics.get("speedup"),
-            original_accuracy=metrics["original"].get("accuracy"),
-            compressed_accuracy=metrics["compressed"].get("accuracy"),
-            sparsity=metrics["compressed"].get("sparsity"), sqnr_db=fidelity.get("sqnr_db"),
-            top1_agreement=fidelity.get("top1_agreement"), latency_ms_p50=metrics["compressed"].get("latency_ms_p50"),
-            device=metrics.get("device", "cpu"), document=metrics))
-        session.add(JobEvent(job_id=job_id, kind="state", data={"status": "succeeded"}))
-    return "succeeded"
+
+    def record() -> str:
+        with session_scope() as session:
+            fidelity = metrics.get("fidelity") or {}
+            if not _fenced(session, job_id, attempt, status="succeeded", progress=1.0, stage="done",
+                           finished_at=utcnow(), lease_expires_at=None, error=None):
+                return "fenced"
+            session.add(Artifact(job_id=job_id, tenant_id=tenant_id, storage_key=key, size_bytes=size,
+                                 sha256=digest, format=artifact_format, requires=result.get("requires", [])))
+            session.add(JobMetrics(
+                job_id=job_id, original_size_bytes=metrics["original"]["size_bytes"], compressed_size_bytes=size,
+                compression_ratio=metrics["compression_ratio"], speedup=metrics.get("speedup"),
+                original_accuracy=metrics["original"].get("accuracy"),
+                compressed_accuracy=metrics["compressed"].get("accuracy"),
+                sparsity=metrics["compressed"].get("sparsity"), sqnr_db=fidelity.get("sqnr_db"),
+                top1_agreement=fidelity.get("top1_agreement"),
+                latency_ms_p50=metrics["compressed"].get("latency_ms_p50"),
+                device=metrics.get("device", "cpu"), document=metrics))
+            session.add(JobEvent(job_id=job_id, kind="state", data={"status": "succeeded"}))
+        return "succeeded"
+
+    # the final write waits for the database: the artifact is already stored and the work is done
+    try:
+        status = with_database_retry(record, f"job {job_id} result")
+    except Exception:
+        store.delete(key)
+        raise
+    if status == "fenced":
+        store.delete(key)
+    return status
 
 
 def inspect_model(model_id: str) -> str:
     """Inspect an upload in the sandbox and mark it ready or rejected."""
     settings = get_settings()
-    with session_scope() as session:
-        model = session.get(StoredModel, model_id)
-        if model is None or model.status != "pending":
-            return "skipped"
-        scratch = settings.scratch_dir / f"inspect-{model_id}"
-        scratch.mkdir(parents=True, exist_ok=True)
-        ref = _model_ref(model, scratch)
     limits = Limits(memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=300, file_bytes=settings.sandbox_file_bytes,
                     open_files=settings.sandbox_open_files, wall_seconds=300)
-    try:
-        outcome = run_sandboxed("inspect", ref, scratch / "work", limits)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    with session_scope() as session:
-        model = session.get(StoredModel, model_id)
-        if model is None:
-            return "gone"
-        if outcome.ok:
-            model.status, model.inspection = "ready", outcome.result
-        else:
-            model.status = "rejected"
-            model.inspection = {"error": (outcome.error or {}).get("detail", "could not be loaded")}
-        return model.status
+    with scratch_folder(settings.scratch_dir / f"inspect-{model_id}") as scratch:
+        with session_scope() as session:
+            model = session.get(StoredModel, model_id)
+            if model is None or model.status != "pending":
+                return "skipped"
+            ref = _model_ref(model, scratch)
+        outcome = run_sandboxed("inspect", ref, scratch, limits, isolation=settings.sandbox_isolation)
+
+    def record() -> str:
+        with session_scope() as session:
+            model = session.get(StoredModel, model_id)
+            if model is None:
+                return "gone"
+            if outcome.ok:
+                model.status, model.inspection = "ready", outcome.result
+            else:
+                model.status = "rejected"
+                model.inspection = {"error": (outcome.error or {}).get("detail", "could not be loaded")}
+            return str(model.status)
+
+    return with_database_retry(record, f"model {model_id} inspection")

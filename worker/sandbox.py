@@ -1,12 +1,23 @@
-"""Run untrusted model code in a child process with resource limits.
+"""Run untrusted model code in an isolated child process.
 
-TorchScript and exported programs are code; they are only ever loaded in a
-child with limits on address space, CPU time, file size and open files, a
-wall-clock timeout, an environment without secrets and a scratch working
-directory. The parent (the Celery task) survives whatever the child does.
+TorchScript, exported programs and anything torch.load touches are code. They are
+only ever loaded in a child that runs under bubblewrap (`bwrap`): its own user,
+PID, network, IPC and UTS namespaces, no network at all, a read-only view of the
+Python environment and of the engine's package, no view of the worker's files,
+of other jobs or tenants, or of the parent's /proc, an environment without
+secrets, and one writable folder: the job's scratch folder. Resource limits
+(address space, CPU time, file size, open files) and a wall-clock timeout apply
+on top. The parent (the Celery task) survives whatever the child does, and the
+child dies with it.
 
 The child speaks JSON lines on stdout: {"type": "progress", ...} and
-{"type": "event", ...}; it writes its result (or its error) to a JSON file.
+{"type": "event", ...}; it writes its result (or its error) to a JSON file in
+the scratch folder. It receives input files only through that folder (or paths
+bound read-only on purpose).
+
+`isolation="none"` keeps only the resource limits; it exists for development
+machines without bubblewrap and must be chosen explicitly
+(MODELPRESS_SANDBOX_ISOLATION=none).
 """
 from __future__ import annotations
 
@@ -15,11 +26,13 @@ import json
 import os
 import queue
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -60,12 +73,106 @@ def _apply_limits(limits: Limits) -> Callable[[], None]:
     return apply
 
 
+ISOLATIONS = ("bubblewrap", "none")
+BWRAP_INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
+SANDBOX_UID = 65534  # "nobody" inside the user namespace
+
+
 def _clean_environment(scratch: Path, threads: int) -> dict[str, str]:
     # Nothing from the worker's environment: no database URLs, no cloud credentials.
     return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch),
             "LANG": "C.UTF-8", "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
             "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
+
+
+def _python_roots() -> list[Path]:
+    """Folders the child's Python needs: the interpreter's install and the environment's packages."""
+    roots = {Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(sys.executable).resolve().parent}
+    return sorted(roots)
+
+
+def _readonly_system_binds() -> list[str]:
+    args: list[str] = []
+    for top in ("/usr", "/bin", "/lib", "/lib64", "/sbin"):
+        path = Path(top)
+        if path.is_symlink():  # merged /usr: keep the link, it points into the bound /usr
+            args += ["--symlink", os.readlink(path), top]
+        elif path.exists():
+            args += ["--ro-bind", top, top]
+    # the dynamic loader's cache, name resolution stubs and time zone: harmless and needed by libraries
+    for name in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime", "/etc/alternatives"):
+        if Path(name).exists():
+            args += ["--ro-bind", name, name]
+    # CPU topology: torch sizes its thread pools and picks kernels from it
+    if Path("/sys/devices/system/cpu").exists():
+        args += ["--ro-bind", "/sys/devices/system/cpu", "/sys/devices/system/cpu"]
+    return args
+
+
+def bubblewrap_command(scratch: Path, environment: dict[str, str], read_only: Sequence[Path] = ()) -> list[str]:
+    """The bwrap prefix: a new, empty root with only what the child needs, writable scratch only."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed: {BWRAP_INSTALL_HINT}")
+    args = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
+            "--clearenv", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    args += _readonly_system_binds()
+    for root in _python_roots():
+        args += ["--ro-bind", str(root), str(root)]
+    # only the engine's packages (the engine reads the method catalogue of the client package), not the
+    # project folder: that may hold the data folder (var/) of every tenant
+    for package in ("worker", "modelpress"):
+        folder = PROJECT_ROOT / package
+        args += ["--ro-bind", str(folder), str(folder)]
+    for path in read_only:
+        resolved = Path(path).resolve()
+        args += ["--ro-bind", str(resolved), str(resolved)]
+    args += ["--bind", str(scratch), str(scratch), "--chdir", str(scratch)]
+    for key, value in environment.items():
+        args += ["--setenv", key, value]
+    return args + ["--"]
+
+
+class SandboxUnavailable(RuntimeError):
+    """The configured isolation cannot run on this machine."""
+
+
+def check_isolation(isolation: str) -> str | None:
+    """None when `isolation` works here; otherwise why not (with the install line)."""
+    if isolation not in ISOLATIONS:
+        return f"unknown sandbox isolation {isolation!r}; choose one of {list(ISOLATIONS)}"
+    if isolation == "none":
+        return None
+    try:
+        command = bubblewrap_command(Path("/tmp"), {"PATH": "/usr/bin:/bin"}) + [sys.executable, "-c", "pass"]
+    except SandboxUnavailable as error:
+        return str(error)
+    try:
+        probe = subprocess.run(command, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"bubblewrap could not start a sandbox: {error}"
+    if probe.returncode != 0:
+        reason = probe.stderr.decode(errors="replace").strip()[-300:]
+        return (f"bubblewrap could not start a sandbox ({reason}); it needs user namespaces "
+                "(in a container: --security-opt seccomp=unconfined, or a seccomp profile that allows clone/unshare)")
+    return None
+
+
+def describe_isolation(isolation: str) -> dict[str, Any]:
+    """What /v1/workers shows for a worker's sandbox."""
+    if isolation == "none":
+        return {"kind": "none", "namespaces": [], "network": True, "note": "resource limits only (development)"}
+    version = ""
+    bwrap = shutil.which("bwrap")
+    if bwrap:
+        try:
+            version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            version = ""
+    return {"kind": "bubblewrap", "version": version, "namespaces": ["user", "pid", "net", "ipc", "uts", "cgroup"],
+            "network": False, "uid": SANDBOX_UID, "writable": ["scratch"]}
 
 
 def _describe_exit(code: int, limits: Limits) -> str:
@@ -76,23 +183,48 @@ def _describe_exit(code: int, limits: Limits) -> str:
                  "SIGXFSZ": f"file size limit of {limits.file_bytes} bytes exceeded",
                  "SIGSEGV": "the model code crashed (segmentation fault)"}
         return hints.get(name, f"terminated by {name}")
+    if code > 128 and code - 128 in signal.valid_signals():  # bwrap reports its child's signal as 128 + n
+        return _describe_exit(-(code - 128), limits)
     return f"exited with status {code}"
 
 
 def run_sandboxed(mode: str, request: dict[str, Any], scratch: Path, limits: Limits, *,
                   on_message: Callable[[dict[str, Any]], None] = lambda m: None,
-                  should_stop: Callable[[], bool] = lambda: False, poll_s: float = 1.0) -> SandboxOutcome:
-    """Run `worker.sandbox` in a limited child; `should_stop` is polled and kills the child when true."""
+                  should_stop: Callable[[], bool] = lambda: False, poll_s: float = 1.0,
+                  isolation: str = "bubblewrap", read_only: Sequence[Path] = ()) -> SandboxOutcome:
+    """Run `worker.sandbox` in an isolated, limited child; `should_stop` is polled and kills the child when true.
+
+    `scratch` is the child's only writable folder and its working directory; input files must be inside it
+    or listed in `read_only`. Whatever ends this call (a result, a timeout, a cancel, or an exception such as
+    Celery's soft time limit raised in this thread) kills the child's whole process tree before returning.
+    """
+    scratch = scratch.resolve()
     scratch.mkdir(parents=True, exist_ok=True)
     request_path, result_path = scratch / "request.json", scratch / "result.json"
     request_path.write_text(json.dumps(request))
     result_path.unlink(missing_ok=True)
     stderr_path = scratch / "stderr.log"
+    environment = _clean_environment(scratch, limits.threads)
+    command = [sys.executable, "-m", "worker.sandbox", mode, str(request_path), str(result_path)]
+    if isolation == "bubblewrap":
+        command = bubblewrap_command(scratch, environment, read_only) + command
+    elif isolation != "none":
+        raise SandboxUnavailable(f"unknown sandbox isolation {isolation!r}")
     with open(stderr_path, "wb") as stderr:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "worker.sandbox", mode, str(request_path), str(result_path)],
-            cwd=scratch, env=_clean_environment(scratch, limits.threads), stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=stderr, preexec_fn=_apply_limits(limits))
+        child = subprocess.Popen(command, cwd=scratch, env=environment, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=stderr, preexec_fn=_apply_limits(limits))
+    try:
+        return _supervise(child, limits, result_path, stderr_path, on_message, should_stop, poll_s)
+    finally:
+        # Also reached when the caller's thread is interrupted (a soft time limit): never leave the child running.
+        if child.poll() is None:
+            _kill_group(child)
+            child.wait()
+
+
+def _supervise(child: subprocess.Popen[bytes], limits: Limits, result_path: Path, stderr_path: Path,
+               on_message: Callable[[dict[str, Any]], None], should_stop: Callable[[], bool],
+               poll_s: float) -> SandboxOutcome:
     lines: queue.Queue[bytes | None] = queue.Queue()
 
     def pump() -> None:
@@ -152,6 +284,8 @@ def run_sandboxed(mode: str, request: dict[str, Any], scratch: Path, limits: Lim
 
 
 def _kill_group(child: subprocess.Popen[bytes]) -> None:
+    # The child leads its own process group (setsid); under bubblewrap the sandbox's PID namespace dies
+    # with it (--die-with-parent), which takes every process the model started.
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:

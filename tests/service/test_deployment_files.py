@@ -41,8 +41,19 @@ def test_compose_variables_are_real_settings() -> None:
 
 def test_dockerfile_installs_the_package_and_runs_as_non_root() -> None:
     text = (PROJECT_ROOT / "Dockerfile").read_text()
-    for needed in ("COPY app", "COPY worker", "COPY migrations", "pip install .", "USER modelpress", "EXPOSE 8000"):
+    for needed in ("COPY app", "COPY worker", "COPY migrations", "pip install .", "USER modelpress", "EXPOSE 8000",
+                   "bubblewrap"):
         assert needed in text
+
+
+def test_workers_may_create_their_sandbox_namespaces_and_nothing_else() -> None:
+    services = compose()["services"]
+    for name in ("worker", "gpu-worker"):
+        options = set(services[name]["security_opt"])
+        assert {"seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined"} <= options, name
+        assert not services[name].get("privileged"), name
+        assert "MODELPRESS_SANDBOX_ISOLATION" not in services[name]["environment"]  # the default: bubblewrap
+    assert "security_opt" not in services["api"]  # the API never loads a model file
 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")

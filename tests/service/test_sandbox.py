@@ -23,7 +23,7 @@ def test_pickle_payload_in_a_state_dict_never_runs(tmp_path: Path, monkeypatch) 
     torch.save({"weight": torch.zeros(2, 2), "payload": Exploit()}, path)
     outcome = run_sandboxed("inspect", {"path": str(path), "format": "state_dict",
                                         "architecture": {"name": "mlp", "kwargs": {"widths": [2, 2]}}},
-                            tmp_path / "work", LIMITS)
+                            tmp_path, LIMITS)
     assert not outcome.ok and outcome.error is not None
     assert "allowlist" in outcome.error["detail"] or "weights_only" in outcome.error["detail"]
     assert not marker.exists()
@@ -50,7 +50,7 @@ def test_memory_hungry_model_is_killed_with_a_reason(tmp_path: Path) -> None:
     request = {"model": {"path": str(path), "format": "torchscript"},
                "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
                "artifact_path": str(tmp_path / "out.pt"), "example_input_shape": [1, 4]}
-    outcome = run_sandboxed("job", request, tmp_path / "work", limits)
+    outcome = run_sandboxed("job", request, tmp_path, limits)
     assert not outcome.ok and outcome.error is not None
     assert "memory" in outcome.error["detail"].lower() or "alloc" in outcome.error["detail"].lower()
 
@@ -68,7 +68,7 @@ def test_wall_clock_timeout_kills_the_child(tmp_path: Path) -> None:
     request = {"model": {"path": str(path), "format": "torchscript"},
                "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
                "artifact_path": str(tmp_path / "out.pt"), "example_input_shape": [1, 4]}
-    outcome = run_sandboxed("job", request, tmp_path / "work", limits)
+    outcome = run_sandboxed("job", request, tmp_path, limits)
     assert not outcome.ok and outcome.error == {"error": "TimeLimitExceeded",
                                                 "detail": "the job ran past its 8 s limit"}
 
@@ -146,7 +146,7 @@ def test_malicious_corpus_never_runs_and_each_file_is_rejected_with_a_reason(tmp
     for label, (path, fmt) in _hostile_files(tmp_path, marker).items():
         outcome = run_sandboxed("inspect", {"path": str(path), "format": fmt,
                                             "architecture": {"name": "mlp", "kwargs": {"widths": [2, 2]}}},
-                                tmp_path / "work", LIMITS)
+                                tmp_path, LIMITS)
         assert not outcome.ok, label
         assert outcome.error is not None and outcome.error["detail"], label
         assert not marker.exists(), f"{label} ran code"

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from worker.compression.archive_check import load_exported_program
 from worker.compression.base import Dataset, EngineError, ModelKind
 from worker.compression.registry import build_architecture
 
@@ -48,12 +49,7 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
         except Exception as error:
             raise EngineError(f"TorchScript archive could not be loaded: {error}") from error
     if model_format == "exported_program":
-        try:
-            with open(path, "rb") as handle:
-                program = torch.export.load(handle)
-        except Exception as error:
-            raise EngineError(f"exported program could not be loaded: {error}") from error
-        return program.module(), "graph"
+        return load_exported_program(path).module(), "graph"
     if model_format in ("state_dict", "safetensors"):
         if not architecture or "name" not in architecture:
             raise EngineError(f"a {model_format} upload needs an architecture from the registry")
@@ -156,6 +152,5 @@ def load_artifact(path: Path, artifact_format: str) -> nn.Module | dict[str, tor
     if artifact_format == "torchscript":
         return torch.jit.load(str(path))
     if artifact_format == "exported_program":
-        with open(path, "rb") as handle:
-            return torch.export.load(handle).module()
+        return load_exported_program(path).module()
     return torch.load(str(path), weights_only=True)

@@ -1,0 +1,136 @@
+"""Exported-program archives (.pt2) without running their pickles.
+
+torch 2.13's `torch.export.load` unpickles parts of a .pt2 archive with
+`weights_only=False` (sample inputs, weights or constants stored "as pickles").
+A crafted archive can therefore run code on load. We read the archive as a zip
+first and refuse it when any pickled member references a global outside torch's
+weights-only allowlist; then we load it with every `torch.load` forced to
+`weights_only=True` and the plain `pickle.loads` of the archive reader replaced
+by a restricted unpickler. Both layers run inside the sandbox as well.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+import pickletools
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.compression.base import EngineError
+
+ZIP_MAGIC = b"PK\x03\x04"
+# plain pickles (the archive's own pickle.dumps members) may only name these; torch's allowlist covers the rest
+PLAIN_PICKLE_GLOBALS = frozenset({"collections.OrderedDict", "builtins.set", "builtins.frozenset",
+                                  "builtins.slice", "builtins.complex"})
+
+
+def _torch_safe_globals() -> set[str]:
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return set(_get_allowed_globals().keys())
+
+
+def pickle_globals(data: bytes) -> list[str]:
+    """Every global a raw pickle names (GLOBAL / STACK_GLOBAL), read by opcode, nothing executed."""
+    names: list[str] = []
+    recent_strings: list[str] = []
+    try:
+        for opcode, argument, _ in pickletools.genops(data):
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                recent_strings.append(str(argument))
+            elif opcode.name == "GLOBAL":
+                module, _, name = str(argument).partition(" ")
+                names.append(f"{module}.{name}")
+            elif opcode.name == "STACK_GLOBAL":
+                if len(recent_strings) < 2:
+                    names.append("<unresolvable STACK_GLOBAL>")
+                else:
+                    names.append(f"{recent_strings[-2]}.{recent_strings[-1]}")
+            elif opcode.name in ("INST", "OBJ"):
+                names.append(f"<{opcode.name} opcode>")
+    except Exception as error:  # not a well-formed pickle: torch would fail on it too
+        raise EngineError(f"a pickled member is malformed: {error}") from error
+    return names
+
+
+def _unsafe_in_member(name: str, data: bytes, allowed: set[str]) -> list[str]:
+    if data.startswith(ZIP_MAGIC):  # a nested torch.save archive
+        try:
+            referenced = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+        except Exception as error:
+            raise EngineError(f"archive member {name!r} is not a readable torch.save archive: {error}") from error
+        return [g for g in referenced if g not in allowed]
+    if data[:1] == b"\x80":  # a raw pickle (protocol 2+)
+        return [g for g in pickle_globals(data) if g not in allowed and g not in PLAIN_PICKLE_GLOBALS]
+    return []
+
+
+def check_exported_program_archive(path: Path) -> None:
+    """Refuse a .pt2 whose pickled members need globals beyond the allowlist (or that is not a zip)."""
+    if not zipfile.is_zipfile(path):
+        raise EngineError("an exported program (.pt2) must be a zip archive written by torch.export.save")
+    allowed = _torch_safe_globals()
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            with archive.open(info) as member:
+                head = member.read(4)
+            if not (head.startswith(ZIP_MAGIC) or head[:1] == b"\x80"):
+                continue
+            unsafe = _unsafe_in_member(info.filename, archive.read(info), allowed)
+            if unsafe:
+                raise EngineError(
+                    f"the exported program's member {info.filename!r} is a pickle that references globals outside "
+                    f"the allowlist: {sorted(set(unsafe))[:5]}; re-save the program with torch.export.save from "
+                    "plain tensors")
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if qualified in PLAIN_PICKLE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {qualified} is not allowed in an exported program")
+
+
+def _restricted_loads(data: bytes, *args: Any, **kwargs: Any) -> Any:
+    return _RestrictedUnpickler(io.BytesIO(data)).load()
+
+
+@contextlib.contextmanager
+def _weights_only_loading() -> Iterator[None]:
+    """Inside: every torch.load is weights_only=True, and the archive reader's pickle.loads is restricted."""
+    from torch.export.pt2_archive import _package
+
+    original_load = torch.load
+    original_loads = _package.pickle.loads
+
+    def forced_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original_load(*args, **kwargs)
+
+    torch.load = forced_load  # type: ignore[assignment]
+    _package.pickle.loads = _restricted_loads  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original_load
+        _package.pickle.loads = original_loads
+
+
+def load_exported_program(path: Path) -> torch.export.ExportedProgram:
+    """torch.export.load, after the archive check and with pickles restricted to weights."""
+    check_exported_program_archive(path)
+    try:
+        with _weights_only_loading(), open(path, "rb") as handle:
+            return torch.export.load(handle)
+    except EngineError:
+        raise
+    except Exception as error:
+        raise EngineError(f"exported program could not be loaded: {error}") from error
