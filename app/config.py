@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # (resource limits only: an explicit, development-only choice; the worker refuses to start otherwise
     # when bwrap is missing)
     sandbox_isolation: str = "bubblewrap"
+    # each worker slot keeps one sandboxed child started ahead (torch imported, nothing loaded) for its next job
+    warm_sandbox: bool = True
     # how long the worker keeps retrying its database writes (progress, events, the final result) through
     # an outage before giving the attempt up
     database_outage_tolerance_s: float = 300.0

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_ready, worker_shutdown
 
 from app.config import get_settings
 from app.db import session_scope
@@ -98,6 +98,21 @@ def sweep_leftovers() -> None:
 @worker_init.connect
 def _on_init(sender: Any = None, **_: Any) -> None:
     require_isolation()
+
+
+@worker_process_init.connect
+def _on_pool_process_init(**_: Any) -> None:
+    # each pool process (worker slot) starts its first sandbox ahead of its first job
+    from worker.runner import prestart_sandbox
+
+    prestart_sandbox()
+
+
+@worker_process_shutdown.connect
+def _on_pool_process_shutdown(**_: Any) -> None:
+    from worker.runner import discard_warm_sandbox
+
+    discard_warm_sandbox()
 
 
 @worker_ready.connect

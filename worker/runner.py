@@ -26,7 +26,7 @@ from app.config import get_settings
 from app.db import session_scope
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent, JobMetrics, StoredDataset, StoredModel, utcnow
-from worker.sandbox import Limits, run_sandboxed
+from worker.sandbox import Limits, WarmSandbox, run_sandboxed
 
 log = logging.getLogger("modelpress.runner")
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
@@ -71,6 +71,62 @@ def scratch_folder(path: Path) -> Iterator[Path]:
             yield path
         finally:
             shutil.rmtree(path, ignore_errors=True)
+
+
+_warm: WarmSandbox | None = None  # this worker slot's next sandbox, started ahead of its job
+
+
+def slot_limits(threads: int | None = None, wall_seconds: float | None = None) -> Limits:
+    settings = get_settings()
+    return Limits(memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=settings.sandbox_cpu_seconds,
+                  file_bytes=settings.sandbox_file_bytes, open_files=settings.sandbox_open_files,
+                  wall_seconds=wall_seconds or settings.job_soft_time_limit_s,
+                  threads=max(1, threads or settings.worker_threads))
+
+
+def prestart_sandbox() -> None:
+    """Start this slot's next sandbox now, so the next job does not wait for Python and torch to start."""
+    global _warm
+    settings = get_settings()
+    if not settings.warm_sandbox or (_warm is not None and _warm.child.poll() is None):
+        return
+    try:
+        _warm = WarmSandbox(settings.scratch_dir / f"warm-{os.getpid()}-{time.monotonic_ns()}", slot_limits(),
+                            settings.sandbox_isolation)
+    except Exception as error:  # a cold start still works; say why the warm one did not
+        log.warning("could not pre-start a sandbox: %s", error)
+        _warm = None
+
+
+def discard_warm_sandbox() -> None:
+    global _warm
+    if _warm is not None:
+        _warm.discard()
+        _warm = None
+
+
+@contextmanager
+def sandbox_slot(name: str, limits: Limits) -> Iterator[tuple[Path, WarmSandbox | None]]:
+    """A scratch folder for one job, with the pre-started sandbox bound to it when that one fits.
+
+    Either way the folder and its child serve this job only; the next one is pre-started afterwards.
+    """
+    global _warm
+    settings = get_settings()
+    warm, _warm = _warm, None
+    try:
+        if warm is not None and warm.fits(limits, settings.sandbox_isolation):
+            yield warm.folder, warm
+        else:
+            if warm is not None:
+                warm.discard()
+                warm = None
+            with scratch_folder(settings.scratch_dir / name) as folder:
+                yield folder, None
+    finally:
+        if warm is not None:
+            warm.discard()
+        prestart_sandbox()
 
 
 def sweep_scratch(scratch_dir: Path, max_age_s: float) -> list[str]:
@@ -239,8 +295,7 @@ def run_job(job_id: str) -> str:
         return "skipped"
     settings = get_settings()
     try:
-        with scratch_folder(settings.scratch_dir / f"{job_id}-{attempt}") as scratch:
-            status = _run_claimed(job_id, attempt, scratch)
+        status = _run_claimed(job_id, attempt)
     except SoftTimeLimitExceeded:  # the sandboxed child is already killed (run_sandboxed's finally)
         log.warning("job %s ran past its time limit", job_id)
         finish_failed(job_id, attempt, {"error": "TimeLimitExceeded",
@@ -287,7 +342,17 @@ def notify_webhook(job_id: str) -> None:
         session.add(JobEvent(job_id=job_id, kind="webhook", data=outcome))
 
 
-def _run_claimed(job_id: str, attempt: int, scratch: Path) -> str:
+def _run_claimed(job_id: str, attempt: int) -> str:
+    settings = get_settings()
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        threads = job.spec.get("target", {}).get("threads", settings.worker_threads)
+    with sandbox_slot(f"{job_id}-{attempt}", slot_limits(threads)) as (scratch, warm):
+        return _run_in_slot(job_id, attempt, scratch, warm)
+
+
+def _run_in_slot(job_id: str, attempt: int, scratch: Path, warm: WarmSandbox | None) -> str:
     settings = get_settings()
     inputs = scratch / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
@@ -319,12 +384,9 @@ def _run_claimed(job_id: str, attempt: int, scratch: Path) -> str:
         "seed": spec.get("seed", 0),
         "threads": spec.get("target", {}).get("threads", settings.worker_threads),
     }
-    limits = Limits(memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=settings.sandbox_cpu_seconds,
-                    file_bytes=settings.sandbox_file_bytes, open_files=settings.sandbox_open_files,
-                    wall_seconds=settings.job_soft_time_limit_s, threads=max(1, request["threads"]))
     monitor = JobMonitor(job_id, attempt)
-    outcome = run_sandboxed("job", request, scratch, limits, on_message=monitor.on_message,
-                            should_stop=monitor.should_stop, isolation=settings.sandbox_isolation)
+    outcome = run_sandboxed("job", request, scratch, slot_limits(request["threads"]), on_message=monitor.on_message,
+                            should_stop=monitor.should_stop, isolation=settings.sandbox_isolation, warm=warm)
     if outcome.stopped:
         if monitor.fenced:
             log.warning("job %s attempt %s was taken over; dropping its result", job_id, attempt)
@@ -392,15 +454,18 @@ def _store_result(job_id: str, attempt: int, tenant_id: str, artifact_path: Path
 def inspect_model(model_id: str) -> str:
     """Inspect an upload in the sandbox and mark it ready or rejected."""
     settings = get_settings()
-    limits = Limits(memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=300, file_bytes=settings.sandbox_file_bytes,
-                    open_files=settings.sandbox_open_files, wall_seconds=300)
-    with scratch_folder(settings.scratch_dir / f"inspect-{model_id}") as scratch:
+    limits = slot_limits(wall_seconds=300)
+    with session_scope() as session:
+        model = session.get(StoredModel, model_id)
+        if model is None or model.status != "pending":
+            return "skipped"
+    with sandbox_slot(f"inspect-{model_id}", limits) as (scratch, warm):
         with session_scope() as session:
             model = session.get(StoredModel, model_id)
-            if model is None or model.status != "pending":
-                return "skipped"
+            if model is None:
+                return "gone"
             ref = _model_ref(model, scratch)
-        outcome = run_sandboxed("inspect", ref, scratch, limits, isolation=settings.sandbox_isolation)
+        outcome = run_sandboxed("inspect", ref, scratch, limits, isolation=settings.sandbox_isolation, warm=warm)
 
     def record() -> str:
         with session_scope() as session:

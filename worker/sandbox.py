@@ -22,6 +22,7 @@ machines without bubblewrap and must be chosen explicitly
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import os
 import queue
@@ -188,14 +189,53 @@ def _describe_exit(code: int, limits: Limits) -> str:
     return f"exited with status {code}"
 
 
+class WarmSandbox:
+    """A sandboxed child started ahead of its job: torch is imported, the boundary is up, nothing is loaded.
+
+    It is bound to its own fresh scratch folder and serves exactly one job (or inspection); the next job gets
+    a new one. So a warm start changes when the child is made, never what it can see.
+    """
+
+    def __init__(self, folder: Path, limits: Limits, isolation: str) -> None:
+        self.folder, self.limits, self.isolation = folder.resolve(), limits, isolation
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # held while the folder is in use: the scratch sweeper skips locked folders
+        self._lock = open(self.folder / ".in-use", "w")
+        import fcntl
+
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        environment = _clean_environment(self.folder, limits.threads)
+        command = [sys.executable, "-m", "worker.sandbox", "--warm"]
+        if isolation == "bubblewrap":
+            command = bubblewrap_command(self.folder, environment) + command
+        with open(self.folder / "stderr.log", "wb") as stderr:
+            self.child = subprocess.Popen(command, cwd=self.folder, env=environment, stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=stderr, preexec_fn=_apply_limits(limits))
+
+    def fits(self, limits: Limits, isolation: str) -> bool:
+        """Alive, and started with the same process limits (the wall clock is the supervisor's, not the child's)."""
+        same_limits = dataclasses.replace(self.limits, wall_seconds=0) == dataclasses.replace(limits, wall_seconds=0)
+        return self.child.poll() is None and same_limits and self.isolation == isolation
+
+    def discard(self) -> None:
+        """Stop the child (if it still waits) and remove its folder."""
+        if self.child.poll() is None:
+            _kill_group(self.child)
+            self.child.wait()
+        self._lock.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def run_sandboxed(mode: str, request: dict[str, Any], scratch: Path, limits: Limits, *,
                   on_message: Callable[[dict[str, Any]], None] = lambda m: None,
                   should_stop: Callable[[], bool] = lambda: False, poll_s: float = 1.0,
-                  isolation: str = "bubblewrap", read_only: Sequence[Path] = ()) -> SandboxOutcome:
+                  isolation: str = "bubblewrap", read_only: Sequence[Path] = (),
+                  warm: WarmSandbox | None = None) -> SandboxOutcome:
     """Run `worker.sandbox` in an isolated, limited child; `should_stop` is polled and kills the child when true.
 
     `scratch` is the child's only writable folder and its working directory; input files must be inside it
-    or listed in `read_only`. Whatever ends this call (a result, a timeout, a cancel, or an exception such as
+    or listed in `read_only`. With `warm`, the job runs in that pre-started child, whose folder must be
+    `scratch` (`read_only` is then not available). Whatever ends this call (a result, a timeout, a cancel, or an exception such as
     Celery's soft time limit raised in this thread) kills the child's whole process tree before returning.
     """
     scratch = scratch.resolve()
@@ -204,15 +244,26 @@ def run_sandboxed(mode: str, request: dict[str, Any], scratch: Path, limits: Lim
     request_path.write_text(json.dumps(request))
     result_path.unlink(missing_ok=True)
     stderr_path = scratch / "stderr.log"
-    environment = _clean_environment(scratch, limits.threads)
-    command = [sys.executable, "-m", "worker.sandbox", mode, str(request_path), str(result_path)]
-    if isolation == "bubblewrap":
-        command = bubblewrap_command(scratch, environment, read_only) + command
-    elif isolation != "none":
-        raise SandboxUnavailable(f"unknown sandbox isolation {isolation!r}")
-    with open(stderr_path, "wb") as stderr:
-        child = subprocess.Popen(command, cwd=scratch, env=environment, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=stderr, preexec_fn=_apply_limits(limits))
+    if warm is not None:
+        if warm.folder != scratch or read_only or not warm.fits(limits, isolation):
+            raise ValueError("a warm sandbox serves only its own folder, limits and isolation")
+        child = warm.child
+        assert child.stdin is not None
+        try:
+            child.stdin.write((json.dumps([mode, str(request_path), str(result_path)]) + "\n").encode())
+            child.stdin.close()
+        except BrokenPipeError:
+            pass  # it died while waiting: the supervision below reports how
+    else:
+        environment = _clean_environment(scratch, limits.threads)
+        command = [sys.executable, "-m", "worker.sandbox", mode, str(request_path), str(result_path)]
+        if isolation == "bubblewrap":
+            command = bubblewrap_command(scratch, environment, read_only) + command
+        elif isolation != "none":
+            raise SandboxUnavailable(f"unknown sandbox isolation {isolation!r}")
+        with open(stderr_path, "wb") as stderr:
+            child = subprocess.Popen(command, cwd=scratch, env=environment, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=stderr, preexec_fn=_apply_limits(limits))
     try:
         return _supervise(child, limits, result_path, stderr_path, on_message, should_stop, poll_s)
     finally:
@@ -326,5 +377,22 @@ def _child_main(mode: str, request_path: str, result_path: str) -> int:
     return 0
 
 
+def _warm_main() -> int:
+    """Pay the interpreter start and the torch import before the job exists, then serve exactly one job."""
+    import torch  # noqa: F401
+
+    import worker.compression.inspect  # noqa: F401
+    import worker.compression.pipeline  # noqa: F401
+
+    _emit({"type": "warm"})
+    line = sys.stdin.readline()
+    if not line:
+        return 0  # the supervisor let us go unused
+    mode, request_path, result_path = json.loads(line)
+    return _child_main(mode, request_path, result_path)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--warm"]:
+        sys.exit(_warm_main())
     sys.exit(_child_main(sys.argv[1], sys.argv[2], sys.argv[3]))

@@ -230,3 +230,54 @@ def test_a_worker_without_bubblewrap_refuses_to_start(tmp_path: Path) -> None:
     assert done.returncode != 0, output[-2000:]
     assert "apt-get install bubblewrap" in output
     assert "MODELPRESS_SANDBOX_ISOLATION=none" in output
+
+
+def _tiny_job(folder: Path) -> dict:
+    torch.jit.save(torch.jit.script(nn.Sequential(nn.Linear(8, 4))), str(folder / "m.pt"))
+    return {"model": {"path": str(folder / "m.pt"), "format": "torchscript"},
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+            "artifact_path": str(folder / "artifact.bin"), "example_input_shape": [1, 8]}
+
+
+def test_a_warm_sandbox_serves_one_job_and_the_next_job_gets_a_fresh_one(tmp_path: Path) -> None:
+    from worker.sandbox import WarmSandbox
+
+    first = WarmSandbox(tmp_path / "warm-1", LIMITS, "bubblewrap")
+    first_outcome = run_sandboxed("job", _tiny_job(first.folder), first.folder, LIMITS, warm=first)
+    assert first_outcome.ok, first_outcome.error
+    assert first.child.poll() is not None  # it exited after its one job
+    (first.folder / "left-by-job-1").write_text("job 1 was here")
+    first.discard()
+    assert not first.folder.exists()
+    second = WarmSandbox(tmp_path / "warm-2", LIMITS, "bubblewrap")
+    try:
+        assert second.child.pid != first.child.pid
+        second_outcome = run_sandboxed("job", _tiny_job(second.folder), second.folder, LIMITS, warm=second)
+        assert second_outcome.ok, second_outcome.error
+        assert not (second.folder / "left-by-job-1").exists()
+        assert first_outcome.result is not None and second_outcome.result is not None
+        assert (second_outcome.result["metrics"]["compressed"]["size_bytes"]
+                == first_outcome.result["metrics"]["compressed"]["size_bytes"])
+    finally:
+        second.discard()
+
+
+def test_a_cancelled_job_in_a_warm_sandbox_and_an_unused_warm_sandbox_leave_no_process(tmp_path: Path) -> None:
+    from worker.sandbox import WarmSandbox
+
+    warm = WarmSandbox(tmp_path / "warm-cancel", LIMITS, "bubblewrap")
+    scratch = tmp_path / "job-loop"
+    scratch.mkdir()
+    _looping_model(warm.folder / "loop.pt")
+    request = {"model": {"path": str(warm.folder / "loop.pt"), "format": "torchscript"},
+               "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+               "artifact_path": str(warm.folder / "out.pt"), "example_input_shape": [1, 4]}
+    started = time.monotonic()
+    outcome = run_sandboxed("job", request, warm.folder, LIMITS, warm=warm,
+                            should_stop=lambda: time.monotonic() - started > 5, poll_s=0.5)
+    assert outcome.stopped
+    warm.discard()
+    unused = WarmSandbox(tmp_path / "warm-unused", LIMITS, "bubblewrap")
+    unused.discard()
+    time.sleep(2)
+    assert _sandbox_processes(str(tmp_path)) == []
