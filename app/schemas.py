@@ -15,7 +15,7 @@ JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # be allocated on a worker, and sizes like 2^80 overflow torch's int64 arithmetic.
 MAX_INPUT_ELEMENTS = 2**31
 ShapeSize = Annotated[int, Field(ge=1, le=MAX_INPUT_ELEMENTS)]
-Identifier = Annotated[str, Field(min_length=1, max_length=64)]
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
 class ErrorBody(BaseModel):
@@ -72,7 +72,7 @@ class JobCreate(BaseModel):
     model_id: Identifier
     # the length is checked before any stage is looked at, so a huge list costs no per-stage work
     stages: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_STAGES)
-    preset: Annotated[str, Field(max_length=64)] | None = None
+    preset: Identifier | None = None
     search: dict[str, Any] | None = None
     dataset_id: Identifier | None = None
     eval_dataset_id: Identifier | None = None
