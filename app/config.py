@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -25,7 +26,17 @@ class Settings(BaseSettings):
     max_queued_jobs_per_tenant: int = 100
     max_stored_bytes_per_tenant: int = 50 * 1024**3
     rate_limit_per_minute: int = 600
+    # requests with a missing or unknown API key, per client address (limits key guessing)
+    rate_limit_invalid_keys_per_minute: int = 30
+    # where the rate limit keeps its counters so all API processes share them; default: the
+    # broker URL when that is Redis, else an in-process limit
+    redis_url: str | None = None
     cors_origins: list[str] = Field(default_factory=list)
+    # host names webhooks may reach even though they resolve to internal addresses
+    # (comma-separated or a JSON list); every other loopback/private/link-local target is refused
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # partial uploads in <data_dir>/incoming untouched for this long are removed (at start and hourly)
+    incoming_max_age_s: float = 6 * 3600
 
     # artifacts of jobs finished longer ago than this are removed by `modelpress cleanup`
     artifact_retention_days: int | None = None
@@ -64,6 +75,26 @@ class Settings(BaseSettings):
     s3_addressing_style: str | None = None
     s3_multipart_threshold_bytes: int = 64 * 1024**2
     s3_multipart_chunk_bytes: int = 16 * 1024**2
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _host_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @property
+    def rate_limit_redis_url(self) -> str | None:
+        if self.redis_url:
+            return self.redis_url
+        if self.broker_url and self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return None
 
     @property
     def resolved_database_url(self) -> str:

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app.auth import tenant_for_key
 from app.db import session_scope
 from app.errors import Unauthorized
-from app.ratelimit import check_rate
+from app.ratelimit import check_bad_key_budget, check_rate, record_bad_key
 from app.tables import Tenant
 
 
@@ -22,11 +22,16 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_tenant(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Tenant:
+def get_tenant(request: Request, session: SessionDep,
+               authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    address = request.client.host if request.client else "unknown"
+    check_bad_key_budget(address)  # key guessing: an address with too many bad keys is not even looked up
     if not authorization or not authorization.lower().startswith("bearer "):
+        record_bad_key(address)
         raise Unauthorized("send 'Authorization: Bearer <api key>'")
     tenant = tenant_for_key(session, authorization[7:].strip())
     if tenant is None:
+        record_bad_key(address)
         raise Unauthorized("the API key is unknown or revoked")
     check_rate(tenant.id)
     if session.get_bind().dialect.name == "sqlite":

@@ -17,6 +17,7 @@ from app.outbox import enqueue
 from app.resources import get_dataset, get_model, get_owned
 from app.schemas import ArtifactRead, JobCreate, JobRead
 from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
+from app.workers import max_train_devices
 from modelpress.catalog import JobFacts, SpecError, expand_preset, validate_stages
 from worker.celery_app import RUN_JOB
 
@@ -51,7 +52,8 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
         facts = JobFacts(model_format=model.format, device=job_in.target.device,
                          has_dataset=dataset is not None,
                          dataset_has_labels=_dataset_has_labels(dataset.info if dataset else None),
-                         eval_has_labels=_dataset_has_labels(evaluation.info if evaluation else None))
+                         eval_has_labels=_dataset_has_labels(evaluation.info if evaluation else None),
+                         max_train_devices=max_train_devices(session, job_in.target.device))
         validated = validate_stages(stages, facts)
     except SpecError as error:
         raise Invalid(str(error)) from error
@@ -131,6 +133,9 @@ def create_job(session: Session, *, tenant: Tenant, job_in: JobCreate, idempoten
                 raise Invalid("this Idempotency-Key was used with a different request body")
             return existing, None
     spec = validate_job(session, tenant, job_in)
+    # Count and insert under a lock on the tenant's row, so concurrent submits cannot all see room
+    # for one more job (Postgres; SQLite already runs one writer at a time, and ignores FOR UPDATE).
+    session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
     active = session.scalar(select(func.count()).select_from(Job).where(
         Job.tenant_id == tenant.id, Job.status.in_(("queued", "running"))))
     limit = get_settings().max_queued_jobs_per_tenant

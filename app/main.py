@@ -1,6 +1,7 @@
 """The FastAPI application: routers, error handlers, middleware, background relay."""
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,8 +17,10 @@ from app.observability import RequestMetrics
 from app.outbox import BackgroundLoop, relay_once
 from app.reconciler import reconcile_once
 from app.routes import jobs, models, ops
+from app.uploads import SWEEP_INTERVAL_S, sweep_incoming
 
 UI_DIR = Path(__file__).parent / "ui"
+log = logging.getLogger(__name__)
 RELAY_INTERVAL_S = 2.0
 
 
@@ -28,12 +31,19 @@ def _background_work() -> None:
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    loop = BackgroundLoop("outbox-relay", RELAY_INTERVAL_S, _background_work)
-    loop.start()
+    try:
+        sweep_incoming()  # partial uploads a crashed API process left behind
+    except OSError:
+        log.exception("could not sweep the uploads folder at start")
+    loops = [BackgroundLoop("outbox-relay", RELAY_INTERVAL_S, _background_work),
+             BackgroundLoop("incoming-sweep", SWEEP_INTERVAL_S, sweep_incoming)]
+    for loop in loops:
+        loop.start()
     try:
         yield
     finally:
-        loop.stop()
+        for loop in loops:
+            loop.stop()
 
 
 def create_app() -> FastAPI:

@@ -1,29 +1,106 @@
-"""Per-tenant rate limit: a token bucket per API process (429 with Retry-After)."""
+"""Rate limits (429 with Retry-After): per tenant, and per client address for requests with bad keys.
+
+Counted in one-minute windows with the sliding-window estimate (this window's count plus the
+previous window's, weighted by how much of it still overlaps the last 60 s). With Redis
+configured (MODELPRESS_REDIS_URL, or a redis:// broker URL) the counters live in Redis, so
+every API process shares them; otherwise, or while Redis does not answer, each process counts
+on its own.
+
+Bad keys: an address that sent more than MODELPRESS_RATE_LIMIT_INVALID_KEYS_PER_MINUTE requests
+with a missing or unknown key gets 429 before its key is even looked up, so keys cannot be
+guessed faster than that (a valid key from that address waits out the window too).
+"""
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
+from functools import lru_cache
+from typing import Any
 
 from app.config import get_settings
 from app.errors import RateLimited
 
+WINDOW_S = 60
+_PREFIX = "modelpress:rate"
+log = logging.getLogger(__name__)
+
 _lock = threading.Lock()
-_buckets: dict[str, tuple[float, float]] = {}
+# in-process counters: key -> {window number: count}; only the current and previous windows are kept
+_buckets: dict[str, dict[int, int]] = {}
+
+
+@lru_cache(maxsize=4)
+def _redis(url: str) -> Any:
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+
+def _local(key: str, window: int, add: int) -> tuple[int, int]:
+    with _lock:
+        counts = _buckets.setdefault(key, {})
+        for old in [w for w in counts if w < window - 1]:
+            del counts[old]
+        counts[window] = counts.get(window, 0) + add
+        return counts[window], counts.get(window - 1, 0)
+
+
+def _counts(key: str, window: int, add: int) -> tuple[int, int]:
+    """(this window's count after adding `add`, the previous window's count)."""
+    url = get_settings().rate_limit_redis_url
+    if url:
+        current_key, previous_key = f"{_PREFIX}:{key}:{window}", f"{_PREFIX}:{key}:{window - 1}"
+        try:
+            pipe = _redis(url).pipeline(transaction=False)
+            if add:
+                pipe.incrby(current_key, add)
+                pipe.expire(current_key, 2 * WINDOW_S)
+            else:
+                pipe.get(current_key)
+            pipe.get(previous_key)
+            replies = pipe.execute()
+            return int(replies[0] or 0), int(replies[-1] or 0)
+        except Exception as error:  # a rate limiter must not take the API down with Redis
+            log.warning("rate limit falls back to this process: Redis did not answer (%s)", error)
+    return _local(key, window, add)
+
+
+def _estimate(key: str, add: int) -> tuple[float, float]:
+    """The requests of the last minute for `key` (sliding estimate) and seconds left in this window."""
+    now = time.time()
+    window = int(now // WINDOW_S)
+    elapsed = now - window * WINDOW_S
+    current, previous = _counts(key, window, add)
+    return current + previous * (1.0 - elapsed / WINDOW_S), WINDOW_S - elapsed
+
+
+def _refuse(what: str, per_minute: int, wait_s: float) -> RateLimited:
+    wait = max(1, math.ceil(wait_s))
+    return RateLimited(f"more than {per_minute} {what} a minute; retry in {wait} s", headers={"Retry-After": str(wait)})
 
 
 def check_rate(tenant_id: str) -> None:
+    """Count one request of the tenant; 429 when it is over MODELPRESS_RATE_LIMIT_PER_MINUTE."""
     per_minute = get_settings().rate_limit_per_minute
     if per_minute <= 0:
         return
-    rate = per_minute / 60.0
-    now = time.monotonic()
-    with _lock:
-        tokens, last = _buckets.get(tenant_id, (float(per_minute), now))
-        tokens = min(float(per_minute), tokens + (now - last) * rate)
-        if tokens < 1.0:
-            _buckets[tenant_id] = (tokens, now)
-            wait = math.ceil((1.0 - tokens) / rate)
-            raise RateLimited(f"more than {per_minute} requests a minute; retry in {wait} s",
-                              headers={"Retry-After": str(wait)})
-        _buckets[tenant_id] = (tokens - 1.0, now)
+    used, wait_s = _estimate(f"tenant:{tenant_id}", 1)
+    if used > per_minute:
+        raise _refuse("requests", per_minute, wait_s)
+
+
+def check_bad_key_budget(address: str) -> None:
+    """Before a key is looked up: 429 when this address already spent its bad-key budget."""
+    per_minute = get_settings().rate_limit_invalid_keys_per_minute
+    if per_minute <= 0:
+        return
+    used, wait_s = _estimate(f"badkey:{address}", 0)
+    if used >= per_minute:
+        raise _refuse("requests with a missing or unknown API key", per_minute, wait_s)
+
+
+def record_bad_key(address: str) -> None:
+    if get_settings().rate_limit_invalid_keys_per_minute > 0:
+        _estimate(f"badkey:{address}", 1)

@@ -1,12 +1,21 @@
 """Request and response shapes of the v1 API (see shared API.md)."""
 from __future__ import annotations
 
+import math
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+from app.webhooks import WebhookRefused, check_webhook_url
+from modelpress.options import MAX_SEED, MAX_STAGES, object_size_problem
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# One example input may hold at most this many elements (8 GiB as float32): larger shapes cannot
+# be allocated on a worker, and sizes like 2^80 overflow torch's int64 arithmetic.
+MAX_INPUT_ELEMENTS = 2**31
+ShapeSize = Annotated[int, Field(ge=1, le=MAX_INPUT_ELEMENTS)]
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
 class ErrorBody(BaseModel):
@@ -60,18 +69,48 @@ class JobCreate(BaseModel):
         "stages": [{"method": "prune", "scheme": "l1_unstructured", "amount": 0.8},
                    {"method": "quantize", "scheme": "dynamic_int8"}],
         "example_input_shape": [1, 64], "target": {"device": "cpu"}, "output_format": "torchscript"}]})
-    model_id: str
-    stages: list[dict[str, Any]] = Field(default_factory=list)
-    preset: str | None = None
+    model_id: Identifier
+    # the length is checked before any stage is looked at, so a huge list costs no per-stage work
+    stages: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_STAGES)
+    preset: Identifier | None = None
     search: dict[str, Any] | None = None
-    dataset_id: str | None = None
-    eval_dataset_id: str | None = None
-    example_input_shape: list[int] | None = Field(None, min_length=1, max_length=8)
+    dataset_id: Identifier | None = None
+    eval_dataset_id: Identifier | None = None
+    example_input_shape: list[ShapeSize] | None = Field(
+        None, min_length=1, max_length=8,
+        description=f"sizes >= 1; their product (elements of one example batch) <= {MAX_INPUT_ELEMENTS}")
     target: Target = Field(default_factory=Target)
     output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict"] | None = None
-    webhook_url: AnyHttpUrl | None = Field(None, description="POSTed the job summary when it finishes")
+    webhook_url: AnyHttpUrl | None = Field(
+        None, max_length=2048,
+        description="POSTed the job summary when it finishes; loopback, private, link-local and other internal "
+                    "addresses are refused (at submit and, after resolving the host, at send)")
     priority: int = Field(5, ge=0, le=9, description="0..9, 9 runs first")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @field_validator("example_input_shape")
+    @classmethod
+    def _bounded_product(cls, shape: list[int] | None) -> list[int] | None:
+        if shape is not None and math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"the product of the sizes must be <= {MAX_INPUT_ELEMENTS}, got {math.prod(shape)}")
+        return shape
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _public_webhook(cls, url: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        if url is not None:
+            try:
+                check_webhook_url(str(url))
+            except WebhookRefused as refusal:
+                raise ValueError(f"webhook refused: {refusal}") from None
+        return url
+
+    @field_validator("search")
+    @classmethod
+    def _bounded_search(cls, search: dict[str, Any] | None) -> dict[str, Any] | None:
+        if search is not None and (problem := object_size_problem(search, "search")):
+            raise ValueError(problem)
+        return search
 
 
 class ArtifactRead(BaseModel):

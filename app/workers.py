@@ -57,3 +57,17 @@ def device_problem(session: Any, device: str) -> str | None:
         return f"no live worker can run a job on device {device!r}: no worker has sent a heartbeat " \
                f"in the last {stale_after_s():g} s"
     return f"no live worker can run a job on device {device!r}: live workers offer devices {devices}"
+
+
+def max_train_devices(session: Any, device: str) -> int | None:
+    """The most data-parallel training processes one live worker offers on `device` (CUDA devices, or CPU
+    cores), or None when no live worker reports it (train.devices is then only held to its fixed bound)."""
+    counts = []
+    for worker in live_workers(session):
+        caps = worker.capabilities or {}
+        if device not in caps.get("devices", []):
+            continue
+        count = (caps.get("cuda") or {}).get("count") if device == "cuda" else caps.get("cpu_count")
+        if isinstance(count, int) and count >= 1:
+            counts.append(count)
+    return max(counts) if counts else None

@@ -7,8 +7,13 @@ definitions, so the three can never disagree.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from modelpress.options import MAX_STAGES, OPTION_MODELS, first_problem, object_size_problem
 
 OptionKind = Literal["float", "int", "bool", "str", "str_list", "object", "str_or_object"]
 Device = Literal["cpu", "cuda"]
@@ -40,6 +45,8 @@ class OptionSpec:
         if self.kind == "float":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise SpecError(f"{label} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise SpecError(f"{label} must be a finite number, got {value!r}")
         elif self.kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
                 raise SpecError(f"{label} must be an integer, got {value!r}")
@@ -47,8 +54,8 @@ class OptionSpec:
             if not isinstance(value, bool):
                 raise SpecError(f"{label} must be true or false, got {value!r}")
         elif self.kind == "str":
-            if not isinstance(value, str):
-                raise SpecError(f"{label} must be a string, got {value!r}")
+            if not isinstance(value, str) or len(value) > 256:
+                raise SpecError(f"{label} must be a string of at most 256 characters, got {value!r:.80}")
         elif self.kind == "str_list":
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise SpecError(f"{label} must be a list of strings")
@@ -68,6 +75,15 @@ class OptionSpec:
                     raise SpecError(f"{label} must be {bound} {self.maximum}, got {value}")
         if self.choices is not None and value not in self.choices:
             raise SpecError(f"{label} must be one of {list(self.choices)}, got {value!r}")
+        if self.kind in ("str_list", "object", "str_or_object"):
+            if problem := object_size_problem(value, label):
+                raise SpecError(problem)
+        model = OPTION_MODELS.get(self.name)
+        if model is not None and isinstance(value, dict):
+            try:
+                model.model_validate(value)
+            except ValidationError as error:
+                raise SpecError(first_problem(error, label)) from None
 
 
 @dataclass(frozen=True)
@@ -115,7 +131,7 @@ SCHEMES: tuple[SchemeSpec, ...] = (
     SchemeSpec("prune", "ln_structured",
                "remove whole output channels / neurons by their Ln norm; shapes shrink",
                ("cpu", "cuda"), input_formats=EAGER_FORMATS,
-               options=_PRUNE_COMMON + (OptionSpec("norm", "float", 2.0, 1.0, None),),
+               options=_PRUNE_COMMON + (OptionSpec("norm", "float", 2.0, 1.0, 100.0),),
                library="torch-pruning (dependency graph)"),
     SchemeSpec("prune", "nm_semi_structured", "N of every M weights along the input dimension (2:4)",
                ("cpu", "cuda"),
@@ -240,6 +256,8 @@ class JobFacts:
     eval_has_labels: bool = False
     compute_capability: float | None = None
     live_devices: tuple[str, ...] | None = None
+    # the most training processes (train.devices) one live worker can run, when workers are known
+    max_train_devices: int | None = None
 
 
 @dataclass
@@ -252,6 +270,8 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
     """Check every stage against the catalogue and against the stages before it."""
     if not stages:
         raise SpecError("a job needs at least one stage")
+    if len(stages) > MAX_STAGES:
+        raise SpecError(f"stages: a job has at most {MAX_STAGES} stages, got {len(stages)}")
     validated: list[ValidatedStage] = []
     current_format = facts.model_format
     quantized_by: str | None = None
@@ -260,6 +280,24 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
         if not isinstance(stage, dict) or "method" not in stage:
             raise SpecError(f"{where} needs a 'method'")
         spec = find_scheme(stage["method"], stage.get("scheme"))
+        # the options' own types and bounds first, so a bad value is named even when the job
+        # cannot run for another reason too
+        known = {o.name: o for o in spec.options}
+        options: dict[str, Any] = {}
+        for key, value in stage.items():
+            if key in ("method", "scheme"):
+                continue
+            if key not in known:
+                raise SpecError(f"{where}: unknown option {key!r} for {spec.method}/{spec.name}; "
+                                f"options: {sorted(known)}")
+            if value is not None:
+                known[key].validate(value, where)
+            elif known[key].default is not None:
+                raise SpecError(f"{where}.{key} must not be null (leave it out for the default "
+                                f"{known[key].default!r})")
+            options[key] = value
+        for option in spec.options:
+            options.setdefault(option.name, option.default)
         if facts.device not in spec.devices:
             raise SpecError(f"{where}: scheme {spec.name!r} runs on {list(spec.devices)}, not on {facts.device!r}")
         if (spec.min_compute_capability and facts.compute_capability is not None
@@ -275,19 +313,6 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
                 f"exported program); a {current_format} model cannot be changed that way")
         if spec.needs_labels and not facts.dataset_has_labels:
             raise SpecError(f"{where}: scheme {spec.name!r} needs a dataset with labels")
-        known = {o.name: o for o in spec.options}
-        options: dict[str, Any] = {}
-        for key, value in stage.items():
-            if key in ("method", "scheme"):
-                continue
-            if key not in known:
-                raise SpecError(f"{where}: unknown option {key!r} for {spec.method}/{spec.name}; "
-                                f"options: {sorted(known)}")
-            if value is not None:
-                known[key].validate(value, where)
-            options[key] = value
-        for option in spec.options:
-            options.setdefault(option.name, option.default)
         _validate_nested(spec, options, facts, where)
         if spec.quantizes and quantized_by is None:
             quantized_by = str(index)
@@ -296,23 +321,21 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
 
 
 def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts, where: str) -> None:
-    schedule = options.get("schedule")
-    if schedule:
-        if not facts.has_dataset:
-            raise SpecError(f"{where}.schedule: gradual pruning fine-tunes, so it needs a dataset_id with labels")
-        steps = schedule.get("steps", 1)
-        epochs = schedule.get("finetune_epochs", 1)
-        if not isinstance(steps, int) or not 1 <= steps <= 100:
-            raise SpecError(f"{where}.schedule.steps must be an integer in [1, 100]")
-        if not isinstance(epochs, int) or not 0 <= epochs <= 1000:
-            raise SpecError(f"{where}.schedule.finetune_epochs must be an integer in [0, 1000]")
-    layers = options.get("layers")
-    if layers:
-        for key, value in layers.items():
-            if key not in ("include", "exclude"):
-                raise SpecError(f"{where}.layers accepts 'include' and 'exclude', not {key!r}")
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise SpecError(f"{where}.layers.{key} must be a list of glob patterns")
+    # the shapes and bounds of schedule, layers, train and candidates were checked by OptionSpec.validate
+    if options.get("schedule") and not facts.has_dataset:
+        raise SpecError(f"{where}.schedule: gradual pruning fine-tunes, so it needs a dataset_id with labels")
+    devices = (options.get("train") or {}).get("devices")
+    if isinstance(devices, int) and facts.max_train_devices is not None and devices > facts.max_train_devices:
+        raise SpecError(f"{where}.train.devices is {devices}, but the largest live worker runs at most "
+                        f"{facts.max_train_devices} training processes on {facts.device!r}")
+    recipes = (options.get("candidates") or {}).get("recipes") or []
+    for number, recipe in enumerate(recipes):
+        if any(isinstance(stage, dict) and stage.get("method") == "search" for stage in recipe):
+            raise SpecError(f"{where}.candidates.recipes[{number}]: a search recipe cannot hold a search")
+        try:
+            validate_stages(recipe, facts)
+        except SpecError as error:
+            raise SpecError(f"{where}.candidates.recipes[{number}]: {error}") from None
     if spec.name == "nm_semi_structured" and options["n"] >= options["m"]:
         raise SpecError(f"{where}: n must be smaller than m, got {options['n']}:{options['m']}")
     if spec.method == "search":

@@ -102,7 +102,8 @@ def service_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     applied: dict[str, str] = {}
 
     def apply(**overrides: str) -> dict[str, str]:
-        env = {"MODELPRESS_DATA_DIR": str(tmp_path / "data"), "MODELPRESS_RATE_LIMIT_PER_MINUTE": "100000"}
+        env = {"MODELPRESS_DATA_DIR": str(tmp_path / "data"), "MODELPRESS_RATE_LIMIT_PER_MINUTE": "100000",
+               "MODELPRESS_RATE_LIMIT_INVALID_KEYS_PER_MINUTE": "100000"}
         env.update({f"MODELPRESS_{k.upper()}": v for k, v in overrides.items()})
         for key, value in env.items():
             monkeypatch.setenv(key, value)

@@ -316,7 +316,7 @@ WEBHOOK_ATTEMPTS = 3
 
 def notify_webhook(job_id: str) -> None:
     """POST the finished job's summary to its webhook_url, with a few retries; the outcome is an event."""
-    import httpx
+    from app.webhooks import deliver
 
     with session_scope() as session:
         job = session.get(Job, job_id)
@@ -330,13 +330,18 @@ def notify_webhook(job_id: str) -> None:
                 "speedup": metrics.speedup if metrics else None}
     outcome: dict[str, Any] = {"url": url}
     for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
-        try:
-            response = httpx.post(url, json=body, timeout=5.0, headers={"User-Agent": "ModelPress-Webhook/1"})
-            outcome.update(status_code=response.status_code, attempts=attempt)
-            if response.status_code < 500:
+        # the SSRF guard: resolves the host, refuses internal addresses, pins the vetted one
+        delivery = deliver(url, body, timeout=5.0)
+        outcome["attempts"] = attempt
+        if delivery.refused is not None:
+            outcome["refused"] = delivery.refused
+            break
+        if delivery.status_code is not None:
+            outcome["status_code"] = delivery.status_code
+            if delivery.status_code < 500:
                 break
-        except httpx.HTTPError as error:
-            outcome.update(error=str(error)[:200], attempts=attempt)
+        else:
+            outcome["error"] = delivery.error
         time.sleep(0.5 * 2**attempt)
     with session_scope() as session:
         session.add(JobEvent(job_id=job_id, kind="webhook", data=outcome))

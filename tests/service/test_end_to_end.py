@@ -72,7 +72,8 @@ def production(make_postgres_database, redis_url, service_env, tmp_path) -> Iter
 def embedded(service_env, tmp_path) -> Iterator[Service]:  # type: ignore[no-untyped-def]
     from app.migrate import upgrade
 
-    env = service_env()
+    # the webhook check posts to a listener on loopback, which only an allowed host may reach
+    env = service_env(webhook_allowed_hosts="127.0.0.1")
     upgrade()
     yield from start_service(env, tmp_path)
 
