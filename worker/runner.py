@@ -25,7 +25,8 @@ from worker.sandbox import Limits, run_sandboxed
 log = logging.getLogger("modelpress.runner")
 WORKER_NAME = f"{socket.gethostname()}:{__import__('os').getpid()}"
 PROGRESS_WRITE_INTERVAL_S = 0.5
-EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt"}
+EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt",
+              "onnx": "onnx", "executorch": "pte"}
 
 
 def claim_job(job_id: str) -> int | None:
@@ -208,6 +209,7 @@ def _run_claimed(job_id: str, attempt: int, scratch: Path) -> str:
         "extra_models": extra,
         "seed": spec.get("seed", 0),
         "threads": spec.get("target", {}).get("threads", settings.worker_threads),
+        "runtime": spec.get("target", {}).get("runtime", "torch"),
     }
     limits = Limits(memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=settings.sandbox_cpu_seconds,
                     file_bytes=settings.sandbox_file_bytes, open_files=settings.sandbox_open_files,
