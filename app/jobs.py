@@ -18,7 +18,7 @@ from app.resources import get_dataset, get_model, get_owned
 from app.schemas import ArtifactRead, JobCreate, JobRead
 from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
 from app.workers import max_train_devices
-from modelpress.catalog import JobFacts, SpecError, expand_preset, validate_stages
+from modelpress.catalog import JobFacts, SpecError, expand_preset, resolve_runtime, validate_stages, validate_target
 from worker.celery_app import RUN_JOB
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -54,7 +54,12 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
                          dataset_has_labels=_dataset_has_labels(dataset.info if dataset else None),
                          eval_has_labels=_dataset_has_labels(evaluation.info if evaluation else None),
                          max_train_devices=max_train_devices(session, job_in.target.device))
-        validated = validate_stages(stages, facts)
+        runtime = resolve_runtime(job_in.target.runtime, "runtime" in job_in.target.model_fields_set,
+                                  job_in.output_format)
+        validate_target(runtime, job_in.target.device, job_in.output_format, stages, model.format,
+                        installed=_package_installed)
+        # a job for another runtime may have no stage: a conversion, verified in that runtime
+        validated = validate_stages(stages, facts) if stages or runtime == "torch" else []
     except SpecError as error:
         raise Invalid(str(error)) from error
     if job_in.example_input_shape is None and dataset is None and evaluation is None:
@@ -75,6 +80,7 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             get_model(session, tenant, student["model_id"])
             extra_models.append(student["model_id"])
     spec = job_in.model_dump(mode="json")
+    spec["target"]["runtime"] = runtime
     spec["stages"] = [{"method": v.spec.method, "scheme": v.spec.name, **v.options} for v in validated]
     spec["extra_model_ids"] = extra_models
     from app.workers import device_problem, require_live_worker
@@ -84,6 +90,12 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             raise Invalid(problem)
         spec["warnings"] = [f"{problem}; the job stays queued until such a worker starts"]
     return spec
+
+
+def _package_installed(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def _model_input(inspection: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -143,7 +155,8 @@ def create_job(session: Session, *, tenant: Tenant, job_in: JobCreate, idempoten
         raise QuotaExceeded(f"tenant already has {active} queued or running jobs (limit {limit})",
                             headers={"Retry-After": "30"})
     queue = "gpu" if job_in.target.device == "cuda" else "cpu"
-    job = Job(tenant_id=tenant.id, model_id=job_in.model_id, method=spec["stages"][0]["method"], status="queued",
+    method = spec["stages"][0]["method"] if spec["stages"] else "convert"  # a conversion to another runtime
+    job = Job(tenant_id=tenant.id, model_id=job_in.model_id, method=method, status="queued",
               spec=spec, queue=queue, priority=job_in.priority, idempotency_key=idempotency_key,
               request_hash=body_hash)
     try:

@@ -59,6 +59,8 @@ class DatasetList(BaseModel):
 
 class Target(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    runtime: Literal["torch", "onnxruntime", "executorch"] = Field(
+        "torch", description="the runtime that serves the artifact; it is built for and measured in it")
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int = Field(1, ge=1, le=64, description="CPU threads for latency measurement")
 
@@ -80,7 +82,8 @@ class JobCreate(BaseModel):
         None, min_length=1, max_length=8,
         description=f"sizes >= 1; their product (elements of one example batch) <= {MAX_INPUT_ELEMENTS}")
     target: Target = Field(default_factory=Target)
-    output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict"] | None = None
+    output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict", "onnx",
+                           "executorch"] | None = None
     webhook_url: AnyHttpUrl | None = Field(
         None, max_length=2048,
         description="POSTed the job summary when it finishes; loopback, private, link-local and other internal "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ORDER = ("quality", "peers", "service", "api", "gpu")
+ORDER = ("quality", "peers", "service", "api", "gpu", "targets")
 
 
 def _cell(value: Any) -> str:

@@ -2,7 +2,7 @@
 
 Sections: quality (compression on digits), peers (ours vs direct library calls),
 service (the service's own cost), api (HTTP latency and uploads), gpu (bench/gpu.py;
-skipped without CUDA). Results of sections not run are kept from bench/results.json,
+skipped without CUDA), targets (torch / ONNX Runtime / ExecuTorch artifacts of one model). Results of sections not run are kept from bench/results.json,
 so `--only` refreshes part of the report.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from bench.common import (
     single_thread,
 )
 
-SECTIONS = ("quality", "peers", "service", "api", "gpu")
+SECTIONS = ("quality", "peers", "service", "api", "gpu", "targets")
 DEFAULT_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 DEFAULT_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
@@ -96,6 +96,10 @@ def _run_section(name: str, size: Any, assets: Any, work: Path, pool: Any) -> di
         from bench import gpu
 
         return gpu.section(size.name)
+    if name == "targets":
+        from bench import targets
+
+        return targets.run(size, assets)
     raise ValueError(f"unknown section {name!r}; sections: {SECTIONS}")
 
 

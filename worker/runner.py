@@ -31,7 +31,8 @@ from worker.sandbox import Limits, WarmSandbox, run_sandboxed
 log = logging.getLogger("modelpress.runner")
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 PROGRESS_WRITE_INTERVAL_S = 0.5
-EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt"}
+EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt",
+              "onnx": "onnx", "executorch": "pte"}
 LOCK_FILE = ".in-use"
 T = TypeVar("T")
 
@@ -388,6 +389,7 @@ def _run_in_slot(job_id: str, attempt: int, scratch: Path, warm: WarmSandbox | N
         "extra_models": extra,
         "seed": spec.get("seed", 0),
         "threads": spec.get("target", {}).get("threads", settings.worker_threads),
+        "runtime": spec.get("target", {}).get("runtime", "torch"),
     }
     monitor = JobMonitor(job_id, attempt)
     outcome = run_sandboxed("job", request, scratch, slot_limits(request["threads"]), on_message=monitor.on_message,

@@ -48,6 +48,8 @@ class JobRequest:
     extra_models: dict[str, ModelRef] = field(default_factory=dict)
     seed: int = 0
     threads: int = 1
+    # where the artifact will run: torch, onnxruntime or executorch (worker.compression.targets)
+    runtime: str = "torch"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRequest:
@@ -106,10 +108,17 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     stage_reports: list[dict[str, Any]] = []
     result: StageResult | None = None
     requires: set[str] = set()
-    span = 0.8 / len(request.stages)
+    span = 0.8 / max(1, len(request.stages))
     working = copy.deepcopy(model) if kind != "torchscript" else model
+    deferred = None
     for index, stage in enumerate(request.stages):
         base = 0.1 + index * span
+        if request.runtime != "torch" and stage.method == "quantize":
+            from worker.compression.targets.deploy import DeferredQuantization
+
+            # the target runtime quantizes the exported float model with its own tools
+            deferred = DeferredQuantization(stage.scheme, stage.options)
+            continue
         label = f"{stage.method}:{stage.scheme}"
 
         def stage_progress(fraction: float, message: str, base: float = base, label: str = label) -> None:
@@ -139,6 +148,9 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             "info": result.info,
         })
 
+    if request.runtime != "torch":
+        return _finish_for_target(request, model, working, deferred, example, fid_inputs, fid_labels, reference,
+                                  original, parameters, stage_reports, train, reporter, device)
     reporter.progress(0.92, "saving artifact")
     output_format = request.output_format or default_output_format(
         kind, result.preferred_output_format if result else None)
@@ -161,6 +173,39 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         if "result" in report["info"]:
             document["result"] = report["info"]["result"]
     return {"metrics": document, "artifact_format": output_format, "requires": sorted(requires)}
+
+
+def _finish_for_target(request: JobRequest, model: nn.Module, working: nn.Module, deferred: Any,
+                       example: torch.Tensor, fid_inputs: torch.Tensor, fid_labels: torch.Tensor | None,
+                       reference: torch.Tensor, torch_original: dict[str, Any], parameters: tuple[int, int],
+                       stage_reports: list[dict[str, Any]], train: Dataset | None, reporter: Reporter,
+                       device: torch.device) -> dict[str, Any]:
+    """Export, quantize with the runtime's tools and measure in the runtime that serves the artifact."""
+    from worker.compression.targets.deploy import REQUIRES, RUNTIME_FORMATS, finish_for_target
+
+    if device.type != "cpu":
+        raise EngineError(f"the {request.runtime} target runs on cpu in this deployment")
+    built = finish_for_target(
+        runtime=request.runtime, original_model=model, working=working, quantization=deferred, example=example,
+        threads=request.threads, artifact=Path(request.artifact_path), fid_inputs=fid_inputs,
+        fid_labels=fid_labels, reference=reference,
+        original_parameters=(torch_original["parameters"], torch_original["nonzero_parameters"]),
+        parameters=parameters, train=train, progress=reporter.progress)
+    fidelity = measure.fidelity(reference, built["outputs"])
+    if deferred is not None:
+        stage_reports.append({"method": "quantize", "scheme": deferred.scheme, "runtime": request.runtime,
+                              "accuracy": built["compressed"]["accuracy"], "fidelity": fidelity,
+                              "info": built["quantization_info"]})
+    document = build_metrics(built["original"], built["compressed"], fidelity, stage_reports, device=device,
+                             batch_size=int(example.shape[0]), threads=request.threads)
+    document["runtime"] = request.runtime
+    document["versions"] = built["versions"]
+    document["original_in_torch"] = {k: torch_original[k] for k in ("size_bytes", "latency_ms_p50", "latency_ms_p95",
+                                                                    "accuracy")}
+    document["measured_in"] = (f"original and artifact both measured in {request.runtime} (the original exported "
+                               f"as fp32); fidelity against the float PyTorch model's outputs")
+    return {"metrics": document, "artifact_format": RUNTIME_FORMATS[request.runtime],
+            "requires": REQUIRES[request.runtime]}
 
 
 def build_metrics(original: dict[str, Any], compressed: dict[str, Any], fidelity: dict[str, Any],

@@ -1,0 +1,197 @@
+"""ONNX export (torch.onnx dynamo exporter) and ONNX Runtime: quantization, loading, running.
+
+Int8 for this runtime is made by ONNX Runtime's own tools on the exported float graph, so the
+file is what ORT's int8 kernels run fast: dynamic int8 (`quantize_dynamic`: int8 weights,
+activations quantized per call) and static QDQ int8 (`quantize_static` calibrated on the job's
+dataset, per-channel weights, uint8 activations). Measured on this 2-core AVX-512 VNNI box at one
+thread, batch 1: a 2-block ResNet-like CNN on 3x64x64 inputs ran 0.76 ms in ORT fp32 and 0.30 ms
+as static QDQ int8 (47 dB SQNR on its logits).
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from onnxruntime.quantization import CalibrationDataReader
+from torch import nn
+
+from worker.compression.base import EngineError
+from worker.compression.targets.common import as_eval, run_in_chunks
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+CALIBRATION_BATCH_SIZE = 32
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": torch.__version__}
+
+
+def _exported_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
+    """torch.export with a dynamic batch dimension where the model allows one (Dim.AUTO keeps the
+    range an uploaded exported program declares, and specialises a model that fixes its batch)."""
+    if example.shape[0] == 1:  # torch.export specialises a dimension of size 1
+        example = torch.cat([example, example])
+    try:
+        return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    except Exception as error:
+        raise EngineError(f"the model could not be captured with torch.export for ONNX: "
+                          f"{_first_line(error)}") from error
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Write `model` as a float ONNX model with input `input` (dynamic batch) and output `output`."""
+    model = as_eval(model)
+    program = _exported_program(model, example)
+    try:
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT_NAME],
+                                         output_names=[OUTPUT_NAME], optimize=True, verbose=False)
+    except Exception as error:
+        raise EngineError(explain_export_failure(error, program)) from error
+    assert onnx_program is not None
+    onnx_program.save(str(path))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:500] if text else type(error).__name__
+
+
+def _error_chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def explain_export_failure(error: BaseException, program: torch.export.ExportedProgram) -> str:
+    """One sentence naming the op ONNX cannot take and where the model's source calls it."""
+    text = "\n".join(str(e) for e in _error_chain(error))
+    match = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)", text)
+    op = f"{match.group(1)}.{match.group(2)}" if match else None
+    node_match = re.search(r"translating node %(\w+)", text)
+    location = _source_location(program, node_match.group(1) if node_match else None, op)
+    if op is None and node_match is None:
+        return f"ONNX export failed: {_first_line(error)}"
+    what = f"op {op}" if op else f"node {node_match.group(1) if node_match else '?'}"
+    where = f" called at {location}" if location else ""
+    return f"ONNX export failed: {what}{where} has no ONNX translation in torch.onnx (opset 18+)"
+
+
+def _source_location(program: torch.export.ExportedProgram, node_name: str | None, op: str | None) -> str | None:
+    base = op.split(".")[1] if op and "." in op else op
+    candidates = [n for n in program.graph.nodes if n.op == "call_function"]
+    chosen = [n for n in candidates if node_name and n.name == node_name]
+    if not chosen and base:
+        chosen = [n for n in candidates if base in str(n.target)]
+    for node in chosen:
+        trace = node.meta.get("stack_trace")
+        if trace:
+            frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', trace)
+            if frames:
+                file, line, function, code = frames[-1]
+                return f"{Path(file).name}:{line} in {function} ({code.strip()})"
+    return None
+
+
+class _CalibrationReader(CalibrationDataReader):
+    """ORT's calibration reader over the job's calibration batches."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self._batches = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {INPUT_NAME: batch}
+
+
+def quantize(float_path: Path, out_path: Path, scheme: str, calibration: torch.Tensor | None,
+             options: dict[str, Any]) -> dict[str, Any]:
+    """ORT int8 of the float ONNX model at `float_path`; returns what the stage report says."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        # shape inference and graph optimisation first, as ORT's quantization guide asks
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
+        skipped = _skipped_nodes(prepared, options)
+        if scheme == "dynamic_int8":
+            quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
+                             nodes_to_exclude=skipped)
+            return {"backend": "onnxruntime.quantization.quantize_dynamic (int8 weights per channel, "
+                               "activations per call)", "skipped_nodes": skipped}
+        if scheme == "static_int8":
+            if calibration is None or len(calibration) == 0:
+                raise EngineError("static_int8 needs calibration data: give the job a dataset_id")
+            batches = [b.numpy().astype(np.float32) for b in calibration.split(CALIBRATION_BATCH_SIZE)]
+            reader = _CalibrationReader(batches)
+            quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=skipped)
+            return {"backend": "onnxruntime.quantization.quantize_static (QDQ, per-channel int8 weights, "
+                               "uint8 activations, MinMax calibration)",
+                    "calibration_samples": int(len(calibration)), "skipped_nodes": skipped}
+    raise EngineError(f"scheme {scheme!r} has no ONNX Runtime quantization; use dynamic_int8 or static_int8")
+
+
+def _skipped_nodes(path: Path, options: dict[str, Any]) -> list[str]:
+    """ONNX node names matching skip_layers globs (node names carry the torch module path)."""
+    import fnmatch
+
+    import onnx
+
+    patterns = list(options.get("skip_layers") or [])
+    if not patterns:
+        return []
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [node.name for node in graph.node
+            if any(fnmatch.fnmatch(node.name.replace("/", "."), f"*{p}*") for p in patterns)]
+
+
+class OrtModel:
+    """An ONNX file loaded in an ORT InferenceSession on the CPU at a fixed thread count."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:
+            raise EngineError(f"ONNX Runtime could not load the artifact: {_first_line(error)}") from error
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        # a model that fixes its batch size exports with a static one; inputs then run in chunks of it
+        self.batch: int | None = first.shape[0] if isinstance(first.shape[0], int) else None
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        return run_in_chunks(self._run, inputs, self.batch)
+
+    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: inputs.contiguous().numpy()})[0])
+
+    def timings_ms(self, example: torch.Tensor, warmup: int, iterations: int, budget_s: float) -> list[float]:
+        feed = {self.input_name: example.numpy()}
+        for _ in range(warmup):
+            self.session.run(None, feed)
+        timings: list[float] = []
+        started = time.perf_counter()
+        while len(timings) < iterations and (len(timings) < 10 or time.perf_counter() - started < budget_s):
+            t0 = time.perf_counter()
+            self.session.run(None, feed)
+            timings.append((time.perf_counter() - t0) * 1e3)
+        return timings
