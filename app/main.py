@@ -15,7 +15,7 @@ from app.limits import BodySizeLimit
 from app.observability import RequestMetrics
 from app.outbox import BackgroundLoop, relay_once
 from app.reconciler import reconcile_once
-from app.routes import jobs, models, ops
+from app.routes import jobs, models, ops, reports
 
 UI_DIR = Path(__file__).parent / "ui"
 RELAY_INTERVAL_S = 2.0
@@ -45,6 +45,7 @@ def create_app() -> FastAPI:
     app.include_router(ops.router)
     app.include_router(models.router)
     app.include_router(jobs.router)
+    app.include_router(reports.router)
     if UI_DIR.is_dir():
         app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     if settings.cors_origins:
