@@ -101,7 +101,9 @@ async function compareView(modelId, query) {
         cell(fmtPct(r.top1_agreement), r.top1_agreement), cell(fmtPct(r.accuracy), r.accuracy),
         cell(r.accuracy_drop === null ? "–" : `${(-r.accuracy_drop * 100).toFixed(2)} pt`, r.accuracy_drop),
         cell(fmtPct(r.sparsity), r.sparsity),
-        h("td", { class: "warning" }, (r.warnings || []).join("; ")))))),
+        h("td", { class: "warning" }, r.warnings && r.warnings.length ? `${r.warnings.length} ⚠` : ""))))),
+    rows.some((r) => r.warnings && r.warnings.length) ? h("ul", { id: "compare-warnings", class: "warning" },
+      rows.flatMap((r) => (r.warnings || []).map((w) => h("li", {}, h("code", {}, r.job_id), `: ${w}`)))) : "",
     h("h2", {}, "Size and latency against quality"),
     result.charts.length ? result.charts.map(chartFigure)
       : h("p", { class: "muted" }, "None of these jobs has measurements to plot.")));
