@@ -16,7 +16,7 @@ from app.limits import BodySizeLimit
 from app.observability import RequestMetrics
 from app.outbox import BackgroundLoop, relay_once
 from app.reconciler import reconcile_once
-from app.routes import jobs, models, ops
+from app.routes import jobs, models, ops, reports
 from app.uploads import SWEEP_INTERVAL_S, sweep_incoming
 
 UI_DIR = Path(__file__).parent / "ui"
@@ -55,6 +55,7 @@ def create_app() -> FastAPI:
     app.include_router(ops.router)
     app.include_router(models.router)
     app.include_router(jobs.router)
+    app.include_router(reports.router)
     if UI_DIR.is_dir():
         app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     if settings.cors_origins:

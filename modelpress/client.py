@@ -382,6 +382,24 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout}s")
             self._sleep(poll_s)
 
+    def report(self, job_id: str) -> str:
+        """The job's self-contained HTML report (GET /v1/jobs/{id}/report)."""
+        return self._request("GET", f"/v1/jobs/{job_id}/report").text
+
+    def save_report(self, job_id: str, path: str | os.PathLike[str]) -> Path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(self.report(job_id), encoding="utf-8")
+        return target
+
+    def compare(self, model_id: str, job_ids: list[str] | None = None, chart: bool = False) -> dict[str, Any]:
+        """Headline figures of several jobs of one model, side by side (GET /v1/models/{id}/jobs/compare);
+        without `job_ids`, the model's newest succeeded jobs."""
+        params: dict[str, Any] = {"chart": str(chart).lower()}
+        if job_ids:
+            params["ids"] = ",".join(job_ids)
+        return dict(self._request("GET", f"/v1/models/{model_id}/jobs/compare", params=params).json())
+
     def download(self, job_id: str, path: str | os.PathLike[str]) -> Path:
         """Stream the job's artifact to `path` (written whole or not at all) and check its sha256."""
         target = Path(path)

@@ -327,11 +327,36 @@ def _compress_server(args: argparse.Namespace, spec: dict[str, Any]) -> int:
             err.print(f"[red]job {job.id} {job.status}[/red] {(job.error or {}).get('error', '')}: {detail}")
             return 1
         artifact = client.download(job.id, args.out)
+        try:
+            report: Path | None = client.save_report(job.id, args.report or default_report_path(args.out))
+        except ClientError as error:  # a server older than the report endpoint: the job still succeeded
+            err.print(f"[yellow]no report:[/yellow] {error}")
+            report = None
     assert job.metrics is not None
     if args.json:
-        _print_json({"job": job.raw, "artifact": str(artifact)})
+        _print_json({"job": job.raw, "artifact": str(artifact), "report": str(report) if report else None})
     else:
         print_result(job.metrics, artifact, f"{Path(args.model).name}: job {job.id}")
+        if report is not None:
+            out.print(f"report: {report}", soft_wrap=True)
+    return 0
+
+
+def default_report_path(artifact: str | Path) -> Path:
+    """model.pt -> model.report.html beside it."""
+    path = Path(artifact)
+    return path.with_name(path.stem + ".report.html")
+
+
+def _cmd_jobs_report(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        target = client.save_report(args.job_id, args.output or f"{args.job_id}-report.html")
+    print(target.resolve())
+    if args.open:
+        import webbrowser
+
+        if not webbrowser.open(target.resolve().as_uri()):
+            err.print("no browser could be started; open the file above yourself")
     return 0
 
 
@@ -403,22 +428,41 @@ def _compress_local(args: argparse.Namespace, spec: dict[str, Any]) -> int:
         from worker.compression.base import EngineError
         from worker.compression.pipeline import Reporter, run_job
 
+        events: list[tuple[str, dict[str, Any]]] = []
+
+        def on_event(kind: str, data: dict[str, Any]) -> None:
+            events.append((kind, data))
+            update.log(f"{kind}: {json.dumps(data)}")
+
         try:
             with progress_bar("local") as update:
-                result = run_job(request, Reporter(progress=update,
-                                                   event=lambda kind, data: update.log(f"{kind}: {json.dumps(data)}")))
+                result = run_job(request, Reporter(progress=update, event=on_event))
                 update(1.0, "done")
         except EngineError as error:
             err.print(f"[red]error:[/red] {error}")
             return 1
         artifact.replace(target)
     metrics = result["metrics"]
+    report = _local_report(args, spec, result, events)
     if args.json:
         _print_json({"metrics": metrics, "artifact_format": result["artifact_format"],
-                             "artifact": str(target), "requires": result.get("requires", [])})
+                     "artifact": str(target), "requires": result.get("requires", []), "report": str(report)})
     else:
         print_result(metrics, target, f"{Path(args.model).name}: local run ({result['artifact_format']})")
+        out.print(f"report: {report}", soft_wrap=True)
     return 0
+
+
+def _local_report(args: argparse.Namespace, spec: dict[str, Any], result: dict[str, Any],
+                  events: list[tuple[str, dict[str, Any]]]) -> Path:
+    """The same HTML report the server writes, from this run's metrics and events."""
+    from app.report import report_html
+
+    target = Path(args.report or default_report_path(args.out))
+    job = {"id": "local run", "status": "succeeded", "spec": spec, "metrics": result["metrics"],
+           "artifact": {"format": result["artifact_format"], "requires": result.get("requires", [])}}
+    target.write_text(report_html(job, events), encoding="utf-8")
+    return target
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
@@ -495,12 +539,17 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("job_id")
     p = command(jobs, "watch", _cmd_jobs_watch, "follow a job's live events until it ends")
     p.add_argument("job_id")
+    p = command(jobs, "report", _cmd_jobs_report, "save the job's self-contained HTML report (charts included)")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", help="where to write it (default: JOB-report.html)")
+    p.add_argument("--open", action="store_true", help="open it in the web browser")
 
     p = command(sub, "compress", _cmd_compress,
                 "one shot: upload, compress, download, and print a before/after table (--local: no server)")
     p.add_argument("model", metavar="MODEL", help="model file (or, without --local, an uploaded model id)")
     p.add_argument("--spec", required=True, help="JobSpec body in YAML or JSON, without model/dataset ids")
     p.add_argument("--out", required=True, help="where to write the compressed model")
+    p.add_argument("--report", help="where to write the HTML report (default: beside --out, NAME.report.html)")
     p.add_argument("--dataset", help="calibration / training data: a file (or, without --local, a dataset id)")
     p.add_argument("--eval-dataset", help="held-out data for accuracy: a file (or a dataset id)")
     p.add_argument("--local", action="store_true", help="run the engine in this process; no server")

@@ -150,38 +150,6 @@ async function followEvents(jobId, onEvent, signal) {
 
 // ---------------------------------------------------------------- charts (plain SVG)
 
-function layerSparsityChart(metrics) {
-  const stages = (metrics && metrics.stages) || [];
-  const charts = [];
-  stages.forEach((stage, index) => {
-    const rows = stage.info && Array.isArray(stage.info.layers) ? stage.info.layers : null;
-    if (!rows || !rows.length) return;
-    const barH = 18, gap = 6, labelW = 160, barW = 320, width = labelW + barW + 70;
-    const height = rows.length * (barH + gap) + 10;
-    const svg = h("svg", { class: "chart bars", viewBox: `0 0 ${width} ${height}`, width, height,
-                           role: "img", "aria-label": `per-layer sparsity, stage ${index + 1}` });
-    rows.forEach((row, i) => {
-      const y = 5 + i * (barH + gap);
-      const s = Number(row.sparsity || 0);
-      svg.append(
-        h("text", { x: labelW - 8, y: y + barH * 0.72, "text-anchor": "end", class: "label" }, row.layer),
-        h("rect", { x: labelW, y, width: barW, height: barH, class: "track" }),
-        h("rect", { x: labelW, y, width: Math.max(0, barW * s), height: barH,
-                    class: row.targeted === false ? "bar untouched" : "bar" },
-          h("title", {}, `${row.layer}: ${fmtPct(s)} zeros` +
-            (row.shape_before ? `, shape ${JSON.stringify(row.shape_before)} → ${JSON.stringify(row.shape_after)}` : ""))),
-        h("text", { x: labelW + barW + 6, y: y + barH * 0.72, class: "value" }, fmtPct(s)));
-    });
-    charts.push(h("figure", { class: "chart-box", "data-chart": "layer-sparsity" },
-      h("figcaption", {}, `Stage ${index + 1} (${stage.method}:${stage.scheme}): zeros per layer`), svg));
-  });
-  if (!charts.length) {
-    return h("p", { class: "muted", "data-chart": "layer-sparsity-none" },
-      "No per-layer table in this job (pruning stages report one).");
-  }
-  return h("div", {}, charts);
-}
-
 function sizeAccuracyChart(jobs) {
   const done = jobs.filter((j) => j.status === "succeeded" && j.metrics);
   if (!done.length) return h("p", { class: "muted" }, "No finished jobs for this model yet.");
@@ -369,7 +337,13 @@ async function jobView(jobId) {
         `Download (${fmtBytes(current.artifact.size_bytes)}, ${current.artifact.format})`));
     }
     parts.metrics.replaceChildren(metricsSection(current));
-    parts.layers.replaceChildren(layerSparsityChart(current.metrics));
+    if (TERMINAL.includes(current.status)) {
+      parts.actions.append(...reportButtons(current));
+      jobChartsSection(current).then((node) => parts.layers.replaceChildren(node))
+        .catch((error) => parts.layers.replaceChildren(errorBox(error)));
+    } else {
+      parts.layers.replaceChildren(h("p", { class: "muted" }, "Charts appear when the job ends."));
+    }
   };
   if (!show(gen, h("section", { id: "job", "data-job": job.id },
     h("div", { class: "row" }, h("h1", {}, "Job ", h("code", {}, job.id)), parts.status),
@@ -378,7 +352,7 @@ async function jobView(jobId) {
     h("div", { class: "live" }, progressBar(job.progress, "job-progress"), h("span", { id: "job-stage", class: "muted" })),
     parts.error, parts.actions,
     h("h2", {}, "Before / after"), parts.metrics,
-    h("h2", {}, "Per-layer sparsity"), parts.layers,
+    h("h2", {}, "Charts"), parts.layers,
     h("details", { open: !TERMINAL.includes(job.status) }, h("summary", {}, "Live events"), log),
     h("details", {}, h("summary", {}, "Spec"), h("pre", {}, JSON.stringify(job.spec, null, 2)))))) return;
   fill(job);
@@ -435,17 +409,19 @@ async function modelView(modelId) {
     cursor = page.next_cursor;
   } while (cursor && jobs.length < 1000);
   const inspection = model.inspection || {};
+  const compare = compareControls(model.id, jobs);
   show(gen, h("section", { id: "model", "data-model": model.id },
     h("div", { class: "row" }, h("h1", {}, model.name, " ", h("code", {}, model.id)), badge(model.status)),
     h("p", {}, `${model.format} · ${fmtBytes(model.size_bytes)} · ${fmtInt(inspection.parameters)} parameters`,
       inspection.error ? ` · rejected: ${inspection.error}` : ""),
     h("h2", {}, "Size versus accuracy across its jobs"), sizeAccuracyChart(jobs),
-    h("h2", {}, "Jobs"),
-    h("table", { class: "list" },
-      h("thead", {}, h("tr", {}, ["job", "stages", "status", "size", "ratio", "accuracy", "top-1 agr."].map((c) => h("th", {}, c)))),
+    h("div", { class: "row" }, h("h2", {}, "Jobs"), compare.available ? compare.button : ""),
+    h("table", { class: "list", id: "model-jobs" },
+      h("thead", {}, h("tr", {}, ["", "job", "stages", "status", "size", "ratio", "accuracy", "top-1 agr."].map((c) => h("th", {}, c)))),
       h("tbody", {}, jobs.map((j) => {
         const m = j.metrics || { compressed: {}, fidelity: {} };
-        return h("tr", {}, h("td", {}, h("a", { href: `#/jobs/${j.id}` }, j.id)), h("td", {}, stagesOf(j)),
+        return h("tr", { "data-job": j.id }, h("td", {}, compare.pick(j)),
+          h("td", {}, h("a", { href: `#/jobs/${j.id}` }, j.id)), h("td", {}, stagesOf(j)),
           h("td", {}, badge(j.status)), h("td", { class: "num" }, fmtBytes(m.compressed.size_bytes)),
           h("td", { class: "num" }, fmtX(m.compression_ratio)), h("td", { class: "num" }, fmtPct(m.compressed.accuracy)),
           h("td", { class: "num" }, fmtPct((m.fidelity || {}).top1_agreement)));
@@ -550,7 +526,9 @@ async function route() {
   if (!state.key) return needKey();
   try {
     if (parts[0] === "jobs" && parts[1]) await jobView(decodeURIComponent(parts[1]));
-    else if (parts[0] === "models" && parts[1]) await modelView(decodeURIComponent(parts[1]));
+    else if (parts[0] === "models" && parts[1] && parts[2] === "compare") {
+      await compareView(decodeURIComponent(parts[1]), query || "");
+    } else if (parts[0] === "models" && parts[1]) await modelView(decodeURIComponent(parts[1]));
     else if (parts[0] === "models") await modelsView();
     else if (parts[0] === "submit") await submitView();
     else await jobsView(query || "");

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from worker.compression import metrics as measure
+from worker.compression.facts import environment, layer_sparsity
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
 from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
 from worker.compression.stages import run_stage
@@ -169,6 +170,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
                                   parameters=parameters)
     document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
                              device=device, batch_size=int(example.shape[0]), threads=request.threads)
+    document["environment"] = environment(device)
+    document["layers"] = layer_sparsity(working)  # the delivered model's zeros per layer, for the report
     for report in stage_reports:
         if "result" in report["info"]:
             document["result"] = report["info"]["result"]
