@@ -281,3 +281,20 @@ def test_a_cancelled_job_in_a_warm_sandbox_and_an_unused_warm_sandbox_leave_no_p
     unused.discard()
     time.sleep(2)
     assert _sandbox_processes(str(tmp_path)) == []
+
+
+def test_raw_weights_that_look_like_a_pickle_or_a_zip_are_not_refused(tmp_path: Path) -> None:
+    """Weights are stored as raw bytes; a first byte of 0x80 (or PK) is data, not a pickle."""
+    from worker.compression.archive_check import check_exported_program_archive
+
+    linear = nn.Linear(4, 2)
+    with torch.no_grad():
+        linear.weight.view(-1)[0] = torch.frombuffer(bytearray(b"\x80\x00\x00\x00"), dtype=torch.float32)[0]
+    program = torch.export.export(nn.Sequential(linear).eval(), (torch.randn(2, 4),))
+    path = tmp_path / "weights.pt2"
+    torch.export.save(program, str(path))
+    with zipfile.ZipFile(path) as archive:
+        assert any(archive.read(n)[:1] == b"\x80" for n in archive.namelist() if "/weights/" in n)
+    check_exported_program_archive(path)
+    outcome = run_sandboxed("inspect", {"path": str(path), "format": "exported_program"}, tmp_path, LIMITS)
+    assert outcome.ok, outcome.error

@@ -35,8 +35,12 @@ def _torch_safe_globals() -> set[str]:
     return set(_get_allowed_globals().keys())
 
 
-def pickle_globals(data: bytes) -> list[str]:
-    """Every global a raw pickle names (GLOBAL / STACK_GLOBAL), read by opcode, nothing executed."""
+def pickle_globals(data: bytes) -> list[str] | None:
+    """Every global a raw pickle names (GLOBAL / STACK_GLOBAL), read by opcode, nothing executed.
+
+    None when the bytes are not a well-formed pickle (raw tensor data may start with 0x80 by chance): such a
+    member cannot be unpickled by anyone, so it names nothing.
+    """
     names: list[str] = []
     recent_strings: list[str] = []
     try:
@@ -53,8 +57,8 @@ def pickle_globals(data: bytes) -> list[str]:
                     names.append(f"{recent_strings[-2]}.{recent_strings[-1]}")
             elif opcode.name in ("INST", "OBJ"):
                 names.append(f"<{opcode.name} opcode>")
-    except Exception as error:  # not a well-formed pickle: torch would fail on it too
-        raise EngineError(f"a pickled member is malformed: {error}") from error
+    except Exception:
+        return None
     return names
 
 
@@ -62,11 +66,12 @@ def _unsafe_in_member(name: str, data: bytes, allowed: set[str]) -> list[str]:
     if data.startswith(ZIP_MAGIC):  # a nested torch.save archive
         try:
             referenced = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
-        except Exception as error:
-            raise EngineError(f"archive member {name!r} is not a readable torch.save archive: {error}") from error
+        except Exception:
+            return []  # not a torch.save archive (raw bytes that start like one): torch.load cannot read it either
         return [g for g in referenced if g not in allowed]
-    if data[:1] == b"\x80":  # a raw pickle (protocol 2+)
-        return [g for g in pickle_globals(data) if g not in allowed and g not in PLAIN_PICKLE_GLOBALS]
+    if data[:1] == b"\x80":  # a raw pickle (protocol 2+), or raw tensor bytes that happen to start with 0x80
+        names = pickle_globals(data)
+        return [g for g in names or [] if g not in allowed and g not in PLAIN_PICKLE_GLOBALS]
     return []
 
 
