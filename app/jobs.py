@@ -19,7 +19,7 @@ from app.schemas import ArtifactRead, JobCreate, JobRead
 from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
 from app.workers import max_train_devices
 from modelpress.catalog import JobFacts, SpecError, expand_preset, resolve_runtime, validate_stages, validate_target
-from worker.celery_app import RUN_JOB
+from app.queue import RUN_JOB
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -28,7 +28,7 @@ def enqueue(session: Session, *, task: str, object_id: str, queue: str = "cpu", 
 
 
 def publish(message: OutboxMessage) -> None:
-    from worker.celery_app import get_celery
+    from app.queue import get_celery
 
     app = get_celery()
     # Our priority is 0..9 with 9 the most urgent (as AMQP); Redis' priority emulation runs 0 first.

@@ -11,7 +11,7 @@ from app.config import get_settings
 from app.db import session_scope
 from app.outbox import enqueue
 from app.tables import Job, JobEvent, utcnow
-from worker.celery_app import RUN_JOB
+from app.queue import RUN_JOB
 
 log = logging.getLogger("modelpress.reconciler")
 

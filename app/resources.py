@@ -16,7 +16,7 @@ from app.uploads import ReceivedFile
 from modelpress.architectures import architecture_names
 from modelpress.catalog import MODEL_FORMATS
 from modelpress.formats import FormatError, check_model_file, sniff_dataset, sniff_model_format
-from worker.celery_app import INSPECT_MODEL
+from app.queue import INSPECT_MODEL
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:

@@ -26,7 +26,7 @@ def reset_caches() -> None:
     from app.config import get_settings
     from app.db import get_engine, get_read_engine, get_read_session_factory, get_session_factory
     from app.storage import get_store
-    from worker.celery_app import get_celery
+    from app.queue import get_celery
 
     for engine_cache in (get_engine, get_read_engine):
         if engine_cache.cache_info().currsize:

@@ -32,7 +32,7 @@ def readyz() -> JSONResponse:
     except Exception as error:
         checks["database"] = f"unreachable: {type(error).__name__}"
     try:
-        from worker.celery_app import get_celery
+        from app.queue import get_celery
 
         with get_celery().connection_for_write() as connection:
             connection.ensure_connection(max_retries=1, timeout=2)
