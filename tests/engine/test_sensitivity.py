@@ -155,3 +155,36 @@ def test_mixed_precision_static_int8_by_accuracy(digits: Any, one_thread: None) 
     assert reference is not None and delivered is not None
     assert reference - delivered <= 1e-9
     assert result.info["mixed_precision"]["mixed"]["accuracy_drop"] == pytest.approx(reference - delivered, abs=1e-6)
+
+
+def test_analyze_static_int8_probes_convs_too_with_one_calibration(digits: Any, one_thread: None) -> None:
+    from tests.helpers import SmallCNN
+
+    train, test = digits
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    ctx = StageContext(kind="eager", example_input=train.inputs[:8], train_data=train, eval_data=test)
+    options = {"quantization": "static_int8", "calibration_batches": 2, "samples": 128}
+    rows = sensitivity.run_stage(model, "sensitivity", options, ctx).info["sensitivity"]
+    assert {r["layer"] for r in rows} == {"c1", "c2", "f1", "f2"}
+    worst = rows[0]["layer"]
+    alone = quantize(model, "static_int8", {"skip_layers": [n for n in ("c1", "c2", "f1", "f2") if n != worst],
+                                            "calibration_batches": 2}, ctx).model
+    inputs = test.inputs[:128]
+    # the table converts one shared calibration (every layer observed once); the backend observes only
+    # the layer it quantizes, so the neighbours' output observers differ and the figures agree within a few 0.1 dB
+    assert whole_model_sqnr(model, alone, inputs) == pytest.approx(rows[0]["sqnr_db"], abs=0.5)
+
+
+def test_catalog_refuses_what_cannot_run() -> None:
+    from modelpress.catalog import JobFacts, SpecError, validate_stages
+
+    with pytest.raises(SpecError, match="already quantized"):
+        validate_stages([{"method": "quantize", "scheme": "dynamic_int8"},
+                         {"method": "analyze", "scheme": "sensitivity"}], JobFacts("torchscript"))
+    with pytest.raises(SpecError, match="eval_dataset_id with labels"):
+        validate_stages([{"method": "quantize", "scheme": "dynamic_int8", "max_accuracy_drop": 0.01}],
+                        JobFacts("torchscript", has_dataset=True))
+    with pytest.raises(SpecError, match="eager model"):
+        validate_stages([{"method": "analyze", "scheme": "sensitivity", "quantization": "static_int8"}],
+                        JobFacts("torchscript", has_dataset=True))

@@ -186,8 +186,8 @@ def _torchscript_dynamic_variants(model: nn.Module, options: dict[str, Any]) -> 
 
 def _static_variants(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     # One calibration pass: prepare every candidate, calibrate, then convert a copy per layer with
-    # every other layer's qconfig set to None (convert_fx accepts None for keys given at prepare time).
-    from torch.ao.quantization import QConfigMapping, get_default_qconfig_mapping
+    # every other layer's qconfig set to None (convert_fx accepts None for a key given at prepare time).
+    from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     from worker.compression.quantization import (_STATIC_TYPES, _calibration_batches, cpu_has_vnni,
@@ -209,11 +209,9 @@ def _static_variants(model: nn.Module, options: dict[str, Any], ctx: StageContex
 
     def alone(name: str) -> Callable[[], nn.Module]:
         def convert() -> nn.Module:
-            only = QConfigMapping().set_global(None)
+            only = copy.deepcopy(mapping)  # convert_fx wants prepare's global qconfig and keys
             for other in candidates:
                 only.set_module_name(other, qconfig if other == name else None)
-            for object_type, _ in mapping.object_type_qconfigs.items():
-                only.set_object_type(object_type, None)
             return convert_fx(copy.deepcopy(prepared), qconfig_mapping=only).eval()
         return convert
 
