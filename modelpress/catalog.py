@@ -120,6 +120,12 @@ _SKIP = OptionSpec("skip_layers", "str_list", [], help="glob patterns of module 
 _KEEP_ENDS = OptionSpec("keep_first_last_float", "bool", False, help="leave the first and last layers in float")
 
 _PRUNE_COMMON = (_AMOUNT, _LAYERS, _KEEP_CLASSIFIER, _SCHEDULE, _TRAIN)
+# A fidelity bar for int8: quantize everything, then keep the most harmful layers in float until it holds.
+_BAR = (OptionSpec("min_sqnr_db", "float", None, 0.0, 200.0,
+                   help="mixed precision: keep the fewest, most harmful layers in float until the whole model's "
+                        "SQNR against the float outputs is at least this"),
+        OptionSpec("max_accuracy_drop", "float", None, 0.0, 1.0,
+                   help="mixed precision: the same for the top-1 drop; needs an eval dataset with labels"))
 
 SCHEMES: tuple[SchemeSpec, ...] = (
     SchemeSpec("prune", "l1_unstructured", "zero the smallest-magnitude weights of each layer",
@@ -139,11 +145,11 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                         _LAYERS, _KEEP_CLASSIFIER, _TRAIN),
                library="torch (to_sparse_semi_structured on CUDA)"),
     SchemeSpec("quantize", "dynamic_int8", "int8 weights, activations quantized on the fly (Linear, LSTM, GRU)",
-               ("cpu",), quantizes=True, options=(_SKIP, _KEEP_ENDS),
+               ("cpu",), quantizes=True, options=(_SKIP, _KEEP_ENDS, *_BAR),
                library="torch.ao.quantization.quantize_dynamic / quantize_dynamic_jit"),
     SchemeSpec("quantize", "static_int8", "int8 weights and activations, calibrated on the dataset",
                ("cpu",), input_formats=EAGER_FORMATS, needs_dataset=True, quantizes=True,
-               options=(_SKIP, _KEEP_ENDS, OptionSpec("calibration_batches", "int", 16, 1, 10_000)),
+               options=(_SKIP, _KEEP_ENDS, OptionSpec("calibration_batches", "int", 16, 1, 10_000), *_BAR),
                library="torchao PT2E (X86InductorQuantizer) / torch.ao FX"),
     SchemeSpec("quantize", "fp16", "half-precision weights and activations", ("cpu", "cuda"),
                quantizes=True, options=(_SKIP,), library="torch"),
@@ -204,6 +210,23 @@ SCHEMES += (
                    OptionSpec("min_sparsity", "float", 0.0, 0.0, 1.0,
                               help="Linear layers with fewer zeros than this stay in float")),
                library="torch (k-means, TorchScript CodebookLinear)"),
+)
+
+SCHEMES += (
+    SchemeSpec("analyze", "sensitivity",
+               "per-layer table: the whole model's SQNR (and top-1 drop with labels) with only that layer "
+               "quantized, most harmful first, plus a verified skip_layers for a bar; delivers the model unchanged",
+               ("cpu",), options=(
+                   OptionSpec("quantization", "str", "dynamic_int8", choices=("dynamic_int8", "static_int8"),
+                              help="the quantize scheme probed (static_int8 needs an eager or exported model "
+                                   "and a dataset)"),
+                   OptionSpec("samples", "int", 64, 1, 4096, help="probe-set size (from the eval, else training set)"),
+                   OptionSpec("calibration_batches", "int", 16, 1, 10_000),
+                   OptionSpec("min_sqnr_db", "float", None, 0.0, 200.0,
+                              help="suggest the skip_layers that meet this SQNR (verified)"),
+                   OptionSpec("max_accuracy_drop", "float", None, 0.0, 1.0,
+                              help="suggest the skip_layers that meet this top-1 drop (verified; needs labels)")),
+               library="ModelPress (torch.ao.quantization backends, one layer at a time)"),
 )
 
 # Presets expand into recipes (lists of stages); GET /v1/methods lists them.
@@ -303,7 +326,7 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
         if (spec.min_compute_capability and facts.compute_capability is not None
                 and facts.compute_capability < spec.min_compute_capability):
             raise SpecError(f"{where}: scheme {spec.name!r} needs compute capability >= {spec.min_compute_capability}")
-        if quantized_by is not None and spec.method in ("prune", "distill"):
+        if quantized_by is not None and spec.method in ("prune", "distill", "analyze"):
             raise SpecError(f"{where}: {spec.method} needs float weights, but stage {quantized_by} already quantized them")
         if spec.needs_dataset and not facts.has_dataset:
             raise SpecError(f"{where}: scheme {spec.name!r} needs a dataset_id (calibration or training data)")
@@ -338,11 +361,16 @@ def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts,
             raise SpecError(f"{where}.candidates.recipes[{number}]: {error}") from None
     if spec.name == "nm_semi_structured" and options["n"] >= options["m"]:
         raise SpecError(f"{where}: n must be smaller than m, got {options['n']}:{options['m']}")
-    if spec.method == "search":
-        if options.get("max_accuracy_drop") is None and options.get("min_sqnr_db") is None:
-            raise SpecError(f"{where}: search needs max_accuracy_drop or min_sqnr_db")
-        if options.get("max_accuracy_drop") is not None and not facts.eval_has_labels:
-            raise SpecError(f"{where}: max_accuracy_drop needs an eval_dataset_id with labels")
+    if spec.method == "search" and options.get("max_accuracy_drop") is None and options.get("min_sqnr_db") is None:
+        raise SpecError(f"{where}: search needs max_accuracy_drop or min_sqnr_db")
+    if options.get("max_accuracy_drop") is not None and not facts.eval_has_labels:
+        raise SpecError(f"{where}: max_accuracy_drop needs an eval_dataset_id with labels")
+    if spec.method == "analyze" and options.get("quantization") == "static_int8":
+        if not facts.has_dataset:
+            raise SpecError(f"{where}: probing static_int8 needs a dataset_id (calibration data)")
+        if facts.model_format == "torchscript":
+            raise SpecError(f"{where}: static_int8 needs an eager model (state_dict + architecture, or an "
+                            "exported program); probe dynamic_int8 on a TorchScript model")
     if spec.method == "distill":
         student = options.get("student")
         if student != "auto" and not (isinstance(student, dict) and ("model_id" in student or "architecture" in student)):

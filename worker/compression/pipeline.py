@@ -175,6 +175,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     for report in stage_reports:
         if "result" in report["info"]:
             document["result"] = report["info"]["result"]
+        if "sensitivity" in report["info"]:
+            document["sensitivity"] = report["info"]["sensitivity"]
     return {"metrics": document, "artifact_format": output_format, "requires": sorted(requires)}
 
 

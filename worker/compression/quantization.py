@@ -71,7 +71,12 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     ctx.progress(0.0, f"{scheme}: {backend.library}")
     reference = _reference_output(model, ctx)
     with _quiet_deprecations():
-        done = backend.run(model, options, ctx)
+        if options.get("min_sqnr_db") is not None or options.get("max_accuracy_drop") is not None:
+            from worker.compression.mixed_precision import quantize_to_bar
+
+            done = quantize_to_bar(model, scheme, backend, options, ctx)
+        else:
+            done = backend.run(model, options, ctx)
     info: dict[str, Any] = {
         "scheme": scheme,
         "backend": backend.library,

@@ -26,9 +26,16 @@ class MLP(nn.Module):
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         self.net = nn.Sequential(*layers[:-1])
+        self._register_load_state_dict_pre_hook(_accept_sequential_keys)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x.flatten(1))
+
+
+def _accept_sequential_keys(state_dict: dict[str, Any], prefix: str, *rest: Any) -> None:
+    """An nn.Sequential of the same layers saves "0.weight"; MLP keeps them under "net."."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):len(prefix) + 1].isdigit()]:
+        state_dict[prefix + "net." + key[len(prefix):]] = state_dict.pop(key)
 
 
 class LeNet5(nn.Module):

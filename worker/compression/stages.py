@@ -18,6 +18,7 @@ _METHOD_MODULES = {
     "distill": "worker.compression.distillation",
     "search": "worker.compression.search",
     "encode": "worker.compression.codebook",
+    "analyze": "worker.compression.sensitivity",
 }
 
 
