@@ -177,6 +177,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             document["result"] = report["info"]["result"]
         if "sensitivity" in report["info"]:
             document["sensitivity"] = report["info"]["sensitivity"]
+            if "suggested_skip_layers" in report["info"]:
+                document["suggested_skip_layers"] = report["info"]["suggested_skip_layers"]
     return {"metrics": document, "artifact_format": output_format, "requires": sorted(requires)}
 
 

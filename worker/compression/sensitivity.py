@@ -93,9 +93,18 @@ def layer_sensitivity(model: nn.Module, scheme: str, ctx: StageContext, probe: P
             ctx.check_cancelled()
             with quantized_alone as variant:
                 sqnr, drop = probe.judge(variant)
-            rows.append({"layer": name, "sqnr_db": sqnr, "accuracy_drop": drop})
+            rows.append({"layer": name, "kind": _layer_kind(model, name), "sqnr_db": sqnr, "accuracy_drop": drop})
             report((index + 1) / max(1, len(variants)), f"sensitivity {index + 1}/{len(variants)}: {name}")
     return sorted(rows, key=harm_key)
+
+
+def _layer_kind(model: Any, name: str) -> str:
+    """The layer's type name (Linear, Conv2d, ...), as the contract's `kind` column reports it."""
+    try:
+        module = model.get_submodule(name)
+    except (AttributeError, RuntimeError):
+        return "unknown"
+    return str(getattr(module, "original_name", None) or type(module).__name__)
 
 
 def _single_layer_variants(model: nn.Module, scheme: str, options: dict[str, Any],
