@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -119,7 +120,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         stage_progress(0.0, "starting")
         context = StageContext(kind=kind, example_input=example, device=device, train_data=train,
                                eval_data=evaluation, progress=stage_progress, event=reporter.event,
-                               check_cancelled=reporter.check_cancelled, seed=request.seed, extra_models=extra)
+                               check_cancelled=reporter.check_cancelled, seed=request.seed, extra_models=extra,
+                               original_size_bytes=original["size_bytes"])
         result = run_stage(working, stage.method, stage.scheme, stage.options, context)
         working, kind = result.model, result.kind
         requires.update(result.requires)
@@ -143,7 +145,10 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     output_format = request.output_format or default_output_format(
         kind, result.preferred_output_format if result else None)
     artifact = Path(request.artifact_path)
-    save_artifact(working, kind, output_format, artifact, example)
+    if _hands_back_the_upload(request, result, output_format):
+        shutil.copyfile(request.model.path, artifact)  # the very bytes uploaded, not a bigger re-save
+    else:
+        save_artifact(working, kind, output_format, artifact, example)
     # Measure what the user downloads: reload the artifact where it is a runnable module.
     final_model: nn.Module = working
     if output_format in ("torchscript", "exported_program"):
@@ -160,7 +165,15 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     for report in stage_reports:
         if "result" in report["info"]:
             document["result"] = report["info"]["result"]
+        # a stage's own warnings are part of the outcome, not buried in its info
+        document["warnings"].extend(w for w in report["info"].get("warnings") or [] if w not in document["warnings"])
     return {"metrics": document, "artifact_format": output_format, "requires": sorted(requires)}
+
+
+def _hands_back_the_upload(request: JobRequest, result: StageResult | None, output_format: str) -> bool:
+    """True when every stage left the model as uploaded and the upload already is in `output_format`."""
+    return (result is not None and bool(result.info.get("delivers_original")) and len(request.stages) == 1
+            and request.model.format == output_format and output_format in ("torchscript", "exported_program"))
 
 
 def build_metrics(original: dict[str, Any], compressed: dict[str, Any], fidelity: dict[str, Any],
