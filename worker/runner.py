@@ -20,6 +20,7 @@ from app.config import get_settings
 from app.db import session_scope
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent, JobMetrics, StoredDataset, StoredModel, utcnow
+from worker.compression.errors import failure
 from worker.sandbox import Limits, run_sandboxed
 
 log = logging.getLogger("modelpress.runner")
@@ -137,7 +138,7 @@ def run_job(job_id: str) -> str:
         status = _run_claimed(job_id, attempt, scratch)
     except Exception as error:  # the worker lives on; the job says what happened
         log.exception("job %s failed", job_id)
-        finish_failed(job_id, attempt, {"error": type(error).__name__, "detail": str(error)[:2000]})
+        finish_failed(job_id, attempt, failure(type(error).__name__, str(error)))
         status = "failed"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -67,3 +67,35 @@ def test_search_spends_the_trials_it_is_given_while_amounts_remain(tmp_path: Pat
     assert info["trials_run"] == 4
     amounts = [t["stages"][0]["amount"] for t in info["trials"] if t["stages"][0]["method"] == "prune"]
     assert min(amounts) < 0.5  # a missed 0.5 is followed by gentler amounts
+
+
+# ---------------------------------------------------------------- 2. errors
+
+
+def test_a_long_torchscript_error_keeps_its_cause_and_a_dtype_hint(tmp_path: Path) -> None:
+    from worker.sandbox import Limits, run_sandboxed
+
+    source = zoo.build("lstm").save_torchscript(tmp_path / "lstm.pt")
+    request = {"model": {"path": str(source), "format": "torchscript"},
+               "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+               "artifact_path": str(tmp_path / "out.pt"), "example_input_shape": [1, zoo.SEQUENCE]}
+    limits = Limits(memory_bytes=4 * 1024**3, cpu_seconds=120, file_bytes=1024**3, open_files=128, wall_seconds=120)
+    outcome = run_sandboxed("job", request, tmp_path / "work", limits)
+    assert not outcome.ok and outcome.error is not None
+    detail, log = outcome.error["detail"], outcome.error["log"]
+    # TorchScript's own framing comes first and the reason last; both survive the cut
+    assert len(log) > 2000 and len(detail) <= 2000
+    assert detail.startswith("the model takes integer token ids") and "dtype" in detail
+    assert "the model does not run on an input of shape [1, 12]" in detail
+    assert log.strip().splitlines()[-1] in detail  # the last line of the log: the actual cause
+    assert "'indices'" in detail
+
+
+def test_error_summaries_keep_head_and_tail_and_leave_short_text_alone() -> None:
+    from worker.compression.errors import failure, shorten
+
+    long = "first line\n" + "\n".join(f"frame {i}" for i in range(1000)) + "\nValueError: the reason"
+    short = shorten(long)
+    assert short.startswith("first line\n…\n") and short.endswith("ValueError: the reason") and len(short) <= 2000
+    assert failure("EngineError", "plain") == {"error": "EngineError", "detail": "plain"}
+    assert failure("RuntimeError", long)["log"] == long
