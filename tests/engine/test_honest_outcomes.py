@@ -18,6 +18,9 @@ from worker.compression.pipeline import JobRequest, run_job
 def compress(source: Path, model_format: str, stages: list[dict[str, Any]], tmp_path: Path,
              shape: list[int], **extra: Any) -> tuple[dict[str, Any], Path]:
     artifact = tmp_path / "artifact"
+    stages = [{"method": s["method"], "scheme": s["scheme"],
+               "options": s.get("options") or {k: v for k, v in s.items() if k not in ("method", "scheme")}}
+              for s in stages]
     request = {"model": {"path": str(source), "format": model_format}, "stages": stages,
                "artifact_path": str(artifact), "example_input_shape": shape, **extra}
     return run_job(JobRequest.from_dict(request)), artifact
@@ -99,3 +102,75 @@ def test_error_summaries_keep_head_and_tail_and_leave_short_text_alone() -> None
     assert short.startswith("first line\n…\n") and short.endswith("ValueError: the reason") and len(short) <= 2000
     assert failure("EngineError", "plain") == {"error": "EngineError", "detail": "plain"}
     assert failure("RuntimeError", long)["log"] == long
+
+
+# ---------------------------------------------------------------- 3. warnings and sparse downloads
+
+NEW_WARNINGS = ("next to no gain", "not smaller", "left unchanged", "fidelity collapsed")
+
+
+def test_int8_leaving_the_lstm_float_is_warned(one_thread) -> None:  # type: ignore[no-untyped-def]
+    from worker.compression import outcome
+    from worker.compression.base import StageContext
+    from worker.compression.quantization import run_stage
+
+    entry = zoo.build("lstm")
+    scripted = entry.scripted()
+    before = outcome.weight_fingerprints(scripted)
+    result = run_stage(scripted, "dynamic_int8", {"skip_layers": []},
+                       StageContext(kind="torchscript", example_input=entry.inputs[0]))
+    untouched = outcome.untouched_majority(before, result.model, frozenset(result.info["left_float"]))
+    assert untouched is not None and untouched[0] == "LSTM"
+    # independent: the LSTM's share of the float model's weights
+    lstm = sum(p.numel() for p in entry.model.lstm.parameters())
+    assert untouched[1] == pytest.approx(lstm / sum(p.numel() for p in entry.model.parameters()))
+    warnings = outcome.outcome_warnings(1.0014, {"top1_agreement": 1.0, "sqnr_db": 40.0}, untouched)
+    assert any("LSTM layers hold" in w for w in warnings) and any("next to no gain" in w for w in warnings)
+
+
+def test_codebook_leaving_the_convolutions_alone_is_warned(tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    source = zoo.build("resnet").save_exported(tmp_path / "resnet.pt2")
+    result, artifact = compress(source, "exported_program", [{"method": "encode", "scheme": "codebook", "bits": 5}],
+                                tmp_path, [1, 3, 32, 32])
+    metrics = result["metrics"]
+    assert metrics["compression_ratio"] == pytest.approx(source.stat().st_size / artifact.stat().st_size, rel=1e-3)
+    assert any(w.startswith("Conv2d layers hold") for w in metrics["warnings"]), metrics["warnings"]
+
+
+def test_collapsed_fidelity_is_warned(tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    source = zoo.build("mobilenet_v3").save_torchscript(tmp_path / "mobilenet.pt")
+    stages = [{"method": "prune", "scheme": "random_unstructured", "amount": 0.97, "prune_classifier": True}]
+    result, artifact = compress(source, "torchscript", stages, tmp_path, [1, 3, 32, 32])
+    fidelity = result["metrics"]["fidelity"]
+    agreement = fidelity["top1_agreement"]
+    collapsed = fidelity["sqnr_db"] < 0 or (agreement is not None and agreement < 0.5)
+    assert collapsed == any("fidelity collapsed" in w for w in result["metrics"]["warnings"])
+    assert collapsed, fidelity  # 97% random zeros leave nothing of this model's outputs
+
+
+def test_a_real_int8_gain_gets_no_warning(tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    source = zoo.build("vit").save_torchscript(tmp_path / "vit.pt")
+    result, artifact = compress(source, "torchscript", [{"method": "quantize", "scheme": "dynamic_int8"}],
+                                tmp_path, [1, 3, 32, 32])
+    metrics = result["metrics"]
+    assert source.stat().st_size / artifact.stat().st_size > 2.0
+    assert metrics["fidelity"]["sqnr_db"] > 20
+    assert not [w for w in metrics["warnings"] if any(phrase in w for phrase in NEW_WARNINGS)], metrics["warnings"]
+
+
+@pytest.mark.parametrize("amount", [0.3, 0.5])
+def test_pruned_downloads_shrink_from_modest_sparsity_on(tmp_path: Path, amount: float, one_thread) -> None:  # type: ignore[no-untyped-def]
+    entry = zoo.build("resnet")
+    source = entry.save_torchscript(tmp_path / "resnet.pt")
+    stages = [{"method": "prune", "scheme": "global_l1_unstructured", "amount": amount, "prune_classifier": True}]
+    result, artifact = compress(source, "torchscript", stages, tmp_path, [1, 3, 32, 32])
+    assert result["artifact_format"] == "sparse_state_dict"
+    dense_bytes = tmp_path / "dense.pt"
+    state = zoo.readme_loader()["decode_sparse_state_dict"](torch.load(artifact, weights_only=True))
+    torch.save(state, dense_bytes)
+    # pruned weights are most of this model: the file shrinks about as much as they do
+    assert artifact.stat().st_size < (1 - amount / 2) * dense_bytes.stat().st_size
+    assert result["metrics"]["compression_ratio"] >= 1.1 or result["metrics"]["warnings"]
+    entry.model.load_state_dict(state)
+    zeros = sum(int((v == 0).sum()) for k, v in state.items() if k.endswith("weight") and v.dim() > 1)
+    assert zeros / sum(v.numel() for k, v in state.items() if k.endswith("weight") and v.dim() > 1) >= amount - 0.01

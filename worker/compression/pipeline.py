@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from worker.compression import metrics as measure
+from worker.compression import outcome
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
 from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
 from worker.compression.stages import run_stage
@@ -104,6 +105,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
                                 threads=request.threads, outputs=reference, labels=fid_labels,
                                 parameters=parameters)
 
+    weights_before = outcome.weight_fingerprints(model)
     stage_reports: list[dict[str, Any]] = []
     result: StageResult | None = None
     requires: set[str] = set()
@@ -161,13 +163,21 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
                                   threads=request.threads, outputs=outputs, labels=fid_labels,
                                   parameters=parameters)
     document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
-                             device=device, batch_size=int(example.shape[0]), threads=request.threads)
+                             device=device, batch_size=int(example.shape[0]), threads=request.threads,
+                             untouched=outcome.untouched_majority(weights_before, working, _left_alone(stage_reports)))
     for report in stage_reports:
         if "result" in report["info"]:
             document["result"] = report["info"]["result"]
         # a stage's own warnings are part of the outcome, not buried in its info
         document["warnings"].extend(w for w in report["info"].get("warnings") or [] if w not in document["warnings"])
     return {"metrics": document, "artifact_format": output_format, "requires": sorted(requires)}
+
+
+def _left_alone(stage_reports: list[dict[str, Any]]) -> frozenset[str]:
+    """Layers the job's one stage said it left as they were (e.g. an LSTM int8 could not reach)."""
+    if len(stage_reports) != 1:
+        return frozenset()  # an earlier stage may have changed what a later one left alone
+    return frozenset(stage_reports[0]["info"].get("left_float") or {})
 
 
 def _hands_back_the_upload(request: JobRequest, result: StageResult | None, output_format: str) -> bool:
@@ -178,12 +188,10 @@ def _hands_back_the_upload(request: JobRequest, result: StageResult | None, outp
 
 def build_metrics(original: dict[str, Any], compressed: dict[str, Any], fidelity: dict[str, Any],
                   stages: list[dict[str, Any]], *, device: torch.device, batch_size: int,
-                  threads: int) -> dict[str, Any]:
+                  threads: int, untouched: tuple[str, float] | None = None) -> dict[str, Any]:
     ratio = original["size_bytes"] / compressed["size_bytes"]
     speedup = original["latency_ms_p50"] / compressed["latency_ms_p50"] if compressed["latency_ms_p50"] else None
-    warnings = []
-    if ratio <= 1.0:
-        warnings.append(f"the artifact is not smaller than the original ({ratio:.2f}x)")
+    warnings = outcome.outcome_warnings(ratio, fidelity, untouched)
     if speedup is not None and speedup < 1.0:
         warnings.append(f"the compressed model is slower than the original at batch {batch_size} "
                         f"on {device.type} ({speedup:.2f}x)")
