@@ -5,6 +5,7 @@ collapses are warned about, ties stay tied, and the README's loading code runs.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,60 @@ def test_pruned_downloads_shrink_from_modest_sparsity_on(tmp_path: Path, amount:
     entry.model.load_state_dict(state)
     zeros = sum(int((v == 0).sum()) for k, v in state.items() if k.endswith("weight") and v.dim() > 1)
     assert zeros / sum(v.numel() for k, v in state.items() if k.endswith("weight") and v.dim() > 1) >= amount - 0.01
+
+
+# ---------------------------------------------------------------- 4. tied weights
+
+
+def _logits(output: Any) -> torch.Tensor:
+    return output["logits"] if isinstance(output, dict) else output[0] if isinstance(output, tuple) else output
+
+
+def test_gpt2_ties_survive_export_pruning_and_the_state_dict_file(tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    from worker.compression import metrics
+    from worker.compression.base import StageContext
+    from worker.compression.io import load_model, save_artifact
+    from worker.compression.pruning import run_stage
+
+    entry = zoo.build("gpt2")
+    model, kind = load_model(entry.save_exported(tmp_path / "gpt2.pt2"), "exported_program", None)
+    assert model.get_submodule("lm_head").weight is model.get_submodule("transformer.wte").weight
+    # shared storage is counted once: the same count as the eager model's own (deduplicated) parameters
+    assert metrics.count_parameters(model)[0] == sum(p.numel() for p in entry.model.parameters())
+    options = {"amount": 0.5, "layers": None, "prune_classifier": True, "schedule": None, "train": None}
+    working = copy.deepcopy(model)  # as the pipeline does; the copy must keep the tie
+    assert working.get_submodule("lm_head").weight is working.get_submodule("transformer.wte").weight
+    result = run_stage(working, "global_l1_unstructured", options, StageContext(kind=kind, example_input=entry.inputs[0]))
+    dense, sparse = tmp_path / "dense.pt", tmp_path / "sparse.pt"
+    save_artifact(result.model, result.kind, "state_dict", dense, entry.inputs[0])
+    save_artifact(result.model, result.kind, "sparse_state_dict", sparse, entry.inputs[0])
+    # independent: the same weights saved with the tie cut take one embedding matrix more
+    untied = tmp_path / "untied.pt"
+    torch.save({k: v.clone() for k, v in result.model.state_dict().items()}, untied)
+    embedding_bytes = entry.model.transformer.wte.weight.numel() * 4
+    assert untied.stat().st_size - dense.stat().st_size >= 0.9 * embedding_bytes
+    assert sparse.stat().st_size < dense.stat().st_size
+    # the README's loading code into the user's own GPT-2: strict keys, tie intact, same outputs
+    state = zoo.readme_loader()["decode_sparse_state_dict"](torch.load(sparse, weights_only=True))
+    restored = zoo.build("gpt2").model
+    restored.load_state_dict(state)
+    assert restored.lm_head.weight is restored.transformer.wte.weight
+    with torch.no_grad():
+        assert torch.allclose(_logits(restored(*entry.inputs)), _logits(result.model(*entry.inputs)), atol=1e-5)
+
+
+def test_gpt2_dynamic_int8_is_smaller_than_float(tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    from worker.compression.base import StageContext
+    from worker.compression.io import load_model, save_artifact
+    from worker.compression.quantization import run_stage, sqnr_db
+
+    entry = zoo.build("gpt2")
+    source = entry.save_torchscript(tmp_path / "gpt2.pt")
+    model, kind = load_model(source, "torchscript", None)
+    result = run_stage(model, "dynamic_int8", {"skip_layers": []}, StageContext(kind=kind, example_input=entry.inputs[0]))
+    artifact = tmp_path / "int8.pt"
+    save_artifact(result.model, result.kind, "torchscript", artifact, entry.inputs[0])
+    assert artifact.stat().st_size < source.stat().st_size
+    reloaded = torch.jit.load(str(artifact))
+    with torch.no_grad():
+        assert sqnr_db(_logits(entry.model(*entry.inputs)), _logits(reloaded(*entry.inputs))) > 20

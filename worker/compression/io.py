@@ -53,7 +53,7 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
                 program = torch.export.load(handle)
         except Exception as error:
             raise EngineError(f"exported program could not be loaded: {error}") from error
-        return program.module(), "graph"
+        return tie_shared_parameters(program.module()), "graph"
     if model_format in ("state_dict", "safetensors"):
         if not architecture or "name" not in architecture:
             raise EngineError(f"a {model_format} upload needs an architecture from the registry")
@@ -70,6 +70,27 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
             raise EngineError(f"weights do not fit architecture {architecture['name']!r}: {error}") from error
         return module.eval(), "eager"
     raise EngineError(f"unknown model format {model_format!r}")
+
+
+def tie_shared_parameters(module: nn.Module) -> nn.Module:
+    """Make parameters that share one storage the same Parameter object, as in the original model.
+
+    An exported program keeps tied weights (GPT-2's LM head and token embedding) as one
+    storage, but `.module()` hands them back as two Parameter objects over it; the first
+    deepcopy or in-place replacement would then untie them and every later figure and file
+    would count the weight twice. Returns `module`, changed in place.
+    """
+    first: dict[tuple[Any, ...], nn.Parameter] = {}
+    from worker.compression.metrics import storage_identity
+
+    for name, parameter in list(module.named_parameters(remove_duplicate=False)):
+        identity = storage_identity(parameter)
+        shared = first.setdefault(identity, parameter)
+        if shared is not parameter:
+            owner_name, _, attribute = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            owner._parameters[attribute] = shared
+    return module
 
 
 def load_dataset(path: Path) -> Dataset:

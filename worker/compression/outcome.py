@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.compression.metrics import storage_identity
+
 GAIN_WARNING_BELOW = 1.1
 COLLAPSED_AGREEMENT_BELOW = 0.5
 COLLAPSED_SQNR_DB_BELOW = 0.0
@@ -45,11 +47,11 @@ def weight_fingerprints(model: nn.Module) -> dict[str, tuple[str, int, Fingerpri
     """
     owners = {name: layer_type(module) for name, module in model.named_modules()}
     figures: dict[str, tuple[str, int, Fingerprint]] = {}
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    seen: set[tuple[Any, ...]] = set()
     for key, tensor in model.state_dict(keep_vars=False).items():
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.layout != torch.strided:
             continue
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        identity = storage_identity(tensor)
         if identity in seen:
             continue
         seen.add(identity)

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from worker.compression.metrics import storage_identity
+
 INDEX_DTYPE = torch.int32
 # torch.save keeps each tensor's storage as a zip entry of its own, with headers and 64-byte
 # alignment: an encoding made of several tensors pays this much per extra tensor.
@@ -57,8 +59,7 @@ def encode_sparse_state_dict(state_dict: Mapping[str, Tensor], min_sparsity: flo
     seen: dict[tuple[Any, ...], Any] = {}
     for name, tensor in state_dict.items():
         plain = _plain(tensor)
-        identity = (plain.untyped_storage().data_ptr(), plain.storage_offset(), tuple(plain.shape),
-                    tuple(plain.stride()), plain.dtype) if plain.layout == torch.strided else (id(plain),)
+        identity = storage_identity(plain) if plain.layout == torch.strided else (id(plain),)
         if identity not in seen:
             seen[identity] = _encode_tensor(plain, min_sparsity)
         encoded[name] = seen[identity]
