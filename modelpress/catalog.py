@@ -298,7 +298,7 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
 def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts, where: str) -> None:
     schedule = options.get("schedule")
     if schedule:
-        if not facts.has_dataset:
+        if not facts.dataset_has_labels:
             raise SpecError(f"{where}.schedule: gradual pruning fine-tunes, so it needs a dataset_id with labels")
         steps = schedule.get("steps", 1)
         epochs = schedule.get("finetune_epochs", 1)
