@@ -1,7 +1,7 @@
 """Client-side CLI commands: models, datasets, jobs, and the one-shot `compress`.
 
 `compress` talks to a server (upload, submit, live progress, download, before/after table),
-or with `--local` runs the same spec with the engine in this process, no server at all.
+or with `--local` runs the same spec with the engine in a child process, no server at all.
 """
 from __future__ import annotations
 
@@ -400,17 +400,13 @@ def _compress_local(args: argparse.Namespace, spec: dict[str, Any]) -> int:
         except SpecError as error:
             err.print(f"[red]error:[/red] invalid spec: {error}")
             return 2
-        from worker.compression.base import EngineError
-        from worker.compression.pipeline import Reporter, run_job
-
-        try:
-            with progress_bar("local") as update:
-                result = run_job(request, Reporter(progress=update,
-                                                   event=lambda kind, data: update.log(f"{kind}: {json.dumps(data)}")))
-                update(1.0, "done")
-        except EngineError as error:
-            err.print(f"[red]error:[/red] {error}")
+        outcome = _run_local_child(request, Path(scratch) / "work")
+        if not outcome.ok:
+            error = outcome.error or {"error": "Unknown", "detail": "the job ended without a result"}
+            err.print(f"[red]error:[/red] {error.get('detail') or error.get('error')}")
             return 1
+        result = outcome.result
+        assert result is not None
         artifact.replace(target)
     metrics = result["metrics"]
     if args.json:
@@ -419,6 +415,35 @@ def _compress_local(args: argparse.Namespace, spec: dict[str, Any]) -> int:
     else:
         print_result(metrics, target, f"{Path(args.model).name}: local run ({result['artifact_format']})")
     return 0
+
+
+def _run_local_child(request: Any, scratch: Path) -> Any:
+    """Run the job like the service does, in a child process, so a native crash of the model's
+    code (a segfault, an abort) ends the child with a message here, not this process.
+
+    The limits are the user's machine's own (no caps): the child is for survival, not for
+    distrust of a model the user runs on their own machine anyway.
+    """
+    import dataclasses
+    import resource
+
+    from worker.sandbox import Limits, run_sandboxed
+
+    unlimited = resource.RLIM_INFINITY
+    # the CPU limit's hard cap is soft + 5 s, so "unlimited" is a very large number there
+    limits = Limits(memory_bytes=unlimited, cpu_seconds=10**9, file_bytes=unlimited, open_files=4096,
+                    wall_seconds=7 * 24 * 3600.0, threads=max(1, request.threads))
+    with progress_bar("local") as update:
+        def on_message(message: dict[str, Any]) -> None:
+            if message.get("type") == "progress":
+                update(float(message["fraction"]), str(message["stage"]))
+            elif message.get("type") == "event":
+                update.log(f"{message.get('kind')}: {json.dumps(message.get('data'))}")
+
+        outcome = run_sandboxed("job", dataclasses.asdict(request), scratch, limits, on_message=on_message)
+        if outcome.ok:
+            update(1.0, "done")
+    return outcome
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:

@@ -232,3 +232,56 @@ def test_gpt2_dynamic_int8_is_smaller_than_float(tmp_path: Path, one_thread) -> 
     reloaded = torch.jit.load(str(artifact))
     with torch.no_grad():
         assert sqnr_db(_logits(entry.model(*entry.inputs)), _logits(reloaded(*entry.inputs))) > 20
+
+
+# ---------------------------------------------------------------- 5. --local survives a crash
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_local_compress_reports_a_crash_of_the_model_code_and_exits_non_zero(tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import PROJECT_ROOT, SlowForward
+
+    model = tmp_path / "slow.pt"
+    torch.jit.save(torch.jit.script(SlowForward(iterations=5_000_000)), str(model))
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"example_input_shape": [1, 8], "stages": [{"method": "quantize",
+                                                                          "scheme": "dynamic_int8"}]}))
+    cli = subprocess.Popen([sys.executable, "-m", "modelpress.cli", "compress", str(model), "--spec", str(spec),
+                            "--out", str(tmp_path / "out.pt"), "--local"], cwd=PROJECT_ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        child = None
+        while child is None and time.monotonic() < deadline and cli.poll() is None:
+            child = next(iter(_children(cli.pid)), None)
+            time.sleep(0.2)
+        assert child is not None, "the local job did not run in a child process"
+        time.sleep(3)  # into the model's forward
+        # what a native crash of the model's code looks like from outside: the process dies of SIGSEGV
+        os.kill(child, signal.SIGSEGV)
+        _, stderr = cli.communicate(timeout=120)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 1, (cli.returncode, stderr[-2000:])
+    assert "segmentation fault" in stderr and "crashed" in stderr, stderr[-2000:]
+    assert not (tmp_path / "out.pt").exists()
