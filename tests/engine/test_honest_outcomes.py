@@ -285,3 +285,39 @@ def test_local_compress_reports_a_crash_of_the_model_code_and_exits_non_zero(tmp
     assert cli.returncode == 1, (cli.returncode, stderr[-2000:])
     assert "segmentation fault" in stderr and "crashed" in stderr, stderr[-2000:]
     assert not (tmp_path / "out.pt").exists()
+
+
+# ---------------------------------------------------------------- 6. the README's loading code on the zoo
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output
+    return next(v for v in values if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("upload", ["torchscript", "exported_program"])
+@pytest.mark.parametrize("name", zoo.NAMES)
+def test_readme_loads_pruned_zoo_artifacts_into_the_users_own_model(name: str, upload: str, tmp_path: Path,
+                                                                    one_thread) -> None:  # type: ignore[no-untyped-def]
+    from worker.compression.io import load_model, save_artifact
+    from worker.compression.base import StageContext
+    from worker.compression.pruning import run_stage
+
+    entry = zoo.build(name)
+    source = (entry.save_torchscript(tmp_path / "model.pt") if upload == "torchscript"
+              else entry.save_exported(tmp_path / "model.pt2"))
+    model, kind = load_model(source, upload, None)
+    working = model if kind == "torchscript" else copy.deepcopy(model)
+    options = {"amount": 0.5, "layers": None, "prune_classifier": True, "schedule": None, "train": None}
+    result = run_stage(working, "l1_unstructured", options, StageContext(kind=kind, example_input=entry.inputs[0]))
+    artifact = tmp_path / "artifact.pt"
+    save_artifact(result.model, result.kind, "sparse_state_dict", artifact, entry.inputs[0])
+    # the README, verbatim: decode and load_state_dict (strict) into the architecture the user has
+    own = zoo.build(name).model
+    own.load_state_dict(zoo.readme_loader()["decode_sparse_state_dict"](torch.load(artifact, weights_only=True)))
+    assert own.state_dict().keys() == entry.model.state_dict().keys()
+    with torch.no_grad():
+        expected = _first_tensor(result.model(*entry.inputs, *entry.constants))
+        assert torch.allclose(_first_tensor(own(*entry.inputs, *entry.constants)), expected, atol=1e-5)
