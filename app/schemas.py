@@ -68,7 +68,8 @@ class JobCreate(BaseModel):
     eval_dataset_id: str | None = None
     example_input_shape: list[int] | None = Field(None, min_length=1, max_length=8)
     target: Target = Field(default_factory=Target)
-    output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict"] | None = None
+    output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict",
+                           "compact_state_dict"] | None = None
     webhook_url: AnyHttpUrl | None = Field(None, description="POSTed the job summary when it finishes")
     priority: int = Field(5, ge=0, le=9, description="0..9, 9 runs first")
     seed: int = 0

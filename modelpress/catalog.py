@@ -17,7 +17,8 @@ Device = Literal["cpu", "cuda"]
 # modules (a registered architecture), exported programs become graph modules.
 MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program")
 EAGER_FORMATS = ("state_dict", "safetensors", "exported_program")
-OUTPUT_FORMATS = ("torchscript", "exported_program", "state_dict", "sparse_state_dict")
+OUTPUT_FORMATS = ("torchscript", "exported_program", "state_dict", "sparse_state_dict",
+                  "compact_state_dict")
 
 
 class SpecError(ValueError):

@@ -268,14 +268,18 @@ def readme_loader() -> dict[str, Any]:
     """The README's artifact-loading code block, executed: its names (decode_sparse_state_dict, ...).
 
     Tests load artifacts with this, so the README's instructions are what is tested. The
-    block's lines that need a real artifact file or the user's model are skipped.
+    block's lines that need a real artifact file or the user's model are skipped;
+    `sparse_one_liner(state)` is the block's one-line conversion for sparse_state_dict files.
     """
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     start = readme.index("## Loading an artifact")
     block = readme[readme.index("```python", start) + len("```python"):]
     block = block[:block.index("```")]
+    namespace: dict[str, Any] = {"state": {}}  # the sparse one-liner's input, as a real file would give
     runnable = "\n".join(line for line in block.splitlines()
                          if "artifact.pt" not in line and "my_model" not in line)
-    namespace: dict[str, Any] = {}
     exec(compile(runnable, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    one_liner = next(line for line in block.splitlines() if line.startswith("state = {"))
+    expression = one_liner.split("=", 1)[1].strip()
+    namespace["sparse_one_liner"] = lambda state: eval(expression, {"torch": torch, "state": state})  # noqa: S307
     return namespace

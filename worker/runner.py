@@ -26,7 +26,8 @@ from worker.sandbox import Limits, run_sandboxed
 log = logging.getLogger("modelpress.runner")
 WORKER_NAME = f"{socket.gethostname()}:{__import__('os').getpid()}"
 PROGRESS_WRITE_INTERVAL_S = 0.5
-EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt"}
+EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt",
+              "compact_state_dict": "pt"}
 
 
 def claim_job(job_id: str) -> int | None:

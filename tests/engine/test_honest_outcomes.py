@@ -159,13 +159,33 @@ def test_a_real_int8_gain_gets_no_warning(tmp_path: Path, one_thread) -> None:  
     assert not [w for w in metrics["warnings"] if any(phrase in w for phrase in NEW_WARNINGS)], metrics["warnings"]
 
 
+def test_default_pruning_that_gains_little_is_warned_and_names_the_compact_format(tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
+    from worker.compression.registry import build_architecture
+
+    # a weights-only upload: no container overhead for the download to shed, only the zeros count
+    architecture = {"name": "mlp", "kwargs": {"widths": [64, 300, 100, 10]}}
+    source = tmp_path / "mlp.pt"
+    torch.save(build_architecture(architecture["name"], architecture["kwargs"]).state_dict(), source)
+    artifact = tmp_path / "artifact"
+    result = run_job(JobRequest.from_dict({
+        "model": {"path": str(source), "format": "state_dict", "architecture": architecture},
+        "stages": [{"method": "prune", "scheme": "l1_unstructured", "options": {"amount": 0.5}}],
+        "artifact_path": str(artifact), "example_input_shape": [1, 64]}))
+    assert result["artifact_format"] == "sparse_state_dict"
+    ratio = source.stat().st_size / artifact.stat().st_size
+    assert ratio < 1.1  # CSR breaks even near 50% zeros
+    assert any("next to no gain" in w for w in result["metrics"]["warnings"])
+    assert any("compact_state_dict" in w for w in result["metrics"]["warnings"])
+
+
 @pytest.mark.parametrize("amount", [0.3, 0.5])
-def test_pruned_downloads_shrink_from_modest_sparsity_on(tmp_path: Path, amount: float, one_thread) -> None:  # type: ignore[no-untyped-def]
+def test_compact_downloads_shrink_from_modest_sparsity_on(tmp_path: Path, amount: float, one_thread) -> None:  # type: ignore[no-untyped-def]
     entry = zoo.build("resnet")
     source = entry.save_torchscript(tmp_path / "resnet.pt")
     stages = [{"method": "prune", "scheme": "global_l1_unstructured", "amount": amount, "prune_classifier": True}]
-    result, artifact = compress(source, "torchscript", stages, tmp_path, [1, 3, 32, 32])
-    assert result["artifact_format"] == "sparse_state_dict"
+    result, artifact = compress(source, "torchscript", stages, tmp_path, [1, 3, 32, 32],
+                                output_format="compact_state_dict")
+    assert result["artifact_format"] == "compact_state_dict"
     dense_bytes = tmp_path / "dense.pt"
     state = zoo.readme_loader()["decode_sparse_state_dict"](torch.load(artifact, weights_only=True))
     torch.save(state, dense_bytes)
@@ -201,7 +221,7 @@ def test_gpt2_ties_survive_export_pruning_and_the_state_dict_file(tmp_path: Path
     result = run_stage(working, "global_l1_unstructured", options, StageContext(kind=kind, example_input=entry.inputs[0]))
     dense, sparse = tmp_path / "dense.pt", tmp_path / "sparse.pt"
     save_artifact(result.model, result.kind, "state_dict", dense, entry.inputs[0])
-    save_artifact(result.model, result.kind, "sparse_state_dict", sparse, entry.inputs[0])
+    save_artifact(result.model, result.kind, "compact_state_dict", sparse, entry.inputs[0])
     # independent: the same weights saved with the tie cut take one embedding matrix more
     untied = tmp_path / "untied.pt"
     torch.save({k: v.clone() for k, v in result.model.state_dict().items()}, untied)
@@ -312,12 +332,16 @@ def test_readme_loads_pruned_zoo_artifacts_into_the_users_own_model(name: str, u
     working = model if kind == "torchscript" else copy.deepcopy(model)
     options = {"amount": 0.5, "layers": None, "prune_classifier": True, "schedule": None, "train": None}
     result = run_stage(working, "l1_unstructured", options, StageContext(kind=kind, example_input=entry.inputs[0]))
-    artifact = tmp_path / "artifact.pt"
-    save_artifact(result.model, result.kind, "sparse_state_dict", artifact, entry.inputs[0])
-    # the README, verbatim: decode and load_state_dict (strict) into the architecture the user has
-    own = zoo.build(name).model
-    own.load_state_dict(zoo.readme_loader()["decode_sparse_state_dict"](torch.load(artifact, weights_only=True)))
-    assert own.state_dict().keys() == entry.model.state_dict().keys()
+    readme = zoo.readme_loader()
     with torch.no_grad():
         expected = _first_tensor(result.model(*entry.inputs, *entry.constants))
-        assert torch.allclose(_first_tensor(own(*entry.inputs, *entry.constants)), expected, atol=1e-5)
+    for output_format, loader in (("sparse_state_dict", readme["sparse_one_liner"]),
+                                  ("compact_state_dict", readme["decode_sparse_state_dict"])):
+        artifact = tmp_path / f"{output_format}.pt"
+        save_artifact(result.model, result.kind, output_format, artifact, entry.inputs[0])
+        # the README, verbatim: decode and load_state_dict (strict) into the architecture the user has
+        own = zoo.build(name).model
+        own.load_state_dict(loader(torch.load(artifact, weights_only=True)))
+        assert own.state_dict().keys() == entry.model.state_dict().keys()
+        with torch.no_grad():
+            assert torch.allclose(_first_tensor(own(*entry.inputs, *entry.constants)), expected, atol=1e-5)

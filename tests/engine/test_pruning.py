@@ -291,19 +291,28 @@ def test_sparse_state_dict_roundtrip_and_weights_only_load(tmp_path: Path) -> No
              "bn.num_batches_tracked": torch.tensor(3)}
 
     encoded = encode_sparse_state_dict(state)
-    for key in ("a.weight", "b.weight", "c.weight"):  # sparse: some encoding smaller than dense wins
-        assert isinstance(encoded[key], dict) or encoded[key].layout == torch.sparse_csr
-        assert encoded_bytes(encoded[key]) < state[key].numel() * 4
-    assert isinstance(encoded["d.weight"], torch.Tensor) and encoded["d.weight"].layout == torch.strided  # no zeros
-    path = tmp_path / "sparse.pt"
-    torch.save(encoded, path)
-    loaded = torch.load(path, weights_only=True)
-    # the README's loading code, verbatim
-    dense = readme_loader()["decode_sparse_state_dict"](loaded)
-    assert dense.keys() == state.keys()
-    for key, value in state.items():
-        assert torch.equal(dense[key], value) and dense[key].shape == value.shape
-        assert torch.equal(decode_sparse_state_dict(loaded)[key], value)
+    assert encoded["a.weight"].layout == torch.sparse_csr
+    assert encoded["a.weight"].col_indices().dtype == torch.int32
+    assert encoded["b.weight"].layout == torch.sparse_csr and encoded["b.weight"].shape == conv.shape
+    assert encoded["c.weight"].layout == torch.strided  # few all-zero kernels: dense is smaller
+    assert encoded["d.weight"].layout == torch.strided
+    compact = encode_sparse_state_dict(state, compact=True)
+    for key in ("a.weight", "b.weight", "c.weight"):  # a bitmask or relative indices beat dense and CSR
+        assert isinstance(compact[key], dict) and encoded_bytes(compact[key]) < encoded_bytes(encoded[key])
+    assert compact["d.weight"].layout == torch.strided  # no zeros
+    for layout, chosen in (("sparse", encoded), ("compact", compact)):
+        path = tmp_path / f"{layout}.pt"
+        torch.save(chosen, path)
+        loaded = torch.load(path, weights_only=True)
+        if layout == "sparse":  # every entry a stock tensor: the one-line dense conversion works too
+            one_liner = {k: v.to_dense() if v.layout != torch.strided else v for k, v in loaded.items()}
+            assert all(torch.equal(one_liner[key], value) for key, value in state.items())
+        # the README's loading code, verbatim
+        dense = readme_loader()["decode_sparse_state_dict"](loaded)
+        assert dense.keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(dense[key], value) and dense[key].shape == value.shape
+            assert torch.equal(decode_sparse_state_dict(loaded)[key], value)
 
 
 def test_sparse_artifact_is_small_for_pruned_torchscript_mlp(trained_mlp: nn.Module, tmp_path: Path) -> None:

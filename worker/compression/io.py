@@ -165,10 +165,11 @@ def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: P
     elif output_format == "state_dict":
         # no clone: tied weights share one storage, and torch.save writes a shared storage once
         torch.save(weights_for_saving(model, kind), str(path))
-    elif output_format == "sparse_state_dict":
+    elif output_format in ("sparse_state_dict", "compact_state_dict"):
         from worker.compression.sparse_format import encode_sparse_state_dict
 
-        torch.save(encode_sparse_state_dict(weights_for_saving(model, kind)), str(path))
+        compact = output_format == "compact_state_dict"
+        torch.save(encode_sparse_state_dict(weights_for_saving(model, kind), compact=compact), str(path))
     else:
         raise EngineError(f"unknown output format {output_format!r}")
 

@@ -165,6 +165,10 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
                              device=device, batch_size=int(example.shape[0]), threads=request.threads,
                              untouched=outcome.untouched_majority(weights_before, working, _left_alone(stage_reports)))
+    if output_format == "sparse_state_dict" and document["compression_ratio"] < outcome.GAIN_WARNING_BELOW:
+        document["warnings"].append('CSR storage of the pruned weights pays off only above about 50% zeros; '
+                                    'output_format "compact_state_dict" stores each zero in about one bit '
+                                    '(the README shows how to load it)')
     for report in stage_reports:
         if "result" in report["info"]:
             document["result"] = report["info"]["result"]

@@ -1,13 +1,21 @@
-"""The `sparse_state_dict` artifact: a pruned state_dict whose zeros cost (almost) nothing.
+"""Pruned state_dict artifacts whose zeros cost less than dense weights, loadable with stock torch.
 
-The file is `torch.save(encode_sparse_state_dict(model.state_dict()), path)`. It holds
-one entry per key of the model's state_dict, under the same keys. Each floating-point
-weight is stored in whichever of these encodings is smallest for it, measured in bytes
-(the pick is made per tensor, so a dense layer next to a sparse one stays dense):
+Two output formats, both `torch.save(encode_sparse_state_dict(state, compact=...), path)`
+with one entry per key of the model's state_dict, under the same keys:
 
-- dense: the tensor as is;
-- CSR: a sparse CSR tensor with int32 indices (4 bytes of value + 4 of column index per
-  nonzero; N-D weights are hybrid CSR over (out, in) with dense kernels);
+`sparse_state_dict` (the default after unstructured / N:M pruning): every entry is a plain
+torch tensor, dense or a sparse CSR tensor with int32 indices (N-D weights as hybrid CSR
+over (out, in) with dense kernels), whichever is smaller, so the one-liner
+
+    state = {k: v.to_dense() if v.layout != torch.strided else v for k, v in state.items()}
+
+loads it. CSR costs 8 bytes per kept float32 weight: it only pays off above about 50%
+sparsity.
+
+`compact_state_dict` (on request): each floating-point weight is stored in whichever of
+these is smallest for it, measured in bytes:
+
+- dense, or CSR as above;
 - bitmask: {"encoding": "bitmask", "shape": [...], "mask": uint8 bits (1 = kept, first
   element in the lowest bit), "values": the kept values in row-major order}: one bit per
   weight plus the kept values, smaller than dense from about 3% zeros on;
@@ -17,8 +25,9 @@ weight is stored in whichever of these encodings is smallest for it, measured in
   stored zeros; the smallest at high sparsity.
 
 Everything else (biases, buffers, integer tensors) is stored as is. No custom classes:
-`torch.load(path, weights_only=True)` reads it, and `decode_sparse_state_dict` below (the
+`torch.load(path, weights_only=True)` reads both, and `decode_sparse_state_dict` below (the
 README prints it, stock torch only) gives back dense tensors with their original shapes.
+Tied weights (one tensor under two keys) are encoded and stored once.
 """
 from __future__ import annotations
 
@@ -39,12 +48,15 @@ STORAGE_OVERHEAD_BYTES = 192
 RELATIVE_GAP_DTYPES = (torch.uint8, torch.int16)
 
 
-def encode_sparse_state_dict(state_dict: Mapping[str, Tensor], min_sparsity: float = 0.0) -> dict[str, Any]:
+def encode_sparse_state_dict(state_dict: Mapping[str, Tensor], min_sparsity: float = 0.0, *,
+                             compact: bool = False) -> dict[str, Any]:
     """Store each floating-point weight of `state_dict` in its smallest encoding.
 
     Args:
         state_dict: name -> tensor, as `model.state_dict()` returns it.
         min_sparsity: fraction of zeros below which a weight stays dense whatever it costs.
+        compact: also consider the bitmask and relative-index encodings (`compact_state_dict`);
+            without it every entry is a dense or CSR tensor (`sparse_state_dict`).
 
     Returns:
         A dict with the same keys; `torch.save` it, load it back with
@@ -61,7 +73,7 @@ def encode_sparse_state_dict(state_dict: Mapping[str, Tensor], min_sparsity: flo
         plain = _plain(tensor)
         identity = storage_identity(plain) if plain.layout == torch.strided else (id(plain),)
         if identity not in seen:
-            seen[identity] = _encode_tensor(plain, min_sparsity)
+            seen[identity] = _encode_tensor(plain, min_sparsity, compact)
         encoded[name] = seen[identity]
     return encoded
 
@@ -111,18 +123,20 @@ def _plain(tensor: Tensor) -> Tensor:
     return tensor.detach()
 
 
-def _encode_tensor(tensor: Tensor, min_sparsity: float) -> Tensor | dict[str, Any]:
+def _encode_tensor(tensor: Tensor, min_sparsity: float, compact: bool) -> Tensor | dict[str, Any]:
     if tensor.layout != torch.strided or not tensor.is_floating_point() or tensor.dim() < 2 or tensor.numel() == 0:
         return tensor
     nonzero = int(torch.count_nonzero(tensor))
     if 1.0 - nonzero / tensor.numel() < max(min_sparsity, 1e-12):
         return tensor
     tensor = tensor.contiguous()
-    options: list[Tensor | dict[str, Any]] = [tensor, _bitmask(tensor)]
+    options: list[Tensor | dict[str, Any]] = [tensor]
     csr = _csr(tensor)
     if csr is not None:
         options.append(csr)
-    options += [encoded for dtype in RELATIVE_GAP_DTYPES if (encoded := _relative(tensor, dtype)) is not None]
+    if compact:
+        options.append(_bitmask(tensor))
+        options += [encoded for dtype in RELATIVE_GAP_DTYPES if (encoded := _relative(tensor, dtype)) is not None]
     return min(options, key=encoded_bytes)  # dense first: it wins ties
 
 
