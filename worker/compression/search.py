@@ -32,15 +32,15 @@ AMOUNT_RANGE = (0.5, 0.97)
 LOWEST_AMOUNT = 0.1
 BISECTION_TOLERANCE = 0.02
 DISTILL_WIDTHS = (0.25, 0.5)
-# A pruned float32 weight costs its kept values plus about one bit per weight of position
-# (the bitmask encoding of sparse_format), whichever encoding wins is no bigger.
-SPARSE_MASK_COST = 1 / 32
+# Pruning candidates are stored as sparse_state_dict (dense or CSR with int32 indices, which
+# clients load with a one-liner): about twice a dense weight per kept value (value + index).
+SPARSE_COST_PER_KEPT = 2.0
 ORIGINAL = "original (uncompressed)"
 
 
 def sparse_size_ratio(amount: float) -> float:
     """Estimated size of pruned weights relative to dense, at `amount` zeros."""
-    return min(1.0, (1 - amount) + SPARSE_MASK_COST)
+    return min(1.0, SPARSE_COST_PER_KEPT * (1 - amount))
 
 
 @dataclass(frozen=True)
@@ -320,7 +320,7 @@ def _bisect_pruning(search: Search, low: float, high: float, lowest: float) -> N
     best = search.best()
     if best is not None and best.size_bytes and search.config.objective == "size":
         # amounts whose sparse size cannot beat the best so far are not worth a trial
-        needed = 1 + SPARSE_MASK_COST - best.size_bytes / search.original_size + BISECTION_TOLERANCE
+        needed = 1 - best.size_bytes / (SPARSE_COST_PER_KEPT * search.original_size) + BISECTION_TOLERANCE
         low = min(high, max(low, needed))
         lowest = max(lowest, needed)
     if search.out_of_budget():
