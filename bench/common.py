@@ -190,7 +190,9 @@ def load_artifact_module(path: Path, artifact_format: str, architecture: dict[st
     if artifact_format == "exported_program":
         return torch.export.load(str(path)).module()
     state = torch.load(str(path), weights_only=True)
-    state = {k: v.to_dense() if v.layout != torch.strided else v for k, v in state.items()}
+    from worker.compression.sparse_format import decode_sparse_state_dict
+
+    state = decode_sparse_state_dict(state)
     module = build_architecture(architecture["name"], architecture.get("kwargs") or {})
     module.load_state_dict(state)
     return module.eval()

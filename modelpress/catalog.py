@@ -22,7 +22,8 @@ Device = Literal["cpu", "cuda"]
 # modules (a registered architecture), exported programs become graph modules.
 MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program")
 EAGER_FORMATS = ("state_dict", "safetensors", "exported_program")
-OUTPUT_FORMATS = ("torchscript", "exported_program", "state_dict", "sparse_state_dict", "onnx", "executorch")
+OUTPUT_FORMATS = ("torchscript", "exported_program", "state_dict", "sparse_state_dict", "compact_state_dict",
+                  "onnx", "executorch")
 
 
 class SpecError(ValueError):
@@ -345,7 +346,7 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
 
 def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts, where: str) -> None:
     # the shapes and bounds of schedule, layers, train and candidates were checked by OptionSpec.validate
-    if options.get("schedule") and not facts.has_dataset:
+    if options.get("schedule") and not facts.dataset_has_labels:
         raise SpecError(f"{where}.schedule: gradual pruning fine-tunes, so it needs a dataset_id with labels")
     devices = (options.get("train") or {}).get("devices")
     if isinstance(devices, int) and facts.max_train_devices is not None and devices > facts.max_train_devices:

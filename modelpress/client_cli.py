@@ -1,7 +1,7 @@
 """Client-side CLI commands: models, datasets, jobs, and the one-shot `compress`.
 
 `compress` talks to a server (upload, submit, live progress, download, before/after table),
-or with `--local` runs the same spec with the engine in this process, no server at all.
+or with `--local` runs the same spec with the engine in a child process, no server at all.
 """
 from __future__ import annotations
 
@@ -425,22 +425,14 @@ def _compress_local(args: argparse.Namespace, spec: dict[str, Any]) -> int:
         except SpecError as error:
             err.print(f"[red]error:[/red] invalid spec: {error}")
             return 2
-        from worker.compression.base import EngineError
-        from worker.compression.pipeline import Reporter, run_job
-
         events: list[tuple[str, dict[str, Any]]] = []
-
-        def on_event(kind: str, data: dict[str, Any]) -> None:
-            events.append((kind, data))
-            update.log(f"{kind}: {json.dumps(data)}")
-
-        try:
-            with progress_bar("local") as update:
-                result = run_job(request, Reporter(progress=update, event=on_event))
-                update(1.0, "done")
-        except EngineError as error:
-            err.print(f"[red]error:[/red] {error}")
+        outcome = _run_local_child(request, Path(scratch) / "work", events)
+        if not outcome.ok:
+            error = outcome.error or {"error": "Unknown", "detail": "the job ended without a result"}
+            err.print(f"[red]error:[/red] {error.get('detail') or error.get('error')}")
             return 1
+        result = outcome.result
+        assert result is not None
         artifact.replace(target)
     metrics = result["metrics"]
     report = _local_report(args, spec, result, events)
@@ -463,6 +455,38 @@ def _local_report(args: argparse.Namespace, spec: dict[str, Any], result: dict[s
            "artifact": {"format": result["artifact_format"], "requires": result.get("requires", [])}}
     target.write_text(report_html(job, events), encoding="utf-8")
     return target
+
+
+def _run_local_child(request: Any, scratch: Path, events: list[tuple[str, dict[str, Any]]]) -> Any:
+    """Run the job like the service does, in a child process, so a native crash of the model's
+    code (a segfault, an abort) ends the child with a message here, not this process.
+
+    The limits are the user's machine's own (no caps): the child is for survival, not for
+    distrust of a model the user runs on their own machine anyway.
+    """
+    import dataclasses
+    import resource
+
+    from worker.sandbox import Limits, run_sandboxed
+
+    unlimited = resource.RLIM_INFINITY
+    # the CPU limit's hard cap is soft + 5 s, so "unlimited" is a very large number there
+    limits = Limits(memory_bytes=unlimited, cpu_seconds=10**9, file_bytes=unlimited, open_files=4096,
+                    wall_seconds=7 * 24 * 3600.0, threads=max(1, request.threads))
+    with progress_bar("local") as update:
+        def on_message(message: dict[str, Any]) -> None:
+            if message.get("type") == "progress":
+                update(float(message["fraction"]), str(message["stage"]))
+            elif message.get("type") == "event":
+                events.append((str(message.get("kind")), message.get("data") or {}))
+                update.log(f"{message.get('kind')}: {json.dumps(message.get('data'))}")
+
+        # no namespaces here: it is the user's own model on the user's own machine (which may lack bubblewrap)
+        outcome = run_sandboxed("job", dataclasses.asdict(request), scratch, limits, on_message=on_message,
+                                isolation="none")
+        if outcome.ok:
+            update(1.0, "done")
+    return outcome
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:

@@ -26,13 +26,14 @@ from app.config import get_settings
 from app.db import session_scope
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent, JobMetrics, StoredDataset, StoredModel, utcnow
+from worker.compression.errors import failure
 from worker.sandbox import Limits, WarmSandbox, run_sandboxed
 
 log = logging.getLogger("modelpress.runner")
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 PROGRESS_WRITE_INTERVAL_S = 0.5
 EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt",
-              "onnx": "onnx", "executorch": "pte"}
+              "onnx": "onnx", "executorch": "pte", "compact_state_dict": "pt"}
 LOCK_FILE = ".in-use"
 T = TypeVar("T")
 
@@ -185,9 +186,12 @@ def _fenced(session: Any, job_id: str, attempt: int, **values: Any) -> bool:
 
 
 def finish_failed(job_id: str, attempt: int, error: dict[str, str]) -> None:
+    # the job's error keeps the summary (first line, hint, last lines); the whole log goes to its event
+    summary = {k: v for k, v in error.items() if k != "log"}
+
     def write() -> None:
         with session_scope() as session:
-            if _fenced(session, job_id, attempt, status="failed", error=error, finished_at=utcnow(),
+            if _fenced(session, job_id, attempt, status="failed", error=summary, finished_at=utcnow(),
                        lease_expires_at=None, stage="failed"):
                 session.add(JobEvent(job_id=job_id, kind="state", data={"status": "failed", "error": error}))
 
@@ -305,7 +309,7 @@ def run_job(job_id: str) -> str:
         status = "failed"
     except Exception as error:  # the worker lives on; the job says what happened
         log.exception("job %s failed", job_id)
-        finish_failed(job_id, attempt, {"error": type(error).__name__, "detail": str(error)[:2000]})
+        finish_failed(job_id, attempt, failure(type(error).__name__, str(error)))
         status = "failed"
     if status in ("succeeded", "failed", "cancelled"):
         notify_webhook(job_id)

@@ -368,10 +368,11 @@ def _child_main(mode: str, request_path: str, result_path: str) -> int:
             raise ValueError(f"unknown sandbox mode {mode!r}")
     except Exception as error:
         from worker.compression.base import EngineError
+        from worker.compression.errors import failure
 
         name = "EngineError" if isinstance(error, EngineError) else type(error).__name__
         detail = str(error) or name
-        Path(result_path).write_text(json.dumps({"error": {"error": name, "detail": detail[:2000]}}))
+        Path(result_path).write_text(json.dumps({"error": failure(name, detail)}))
         return 1
     Path(result_path).write_text(json.dumps({"result": result}, default=str))
     return 0

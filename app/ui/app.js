@@ -244,7 +244,8 @@ async function jobsView(query) {
         h("td", {}, h("a", { href: `#/jobs/${job.id}` }, job.id)),
         h("td", {}, h("a", { href: `#/models/${job.spec.model_id}` }, job.spec.model_id)),
         h("td", {}, stagesOf(job)), h("td", {}, badge(job.status)),
-        h("td", {}, progressBar(job.progress)), h("td", { class: "num" }, fmtX(m.compression_ratio)),
+        h("td", {}, progressBar(job.progress)), h("td", { class: "num" }, fmtX(m.compression_ratio),
+          (m.warnings || []).length ? h("span", { class: "warning", title: m.warnings.join("\n") }, " ⚠") : null),
         h("td", { class: "num" }, m.fidelity && m.fidelity.sqnr_db !== null && m.fidelity.sqnr_db !== undefined
           ? `${m.fidelity.sqnr_db.toFixed(1)} dB` : "–"),
         h("td", {}, fmtDate(job.created_at))));
@@ -274,7 +275,12 @@ function metricsSection(job) {
     h("td", { class: "num" }, change || ""));
   const acc = o.accuracy !== null && o.accuracy !== undefined && c.accuracy !== null && c.accuracy !== undefined
     ? `${((c.accuracy - o.accuracy) * 100).toFixed(2)} pt` : "";
+  const warnings = m.warnings || [];
   return h("section", { id: "metrics" },
+    // warnings first: a result that reads well but gains nothing or broke the model must not hide below the fold
+    warnings.length ? h("div", { class: "warnings", id: "metrics-warnings", role: "alert" },
+      h("strong", {}, warnings.length === 1 ? "Warning" : `${warnings.length} warnings`),
+      h("ul", {}, warnings.map((w) => h("li", { class: "warning" }, w)))) : null,
     h("dl", { class: "headline" },
       h("div", {}, h("dt", {}, "compression"),
         h("dd", { id: "compression-ratio", "data-value": m.compression_ratio }, fmtX(m.compression_ratio))),
@@ -294,8 +300,7 @@ function metricsSection(job) {
         row(`latency p50 (batch ${m.batch_size}, ${m.device})`, "latency_ms_p50", fmtMs, o.latency_ms_p50,
             c.latency_ms_p50, !m.speedup ? "" : m.speedup >= 1 ? `${fmtX(m.speedup)} faster` : `${fmtX(1 / m.speedup)} slower`),
         row("latency p95", "latency_ms_p95", fmtMs, o.latency_ms_p95, c.latency_ms_p95),
-        row("accuracy", "accuracy", fmtPct, o.accuracy, c.accuracy, acc))),
-    (m.warnings || []).map((w) => h("p", { class: "warning" }, w)));
+        row("accuracy", "accuracy", fmtPct, o.accuracy, c.accuracy, acc))));
 }
 
 async function downloadArtifact(job) {

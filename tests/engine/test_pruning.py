@@ -13,7 +13,8 @@ from torch import Tensor, nn
 
 from worker.compression.base import Dataset, EngineError, ModelKind, StageContext
 from worker.compression.pruning import cubic_sparsity, magnitude_masks, nm_mask, run_stage
-from worker.compression.sparse_format import decode_sparse_state_dict, encode_sparse_state_dict
+from tests.zoo import readme_loader
+from worker.compression.sparse_format import decode_sparse_state_dict, encode_sparse_state_dict, encoded_bytes
 
 BATCH = torch.export.Dim("batch", min=1, max=4096)
 
@@ -295,15 +296,23 @@ def test_sparse_state_dict_roundtrip_and_weights_only_load(tmp_path: Path) -> No
     assert encoded["b.weight"].layout == torch.sparse_csr and encoded["b.weight"].shape == conv.shape
     assert encoded["c.weight"].layout == torch.strided  # few all-zero kernels: dense is smaller
     assert encoded["d.weight"].layout == torch.strided
-    path = tmp_path / "sparse.pt"
-    torch.save(encoded, path)
-    loaded = torch.load(path, weights_only=True)
-    # the README's loading code, verbatim
-    dense = {k: v.to_dense() if v.layout != torch.strided else v for k, v in loaded.items()}
-    assert dense.keys() == state.keys()
-    for key, value in state.items():
-        assert torch.equal(dense[key], value) and dense[key].shape == value.shape
-        assert torch.equal(decode_sparse_state_dict(loaded)[key], value)
+    compact = encode_sparse_state_dict(state, compact=True)
+    for key in ("a.weight", "b.weight", "c.weight"):  # a bitmask or relative indices beat dense and CSR
+        assert isinstance(compact[key], dict) and encoded_bytes(compact[key]) < encoded_bytes(encoded[key])
+    assert compact["d.weight"].layout == torch.strided  # no zeros
+    for layout, chosen in (("sparse", encoded), ("compact", compact)):
+        path = tmp_path / f"{layout}.pt"
+        torch.save(chosen, path)
+        loaded = torch.load(path, weights_only=True)
+        if layout == "sparse":  # every entry a stock tensor: the one-line dense conversion works too
+            one_liner = {k: v.to_dense() if v.layout != torch.strided else v for k, v in loaded.items()}
+            assert all(torch.equal(one_liner[key], value) for key, value in state.items())
+        # the README's loading code, verbatim
+        dense = readme_loader()["decode_sparse_state_dict"](loaded)
+        assert dense.keys() == state.keys()
+        for key, value in state.items():
+            assert torch.equal(dense[key], value) and dense[key].shape == value.shape
+            assert torch.equal(decode_sparse_state_dict(loaded)[key], value)
 
 
 def test_sparse_artifact_is_small_for_pruned_torchscript_mlp(trained_mlp: nn.Module, tmp_path: Path) -> None:
@@ -317,8 +326,7 @@ def test_sparse_artifact_is_small_for_pruned_torchscript_mlp(trained_mlp: nn.Mod
     ratio = artifact.stat().st_size / script_path.stat().st_size
     assert ratio <= 0.45
     loaded = torch.load(artifact, weights_only=True)
-    weights = {k: v.to_dense() if v.is_sparse or v.layout != torch.strided else v
-               for k, v in loaded.items() if k.endswith("weight")}
+    weights = {k: v for k, v in decode_sparse_state_dict(loaded).items() if k.endswith("weight")}
     zeros = sum(int((weights[k] == 0).sum()) for k in ("net.0.weight", "net.2.weight"))
     assert zeros / (64 * 300 + 300 * 100) == pytest.approx(0.8, abs=0.01)
     restored = MLP()

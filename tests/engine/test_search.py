@@ -41,7 +41,7 @@ def test_search_returns_the_smallest_candidate_within_the_bar(digits_mlp) -> Non
     assert abs(measured - info["chosen"]["accuracy"]) < 1e-6
 
 
-def test_impossible_bar_still_returns_the_closest_candidate(digits_mlp) -> None:  # type: ignore[no-untyped-def]
+def test_impossible_bar_returns_the_original_and_names_the_closest(digits_mlp) -> None:  # type: ignore[no-untyped-def]
     model, data = digits_mlp
     result = run_stage(model, "accuracy_aware", {"min_sqnr_db": 199.0, "max_trials": 3,
                                                  "candidates": {"recipes": [
@@ -51,8 +51,9 @@ def test_impossible_bar_still_returns_the_closest_candidate(digits_mlp) -> None:
     assert result.info["result"] == "no_candidate_met_constraints"
     assert len(result.info["trials"]) == 2
     best_sqnr = max(t["sqnr_db"] for t in result.info["trials"])
-    assert result.info["chosen"]["sqnr_db"] == best_sqnr
-    assert result.model is not None
+    assert result.info["closest"]["sqnr_db"] == best_sqnr
+    assert result.info["chosen"]["candidate"].startswith("original")
+    assert result.model is model
 
 
 def test_linear_widths_reads_an_mlp_chain() -> None:

@@ -13,6 +13,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from tests.helpers import WorkerProcess, mlp, slow_torchscript_bytes, sqnr_db, torchscript_bytes, wait_for
+from tests.zoo import readme_loader
 
 pytestmark = pytest.mark.slow
 
@@ -233,7 +234,7 @@ def check_pruned_accuracy_matches_an_independent_measurement(service: Service) -
     assert job["artifact"]["format"] == "sparse_state_dict"
     blob = service.client.get(f"/v1/jobs/{job['id']}/artifact", headers=service.headers).content
     state = torch.load(io.BytesIO(blob), weights_only=True)
-    state = {k: v.to_dense() if v.layout != torch.strided else v for k, v in state.items()}
+    state = readme_loader()["decode_sparse_state_dict"](state)  # the README's loading code
     pruned = mlp((64, 128, 10))
     pruned.load_state_dict(state)
     metrics = job["metrics"]

@@ -65,6 +65,8 @@ class StageContext:
     seed: int = 0
     # other uploaded models a stage refers to (distillation students), by id -> loaded module and kind
     extra_models: dict[str, tuple[nn.Module, ModelKind]] = field(default_factory=dict)
+    # bytes of the file the user uploaded: what "smaller" is measured against (None: unknown)
+    original_size_bytes: int | None = None
 
 
 @dataclass

@@ -49,7 +49,7 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
         except Exception as error:
             raise EngineError(f"TorchScript archive could not be loaded: {error}") from error
     if model_format == "exported_program":
-        return load_exported_program(path).module(), "graph"
+        return tie_shared_parameters(load_exported_program(path).module()), "graph"
     if model_format in ("state_dict", "safetensors"):
         if not architecture or "name" not in architecture:
             raise EngineError(f"a {model_format} upload needs an architecture from the registry")
@@ -66,6 +66,27 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
             raise EngineError(f"weights do not fit architecture {architecture['name']!r}: {error}") from error
         return module.eval(), "eager"
     raise EngineError(f"unknown model format {model_format!r}")
+
+
+def tie_shared_parameters(module: nn.Module) -> nn.Module:
+    """Make parameters that share one storage the same Parameter object, as in the original model.
+
+    An exported program keeps tied weights (GPT-2's LM head and token embedding) as one
+    storage, but `.module()` hands them back as two Parameter objects over it; the first
+    deepcopy or in-place replacement would then untie them and every later figure and file
+    would count the weight twice. Returns `module`, changed in place.
+    """
+    first: dict[tuple[Any, ...], nn.Parameter] = {}
+    from worker.compression.metrics import storage_identity
+
+    for name, parameter in list(module.named_parameters(remove_duplicate=False)):
+        identity = storage_identity(parameter)
+        shared = first.setdefault(identity, parameter)
+        if shared is not parameter:
+            owner_name, _, attribute = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            owner._parameters[attribute] = shared
+    return module
 
 
 def load_dataset(path: Path) -> Dataset:
@@ -138,13 +159,41 @@ def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: P
         with open(path, "wb") as handle:  # a file object: torch.export wants a .pt2 name otherwise
             torch.export.save(program, handle)
     elif output_format == "state_dict":
-        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, str(path))
-    elif output_format == "sparse_state_dict":
+        # no clone: tied weights share one storage, and torch.save writes a shared storage once
+        torch.save(weights_for_saving(model, kind), str(path))
+    elif output_format in ("sparse_state_dict", "compact_state_dict"):
         from worker.compression.sparse_format import encode_sparse_state_dict
 
-        torch.save(encode_sparse_state_dict({k: v.detach() for k, v in model.state_dict().items()}), str(path))
+        compact = output_format == "compact_state_dict"
+        torch.save(encode_sparse_state_dict(weights_for_saving(model, kind), compact=compact), str(path))
     else:
         raise EngineError(f"unknown output format {output_format!r}")
+
+
+def weights_for_saving(model: nn.Module, kind: ModelKind) -> dict[str, torch.Tensor]:
+    """The model's state_dict as the user's own eager model holds it.
+
+    TorchScript forgets which buffers were registered `persistent=False`, so its state_dict
+    carries index buffers an eager model's does not (Hugging Face's `position_ids`,
+    `token_type_ids`), and `load_state_dict` would refuse them as unexpected keys. Integer
+    buffers holding only a recomputable constant (all zeros, or 0..n-1 along the last
+    axis) are those; they are left out. Batch norms' `num_batches_tracked` stays.
+    """
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if kind != "torchscript":
+        return state
+    buffers = {name for name, _ in model.named_buffers()}
+    return {k: v for k, v in state.items() if not (k in buffers and _is_index_constant(k, v))}
+
+
+def _is_index_constant(name: str, tensor: torch.Tensor) -> bool:
+    if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.dim() == 0 \
+            or name.endswith("num_batches_tracked"):
+        return False
+    if not bool((tensor == 0).all()):
+        positions = torch.arange(tensor.shape[-1], dtype=tensor.dtype)
+        return bool((tensor == positions).all())
+    return True
 
 
 def load_artifact(path: Path, artifact_format: str) -> nn.Module | dict[str, torch.Tensor]:

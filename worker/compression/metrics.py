@@ -22,16 +22,31 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     carries the count of the float model over those stages instead.
     """
     total = nonzero = 0
-    seen: set[int] = set()
+    seen: set[tuple[Any, ...]] = set()
     for tensor in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
-        if id(tensor) in seen or not tensor.is_floating_point():
+        identity = storage_identity(tensor)  # tied weights (one storage under two names) count once
+        if identity in seen or not tensor.is_floating_point():
             continue
-        seen.add(id(tensor))
+        seen.add(identity)
         if tensor.dim() == 0 and not isinstance(tensor, nn.Parameter):
             continue
         total += tensor.numel()
         nonzero += int(torch.count_nonzero(tensor))
     return total, nonzero
+
+
+def storage_identity(tensor: torch.Tensor) -> tuple[Any, ...]:
+    """What makes two tensors the same weight: one storage, offset, shape and stride.
+
+    Tensor subclasses without a storage of their own (torchao's quantized weights) are
+    identified by the object."""
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return (id(tensor),)
+    if storage.nbytes() == 0:
+        return (id(tensor),)
+    return (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
 def measure_latency(model: nn.Module, example_input: torch.Tensor, threads: int) -> dict[str, float]:

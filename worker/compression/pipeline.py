@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +16,7 @@ from torch import nn
 
 from worker.compression import metrics as measure
 from worker.compression.facts import environment, layer_sparsity
+from worker.compression import outcome
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
 from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
 from worker.compression.stages import run_stage
@@ -106,6 +108,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
                                 threads=request.threads, outputs=reference, labels=fid_labels,
                                 parameters=parameters)
 
+    weights_before = outcome.weight_fingerprints(model)
     stage_reports: list[dict[str, Any]] = []
     result: StageResult | None = None
     requires: set[str] = set()
@@ -129,7 +132,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         stage_progress(0.0, "starting")
         context = StageContext(kind=kind, example_input=example, device=device, train_data=train,
                                eval_data=evaluation, progress=stage_progress, event=reporter.event,
-                               check_cancelled=reporter.check_cancelled, seed=request.seed, extra_models=extra)
+                               check_cancelled=reporter.check_cancelled, seed=request.seed, extra_models=extra,
+                               original_size_bytes=original["size_bytes"])
         result = run_stage(working, stage.method, stage.scheme, stage.options, context)
         working, kind = result.model, result.kind
         requires.update(result.requires)
@@ -156,7 +160,10 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     output_format = request.output_format or default_output_format(
         kind, result.preferred_output_format if result else None)
     artifact = Path(request.artifact_path)
-    save_artifact(working, kind, output_format, artifact, example)
+    if _hands_back_the_upload(request, result, output_format):
+        shutil.copyfile(request.model.path, artifact)  # the very bytes uploaded, not a bigger re-save
+    else:
+        save_artifact(working, kind, output_format, artifact, example)
     # Measure what the user downloads: reload the artifact where it is a runnable module.
     final_model: nn.Module = working
     if output_format in ("torchscript", "exported_program"):
@@ -169,7 +176,12 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
                                   threads=request.threads, outputs=outputs, labels=fid_labels,
                                   parameters=parameters)
     document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
-                             device=device, batch_size=int(example.shape[0]), threads=request.threads)
+                             device=device, batch_size=int(example.shape[0]), threads=request.threads,
+                             untouched=outcome.untouched_majority(weights_before, working, _left_alone(stage_reports)))
+    if output_format == "sparse_state_dict" and document["compression_ratio"] < outcome.GAIN_WARNING_BELOW:
+        document["warnings"].append('CSR storage of the pruned weights pays off only above about 50% zeros; '
+                                    'output_format "compact_state_dict" stores each zero in about one bit '
+                                    '(the README shows how to load it)')
     document["environment"] = environment(device)
     document["layers"] = layer_sparsity(working)  # the delivered model's zeros per layer, for the report
     for report in stage_reports:
@@ -179,6 +191,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             document["sensitivity"] = report["info"]["sensitivity"]
             if "suggested_skip_layers" in report["info"]:
                 document["suggested_skip_layers"] = report["info"]["suggested_skip_layers"]
+        # a stage's own warnings are part of the outcome, not buried in its info
+        document["warnings"].extend(w for w in report["info"].get("warnings") or [] if w not in document["warnings"])
     return {"metrics": document, "artifact_format": output_format, "requires": sorted(requires)}
 
 
@@ -215,14 +229,25 @@ def _finish_for_target(request: JobRequest, model: nn.Module, working: nn.Module
             "requires": REQUIRES[request.runtime]}
 
 
+def _left_alone(stage_reports: list[dict[str, Any]]) -> frozenset[str]:
+    """Layers the job's one stage said it left as they were (e.g. an LSTM int8 could not reach)."""
+    if len(stage_reports) != 1:
+        return frozenset()  # an earlier stage may have changed what a later one left alone
+    return frozenset(stage_reports[0]["info"].get("left_float") or {})
+
+
+def _hands_back_the_upload(request: JobRequest, result: StageResult | None, output_format: str) -> bool:
+    """True when every stage left the model as uploaded and the upload already is in `output_format`."""
+    return (result is not None and bool(result.info.get("delivers_original")) and len(request.stages) == 1
+            and request.model.format == output_format and output_format in ("torchscript", "exported_program"))
+
+
 def build_metrics(original: dict[str, Any], compressed: dict[str, Any], fidelity: dict[str, Any],
                   stages: list[dict[str, Any]], *, device: torch.device, batch_size: int,
-                  threads: int) -> dict[str, Any]:
+                  threads: int, untouched: tuple[str, float] | None = None) -> dict[str, Any]:
     ratio = original["size_bytes"] / compressed["size_bytes"]
     speedup = original["latency_ms_p50"] / compressed["latency_ms_p50"] if compressed["latency_ms_p50"] else None
-    warnings = []
-    if ratio <= 1.0:
-        warnings.append(f"the artifact is not smaller than the original ({ratio:.2f}x)")
+    warnings = outcome.outcome_warnings(ratio, fidelity, untouched)
     if speedup is not None and speedup < 1.0:
         warnings.append(f"the compressed model is slower than the original at batch {batch_size} "
                         f"on {device.type} ({speedup:.2f}x)")

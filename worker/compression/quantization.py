@@ -293,8 +293,11 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
     try:
         prepared = prepare_fx(float_model, mapping, (ctx.example_input,))
     except Exception as error:  # symbolic tracing fails on data-dependent control flow
+        advice = ("this exported program's graph has operations static int8 cannot place observers around; "
+                  "dynamic_int8 or fp16 do not need that" if ctx.kind == "graph"
+                  else "upload it as an exported program instead")
         raise EngineError(f"static_int8 could not trace the model's forward with torch.fx ({error}); "
-                          "upload it as an exported program instead") from error
+                          f"{advice}") from error
     with torch.no_grad():
         for index, batch in enumerate(batches):
             ctx.check_cancelled()

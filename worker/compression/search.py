@@ -2,9 +2,12 @@
 
 Candidates run cheapest first (no-training quantization, then pruning with
 bisection over the amount, then distillation); a candidate whose size estimate
-cannot beat the best so far is skipped. Every trial is recorded. When no
-candidate meets the bar the stage still returns the closest one, with
-`result: "no_candidate_met_constraints"`, never a bare failure.
+cannot beat the best so far is skipped. Every trial is recorded. The original is
+always a candidate: under the size objective a candidate that is not smaller
+than the upload never meets the bar, and when no candidate meets it the stage
+hands back the original model, unchanged, with `result:
+"no_candidate_met_constraints"` (the closest candidate is named in the info), so
+a search never delivers something worse than doing nothing.
 """
 from __future__ import annotations
 
@@ -25,10 +28,19 @@ from worker.compression.base import Dataset, EngineError, JobCancelled, ModelKin
 from worker.compression.io import KIND_TO_FORMAT, default_output_format, save_artifact
 
 AMOUNT_RANGE = (0.5, 0.97)
+# Below the range's low end, amounts are probed downward to this one when the low end misses.
+LOWEST_AMOUNT = 0.1
 BISECTION_TOLERANCE = 0.02
 DISTILL_WIDTHS = (0.25, 0.5)
-# Sparse CSR storage costs about twice a dense weight per kept value (value + int32 index).
+# Pruning candidates are stored as sparse_state_dict (dense or CSR with int32 indices, which
+# clients load with a one-liner): about twice a dense weight per kept value (value + index).
 SPARSE_COST_PER_KEPT = 2.0
+ORIGINAL = "original (uncompressed)"
+
+
+def sparse_size_ratio(amount: float) -> float:
+    """Estimated size of pruned weights relative to dense, at `amount` zeros."""
+    return min(1.0, SPARSE_COST_PER_KEPT * (1 - amount))
 
 
 @dataclass(frozen=True)
@@ -91,7 +103,9 @@ class Search:
         self.inputs = self.eval_data.inputs if self.eval_data is not None else ctx.example_input
         self.reference = measure.predict(model, self.inputs)
         self.baseline_accuracy = measure.accuracy(self.reference, ctx.eval_data.labels if ctx.eval_data else None)
-        self.original_size = self._artifact_size(model, ctx.kind, default_output_format(ctx.kind, None))
+        # The bar a candidate must beat is the file the user uploaded, when the pipeline says its size.
+        self.original_size = ctx.original_size_bytes or self._artifact_size(
+            model, ctx.kind, default_output_format(ctx.kind, None))
         self.planned = config.max_trials
 
     # ---------------------------------------------------------------- bookkeeping
@@ -197,6 +211,9 @@ class Search:
         return trial
 
     def _meets(self, trial: Trial) -> bool:
+        if self.config.objective == "size" and (trial.size_bytes is None or trial.size_bytes >= self.original_size):
+            trial.reason = f"not smaller than the original ({trial.size_bytes} B vs {self.original_size} B)"
+            return False
         if self.config.max_accuracy_drop is not None:
             if trial.accuracy_drop is None or trial.accuracy_drop > self.config.max_accuracy_drop + 1e-9:
                 return False
@@ -233,7 +250,8 @@ def fixed_candidates(search: Search) -> list[Candidate]:
     user = (search.config.candidates or {}).get("recipes")
     if user:
         return [Candidate(f"recipe {i}", stages, 1.0) for i, stages in enumerate(user)]
-    return [Candidate("dynamic_int8", [{"method": "quantize", "scheme": "dynamic_int8"}], 0.3)]
+    return [Candidate("dynamic_int8", [{"method": "quantize", "scheme": "dynamic_int8"}], 0.3),
+            Candidate("fp16", [{"method": "quantize", "scheme": "fp16"}], 0.5)]
 
 
 def pruning_candidate(search: Search, amount: float) -> Candidate:
@@ -243,8 +261,7 @@ def pruning_candidate(search: Search, amount: float) -> Candidate:
         stage["schedule"] = {"steps": 3, "finetune_epochs": 2}
         if search.config.train:
             stage["train"] = search.config.train
-    estimate = min(1.0, SPARSE_COST_PER_KEPT * (1 - amount))
-    return Candidate(f"prune {amount:.3f}", [stage], estimate)
+    return Candidate(f"prune {amount:.3f}", [stage], sparse_size_ratio(amount))
 
 
 def distill_candidates(search: Search) -> list[Candidate]:
@@ -277,63 +294,98 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     amount_range = (config.candidates or {}).get("amount") or {}
     low = float(amount_range.get("min", AMOUNT_RANGE[0]))
     high = float(amount_range.get("max", AMOUNT_RANGE[1]))
+    user_recipes = bool((config.candidates or {}).get("recipes"))
 
     for candidate in fixed_candidates(search):
         if search.out_of_budget():
             break
         search.run(candidate)
 
-    # bisection over the pruning amount: the highest amount that still meets the bar
-    if not (config.candidates or {}).get("recipes") or amount_range:
-        best = search.best()
-        if best is not None and best.size_bytes and config.objective == "size":
-            # amounts whose sparse size cannot beat the best so far are not worth a trial
-            needed = 1 - best.size_bytes / (SPARSE_COST_PER_KEPT * search.original_size) + BISECTION_TOLERANCE
-            low = min(high, max(low, needed))
-        passing: float | None = None
-        failing: float | None = None
-        trial = search.run(pruning_candidate(search, low)) if not search.out_of_budget() else None
-        if trial is not None and trial.status == "met":
-            passing = low
-            failing = high + 1e-9
-            probe = search.run(pruning_candidate(search, high)) if not search.out_of_budget() else None
-            if probe is not None and probe.status == "met":
-                passing = high
-            while passing < high and failing - passing > BISECTION_TOLERANCE and not search.out_of_budget():
-                middle = (passing + min(failing, high)) / 2
-                result = search.run(pruning_candidate(search, middle))
-                if result.status == "met":
-                    passing = middle
-                elif result.status == "skipped":
-                    break
-                else:
-                    failing = middle
+    if not user_recipes or amount_range:
+        _bisect_pruning(search, low, high, lowest=low if amount_range else min(low, LOWEST_AMOUNT))
 
-    for candidate in distill_candidates(search) if not (config.candidates or {}).get("recipes") else []:
+    for candidate in distill_candidates(search) if not user_recipes else []:
         if search.out_of_budget():
             break
         search.run(candidate)
+    return _outcome(search, model, ctx)
 
+
+def _bisect_pruning(search: Search, low: float, high: float, lowest: float) -> None:
+    """The highest pruning amount in [lowest, high] that meets the bar, probing `low` first.
+
+    When `low` meets, the amount is bisected upward towards `high`; when it misses, downward
+    towards `lowest`, so the trials the user allowed are spent while an amount is left to try.
+    """
+    best = search.best()
+    if best is not None and best.size_bytes and search.config.objective == "size":
+        # amounts whose sparse size cannot beat the best so far are not worth a trial
+        needed = 1 - best.size_bytes / (SPARSE_COST_PER_KEPT * search.original_size) + BISECTION_TOLERANCE
+        low = min(high, max(low, needed))
+        lowest = max(lowest, needed)
+    if search.out_of_budget():
+        return
+    first = search.run(pruning_candidate(search, low))
+    if first.status == "skipped":
+        return
+    if first.status == "met":
+        passing, failing = low, high + 1e-9
+        probe = search.run(pruning_candidate(search, high)) if not search.out_of_budget() else None
+        if probe is not None and probe.status == "met":
+            return
+    else:
+        passing, failing = lowest - 1e-9, low
+        if lowest >= low:
+            return
+        probe = search.run(pruning_candidate(search, lowest)) if not search.out_of_budget() else None
+        if probe is None or probe.status != "met":
+            return
+        passing = lowest
+    while failing - passing > BISECTION_TOLERANCE and not search.out_of_budget():
+        middle = (passing + min(failing, high)) / 2
+        result = search.run(pruning_candidate(search, middle))
+        if result.status == "met":
+            passing = middle
+        elif result.status == "skipped":
+            break
+        else:
+            failing = middle
+
+
+def _outcome(search: Search, model: nn.Module, ctx: StageContext) -> StageResult:
+    config = search.config
     chosen = search.best()
     outcome = "met" if chosen is not None else "no_candidate_met_constraints"
+    closest = search.closest() if chosen is None else None
     if chosen is None:
-        chosen = search.closest()
-    if chosen is None or chosen.model is None or chosen.kind is None:
-        raise EngineError("no search candidate could run: " + "; ".join(
-            f"{t.candidate}: {t.reason}" for t in search.trials if t.reason)[:1500])
-    info = {
+        # Nothing met the bar: doing nothing is the honest answer, the original goes back unchanged.
+        chosen = Trial(ORIGINAL, [], "baseline", size_bytes=search.original_size,
+                       accuracy=search.baseline_accuracy, accuracy_drop=0.0 if search.baseline_accuracy is not None
+                       else None, reason="no candidate met the constraints; the original is returned unchanged",
+                       model=model, kind=ctx.kind, parameters=measure.count_parameters(model))
+    info: dict[str, Any] = {
         "result": outcome,
         "objective": config.objective,
         "constraints": {"max_accuracy_drop": config.max_accuracy_drop, "min_sqnr_db": config.min_sqnr_db},
         "baseline_accuracy": search.baseline_accuracy,
         "original_size_bytes": search.original_size,
         "chosen": chosen.row(),
+        "delivers_original": chosen.candidate == ORIGINAL,
         "trials": [t.row() for t in search.trials],
         "trials_run": len([t for t in search.trials if t.status != "skipped"]),
         "seconds": round(time.monotonic() - search.started, 3),
     }
+    if closest is not None:
+        info["closest"] = closest.row()
+    if chosen.candidate == ORIGINAL:
+        tried = info["trials_run"]
+        info["warnings"] = [f"no candidate of {tried} tried met the constraints while being smaller than the "
+                            "original" if config.objective == "size" else
+                            f"no candidate of {tried} tried met the constraints",
+                            "the original model is returned unchanged"]
     if chosen.parameters is not None:
         info["parameters"] = list(chosen.parameters)
     ctx.progress(1.0, f"{outcome}: {chosen.candidate}")
+    assert chosen.model is not None and chosen.kind is not None
     return StageResult(model=chosen.model, kind=chosen.kind, info=info,
                        preferred_output_format=chosen.output_format)
