@@ -84,7 +84,7 @@ def test_a_long_torchscript_error_keeps_its_cause_and_a_dtype_hint(tmp_path: Pat
                "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
                "artifact_path": str(tmp_path / "out.pt"), "example_input_shape": [1, zoo.SEQUENCE]}
     limits = Limits(memory_bytes=4 * 1024**3, cpu_seconds=120, file_bytes=1024**3, open_files=128, wall_seconds=120)
-    outcome = run_sandboxed("job", request, tmp_path / "work", limits)
+    outcome = run_sandboxed("job", request, tmp_path, limits)  # the scratch folder holds the model
     assert not outcome.ok and outcome.error is not None
     detail, log = outcome.error["detail"], outcome.error["log"]
     # TorchScript's own framing comes first and the reason last; both survive the cut
