@@ -120,7 +120,6 @@ def test_model_upload_read_list_and_tenant_isolation(api: Api) -> None:
     ({"method": "prune", "scheme": "l1_unstructured", "amount": 1.5}, "amount"),
     ({"method": "prune", "scheme": "l1_unstructured", "amount": "lots"}, "amount"),
     ({"method": "prune", "scheme": "l1_unstructured", "colour": "red"}, "unknown option"),
-    ({"method": "prune", "scheme": "ln_structured", "amount": 0.5}, "eager model"),
     ({"method": "quantize", "scheme": "static_int8"}, "dataset"),
     ({"method": "quantize", "scheme": "float8"}, "cpu"),
     ({"method": "prune", "scheme": "nm_semi_structured", "n": 4, "m": 4}, "n must be smaller"),

@@ -359,8 +359,10 @@ class CastWrapper(nn.Module):
         self.dtype = dtype
         self.out_dtype = out_dtype
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    # `x` named first: torch.export matches a one-input model's dynamic_shapes to it
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in (x, *args))
         return map_floating(self.inner(*args, **kwargs), lambda t: t.to(self.out_dtype))
 
 
