@@ -18,7 +18,8 @@ from app.resources import get_dataset, get_model, get_owned
 from app.schemas import ArtifactRead, JobCreate, JobRead
 from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
 from app.workers import max_train_devices
-from modelpress.catalog import JobFacts, SpecError, expand_preset, resolve_runtime, validate_stages, validate_target
+from modelpress.catalog import (JobFacts, SpecError, expand_preset, resolve_runtime, validate_forward_call,
+                                validate_stages, validate_target)
 from app.queue import RUN_JOB
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -53,7 +54,12 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
                          has_dataset=dataset is not None,
                          dataset_has_labels=_dataset_has_labels(dataset.info if dataset else None),
                          eval_has_labels=_dataset_has_labels(evaluation.info if evaluation else None),
-                         max_train_devices=max_train_devices(session, job_in.target.device))
+                         max_train_devices=max_train_devices(session, job_in.target.device),
+                         graph_conversion_error=(model.inspection or {}).get("graph_conversion_error"))
+        if job_in.inputs is not None and job_in.example_input_shape is not None:
+            raise SpecError("give inputs or example_input_shape (the one-float-tensor shorthand), not both")
+        declared = [i.model_dump() for i in job_in.inputs] if job_in.inputs is not None else None
+        validate_forward_call(declared, job_in.forward_kwargs, job_in.output)
         runtime = resolve_runtime(job_in.target.runtime, "runtime" in job_in.target.model_fields_set,
                                   job_in.output_format)
         validate_target(runtime, job_in.target.device, job_in.output_format, stages, model.format,
@@ -62,16 +68,20 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
         validated = validate_stages(stages, facts) if stages or runtime == "torch" else []
     except SpecError as error:
         raise Invalid(str(error)) from error
-    if job_in.example_input_shape is None and dataset is None and evaluation is None:
-        raise Invalid("example_input_shape is required when no dataset gives the input shape")
+    # a job that declares no inputs takes those declared with the model at upload
+    inputs = declared if declared is not None else (model.inputs if job_in.example_input_shape is None else None)
+    if job_in.example_input_shape is None and not inputs and dataset is None and evaluation is None:
+        raise Invalid("example_input_shape (or inputs) is required when no dataset gives the input shape")
     if job_in.example_input_shape is not None and any(d <= 0 for d in job_in.example_input_shape):
         raise Invalid("example_input_shape must hold positive sizes")
     if job_in.output_format == "exported_program" and model.format == "torchscript":
         raise Invalid("a TorchScript model cannot be turned into an exported program; use output_format torchscript")
     for which, data in (("dataset", dataset), ("eval dataset", evaluation)):
-        if data is not None:
+        if data is not None and inputs and len(inputs) > 1:
+            check_dataset_names(inputs, data.info or {}, which)
+        elif data is not None:
             check_dataset_fits_model(model.inspection, data.info or {}, which)
-    if job_in.example_input_shape is not None:
+    if job_in.example_input_shape is not None and not inputs:
         check_input_shape_fits_model(model.inspection, job_in.example_input_shape, "example_input_shape")
     extra_models: list[str] = []
     for stage in validated:
@@ -80,6 +90,7 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             get_model(session, tenant, student["model_id"])
             extra_models.append(student["model_id"])
     spec = job_in.model_dump(mode="json")
+    spec["inputs"] = inputs
     spec["target"]["runtime"] = runtime
     spec["stages"] = [{"method": v.spec.method, "scheme": v.spec.name, **v.options} for v in validated]
     spec["extra_model_ids"] = extra_models
@@ -114,6 +125,17 @@ def check_input_shape_fits_model(inspection: dict[str, Any] | None, shape: list[
     given = list(shape[1:])
     if len(wanted) != len(given) or any(w.isdigit() and int(w) != g for w, g in zip(wanted, given)):
         raise Invalid(f"{what} has per-sample shape {given}, but the model takes {wanted}")
+
+
+def check_dataset_names(inputs: list[dict[str, Any]], info: dict[str, Any], which: str) -> None:
+    """A dataset for a model of several inputs holds one array per input name."""
+    arrays = info.get("arrays")
+    if not isinstance(arrays, list):
+        return
+    missing = [spec["name"] for spec in inputs if spec["name"] not in arrays]
+    if missing:
+        raise Invalid(f"the {which} has no array named {missing} (it holds {sorted(arrays)}); the model takes "
+                      f"inputs {[spec['name'] for spec in inputs]}")
 
 
 def check_dataset_fits_model(inspection: dict[str, Any] | None, info: dict[str, Any], which: str) -> None:

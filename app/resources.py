@@ -73,8 +73,36 @@ def get_owned(session: Session, table: type[Owned], tenant: Tenant, object_id: s
     return record
 
 
+def parse_inputs(inputs_json: str | None) -> list[dict[str, Any]] | None:
+    """The `inputs` form field of a model upload, checked as a job's `inputs` are."""
+    if inputs_json is None or not inputs_json.strip():
+        return None
+    from pydantic import TypeAdapter, ValidationError
+
+    from app.schemas import InputDecl
+    from modelpress.catalog import SpecError, validate_forward_call
+
+    if len(inputs_json) > 64 * 1024:
+        raise Invalid("inputs: at most 64 KiB of JSON")
+    try:
+        declared = TypeAdapter(list[InputDecl]).validate_json(inputs_json)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(p) for p in problem["loc"])
+        raise Invalid(f"inputs[{where}]: {problem['msg']}" if where else f"inputs: {problem['msg']}") from None
+    if not 1 <= len(declared) <= 16:
+        raise Invalid("inputs must list 1 to 16 inputs")
+    as_dicts = [item.model_dump() for item in declared]
+    try:
+        validate_forward_call(as_dicts, None, None)
+    except SpecError as error:
+        raise Invalid(str(error)) from None
+    return as_dicts
+
+
 def create_model(session: Session, *, tenant: Tenant, upload: ReceivedFile, name: str | None,
-                 declared_format: str | None, architecture_json: str | None) -> tuple[StoredModel, int]:
+                 declared_format: str | None, architecture_json: str | None,
+                 inputs: list[dict[str, Any]] | None = None) -> tuple[StoredModel, int]:
     """Store and record an upload; returns it and the outbox message of its sandboxed inspection."""
     settings = get_settings()
     if declared_format is not None and declared_format not in MODEL_FORMATS:
@@ -96,7 +124,7 @@ def create_model(session: Session, *, tenant: Tenant, upload: ReceivedFile, name
     key = f"models/{tenant.id}/{model_id}"
     record = StoredModel(id=model_id, tenant_id=tenant.id, name=name or upload.filename, format=model_format,
                          architecture=architecture, size_bytes=upload.size_bytes, sha256=upload.sha256,
-                         storage_key=key, status="pending")
+                         storage_key=key, status="pending", inputs=inputs)
     _store_and_record(session, upload, record)
     message = enqueue(session, task=INSPECT_MODEL, object_id=model_id)
     return record, message.id

@@ -18,6 +18,26 @@ ShapeSize = Annotated[int, Field(ge=1, le=MAX_INPUT_ELEMENTS)]
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 
 
+InputName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class InputDecl(BaseModel):
+    """One positional tensor of the model's forward (see API.md, "Inputs and outputs")."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: InputName
+    shape: list[ShapeSize] = Field(min_length=1, max_length=8)
+    dtype: Literal["float16", "float32", "float64", "bfloat16", "int32", "int64", "bool"] = "float32"
+    low: int | None = Field(None, ge=-2**63, le=2**63, description="integers: lowest random value")
+    high: int | None = Field(None, ge=-2**63, le=2**63, description="integers: highest random value, exclusive")
+    dynamic: list[Annotated[int, Field(ge=0, le=7)]] = Field(
+        default_factory=list, max_length=8, description="dimensions that vary (batch, sequence)")
+
+
+ForwardKwargValue = bool | int | float | str | None
+OutputSelector = Annotated[int, Field(ge=0, le=1023)] | Annotated[str, Field(min_length=1, max_length=128)]
+
+
 class ErrorBody(BaseModel):
     error: str = Field(examples=["InvalidRequest"])
     detail: str = Field(examples=["stages[0].amount must be < 1.0, got 1.5"])
@@ -34,6 +54,7 @@ class ModelRead(BaseModel):
     created_at: datetime
     status: Literal["pending", "ready", "rejected"]
     inspection: dict[str, Any] | None = None
+    inputs: list[dict[str, Any]] | None = None
 
 
 class ModelList(BaseModel):
@@ -81,6 +102,14 @@ class JobCreate(BaseModel):
     example_input_shape: list[ShapeSize] | None = Field(
         None, min_length=1, max_length=8,
         description=f"sizes >= 1; their product (elements of one example batch) <= {MAX_INPUT_ELEMENTS}")
+    inputs: list[InputDecl] | None = Field(
+        None, min_length=1, max_length=16,
+        description="the forward's tensors in order (instead of example_input_shape); default: the model's")
+    forward_kwargs: dict[str, ForwardKwargValue] | None = Field(
+        None, max_length=16, description="constant non-tensor keyword arguments of forward, e.g. {\"sr\": 16000}")
+    output: OutputSelector | None = Field(
+        None, description="the output scored for accuracy and distillation: a tuple index or a dict key; "
+                          "default: the first floating tensor")
     target: Target = Field(default_factory=Target)
     output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict", "compact_state_dict",
                            "onnx",

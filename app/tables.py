@@ -61,6 +61,8 @@ class StoredModel(Base):
     storage_key: Mapped[str] = mapped_column(String(400))
     status: Mapped[str] = mapped_column(String(16), default="pending")
     inspection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # the forward's inputs as declared at upload (API.md "Inputs and outputs"); jobs default to them
+    inputs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

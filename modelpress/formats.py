@@ -165,15 +165,18 @@ def sniff_dataset(path: Path, max_total_bytes: int) -> dict:
         headers = {k: (v["shape"], SAFETENSORS_TO_NUMPY.get(v["dtype"], v["dtype"]))
                    for k, v in header.items() if k != "__metadata__"}
         kind = "safetensors"
-    if "inputs" not in headers:
-        raise FormatError("dataset needs an array named 'inputs'")
+    # one `inputs` array, or several named like the model's declared inputs (plus labels / targets)
+    input_names = ["inputs"] if "inputs" in headers else sorted(k for k in headers if k not in ("labels", "targets"))
+    if not input_names:
+        raise FormatError("dataset needs an array named 'inputs' (or arrays named like the model's inputs)")
     shapes = {k: v[0] for k, v in headers.items()}
-    if not shapes["inputs"]:
-        raise FormatError("'inputs' needs a first axis of samples")
-    samples = shapes["inputs"][0]
-    for name in ("labels", "targets"):
+    for name in input_names:
+        if not shapes[name]:
+            raise FormatError(f"'{name}' needs a first axis of samples")
+    samples = shapes[input_names[0]][0]
+    for name in input_names + ["labels", "targets"]:
         if name in shapes and (not shapes[name] or shapes[name][0] != samples):
-            raise FormatError(f"dataset has {samples} inputs but '{name}' has shape {shapes[name]}")
+            raise FormatError(f"dataset has {samples} samples but '{name}' has shape {shapes[name]}")
     info = {"format": kind, "arrays": sorted(headers), "shapes": shapes,
             "dtypes": {k: v[1] for k, v in headers.items()}, "samples": samples}
     if "labels" in headers:

@@ -394,6 +394,9 @@ def _run_in_slot(job_id: str, attempt: int, scratch: Path, warm: WarmSandbox | N
         "seed": spec.get("seed", 0),
         "threads": spec.get("target", {}).get("threads", settings.worker_threads),
         "runtime": spec.get("target", {}).get("runtime", "torch"),
+        "inputs": spec.get("inputs"),
+        "forward_kwargs": spec.get("forward_kwargs"),
+        "output": spec.get("output"),
     }
     monitor = JobMonitor(job_id, attempt)
     outcome = run_sandboxed("job", request, scratch, slot_limits(request["threads"]), on_message=monitor.on_message,
@@ -475,7 +478,8 @@ def inspect_model(model_id: str) -> str:
             model = session.get(StoredModel, model_id)
             if model is None:
                 return "gone"
-            ref = _model_ref(model, scratch)
+            # declared inputs let inspection run the model and try the TorchScript -> exported program conversion
+            ref = dict(_model_ref(model, scratch), inputs=model.inputs)
         outcome = run_sandboxed("inspect", ref, scratch, limits, isolation=settings.sandbox_isolation, warm=warm)
 
     def record() -> str:

@@ -363,7 +363,8 @@ def _child_main(mode: str, request_path: str, result_path: str) -> int:
         elif mode == "inspect":
             from worker.compression.inspect import inspect_model
 
-            result = inspect_model(Path(request["path"]), request["format"], request.get("architecture"))
+            result = inspect_model(Path(request["path"]), request["format"], request.get("architecture"),
+                                   request.get("inputs"))
         else:
             raise ValueError(f"unknown sandbox mode {mode!r}")
     except Exception as error:

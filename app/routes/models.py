@@ -24,10 +24,14 @@ router = APIRouter(prefix="/v1", responses=ERRORS)
                          "(state_dict, safetensors) need `architecture` JSON naming a registered architecture.")
 def upload_model(session: SessionDep, tenant: TenantDep, file: Annotated[UploadFile, File()],
                  name: Annotated[str | None, Form()] = None, format: Annotated[str | None, Form()] = None,
-                 architecture: Annotated[str | None, Form()] = None) -> StoredModel:
+                 architecture: Annotated[str | None, Form()] = None,
+                 inputs: Annotated[str | None, Form(description="JSON list of the forward's inputs (API.md)")] = None,
+                 ) -> StoredModel:
+    declared_inputs = resources.parse_inputs(inputs)  # before the upload is read: a bad one costs nothing
     with receive_upload(file) as received:
         record, inspection = resources.create_model(session, tenant=tenant, upload=received, name=name,
-                                                    declared_format=format, architecture_json=architecture)
+                                                    declared_format=format, architecture_json=architecture,
+                                                    inputs=declared_inputs)
         session.commit()
     publish_now(inspection)  # after the commit, as for jobs; the relay retries a failed publish
     return record

@@ -120,7 +120,6 @@ def test_model_upload_read_list_and_tenant_isolation(api: Api) -> None:
     ({"method": "prune", "scheme": "l1_unstructured", "amount": 1.5}, "amount"),
     ({"method": "prune", "scheme": "l1_unstructured", "amount": "lots"}, "amount"),
     ({"method": "prune", "scheme": "l1_unstructured", "colour": "red"}, "unknown option"),
-    ({"method": "prune", "scheme": "ln_structured", "amount": 0.5}, "eager model"),
     ({"method": "quantize", "scheme": "static_int8"}, "dataset"),
     ({"method": "quantize", "scheme": "float8"}, "cpu"),
     ({"method": "prune", "scheme": "nm_semi_structured", "n": 4, "m": 4}, "n must be smaller"),
@@ -374,3 +373,41 @@ def test_every_preset_validates_on_a_model_it_is_meant_for() -> None:
     facts = JobFacts(model_format="state_dict", has_dataset=True, dataset_has_labels=True, eval_has_labels=True)
     for name in PRESETS:
         assert validate_stages(expand_preset(name), facts), name
+
+
+TOKENS = {"name": "input_ids", "shape": [1, 16], "dtype": "int64", "low": 0, "high": 100, "dynamic": [0, 1]}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"inputs": [dict(TOKENS, dtype="complex64")]}, "dtype"),
+    ({"inputs": [dict(TOKENS, dynamic=[2])]}, "dynamic names dimension 2"),
+    ({"inputs": [dict(TOKENS, low=5, high=5)]}, "low must be < high"),
+    ({"inputs": [dict(TOKENS, dtype="float32")]}, "take neither"),
+    ({"inputs": [TOKENS, TOKENS]}, "declared twice"),
+    ({"inputs": [TOKENS], "example_input_shape": [1, 8]}, "not both"),
+    ({"inputs": [TOKENS], "forward_kwargs": {"sr": [1, 2]}}, "forward_kwargs"),
+    ({"inputs": [dict(TOKENS, shape=[2**20, 2**20])]}, "elements"),
+])
+def test_an_invalid_inputs_declaration_answers_422(api: Api, change: dict, fragment: str) -> None:
+    model = upload_ts(api)
+    spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}], **change}
+    assert fragment in json.dumps(assert_error(api.client.post("/v1/jobs", headers=api.headers(), json=spec), 422))
+    assert counts()[2] == 0
+
+
+def test_model_upload_declares_inputs_that_jobs_default_to(api: Api) -> None:
+    bad = api.client.post("/v1/models", headers=api.headers(), data={"inputs": json.dumps([dict(TOKENS, dynamic=[5])])},
+                          files={"file": ("mlp.pt", torchscript_bytes(mlp((8, 16, 4))))})
+    assert "dynamic" in assert_error(bad, 422)["detail"] and counts()[0] == 0
+    declared = [{"name": "x", "shape": [1, 8], "dtype": "float32", "dynamic": [0]}]
+    response = api.client.post("/v1/models", headers=api.headers(), data={"inputs": json.dumps(declared)},
+                               files={"file": ("mlp.pt", torchscript_bytes(mlp((8, 16, 4))))})
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert model["inputs"][0]["name"] == "x" and model["inputs"][0]["shape"] == [1, 8]
+    # no example_input_shape and no dataset: the model's declared inputs are enough
+    job = api.client.post("/v1/jobs", headers=api.headers(), json={
+        "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "forward_kwargs": {}, "output": 0})
+    assert job.status_code == 202, job.text
+    assert job.json()["spec"]["inputs"][0]["name"] == "x"

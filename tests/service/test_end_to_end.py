@@ -300,3 +300,36 @@ def test_serve_restarts_its_embedded_worker_when_it_dies(tmp_path: Path) -> None
             server.wait(30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_token_model_with_declared_inputs_through_the_service(embedded: Service, tmp_path: Path) -> None:
+    """A TorchScript encoder taking (input_ids, attention_mask) and returning a tuple: declared inputs,
+    a dataset of named arrays, dynamic int8 in the worker, and the downloaded artifact measured here."""
+    import numpy as np
+
+    from tests.engine.test_real_models import SEQ, TOKEN_INPUTS, VOCAB, TinyEncoder
+
+    torch.manual_seed(0)
+    model = TinyEncoder().eval()
+    ids, mask = torch.randint(0, VOCAB, (2, SEQ)), torch.ones(2, SEQ, dtype=torch.long)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.trace(model, (ids, mask), check_trace=False), buffer)
+    uploaded = embedded.upload(buffer.getvalue(), "encoder.pt")
+    data = io.BytesIO()
+    np.savez(data, input_ids=torch.randint(0, VOCAB, (32, SEQ)).numpy(), attention_mask=np.ones((32, SEQ), np.int64))
+    response = embedded.client.post("/v1/datasets", headers=embedded.headers, files={"file": ("tokens.npz", data.getvalue())})
+    assert response.status_code == 201, response.text
+    job = embedded.wait(embedded.submit({
+        "model_id": uploaded["id"], "dataset_id": response.json()["id"], "inputs": TOKEN_INPUTS,
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]})["id"])
+    assert job["status"] == "succeeded", job["error"]
+    blob = embedded.client.get(f"/v1/jobs/{job['id']}/artifact", headers=embedded.headers).content
+    quantized = torch.jit.load(io.BytesIO(blob))
+    test_ids = torch.randint(0, VOCAB, (8, SEQ))
+    test_mask = torch.ones(8, SEQ, dtype=torch.long)
+    test_mask[:, 12:] = 0
+    with torch.no_grad():
+        measured = sqnr_db(model(test_ids, test_mask)[0], quantized(test_ids, test_mask)[0])
+    assert measured >= 30, measured
+    assert len(job["metrics"]["fidelity"]["outputs"]) == 2
+    assert job["metrics"]["fidelity"]["sqnr_db"] >= 30

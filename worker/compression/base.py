@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from worker.compression.inputs import Batch, Signature
 
 # eager: a plain nn.Module (registered architecture); graph: the module of an
 # exported program (eager-like, trainable); torchscript: a ScriptModule.
@@ -26,13 +29,17 @@ class JobCancelled(Exception):
 
 @dataclass
 class Dataset:
-    """Tensors of an uploaded dataset: inputs (first axis = samples) and optional int labels."""
+    """Tensors of an uploaded dataset: inputs (first axis = samples) and optional int labels.
 
-    inputs: torch.Tensor
+    `inputs` is one tensor, or a `ModelInputs` when the model takes several named inputs or
+    constant arguments; both slice along the samples.
+    """
+
+    inputs: Batch
     labels: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return int(self.inputs.shape[0])
+        return len(self.inputs)
 
 
 def _ignore_progress(fraction: float, message: str) -> None:
@@ -52,7 +59,7 @@ class StageContext:
     """Everything a stage may use besides the model itself."""
 
     kind: ModelKind
-    example_input: torch.Tensor
+    example_input: Batch
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     train_data: Dataset | None = None
     eval_data: Dataset | None = None
@@ -67,6 +74,8 @@ class StageContext:
     extra_models: dict[str, tuple[nn.Module, ModelKind]] = field(default_factory=dict)
     # bytes of the file the user uploaded: what "smaller" is measured against (None: unknown)
     original_size_bytes: int | None = None
+    # the declared forward call (inputs, constant arguments, scored output); None for the shorthand
+    signature: Signature | None = None
 
 
 @dataclass

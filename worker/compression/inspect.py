@@ -7,11 +7,14 @@ from typing import Any
 
 import torch
 
+from worker.compression.base import EngineError
+from worker.compression.inputs import Signature, make_example, torchscript_to_graph
 from worker.compression.io import load_model
 from worker.compression.metrics import count_parameters
 
 
-def inspect_model(path: Path, model_format: str, architecture: dict[str, Any] | None) -> dict[str, Any]:
+def inspect_model(path: Path, model_format: str, architecture: dict[str, Any] | None,
+                  inputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     model, kind = load_model(path, model_format, architecture)
     parameters, nonzero = count_parameters(model)
     layer_types: Counter[str] = Counter()
@@ -27,8 +30,25 @@ def inspect_model(path: Path, model_format: str, architecture: dict[str, Any] | 
                       "dtype": str(n.meta["val"].dtype)} for n in placeholders if "val" in n.meta
                      and isinstance(n.meta["val"], torch.Tensor)]
     output_shape = _graph_output_shape(model, signature) if kind == "graph" else None
-    return {"kind": kind, "output_shape": output_shape, "parameters": parameters, "nonzero_parameters": nonzero,
-            "layer_types": dict(layer_types.most_common(30)), "input_signature": signature}
+    found = {"kind": kind, "output_shape": output_shape, "parameters": parameters, "nonzero_parameters": nonzero,
+             "layer_types": dict(layer_types.most_common(30)), "input_signature": signature}
+    if kind == "torchscript" and inputs:
+        found.update(_try_graph_conversion(model, inputs))
+    return found
+
+
+def _try_graph_conversion(model: torch.nn.Module, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether torch's TorchScript converter turns the model into an exported program, which the
+    eager-only schemes need; the API refuses those schemes at submit, naming the reason, when not."""
+    signature = Signature.from_request(inputs, None)
+    assert signature is not None
+    try:
+        torchscript_to_graph(model, signature, make_example(signature, seed=0))
+    except EngineError as error:
+        return {"graph_conversion": False, "graph_conversion_error": str(error)[:1000]}
+    except Exception as error:  # the model does not even run on its declared inputs: the job says so
+        return {"graph_conversion": False, "graph_conversion_error": f"{type(error).__name__}: {str(error)[:800]}"}
+    return {"graph_conversion": True}
 
 
 def _graph_output_shape(model: torch.nn.Module, signature: Any) -> list[int] | None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from worker.compression.archive_check import load_exported_program
 from worker.compression.base import Dataset, EngineError, ModelKind
+from worker.compression.inputs import Batch, ModelInputs, Signature, as_call, export_program
 from worker.compression.registry import build_architecture
 
 # Globals a plain state_dict may reference beyond torch's own weights_only allowlist.
@@ -89,8 +90,13 @@ def tie_shared_parameters(module: nn.Module) -> nn.Module:
     return module
 
 
-def load_dataset(path: Path) -> Dataset:
-    """Read an .npz (allow_pickle=False) or .safetensors dataset."""
+def load_dataset(path: Path, signature: Signature | None = None) -> Dataset:
+    """Read an .npz (allow_pickle=False) or .safetensors dataset.
+
+    With a declared signature of several inputs (or constant arguments), the arrays named like
+    the inputs become one `ModelInputs`, cast to the declared dtypes; a lone `inputs` array
+    still means the one positional input.
+    """
     with open(path, "rb") as handle:
         magic = handle.read(2)
     if magic == b"PK":
@@ -100,24 +106,70 @@ def load_dataset(path: Path) -> Dataset:
         from safetensors.numpy import load_file
 
         arrays = load_file(str(path))
-    if "inputs" not in arrays:
-        raise EngineError("dataset has no 'inputs' array")
-    inputs = torch.from_numpy(np.ascontiguousarray(arrays["inputs"]))
-    if inputs.is_floating_point():
-        inputs = inputs.float()
+    inputs: Batch
+    if signature is not None and not signature.is_single_tensor and signature.inputs:
+        names = signature.names
+        if len(names) == 1 and names[0] not in arrays and "inputs" in arrays:
+            names_in_file = ["inputs"]
+        else:
+            names_in_file = names
+        missing = [name for name in names_in_file if name not in arrays]
+        if missing:
+            raise EngineError(f"dataset has no array named {missing} (it holds {sorted(arrays)}); name its "
+                              "arrays like the declared inputs")
+        tensors = [torch.from_numpy(np.ascontiguousarray(arrays[name])).to(spec.torch_dtype)
+                   for name, spec in zip(names_in_file, signature.inputs)]
+        counts = {int(t.shape[0]) for t in tensors}
+        if len(counts) != 1:
+            raise EngineError(f"dataset inputs have different sample counts: "
+                              f"{dict(zip(names, [int(t.shape[0]) for t in tensors]))}")
+        inputs = ModelInputs(tensors, names, signature.kwargs)
+    else:
+        if "inputs" not in arrays:
+            raise EngineError("dataset has no 'inputs' array")
+        tensor = torch.from_numpy(np.ascontiguousarray(arrays["inputs"]))
+        if tensor.is_floating_point():
+            tensor = tensor.float()
+        inputs = ModelInputs([tensor], ["inputs"], signature.kwargs) if signature is not None and signature.kwargs \
+            else tensor
     labels = arrays.get("labels")
     label_tensor = None
     if labels is not None:
         if not np.issubdtype(labels.dtype, np.integer):
             raise EngineError("dataset 'labels' must be integer class ids")
-        if labels.shape[0] != inputs.shape[0]:
-            raise EngineError(f"dataset has {inputs.shape[0]} inputs but {labels.shape[0]} labels")
+        if labels.shape[0] != len(inputs):
+            raise EngineError(f"dataset has {len(inputs)} inputs but {labels.shape[0]} labels")
         label_tensor = torch.from_numpy(labels.astype(np.int64))
     return Dataset(inputs, label_tensor)
 
 
 def _dynamic_batch_shapes() -> tuple[dict[int, Any]]:
     return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+
+
+def _export_batch_dynamic(model: nn.Module, example_input: Batch) -> torch.export.ExportedProgram:
+    """One float input: export with a dynamic batch, else (a model that fixes its batch) statically."""
+    assert isinstance(example_input, torch.Tensor)
+    # torch.export specialises a dimension of size 1; export with two samples so the batch stays dynamic
+    if example_input.shape[0] == 1:
+        example_input = torch.cat([example_input, example_input])
+    try:
+        return torch.export.export(model, (example_input,), dynamic_shapes=_dynamic_batch_shapes())
+    except Exception:
+        # some models specialise the batch dimension; a static export still loads and runs
+        return torch.export.export(model, (example_input,))
+
+
+class BoundConstants(nn.Module):
+    """`inner(*tensors, **constants)` as a module taking the tensors only (for tracing)."""
+
+    def __init__(self, inner: nn.Module, constants: dict[str, Any]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.constants = dict(constants)
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        return self.inner(*tensors, **self.constants)
 
 
 KIND_TO_FORMAT: dict[str, str] = {"eager": "state_dict", "graph": "exported_program", "torchscript": "torchscript"}
@@ -132,8 +184,12 @@ def default_output_format(kind: ModelKind, preferred: str | None) -> str:
 
 
 def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: Path,
-                  example_input: torch.Tensor) -> None:
-    """Write `model` to `path` in `output_format`, loadable with stock PyTorch."""
+                  example_input: Batch, signature: Signature | None = None) -> None:
+    """Write `model` to `path` in `output_format`, loadable with stock PyTorch.
+
+    Exported programs are exported with the declared dynamic dimensions (the batch for the
+    one-tensor shorthand), so the artifact runs at any batch size and sequence length.
+    """
     model.eval()
     if output_format == "torchscript":
         if kind == "torchscript":
@@ -141,21 +197,21 @@ def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: P
             return
         with torch.no_grad():
             try:
-                scripted = torch.jit.trace(model, example_input, check_trace=False)
+                args, kwargs = as_call(example_input)
+                # tracing records one path through the code: constant arguments are baked in
+                traced = BoundConstants(model, kwargs) if kwargs else model
+                # strict=False: tuple / dict outputs (Hugging Face models) are traced as they are
+                scripted = torch.jit.trace(traced, args, check_trace=False, strict=False)
             except Exception as error:
                 raise EngineError(f"the model could not be saved as TorchScript: {error}") from error
         torch.jit.save(scripted, str(path))
     elif output_format == "exported_program":
         if kind == "torchscript":
             raise EngineError("a TorchScript model cannot be saved as an exported program; use output_format torchscript")
-        # torch.export specialises a dimension of size 1; export with two samples so the batch stays dynamic
-        if example_input.shape[0] == 1:
-            example_input = torch.cat([example_input, example_input])
-        try:
-            program = torch.export.export(model, (example_input,), dynamic_shapes=_dynamic_batch_shapes())
-        except Exception:
-            # some models specialise the batch dimension; a static export still loads and runs
-            program = torch.export.export(model, (example_input,))
+        if signature is None or signature.is_single_tensor:
+            program = _export_batch_dynamic(model, example_input)
+        else:
+            program = export_program(model, signature, example_input)
         with open(path, "wb") as handle:  # a file object: torch.export wants a .pt2 name otherwise
             torch.export.save(program, handle)
     elif output_format == "state_dict":

@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.compression.base import Dataset
+from worker.compression.base import Dataset, EngineError
+from worker.compression.inputs import Batch, OutputSelector, Signature, call_model, make_example, output_leaves, \
+    select_output
 
 LATENCY_WARMUP = 5
 LATENCY_MAX_ITERATIONS = 50
@@ -49,7 +51,7 @@ def storage_identity(tensor: torch.Tensor) -> tuple[Any, ...]:
     return (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
-def measure_latency(model: nn.Module, example_input: torch.Tensor, threads: int) -> dict[str, float]:
+def measure_latency(model: nn.Module, example_input: Batch, threads: int) -> dict[str, float]:
     """p50/p95 wall time of one forward pass at the example's batch size."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -57,12 +59,12 @@ def measure_latency(model: nn.Module, example_input: torch.Tensor, threads: int)
         timings: list[float] = []
         with torch.inference_mode():
             for _ in range(LATENCY_WARMUP):
-                model(example_input)
+                call_model(model, example_input)
             started = time.perf_counter()
             while len(timings) < LATENCY_MAX_ITERATIONS and (
                     len(timings) < 10 or time.perf_counter() - started < LATENCY_TIME_BUDGET_S):
                 t0 = time.perf_counter()
-                model(example_input)
+                call_model(model, example_input)
                 timings.append((time.perf_counter() - t0) * 1e3)
     finally:
         torch.set_num_threads(previous)
@@ -80,49 +82,119 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 EVAL_BATCH_SIZE = 256
 
 
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE) -> torch.Tensor:
-    outputs = []
+class Outputs(dict):
+    """Every floating tensor a model returned over a set of inputs, by output path ("0", "logits",
+    "1.0"), concatenated over batches; `selected` names the one accuracy is scored on."""
+
+    selected: str = ""
+
+    @property
+    def primary(self) -> torch.Tensor:
+        return self[self.selected]
+
+
+def predict(model: nn.Module, inputs: Batch, batch_size: int = EVAL_BATCH_SIZE,
+            output: OutputSelector = None) -> Outputs:
+    """Run `model` over `inputs` batch by batch and keep every floating output tensor."""
+    chunks: dict[str, list[torch.Tensor]] = {}
+    selected_name = ""
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
-            out = model(inputs[start:start + batch_size])
-            outputs.append(out.float() if isinstance(out, torch.Tensor) else out[0].float())
-    return torch.cat(outputs)
+            out = call_model(model, inputs[start:start + batch_size])
+            chosen = select_output(out, output)
+            for name, leaf in output_leaves(out):
+                if leaf.is_floating_point():
+                    chunks.setdefault(name, []).append(leaf.float())
+                    if leaf is chosen:
+                        selected_name = name
+    result = Outputs()
+    for name, parts in chunks.items():
+        # a leaf without a batch axis (a scalar loss, a pooled statistic) is kept from the first batch
+        result[name] = torch.cat(parts) if parts[0].dim() else parts[0]
+    if not result:
+        raise EngineError("the model returned no floating-point tensor to measure")
+    result.selected = selected_name or next(iter(result))
+    return result
 
 
-def accuracy(outputs: torch.Tensor, labels: torch.Tensor | None) -> float | None:
-    if labels is None or outputs.dim() != 2:
+def _primary(outputs: torch.Tensor | Outputs) -> torch.Tensor:
+    return outputs.primary if isinstance(outputs, Outputs) else outputs
+
+
+def accuracy(outputs: torch.Tensor | Outputs, labels: torch.Tensor | None) -> float | None:
+    scored = _primary(outputs)
+    if labels is None or scored.dim() != 2 or scored.shape[0] != labels.shape[0]:
         return None
-    return round(float((outputs.argmax(1) == labels).float().mean()), 6)
+    return round(float((scored.argmax(1) == labels).float().mean()), 6)
 
 
-def fidelity(reference: torch.Tensor, outputs: torch.Tensor) -> dict[str, float | None]:
-    """How closely `outputs` follow the original model's `reference` outputs on the same inputs."""
-    reference, outputs = reference.float(), outputs.float()
-    error = (reference - outputs).pow(2).mean()
-    signal = reference.pow(2).mean()
-    sqnr = float("inf") if float(error) == 0 else float(10 * torch.log10(signal / error))
+def _sqnr(signal: float, error: float) -> float | None:
+    if error == 0:
+        return None
+    return round(10 * math.log10(signal / error), 3) if signal > 0 else None
+
+
+def fidelity(reference: torch.Tensor | Outputs, outputs: torch.Tensor | Outputs) -> dict[str, Any]:
+    """How closely `outputs` follow the original model's `reference` outputs on the same inputs.
+
+    `sqnr_db` / `output_mse` cover every floating output tensor together (total signal over total
+    noise); with more than one output, `outputs` lists each one's figures; `top1_agreement` is on the
+    selected output. Outputs only one side has (a runtime that returns the selected output alone)
+    are compared on the selected output.
+    """
+    pairs: list[tuple[str, torch.Tensor, torch.Tensor]]
+    if isinstance(reference, Outputs) and isinstance(outputs, Outputs) and set(reference) == set(outputs):
+        pairs = [(name, reference[name], outputs[name]) for name in reference]
+        primary = (reference.primary, outputs[reference.selected])
+    else:
+        primary = (_primary(reference), _primary(outputs))
+        pairs = [("output", *primary)]
+    per_output = []
+    signal_sum = error_sum = 0.0
+    count = 0
+    for name, ref, out in pairs:
+        if ref.shape != out.shape:
+            raise EngineError(f"output {name} has shape {list(out.shape)} after compression, "
+                              f"{list(ref.shape)} before")
+        ref, out = ref.float(), out.float()
+        error = float((ref - out).pow(2).sum())
+        signal = float(ref.pow(2).sum())
+        signal_sum, error_sum, count = signal_sum + signal, error_sum + error, count + ref.numel()
+        per_output.append({"output": name, "sqnr_db": _sqnr(signal, error),
+                           "output_mse": error / max(1, ref.numel())})
+    ref, out = primary
     agreement = None
-    if reference.dim() == 2 and reference.shape[1] > 1:
-        agreement = round(float((reference.argmax(1) == outputs.argmax(1)).float().mean()), 6)
-    return {"top1_agreement": agreement, "output_mse": float(error),
-            "sqnr_db": None if math.isinf(sqnr) else round(sqnr, 3)}
+    if ref.dim() == 2 and ref.shape[1] > 1:
+        agreement = round(float((ref.argmax(1) == out.argmax(1)).float().mean()), 6)
+    document: dict[str, Any] = {"top1_agreement": agreement, "output_mse": error_sum / max(1, count),
+                                "sqnr_db": _sqnr(signal_sum, error_sum)}
+    if len(per_output) > 1:
+        document["outputs"] = per_output
+        document["scored_output"] = reference.selected if isinstance(reference, Outputs) else "output"
+    return document
 
 
-def fidelity_inputs(example_input: torch.Tensor, eval_data: Dataset | None, train_data: Dataset | None,
-                    limit: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fidelity_inputs(example_input: Batch, eval_data: Dataset | None, train_data: Dataset | None,
+                    limit: int = 512, seed: int = 0,
+                    signature: Signature | None = None) -> tuple[Batch, torch.Tensor | None]:
     """Inputs both models are compared on: the whole eval set (accuracy is reported on all of it),
-    else up to `limit` training samples, else seeded noise of the example's shape."""
+    else up to `limit` training samples, else seeded random inputs as the signature declares them."""
     if eval_data is not None:
         return eval_data.inputs, eval_data.labels
     if train_data is not None:
         return train_data.inputs[:limit], None
+    batch = max(64, len(example_input))
+    if signature is not None and signature.inputs:
+        return make_example(signature, batch=batch, seed=seed), None
+    if not isinstance(example_input, torch.Tensor):
+        raise EngineError("fidelity needs inputs: declare `inputs` or give a dataset")
     generator = torch.Generator().manual_seed(seed)
-    shape = (max(64, example_input.shape[0]),) + tuple(example_input.shape[1:])
+    shape = (batch,) + tuple(example_input.shape[1:])
     return torch.randn(shape, generator=generator, dtype=example_input.dtype), None
 
 
-def describe(model: nn.Module, *, size_bytes: int, example_input: torch.Tensor, threads: int,
-             outputs: torch.Tensor, labels: torch.Tensor | None,
+def describe(model: nn.Module, *, size_bytes: int, example_input: Batch, threads: int,
+             outputs: torch.Tensor | Outputs, labels: torch.Tensor | None,
              parameters: tuple[int, int]) -> dict[str, Any]:
     total, nonzero = parameters
     figures: dict[str, Any] = {

@@ -18,6 +18,7 @@ from worker.compression import metrics as measure
 from worker.compression.facts import environment, layer_sparsity
 from worker.compression import outcome
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
+from worker.compression.inputs import Batch, ModelInputs, Signature, call_model, make_example, torchscript_to_graph
 from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
 from worker.compression.stages import run_stage
 
@@ -53,6 +54,14 @@ class JobRequest:
     threads: int = 1
     # where the artifact will run: torch, onnxruntime or executorch (worker.compression.targets)
     runtime: str = "torch"
+    # the forward call as declared (worker.compression.inputs); example_input_shape is the shorthand
+    inputs: list[dict[str, Any]] | None = None
+    forward_kwargs: dict[str, Any] | None = None
+    output: int | str | None = None
+
+    @property
+    def signature(self) -> Signature | None:
+        return Signature.from_request(self.inputs, self.example_input_shape, self.forward_kwargs, self.output)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRequest:
@@ -70,14 +79,25 @@ class Reporter:
     check_cancelled: Callable[[], None] = lambda: None
 
 
-def _example_input(request: JobRequest, train: Dataset | None, evaluation: Dataset | None) -> torch.Tensor:
-    if request.example_input_shape:
-        generator = torch.Generator().manual_seed(request.seed)
-        return torch.randn(tuple(request.example_input_shape), generator=generator)
+def _example_input(request: JobRequest, train: Dataset | None, evaluation: Dataset | None) -> Batch:
+    signature = request.signature
+    if signature is not None and signature.inputs:
+        return make_example(signature, seed=request.seed)
     data = train or evaluation
     if data is None:
-        raise EngineError("example_input_shape is required when no dataset gives the input shape")
+        raise EngineError("example_input_shape (or inputs) is required when no dataset gives the input shape")
     return data.inputs[:DEFAULT_BATCH_FROM_DATASET].clone()
+
+
+def _needs_graph(stage: StageSpec) -> bool:
+    """Whether the stage's scheme takes eager / exported models only, so a TorchScript model is converted."""
+    from modelpress.catalog import SpecError, find_scheme
+
+    try:
+        spec = find_scheme(stage.method, stage.scheme)
+    except SpecError:
+        return False
+    return "torchscript" not in spec.input_formats and "exported_program" in spec.input_formats
 
 
 def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -89,20 +109,23 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         raise EngineError("the job targets cuda but this worker has no CUDA device")
     reporter.progress(0.01, "loading")
     model, kind = load_model(Path(request.model.path), request.model.format, request.model.architecture)
-    train = load_dataset(Path(request.dataset_path)) if request.dataset_path else None
-    evaluation = load_dataset(Path(request.eval_dataset_path)) if request.eval_dataset_path else None
+    signature = request.signature
+    train = load_dataset(Path(request.dataset_path), signature) if request.dataset_path else None
+    evaluation = load_dataset(Path(request.eval_dataset_path), signature) if request.eval_dataset_path else None
     example = _example_input(request, train, evaluation)
     try:
         with torch.inference_mode():
-            model(example)
+            call_model(model, example)
     except Exception as error:
-        raise EngineError(f"the model does not run on an input of shape {list(example.shape)}: {error}") from error
+        described = example.describe() if isinstance(example, ModelInputs) else f"shape {list(example.shape)}"
+        raise EngineError(f"the model does not run on an input of {described}: {error}") from error
     extra = {model_id: load_model(Path(ref.path), ref.format, ref.architecture)
              for model_id, ref in request.extra_models.items()}
 
     reporter.progress(0.05, "measuring original")
-    fid_inputs, fid_labels = measure.fidelity_inputs(example, evaluation, train, seed=request.seed)
-    reference = measure.predict(model, fid_inputs)
+    fid_inputs, fid_labels = measure.fidelity_inputs(example, evaluation, train, seed=request.seed,
+                                                     signature=signature)
+    reference = measure.predict(model, fid_inputs, output=request.output)
     parameters = measure.count_parameters(model)
     original = measure.describe(model, size_bytes=Path(request.model.path).stat().st_size, example_input=example,
                                 threads=request.threads, outputs=reference, labels=fid_labels,
@@ -130,10 +153,15 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
 
         reporter.check_cancelled()
         stage_progress(0.0, "starting")
+        if kind == "torchscript" and _needs_graph(stage):
+            stage_progress(0.0, "converting TorchScript to an exported program")
+            working, kind = torchscript_to_graph(working, signature, example), "graph"
+            reporter.event("log", {"message": f"{label}: the TorchScript model was converted to an exported program "
+                                              "(torch._export.converter.TS2EPConverter) for this stage"})
         context = StageContext(kind=kind, example_input=example, device=device, train_data=train,
                                eval_data=evaluation, progress=stage_progress, event=reporter.event,
                                check_cancelled=reporter.check_cancelled, seed=request.seed, extra_models=extra,
-                               original_size_bytes=original["size_bytes"])
+                               original_size_bytes=original["size_bytes"], signature=signature)
         result = run_stage(working, stage.method, stage.scheme, stage.options, context)
         working, kind = result.model, result.kind
         requires.update(result.requires)
@@ -143,7 +171,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             parameters = (int(result.info["parameters"][0]), int(result.info["parameters"][1]))
         elif stage.method != "quantize":
             parameters = measure.count_parameters(working)
-        outputs = measure.predict(working, fid_inputs)
+        outputs = measure.predict(working, fid_inputs, output=request.output)
         stage_reports.append({
             "method": stage.method, "scheme": stage.scheme,
             "parameters": parameters[0], "nonzero_parameters": parameters[1],
@@ -163,7 +191,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     if _hands_back_the_upload(request, result, output_format):
         shutil.copyfile(request.model.path, artifact)  # the very bytes uploaded, not a bigger re-save
     else:
-        save_artifact(working, kind, output_format, artifact, example)
+        save_artifact(working, kind, output_format, artifact, example, signature)
     # Measure what the user downloads: reload the artifact where it is a runnable module.
     final_model: nn.Module = working
     if output_format in ("torchscript", "exported_program"):
@@ -171,12 +199,12 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         assert isinstance(loaded, nn.Module)
         final_model = loaded
     reporter.progress(0.95, "measuring compressed")
-    outputs = measure.predict(final_model, fid_inputs)
+    outputs = measure.predict(final_model, fid_inputs, output=request.output)
     compressed = measure.describe(final_model, size_bytes=artifact.stat().st_size, example_input=example,
                                   threads=request.threads, outputs=outputs, labels=fid_labels,
                                   parameters=parameters)
     document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
-                             device=device, batch_size=int(example.shape[0]), threads=request.threads,
+                             device=device, batch_size=len(example), threads=request.threads,
                              untouched=outcome.untouched_majority(weights_before, working, _left_alone(stage_reports)))
     if output_format == "sparse_state_dict" and document["compression_ratio"] < outcome.GAIN_WARNING_BELOW:
         document["warnings"].append('CSR storage of the pruned weights pays off only above about 50% zeros; '
@@ -218,7 +246,7 @@ def _finish_for_target(request: JobRequest, model: nn.Module, working: nn.Module
                               "accuracy": built["compressed"]["accuracy"], "fidelity": fidelity,
                               "info": built["quantization_info"]})
     document = build_metrics(built["original"], built["compressed"], fidelity, stage_reports, device=device,
-                             batch_size=int(example.shape[0]), threads=request.threads)
+                             batch_size=len(example), threads=request.threads)
     document["runtime"] = request.runtime
     document["versions"] = built["versions"]
     document["original_in_torch"] = {k: torch_original[k] for k in ("size_bytes", "latency_ms_p50", "latency_ms_p95",

@@ -31,6 +31,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from worker.compression.base import Dataset, EngineError, ModelKind, StageContext, StageResult, select_layers
+from worker.compression.inputs import Batch, ModelInputs, batch_of, call_model, select_output
 from worker.compression.training import fit
 
 UNSTRUCTURED = ("l1_unstructured", "random_unstructured", "global_l1_unstructured")
@@ -302,14 +303,14 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
     example = ctx.example_input.to(_device_of(model))
     batches = [example]
     if example.dim() >= 1:
-        batches.append(example[:1] if example.shape[0] > 1 else torch.cat([example, example]))
+        batches.append(example[:1] if len(example) > 1 else batch_of(example, 2))
     if ctx.kind == "graph":
         with torch.no_grad():
-            expected = _first_tensor(model(example))
+            expected = _first_tensor(call_model(model, example))
         # The graph's ops carry the mode it was exported in (training batch norm is refused).
         model = lift_exported_graph(model).eval()
         with torch.no_grad():
-            lifted = _first_tensor(model(example))
+            lifted = _first_tensor(call_model(model, example))
         if lifted.shape != expected.shape or not torch.allclose(lifted, expected, rtol=1e-4, atol=1e-5):
             raise EngineError("the exported program could not be rebuilt from nn modules faithfully, so its "
                               "channels cannot be removed; upload a state_dict with a registered architecture")
@@ -331,7 +332,8 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
     was_training = model.training
     try:
         pruner = tp.pruner.MetaPruner(
-            model, example, importance=tp.importance.MagnitudeImportance(p=norm), pruning_ratio=amount,
+            model, example, forward_fn=call_model, output_transform=_first_tensor,
+            importance=tp.importance.MagnitudeImportance(p=norm), pruning_ratio=amount,
             ignored_layers=ignored, iterative_steps=steps,
             iterative_pruning_ratio_scheduler=lambda ratio, n: [cubic_sparsity(t, n, ratio) for t in range(n + 1)])
     except Exception as error:
@@ -515,29 +517,28 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def _first_tensor(output: Any) -> Tensor:
-    first: Tensor = output[0] if isinstance(output, (tuple, list)) else output
-    return first
+    return select_output(output)
 
 
-def _output_shapes(model: nn.Module, batches: Sequence[Tensor]) -> list[list[int] | None]:
+def _output_shapes(model: nn.Module, batches: Sequence[Batch]) -> list[list[int] | None]:
     shapes: list[list[int] | None] = []
     for batch in batches:
         try:
             with torch.no_grad():
-                shapes.append(list(_first_tensor(model(batch)).shape))
+                shapes.append(list(_first_tensor(call_model(model, batch)).shape))
         except Exception:
             shapes.append(None)
     return shapes
 
 
-def _check_still_runs(model: nn.Module, batches: Sequence[Tensor], reference: Sequence[list[int] | None]) -> None:
+def _check_still_runs(model: nn.Module, batches: Sequence[Batch], reference: Sequence[list[int] | None]) -> None:
     """The pruned model must give outputs of the same shapes on the inputs the original ran on."""
     for batch, expected in zip(batches, reference):
         if expected is None:
             continue
         try:
             with torch.no_grad():
-                shape = list(_first_tensor(model(batch)).shape)
+                shape = list(_first_tensor(call_model(model, batch)).shape)
         except Exception as error:
             raise EngineError(f"after removing channels the model no longer runs on inputs of shape "
                               f"{list(batch.shape)}: {_last_line(error)}. It may hard-code channel counts "
@@ -586,7 +587,7 @@ def _fit_figures(summary: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- figures
 
 
-def count_macs(model: nn.Module, kind: ModelKind, example_input: Tensor) -> dict[str, Any]:
+def count_macs(model: nn.Module, kind: ModelKind, example_input: Batch) -> dict[str, Any]:
     """Multiply-accumulates of one forward pass on one sample (or the whole example if it must).
 
     Eager modules are counted by torch-pruning (Conv, Linear, norms; bias adds included);
@@ -594,9 +595,9 @@ def count_macs(model: nn.Module, kind: ModelKind, example_input: Tensor) -> dict
     (matmul and convolution only, FLOPs / 2). Dense counts: zeros of unstructured
     pruning are still multiplied by dense kernels. {"macs": None, ...} when neither runs.
     """
-    candidates = [example_input[:1], example_input] if example_input.dim() and example_input.shape[0] > 1 \
+    candidates = [example_input[:1], example_input] if example_input.dim() and len(example_input) > 1 \
         else [example_input]
-    counters: list[tuple[str, Callable[[Tensor], int]]] = []
+    counters: list[tuple[str, Callable[[Batch], int]]] = []
     if kind == "eager":
         counters.append(("torch_pruning.utils.count_ops_and_params", lambda x: _tp_macs(model, x)))
     counters.append(("torch.utils.flop_counter (flops / 2)", lambda x: _flop_counter_macs(model, x)))
@@ -610,9 +611,11 @@ def count_macs(model: nn.Module, kind: ModelKind, example_input: Tensor) -> dict
     return {"macs": None, "counter": None, "input_shape": None}
 
 
-def _tp_macs(model: nn.Module, example: Tensor) -> int:
+def _tp_macs(model: nn.Module, example: Batch) -> int:
     import torch_pruning as tp
 
+    if isinstance(example, ModelInputs):
+        raise EngineError("torch-pruning's counter takes one input tensor")  # the flop counter takes over
     was_training = model.training
     try:
         macs, _ = tp.utils.count_ops_and_params(model, example)
@@ -621,11 +624,11 @@ def _tp_macs(model: nn.Module, example: Tensor) -> int:
     return int(macs)
 
 
-def _flop_counter_macs(model: nn.Module, example: Tensor) -> int:
+def _flop_counter_macs(model: nn.Module, example: Batch) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(example)
+        call_model(model, example)
     return int(counter.get_total_flops()) // 2
 
 

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from worker.compression.base import EngineError, ModelKind, StageContext, StageResult
+from worker.compression.inputs import Batch, ModelInputs, as_call, call_model, map_floating, select_output
 
 __all__ = ["BACKENDS", "Backend", "LayerPlan", "backend_for", "plan_layers", "run_stage", "sqnr_db",
            "torch_level_module"]
@@ -291,7 +292,7 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
         mapping.set_module_name(name, None)
     float_model = copy.deepcopy(model).eval()
     try:
-        prepared = prepare_fx(float_model, mapping, (ctx.example_input,))
+        prepared = prepare_fx(float_model, mapping, as_call(ctx.example_input)[0])
     except Exception as error:  # symbolic tracing fails on data-dependent control flow
         advice = ("this exported program's graph has operations static int8 cannot place observers around; "
                   "dynamic_int8 or fp16 do not need that" if ctx.kind == "graph"
@@ -301,7 +302,7 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
     with torch.no_grad():
         for index, batch in enumerate(batches):
             ctx.check_cancelled()
-            prepared(batch)
+            call_model(prepared, batch)
             ctx.progress(0.9 * (index + 1) / len(batches), "calibrating")
     quantized = convert_fx(prepared).eval()
     _check_swapped(quantized, plan, "static_int8")
@@ -338,15 +339,18 @@ def _static_int8_graph(model: nn.Module, options: dict[str, Any], ctx: StageCont
     return _static_int8_fx(torch_level_module(model), options, ctx)
 
 
-def _calibration_batches(options: dict[str, Any], ctx: StageContext) -> list[torch.Tensor]:
+def _calibration_batches(options: dict[str, Any], ctx: StageContext) -> list[Batch]:
     if ctx.train_data is None or len(ctx.train_data) == 0:
         raise EngineError("static_int8 needs calibration data: give the job a dataset_id")
     limit = int(options.get("calibration_batches") or 16) * CALIBRATION_BATCH_SIZE
     inputs = ctx.train_data.inputs[:limit]
-    if inputs.shape[1:] != ctx.example_input.shape[1:] and inputs[0].numel() != ctx.example_input[0].numel():
+    if isinstance(inputs, ModelInputs) or isinstance(ctx.example_input, ModelInputs):
+        return list(inputs.split(CALIBRATION_BATCH_SIZE))  # named inputs were cast as declared when loaded
+    example = ctx.example_input
+    if inputs.shape[1:] != example.shape[1:] and inputs[0].numel() != example[0].numel():
         raise EngineError(f"calibration samples have shape {list(inputs.shape[1:])}, the model takes "
-                          f"{list(ctx.example_input.shape[1:])}")
-    inputs = inputs.reshape(-1, *ctx.example_input.shape[1:]).to(ctx.example_input.dtype)
+                          f"{list(example.shape[1:])}")
+    inputs = inputs.reshape(-1, *example.shape[1:]).to(example.dtype)
     return list(inputs.split(CALIBRATION_BATCH_SIZE))
 
 
@@ -354,7 +358,24 @@ def _calibration_batches(options: dict[str, Any], ctx: StageContext) -> list[tor
 
 
 class CastWrapper(nn.Module):
-    """Runs `inner` in `dtype`: floating inputs are cast in, the output cast back to `out_dtype`."""
+    """Runs `inner` in `dtype`: floating inputs are cast in, floating outputs cast back to `out_dtype`,
+    keeping the output's own structure (a tensor, or a tuple / dict of them)."""
+
+    def __init__(self, inner: nn.Module, dtype: torch.dtype, out_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.inner = inner
+        self.dtype = dtype
+        self.out_dtype = out_dtype
+
+    # `x` named first: torch.export matches a one-input model's dynamic_shapes to it
+    def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                     for a in (x, *args))
+        return map_floating(self.inner(*args, **kwargs), lambda t: t.to(self.out_dtype))
+
+
+class _ScriptCastWrapper(nn.Module):
+    """CastWrapper for TorchScript models of one tensor in, one tensor out (scriptable signature)."""
 
     def __init__(self, inner: nn.Module, dtype: torch.dtype, out_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -387,8 +408,11 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
         if plan.skipped:
             raise EngineError(f"{scheme}: skip_layers is not supported for TorchScript models "
                               "(their submodules cannot be wrapped); upload an eager model or drop skip_layers")
+        if isinstance(ctx.example_input, ModelInputs):
+            raise EngineError(f"{scheme} on a TorchScript model takes models of one float input; this one takes "
+                              f"{ctx.example_input.describe()}: upload it as an exported program")
         converted = copy.deepcopy(model).to(dtype)
-        wrapped: nn.Module = torch.jit.script(CastWrapper(converted, dtype, out_dtype))
+        wrapped: nn.Module = torch.jit.script(_ScriptCastWrapper(converted, dtype, out_dtype))
     else:
         converted = copy.deepcopy(model).to(dtype)
         for name in sorted(plan.skipped, key=lambda n: -n.count(".")):  # innermost first
@@ -407,19 +431,17 @@ def _has_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
     return any(p.dtype == dtype for p in module.parameters(recurse=False))
 
 
-def _output_dtype(model: nn.Module, example: torch.Tensor) -> torch.dtype:
+def _output_dtype(model: nn.Module, example: Batch) -> torch.dtype:
+    """The dtype of the model's (selected floating) output, which the converted model returns too."""
     with torch.no_grad():
-        output = model(example.to(_model_device(model)))
-    if not isinstance(output, torch.Tensor):
-        raise EngineError("reduced-precision schemes wrap the model so it takes and returns float32; that needs "
-                          f"a model returning one tensor, this one returns {type(output).__name__}")
-    return output.dtype
+        output = call_model(model, example.to(_model_device(model)))
+    return select_output(output).dtype
 
 
-def _run_or_explain(model: nn.Module, example: torch.Tensor, scheme: str) -> None:
+def _run_or_explain(model: nn.Module, example: Batch, scheme: str) -> None:
     try:
         with torch.no_grad():
-            model(example.to(_model_device(model)))
+            call_model(model, example.to(_model_device(model)))
     except RuntimeError as error:
         raise EngineError(f"{scheme}: the converted model does not run ({error}); it probably creates "
                           "float32 tensors inside forward, so it cannot run in reduced precision") from error
@@ -602,11 +624,12 @@ def _lift(source: fx.GraphModule, root: nn.Module, node: fx.Node, lifted: dict[t
         container = root.get_submodule(name)
         for child_name, child in container._modules.items():
             module.add_module(child_name, child)
+        held = set(module._buffers) | set(module._parameters)  # a graph may keep parameters as buffers
         for buffer_name, buffer in container._buffers.items():
-            if buffer_name not in module._buffers:
+            if buffer_name not in held:
                 module.register_buffer(buffer_name, buffer)
         for parameter_name, parameter in container._parameters.items():
-            if parameter_name not in module._parameters:
+            if parameter_name not in held:
                 module.register_parameter(parameter_name, parameter)
     _set_path(root, name, module)
     lifted[key] = name
@@ -719,16 +742,18 @@ def _reference_output(model: nn.Module, ctx: StageContext) -> torch.Tensor | Non
         return None
     try:
         with torch.no_grad():
-            output = model(ctx.example_input.to(_model_device(model)))
+            output = call_model(model, ctx.example_input.to(_model_device(model)))
     except Exception as error:
         raise EngineError(f"the model does not run on the example input: {error}") from error
-    return output.detach().float().cpu() if isinstance(output, torch.Tensor) else None
+    chosen = select_output(output, ctx.signature.output if ctx.signature is not None else None)
+    return chosen.detach().float().cpu()
 
 
 def _sqnr_or_none(model: nn.Module, reference: torch.Tensor, ctx: StageContext) -> float | None:
     with torch.no_grad():
-        output = model(ctx.example_input.to(_model_device(model)))
-    if not isinstance(output, torch.Tensor) or output.shape != reference.shape:
+        output = call_model(model, ctx.example_input.to(_model_device(model)))
+    output = select_output(output, ctx.signature.output if ctx.signature is not None else None)
+    if output.shape != reference.shape:
         return None
     value = sqnr_db(reference, output.cpu())
     return None if math.isinf(value) else round(value, 2)

@@ -138,7 +138,7 @@ class Search:
     def _artifact_size(self, model: nn.Module, kind: ModelKind, output_format: str) -> int:
         with tempfile.TemporaryDirectory(prefix="search-") as folder:
             path = Path(folder) / "candidate"
-            save_artifact(model, kind, output_format, path, self.ctx.example_input)
+            save_artifact(model, kind, output_format, path, self.ctx.example_input, self.ctx.signature)
             return path.stat().st_size
 
     def _copy(self) -> nn.Module:

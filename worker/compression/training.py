@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worker.compression.base import Dataset, EngineError, JobCancelled, StageContext
+from worker.compression.inputs import ModelInputs, call_model, select_output
 
 LossFn = Callable[[nn.Module, Tensor, Tensor | None], Tensor]
 
@@ -273,7 +274,7 @@ def evaluate_accuracy(model: nn.Module, data: Dataset, batch_size: int = 256) ->
         with torch.no_grad():
             for start in range(0, len(data), batch_size):
                 inputs = data.inputs[start:start + batch_size].to(device)
-                predicted = logits_of(model(inputs)).argmax(dim=1).cpu()
+                predicted = logits_of(call_model(model, inputs)).argmax(dim=1).cpu()
                 correct += int((predicted == data.labels[start:start + batch_size]).sum())
     finally:
         if was_training:
@@ -306,7 +307,7 @@ class CrossEntropyLoss:
     def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor | None) -> Tensor:
         if labels is None:
             raise EngineError("the default loss needs labels")
-        return F.cross_entropy(logits_of(model(inputs)), labels, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits_of(call_model(model, inputs)), labels, label_smoothing=self.label_smoothing)
 
 
 # ---------------------------------------------------------------- the loop
@@ -694,21 +695,22 @@ def _probe_forward(model: nn.Module, inputs: Tensor) -> None:
     set_training_mode(model, False)  # so batch-norm statistics stay as they are
     try:
         with torch.no_grad():
-            logits_of(model(inputs.to(module_device(model))))
+            logits_of(call_model(model, inputs.to(module_device(model))))
     except EngineError:
         raise
     except Exception as error:
-        raise EngineError(f"the model does not run on a batch of the dataset (inputs of shape "
-                          f"{list(inputs.shape)}, dtype {inputs.dtype}): {str(error).strip().splitlines()[-1]}") from error
+        described = inputs.describe() if isinstance(inputs, ModelInputs) else \
+            f"inputs of shape {list(inputs.shape)}, dtype {inputs.dtype}"
+        raise EngineError(f"the model does not run on a batch of the dataset ({described}): "
+                          f"{str(error).strip().splitlines()[-1]}") from error
 
 
 def logits_of(output: Any) -> Tensor:
-    """The logits of a forward: the tensor itself, or the first of a tuple (e.g. logits, aux)."""
-    if isinstance(output, (tuple, list)):
-        output = output[0]
-    if not isinstance(output, Tensor):
-        raise EngineError(f"the model's forward returned {type(output).__name__}, not a tensor of logits")
-    return output
+    """The logits of a forward: the tensor itself, or the first floating tensor of a tuple / dict
+    (e.g. logits, aux; a Hugging Face model's output)."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    return select_output(output)
 
 
 def module_device(model: nn.Module) -> torch.device:
