@@ -37,7 +37,7 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def whole_model_sqnr(model: nn.Module, variant: nn.Module, inputs: torch.Tensor) -> float:
     with torch.no_grad():
-        return sqnr_db(model(inputs), measure.predict(variant, inputs))
+        return sqnr_db(model(inputs), measure.predict(variant, inputs).primary)
 
 
 def test_analyze_lists_every_linear_most_harmful_first_and_delivers_the_model(
@@ -75,7 +75,7 @@ def test_analyze_reports_accuracy_drop_with_labels(one_thread: None) -> None:
     for row in rows:
         alone = quantize(model, "dynamic_int8", {"skip_layers": [n for n in ("0", "2") if n != row["layer"]]},
                          ctx).model
-        accuracy = float((measure.predict(alone, inputs).argmax(1) == labels).float().mean())
+        accuracy = float((measure.predict(alone, inputs).primary.argmax(1) == labels).float().mean())
         assert row["accuracy_drop"] == pytest.approx(1.0 - accuracy, abs=1e-6)
 
 
