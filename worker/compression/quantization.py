@@ -366,6 +366,12 @@ def _static_int8_graph(model: nn.Module, options: dict[str, Any], ctx: StageCont
     return _static_int8_fx(torch_level_module(model), options, ctx)
 
 
+def _qat_int8(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
+    from worker.compression.qat import quantization_aware_training  # imports this module
+
+    return quantization_aware_training(model, options, ctx)
+
+
 def _calibration_batches(options: dict[str, Any], ctx: StageContext) -> list[torch.Tensor]:
     if ctx.train_data is None or len(ctx.train_data) == 0:
         raise EngineError("static_int8 needs calibration data: give the job a dataset_id")
@@ -814,6 +820,9 @@ BACKENDS: dict[tuple[str, ModelKind], Backend] = {
                                       "torchscript"),
     ("static_int8", "graph"): Backend("torch.ao.quantization.quantize_fx (x86 qconfig) on the lifted exported graph",
                                       _static_int8_graph, "torchscript"),
+    **{("qat_int8", kind): Backend("torchao PT2E QAT (prepare_qat_pt2e, X86InductorQuantizer), then "
+                                   "torch.ao.quantization.quantize_fx as static_int8", _qat_int8, "torchscript")
+       for kind in ("eager", "graph")},
     **{("fp16", kind): Backend("torch (Module.to float16)", _half_precision(torch.float16))
        for kind in ("eager", "graph", "torchscript")},
     **{("bf16", kind): Backend("torch (Module.to bfloat16)", _half_precision(torch.bfloat16))
