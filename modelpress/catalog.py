@@ -128,6 +128,17 @@ _BAR = (OptionSpec("min_sqnr_db", "float", None, 0.0, 200.0,
         OptionSpec("max_accuracy_drop", "float", None, 0.0, 1.0,
                    help="mixed precision: the same for the top-1 drop; needs an eval dataset with labels"))
 
+# Outlier-aware int8 for transformers (worker/compression/smoothquant.py).
+_OUTLIERS = (OptionSpec("smoothquant", "bool", False,
+                        help="migrate activation outliers into the weights before quantizing (SmoothQuant, "
+                             "Xiao et al. 2023); measures activation ranges on the dataset, so needs a dataset_id"),
+             OptionSpec("alpha", "float", 0.5, 0.0, 1.0,
+                        help="smoothquant migration strength: s = max|X|^alpha / max|W|^(1-alpha)"),
+             OptionSpec("calibration_batches", "int", 16, 1, 10_000,
+                        help="smoothquant: batches of 32 samples whose activation ranges are measured"),
+             OptionSpec("quantize_embeddings", "bool", False,
+                        help="also store nn.Embedding tables as int8 (weight-only, one scale per row)"))
+
 SCHEMES: tuple[SchemeSpec, ...] = (
     SchemeSpec("prune", "l1_unstructured", "zero the smallest-magnitude weights of each layer",
                ("cpu", "cuda"), options=_PRUNE_COMMON, library="torch.nn.utils.prune"),
@@ -146,12 +157,19 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                         _LAYERS, _KEEP_CLASSIFIER, _TRAIN),
                library="torch (to_sparse_semi_structured on CUDA)"),
     SchemeSpec("quantize", "dynamic_int8", "int8 weights, activations quantized on the fly (Linear, LSTM, GRU)",
-               ("cpu",), quantizes=True, options=(_SKIP, _KEEP_ENDS, *_BAR),
+               ("cpu",), quantizes=True, options=(_SKIP, _KEEP_ENDS, *_BAR, *_OUTLIERS),
                library="torch.ao.quantization.quantize_dynamic / quantize_dynamic_jit"),
     SchemeSpec("quantize", "static_int8", "int8 weights and activations, calibrated on the dataset",
                ("cpu",), input_formats=EAGER_FORMATS, needs_dataset=True, quantizes=True,
                options=(_SKIP, _KEEP_ENDS, OptionSpec("calibration_batches", "int", 16, 1, 10_000), *_BAR),
                library="torchao PT2E (X86InductorQuantizer) / torch.ao FX"),
+    SchemeSpec("quantize", "qat_int8",
+               "quantization-aware training: fake-quantized fine-tuning on the dataset, then the static_int8 artifact",
+               ("cpu",), input_formats=EAGER_FORMATS, needs_dataset=True, needs_labels=True, quantizes=True,
+               options=(_SKIP, _KEEP_ENDS, OptionSpec("calibration_batches", "int", 16, 1, 10_000),
+                        OptionSpec("train", "object", None,
+                                   help="training-loop options for the fine-tune (default epochs 3, lr 1e-4)")),
+               library="torchao PT2E QAT (prepare_qat_pt2e) / torch.ao FX convert"),
     SchemeSpec("quantize", "fp16", "half-precision weights and activations", ("cpu", "cuda"),
                quantizes=True, options=(_SKIP,), library="torch"),
     SchemeSpec("quantize", "bf16", "bfloat16 weights and activations", ("cpu", "cuda"),
@@ -376,6 +394,11 @@ def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts,
         raise SpecError(f"{where}: search needs max_accuracy_drop or min_sqnr_db")
     if options.get("max_accuracy_drop") is not None and not facts.eval_has_labels:
         raise SpecError(f"{where}: max_accuracy_drop needs an eval_dataset_id with labels")
+    if options.get("smoothquant") and not facts.has_dataset:
+        raise SpecError(f"{where}.smoothquant measures activation ranges, so it needs a dataset_id (calibration data)")
+    if (options.get("smoothquant") or options.get("quantize_embeddings")) and facts.model_format == "torchscript":
+        raise SpecError(f"{where}: smoothquant and quantize_embeddings rewrite an eager model; upload a state_dict "
+                        "with its architecture or an exported program, not TorchScript")
     if spec.method == "analyze" and options.get("quantization") == "static_int8":
         if not facts.has_dataset:
             raise SpecError(f"{where}: probing static_int8 needs a dataset_id (calibration data)")

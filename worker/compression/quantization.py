@@ -71,6 +71,13 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     backend = backend_for(scheme, ctx.kind)
     ctx.progress(0.0, f"{scheme}: {backend.library}")
     reference = _reference_output(model, ctx)
+    prepared: dict[str, Any] = {}
+    if options.get("smoothquant"):
+        from worker.compression.smoothquant import smooth_for_stage
+
+        smoothed = smooth_for_stage(model, scheme, options, ctx)
+        model, ctx, prepared["smoothquant"] = smoothed.model, smoothed.ctx, smoothed.info
+        backend = backend_for(scheme, ctx.kind)
     with _quiet_deprecations():
         if options.get("min_sqnr_db") is not None or options.get("max_accuracy_drop") is not None:
             from worker.compression.mixed_precision import quantize_to_bar
@@ -84,6 +91,7 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         "quantized_layers": done.plan.targets,
         "skipped_layers": done.plan.skipped,
         "left_float": done.plan.left_float,
+        **prepared,
         **done.info,
     }
     if reference is not None:
@@ -154,16 +162,36 @@ _DYNAMIC_WHAT = "Linear / LSTM / GRU layers"
 
 
 def _dynamic_int8_eager(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
     # Exact types: subclasses such as MultiheadAttention's out_proj are not swapped by quantize_dynamic.
     candidates = [name for name, module in model.named_modules() if name and type(module) in _DYNAMIC_TYPES]
     plan = plan_layers(candidates, options)
     _require_targets(plan, candidates, _DYNAMIC_WHAT, "dynamic_int8")
-    quantized = quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in plan.targets},
-                                 dtype=torch.qint8, inplace=False)
+    qconfig: dict[str, Any] = {name: per_channel_dynamic_qconfig for name in plan.targets}
+    embeddings = _embedding_targets(model, options)
+    qconfig.update({name: float_qparams_weight_only_qconfig for name in embeddings})
+    quantized = quantize_dynamic(model, qconfig, dtype=torch.qint8, inplace=False)
     _check_swapped(quantized, plan, "dynamic_int8")
-    return _Done(quantized.eval(), "eager", plan)
+    info: dict[str, Any] = {}
+    if options.get("quantize_embeddings"):
+        modules = dict(quantized.named_modules())
+        info["quantized_embeddings"] = [name for name in embeddings if _is_quantized_module(modules[name])]
+    return _Done(quantized.eval(), "eager", plan, info)
+
+
+def _embedding_targets(model: nn.Module, options: dict[str, Any]) -> list[str]:
+    """Embedding tables for weight-only int8 (one scale and offset per row), when quantize_embeddings is set.
+
+    They are most of a small transformer's file (a 30k x 768 table is 23M of BERT-base's 110M
+    weights), so without them int8 shrinks such a file far less than 4x.
+    """
+    if not options.get("quantize_embeddings"):
+        return []
+    names = [name for name, module in model.named_modules() if name and type(module) in (nn.Embedding, nn.EmbeddingBag)]
+    if not names:
+        raise EngineError("quantize_embeddings: this model has no nn.Embedding / nn.EmbeddingBag")
+    return plan_layers(names, {"skip_layers": options.get("skip_layers")}).targets
 
 
 def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
@@ -173,6 +201,9 @@ def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: St
 
     if not isinstance(model, torch.jit.ScriptModule):
         raise EngineError("a torchscript-kind model must be a torch.jit.ScriptModule")
+    if options.get("quantize_embeddings"):
+        raise EngineError("quantize_embeddings needs an eager model or an exported program: the TorchScript "
+                          "path (quantize_dynamic_jit) quantizes Linear only")
     kinds = {name: _script_type_name(module) for name, module in model.named_modules() if name}
     candidates = [name for name, kind in kinds.items() if kind == "Linear"]
     plan = plan_layers(candidates, options)
@@ -337,6 +368,12 @@ def full_range_qconfig() -> Any:
 
 def _static_int8_graph(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
     return _static_int8_fx(torch_level_module(model), options, ctx)
+
+
+def _qat_int8(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
+    from worker.compression.qat import quantization_aware_training  # imports this module
+
+    return quantization_aware_training(model, options, ctx)
 
 
 def _calibration_batches(options: dict[str, Any], ctx: StageContext) -> list[Batch]:
@@ -811,6 +848,9 @@ BACKENDS: dict[tuple[str, ModelKind], Backend] = {
                                       "torchscript"),
     ("static_int8", "graph"): Backend("torch.ao.quantization.quantize_fx (x86 qconfig) on the lifted exported graph",
                                       _static_int8_graph, "torchscript"),
+    **{("qat_int8", kind): Backend("torchao PT2E QAT (prepare_qat_pt2e, X86InductorQuantizer), then "
+                                   "torch.ao.quantization.quantize_fx as static_int8", _qat_int8, "torchscript")
+       for kind in ("eager", "graph")},
     **{("fp16", kind): Backend("torch (Module.to float16)", _half_precision(torch.float16))
        for kind in ("eager", "graph", "torchscript")},
     **{("bf16", kind): Backend("torch (Module.to bfloat16)", _half_precision(torch.bfloat16))
