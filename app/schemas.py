@@ -82,8 +82,8 @@ class JobCreate(BaseModel):
         None, min_length=1, max_length=8,
         description=f"sizes >= 1; their product (elements of one example batch) <= {MAX_INPUT_ELEMENTS}")
     target: Target = Field(default_factory=Target)
-    output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict", "onnx",
-                           "executorch"] | None = None
+    output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict", "deep_compression",
+                           "onnx", "executorch"] | None = None
     webhook_url: AnyHttpUrl | None = Field(
         None, max_length=2048,
         description="POSTed the job summary when it finishes; loopback, private, link-local and other internal "

@@ -65,6 +65,8 @@ class StageContext:
     seed: int = 0
     # other uploaded models a stage refers to (distillation students), by id -> loaded module and kind
     extra_models: dict[str, tuple[nn.Module, ModelKind]] = field(default_factory=dict)
+    # the output format the job asked for (None: the stages' preference)
+    output_format: str | None = None
 
 
 @dataclass
