@@ -173,7 +173,14 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                         OptionSpec("width_multiplier", "float", 0.25, 0.01, 1.0),
                         OptionSpec("temperature", "float", 2.0, 0.1, 100.0),
                         OptionSpec("alpha", "float", 0.5, 0.0, 1.0),
-                        OptionSpec("baseline", "bool", False, help="also train the student on labels alone"),
+                        OptionSpec("baseline", "bool", False,
+                                   help="also train the student on labels alone (always done when the training "
+                                        "and evaluation data have labels: the better of the two is delivered)"),
+                        OptionSpec("sweep", "bool", True,
+                                   help="with labels, also try a few (temperature, alpha) settings and deliver "
+                                        "the best run, the baseline included"),
+                        OptionSpec("sweep_time_budget_s", "float", 120.0, 1.0, 86400.0,
+                                   help="no further sweep run starts once one more would pass this budget"),
                         OptionSpec("feature_layers", "object", None,
                                    help='{"teacher_layer": "student_layer"} pairs for feature distillation'),
                         OptionSpec("transfer_augmentation", "str", "none", choices=("mixup", "noise", "none"),

@@ -173,6 +173,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
                                   parameters=parameters)
     document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
                              device=device, batch_size=int(example.shape[0]), threads=request.threads)
+    for report in stage_reports:  # a stage's own plain-language warnings (e.g. distillation lost to its baseline)
+        document["warnings"].extend(report["info"].get("warnings") or [])
     document["environment"] = environment(device)
     document["layers"] = layer_sparsity(working)  # the delivered model's zeros per layer, for the report
     for report in stage_reports:
