@@ -184,7 +184,7 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
             if augmentation != "none" else None
         loss = HintonLoss(temperature, alpha, with_labels=with_labels,
                           label_smoothing=train_config.label_smoothing, features=features, augment=augment)
-        name = f"T={temperature:g},alpha={alpha:g}"
+        name = "student" if number == 0 else f"sweep T={temperature:g},alpha={alpha:g}"
         run_started = time.monotonic()
         try:
             summary = fit(trained, train, train_config, _scaled(ctx, number * share, share, name),
