@@ -112,8 +112,7 @@ class JobCreate(BaseModel):
                           "default: the first floating tensor")
     target: Target = Field(default_factory=Target)
     output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict", "compact_state_dict",
-                           "onnx",
-                           "executorch"] | None = None
+                           "deep_compression", "onnx", "executorch"] | None = None
     webhook_url: AnyHttpUrl | None = Field(
         None, max_length=2048,
         description="POSTed the job summary when it finishes; loopback, private, link-local and other internal "

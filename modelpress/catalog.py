@@ -23,7 +23,7 @@ Device = Literal["cpu", "cuda"]
 MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program")
 EAGER_FORMATS = ("state_dict", "safetensors", "exported_program")
 OUTPUT_FORMATS = ("torchscript", "exported_program", "state_dict", "sparse_state_dict", "compact_state_dict",
-                  "onnx", "executorch")
+                  "deep_compression", "onnx", "executorch")
 
 
 class SpecError(ValueError):
@@ -191,7 +191,14 @@ SCHEMES: tuple[SchemeSpec, ...] = (
                         OptionSpec("width_multiplier", "float", 0.25, 0.01, 1.0),
                         OptionSpec("temperature", "float", 2.0, 0.1, 100.0),
                         OptionSpec("alpha", "float", 0.5, 0.0, 1.0),
-                        OptionSpec("baseline", "bool", False, help="also train the student on labels alone"),
+                        OptionSpec("baseline", "bool", False,
+                                   help="also train the student on labels alone (always done when the training "
+                                        "and evaluation data have labels: the better of the two is delivered)"),
+                        OptionSpec("sweep", "bool", True,
+                                   help="with labels, also try a few (temperature, alpha) settings and deliver "
+                                        "the best run, the baseline included"),
+                        OptionSpec("sweep_time_budget_s", "float", 120.0, 1.0, 86400.0,
+                                   help="no further sweep run starts once one more would pass this budget"),
                         OptionSpec("feature_layers", "object", None,
                                    help='{"teacher_layer": "student_layer"} pairs for feature distillation'),
                         OptionSpec("transfer_augmentation", "str", "none", choices=("mixup", "noise", "none"),
@@ -219,16 +226,22 @@ SCHEMES += (
 
 SCHEMES += (
     SchemeSpec("encode", "codebook",
-               "k-means weight sharing over the nonzero weights and sparse relative-index storage "
-               "(Han et al. 2016), in a TorchScript artifact; run it after pruning",
+               "k-means weight sharing over the nonzero weights (Han et al. 2016); an eager model is delivered "
+               "in the deep_compression container (fp16 codebooks, Huffman-coded codes and relative index; "
+               "modelpress.deep_compression_format loads it), or as TorchScript with output_format torchscript; "
+               "run it after pruning",
                ("cpu", "cuda"), input_formats=EAGER_FORMATS, quantizes=True, options=(
                    OptionSpec("bits", "int", 5, 2, 8, help="code bits per weight: 2^bits shared values per layer"),
                    _LAYERS,
                    OptionSpec("prune_classifier", "bool", True,
                               help="also encode the final classifier layer (Han et al. encode every layer)"),
                    OptionSpec("min_sparsity", "float", 0.0, 0.0, 1.0,
-                              help="Linear layers with fewer zeros than this stay in float")),
-               library="torch (k-means, TorchScript CodebookLinear)"),
+                              help="Linear layers with fewer zeros than this stay in float"),
+                   OptionSpec("finetune_epochs", "int", 0, 0, 100,
+                              help="fine-tune the shared centroids and biases on the labelled training set "
+                                   "(Han et al.); kept only when training accuracy does not drop")),
+               library="torch (k-means, centroid fine-tuning), numpy (canonical Huffman); "
+                       "TorchScript CodebookLinear for output_format torchscript"),
 )
 
 SCHEMES += (
@@ -253,11 +266,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu-int8": {"summary": "dynamic int8 quantization for CPU serving",
                  "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]},
     "deep-compression": {
-        "summary": "gradual magnitude pruning with fine-tuning, then 5-bit k-means weight sharing and "
-                   "relative-index sparse storage in TorchScript (Han et al. 2016; no Huffman stage)",
+        "summary": "gradual magnitude pruning with fine-tuning, 5-bit k-means weight sharing with centroid "
+                   "fine-tuning, and Huffman-coded codes and relative index in the weights-only "
+                   "deep_compression container (Han et al. 2016)",
         "stages": [{"method": "prune", "scheme": "global_l1_unstructured", "amount": 0.92,
-                    "prune_classifier": True, "schedule": {"steps": 4, "finetune_epochs": 3}},
-                   {"method": "encode", "scheme": "codebook", "bits": 5}]},
+                    "prune_classifier": True, "schedule": {"steps": 5, "finetune_epochs": 5}},
+                   {"method": "encode", "scheme": "codebook", "bits": 5, "finetune_epochs": 3}]},
     "distill-small": {"summary": "distil into a student a quarter of the teacher's width",
                       "stages": [{"method": "distill", "scheme": "hinton", "student": "auto",
                                   "width_multiplier": 0.25}]},
@@ -388,6 +402,8 @@ def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts,
             validate_stages(recipe, facts)
         except SpecError as error:
             raise SpecError(f"{where}.candidates.recipes[{number}]: {error}") from None
+    if spec.name == "codebook" and options.get("finetune_epochs") and not facts.dataset_has_labels:
+        raise SpecError(f"{where}: finetune_epochs trains the shared centroids, so it needs a dataset_id with labels")
     if spec.name == "nm_semi_structured" and options["n"] >= options["m"]:
         raise SpecError(f"{where}: n must be smaller than m, got {options['n']}:{options['m']}")
     if spec.method == "search" and options.get("max_accuracy_drop") is None and options.get("min_sqnr_db") is None:
@@ -443,7 +459,7 @@ RUNTIMES: dict[str, RuntimeSpec] = {
                               "executorch.exir to_edge_transform_and_lower + XNNPACK partitioner; "
                               "XNNPACKQuantizer (PT2E) for int8"),
 }
-TORCH_FORMATS = ("torchscript", "exported_program", "state_dict", "sparse_state_dict")
+TORCH_FORMATS = ("torchscript", "exported_program", "state_dict", "sparse_state_dict", "deep_compression")
 
 
 def resolve_runtime(runtime: str, runtime_given: bool, output_format: str | None) -> str:

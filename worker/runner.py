@@ -33,7 +33,7 @@ log = logging.getLogger("modelpress.runner")
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 PROGRESS_WRITE_INTERVAL_S = 0.5
 EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt",
-              "onnx": "onnx", "executorch": "pte", "compact_state_dict": "pt"}
+              "onnx": "onnx", "executorch": "pte", "compact_state_dict": "pt", "deep_compression": "mpdc"}
 LOCK_FILE = ".in-use"
 T = TypeVar("T")
 

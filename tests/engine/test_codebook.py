@@ -37,7 +37,9 @@ def _pruned(amount: float = 0.9) -> MLP:
 
 
 def _ctx() -> StageContext:
-    return StageContext(kind="eager", example_input=torch.randn(8, 64, generator=torch.Generator().manual_seed(1)))
+    # these tests cover the TorchScript artifact, which an eager model gets on output_format torchscript
+    return StageContext(kind="eager", example_input=torch.randn(8, 64, generator=torch.Generator().manual_seed(1)),
+                        output_format="torchscript")
 
 
 def _options(**overrides: object) -> dict:

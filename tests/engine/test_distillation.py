@@ -223,7 +223,7 @@ def test_cancellation_and_progress(digits: tuple[Dataset, Dataset], teacher: nn.
     train, _ = digits
     fractions: list[float] = []
     epochs: list[dict[str, Any]] = []
-    run_stage(teacher, "hinton", {"student": "auto", "baseline": True, "train": {"epochs": 2}},
+    run_stage(teacher, "hinton", {"student": "auto", "baseline": True, "sweep": False, "train": {"epochs": 2}},
               context(train, progress=lambda f, m: fractions.append(f),
                       event=lambda kind, data: epochs.append(data) if kind == "epoch" else None))
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0

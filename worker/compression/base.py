@@ -76,6 +76,8 @@ class StageContext:
     original_size_bytes: int | None = None
     # the declared forward call (inputs, constant arguments, scored output); None for the shorthand
     signature: Signature | None = None
+    # the output format the job asked for (None: the stages' preference)
+    output_format: str | None = None
 
 
 @dataclass

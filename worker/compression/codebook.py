@@ -204,7 +204,9 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
             min_sparsity (layers sparser than this are encoded; others stay float).
         ctx: example input (for tracing when scripting fails).
     Returns:
-        StageResult(kind="torchscript") with a per-layer table in info["layers"].
+        StageResult(kind="torchscript") with a per-layer table in info["layers"]; an eager model is
+        weight-shared in place instead and delivered in the deep_compression container
+        (worker.compression.deep_compression) unless the job asks for output_format torchscript.
     Example:
         >>> run_stage(pruned, "codebook", {"bits": 5, "min_sparsity": 0.5}, ctx).info["layers"][0]["bytes_encoded"]
     """
@@ -219,6 +221,13 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     min_sparsity = float(options.get("min_sparsity") or 0.0)
     include_classifier = options.get("prune_classifier")
     include_classifier = True if include_classifier is None else bool(include_classifier)
+    if ctx.kind == "eager" and ctx.output_format != "torchscript":
+        from worker.compression.deep_compression import run_weights_stage
+
+        return run_weights_stage(model, options, ctx)
+    if options.get("finetune_epochs"):
+        raise EngineError("finetune_epochs is available for the deep_compression container only "
+                          "(an eager model without output_format torchscript)")
     if ctx.kind == "graph":
         from worker.compression.quantization import torch_level_module
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from modelpress.catalog import find_scheme
+from worker.compression import distillation_sweep as kd_sweep
 from worker.compression.base import Dataset, EngineError, ModelKind, StageContext, StageResult, select_layers
 from worker.compression.training import (
     TrainConfig,
@@ -71,6 +73,8 @@ class DistillConfig:
     baseline: bool = _DEFAULTS["baseline"]
     feature_layers: dict[str, str] | None = None
     transfer_augmentation: str = _DEFAULTS["transfer_augmentation"]
+    sweep: bool = _DEFAULTS["sweep"]
+    sweep_time_budget_s: float = _DEFAULTS["sweep_time_budget_s"]
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
@@ -81,7 +85,7 @@ class DistillConfig:
             >>> DistillConfig.from_options({"student": "auto", "width_multiplier": 0.5})
         """
         known = {"student", "width_multiplier", "temperature", "alpha", "baseline", "feature_layers",
-                 "transfer_augmentation", "train"}
+                 "transfer_augmentation", "sweep", "sweep_time_budget_s", "train"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise EngineError(f"unknown distill option(s) {unknown}; known: {sorted(known)}")
@@ -110,7 +114,8 @@ class DistillConfig:
             raise EngineError(f"transfer_augmentation must be one of {list(AUGMENTATIONS)}, got {augmentation!r}")
         return cls(student=student, width_multiplier=float(width), temperature=float(temperature),
                    alpha=float(alpha), baseline=baseline, feature_layers=features,
-                   transfer_augmentation=augmentation,
+                   transfer_augmentation=augmentation, sweep=bool(given["sweep"]),
+                   sweep_time_budget_s=float(given["sweep_time_budget_s"]),
                    train=TrainConfig.from_options(given.get("train"), DEFAULT_TRAIN))
 
 
@@ -147,8 +152,6 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         raise EngineError("feature_layers needs an eager teacher and an eager student "
                           f"(here: teacher {ctx.kind}, student {student_kind}); hooks do not run inside "
                           "TorchScript or exported graphs")
-    initial_student = copy.deepcopy(student) if config.baseline else None
-
     ctx.progress(0.0, "computing teacher logits")
     teacher_logits = predict_logits(teacher, data.inputs, ctx.device)
     with_labels = data.labels is not None
@@ -159,25 +162,41 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     evaluation = ctx.eval_data if ctx.eval_data is not None else val
     train_config = config.train
 
-    trained, features = _attach_features(teacher, student, config, train.inputs[:2])
     augmentation = config.transfer_augmentation
     if augmentation != "none" and not train.inputs.is_floating_point():
         raise EngineError(f"transfer_augmentation {augmentation!r} needs floating-point inputs, "
                           f"these are {train.inputs.dtype}: use \"none\"")
-    augment = TransferAugmentation(augmentation, teacher, float(train.inputs.float().std())) \
-        if augmentation != "none" else None
-    loss = HintonLoss(config.temperature, config.alpha, with_labels=with_labels,
-                      label_smoothing=train_config.label_smoothing, features=features, augment=augment)
-    student_share = 0.5 if config.baseline else 1.0  # of the stage's progress
     teacher_device = module_device(teacher)
-    try:
-        summary = fit(trained, train, train_config, _scaled(ctx, 0.0, student_share, "student"),
-                      loss_fn=loss, val_data=val, targets=train_targets, val_targets=val_targets)
-    finally:
-        if features is not None:
-            features.remove_hooks()
-        if features is not None or augment is not None:
-            teacher.to(teacher_device)  # feature matching or augmentation ran it on the training device
+    # With labels: the baseline and a small sweep over (temperature, alpha), best one delivered (distillation_sweep)
+    compare = with_labels and evaluation is not None and evaluation.labels is not None
+    candidates = kd_sweep.settings(config.temperature, config.alpha, compare and config.sweep)
+    initial_student = copy.deepcopy(student) if (config.baseline or compare) else None
+    share = 1.0 / (len(candidates) + (1 if initial_student is not None else 0))
+    runs: list[kd_sweep.Run] = []
+    students: list[nn.Module] = []
+    started = time.monotonic()
+    for number, (temperature, alpha) in enumerate(candidates):
+        if number > 0 and not kd_sweep.fits_budget(runs, time.monotonic() - started, config.sweep_time_budget_s):
+            break
+        candidate = student if number == 0 else copy.deepcopy(initial_student)
+        trained, features = _attach_features(teacher, candidate, config, train.inputs[:2])
+        augment = TransferAugmentation(augmentation, teacher, float(train.inputs.float().std())) \
+            if augmentation != "none" else None
+        loss = HintonLoss(temperature, alpha, with_labels=with_labels,
+                          label_smoothing=train_config.label_smoothing, features=features, augment=augment)
+        name = "student" if number == 0 else f"sweep T={temperature:g},alpha={alpha:g}"
+        run_started = time.monotonic()
+        try:
+            summary = fit(trained, train, train_config, _scaled(ctx, number * share, share, name),
+                          loss_fn=loss, val_data=val, targets=train_targets, val_targets=val_targets)
+        finally:
+            if features is not None:
+                features.remove_hooks()
+            if features is not None or augment is not None:
+                teacher.to(teacher_device)  # feature matching or augmentation ran it on the training device
+        accuracy = evaluate_accuracy(candidate, evaluation) if compare else None
+        runs.append(kd_sweep.Run(name, temperature, alpha, accuracy, time.monotonic() - run_started, summary))
+        students.append(candidate)
 
     info: dict[str, Any] = {
         "student_source": source,
@@ -189,22 +208,36 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         "num_classes": num_classes,
         "teacher_parameters": _count_parameters(teacher),
         "student_parameters": _count_parameters(student),
-        "training": summary,
+        "training": runs[0].training,
         "evaluated_on": None,
         "student_accuracy": None,
         "baseline_accuracy": None,
         "teacher_accuracy": None,
     }
+    delivered = student
     if initial_student is not None:
+        baseline_started = time.monotonic()
         info["baseline_training"] = fit(initial_student, train, train_config,
-                                        _scaled(ctx, 0.5, 0.5, "baseline"), val_data=val)
+                                        _scaled(ctx, 1.0 - share, share, "baseline"), val_data=val)
+        baseline_seconds = time.monotonic() - baseline_started
     if evaluation is not None and evaluation.labels is not None:
         info["evaluated_on"] = "eval_data" if ctx.eval_data is not None else "validation_split"
-        info["student_accuracy"] = evaluate_accuracy(student, evaluation)
         info["teacher_accuracy"] = evaluate_accuracy(teacher, evaluation)
         info["baseline_accuracy"] = evaluate_accuracy(initial_student, evaluation) if initial_student is not None else None
+        if compare and initial_student is not None:
+            baseline = kd_sweep.Run("baseline", None, None, info["baseline_accuracy"], baseline_seconds,
+                                 info["baseline_training"])
+            chosen, warnings = kd_sweep.choose(baseline, runs)
+            delivered = initial_student if chosen is baseline else students[runs.index(chosen)]
+            info["runs"] = [baseline.describe()] + [run.describe() for run in runs]
+            info["delivered"] = chosen.name
+            info["selected_on"] = info["evaluated_on"]
+            info["warnings"] = warnings
+            if chosen is not baseline:
+                info["temperature"], info["alpha"], info["training"] = chosen.temperature, chosen.alpha, chosen.training
+        info["student_accuracy"] = evaluate_accuracy(delivered, evaluation)
     ctx.progress(1.0, "distillation done")
-    return StageResult(model=student, kind=student_kind, info=info)
+    return StageResult(model=delivered, kind=student_kind, info=info)
 
 
 class HintonLoss:

@@ -222,6 +222,16 @@ def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: P
 
         compact = output_format == "compact_state_dict"
         torch.save(encode_sparse_state_dict(weights_for_saving(model, kind), compact=compact), str(path))
+    elif output_format == "deep_compression":
+        if kind == "torchscript":
+            raise EngineError("a TorchScript model cannot be saved as a deep_compression container; "
+                              "upload a state_dict with an architecture")
+        from modelpress.deep_compression_format import encode
+
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        # NumPy has no bfloat16: such tensors are stored as the float32 they widen to exactly
+        arrays = {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in state.items()}
+        path.write_bytes(encode(arrays)[0])
     else:
         raise EngineError(f"unknown output format {output_format!r}")
 
@@ -258,4 +268,8 @@ def load_artifact(path: Path, artifact_format: str) -> nn.Module | dict[str, tor
         return torch.jit.load(str(path))
     if artifact_format == "exported_program":
         return load_exported_program(path).module()
+    if artifact_format == "deep_compression":
+        from modelpress.deep_compression_format import load_state_dict
+
+        return load_state_dict(path)
     return torch.load(str(path), weights_only=True)

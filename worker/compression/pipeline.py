@@ -161,7 +161,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         context = StageContext(kind=kind, example_input=example, device=device, train_data=train,
                                eval_data=evaluation, progress=stage_progress, event=reporter.event,
                                check_cancelled=reporter.check_cancelled, seed=request.seed, extra_models=extra,
-                               original_size_bytes=original["size_bytes"], signature=signature)
+                               original_size_bytes=original["size_bytes"], signature=signature,
+                               output_format=request.output_format)
         result = run_stage(working, stage.method, stage.scheme, stage.options, context)
         working, kind = result.model, result.kind
         requires.update(result.requires)
@@ -198,6 +199,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         loaded = load_artifact(artifact, output_format)
         assert isinstance(loaded, nn.Module)
         final_model = loaded
+    elif output_format == "deep_compression":
+        final_model = _decoded_container(artifact, working, stage_reports)
     reporter.progress(0.95, "measuring compressed")
     outputs = measure.predict(final_model, fid_inputs, output=request.output)
     compressed = measure.describe(final_model, size_bytes=artifact.stat().st_size, example_input=example,
@@ -222,6 +225,22 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         # a stage's own warnings are part of the outcome, not buried in its info
         document["warnings"].extend(w for w in report["info"].get("warnings") or [] if w not in document["warnings"])
     return {"metrics": document, "artifact_format": output_format, "requires": sorted(requires)}
+
+
+def _decoded_container(artifact: Path, working: nn.Module, stage_reports: list[dict[str, Any]]) -> nn.Module:
+    """The model as the README's loader gives it back from the file, and the file's figures in the last
+    encode stage's info (bits per weight)."""
+    from modelpress.deep_compression_format import decode, describe
+
+    data = artifact.read_bytes()
+    decoded = copy.deepcopy(working)
+    state = {name: torch.from_numpy(array) for name, array in decode(data).items()}
+    decoded.load_state_dict(state, strict=True)
+    for report in reversed(stage_reports):
+        if report["method"] == "encode":
+            report["info"]["container"] = describe(data)
+            break
+    return decoded.eval()
 
 
 def _finish_for_target(request: JobRequest, model: nn.Module, working: nn.Module, deferred: Any,
