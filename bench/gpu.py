@@ -129,7 +129,7 @@ def _state_bytes(model: Any) -> int | None:
 
 
 def _config(scheme: str) -> Any:
-    """The torchao config the ModelPress engine uses for `scheme` (worker/compression/quantization.py)."""
+    """The torchao config the ModelPress engine uses for `scheme` (worker/compression/quantization/torchao_cuda.py)."""
     from worker.compression.quantization import _torchao_config
 
     return _torchao_config(scheme, {})

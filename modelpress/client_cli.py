@@ -1,30 +1,25 @@
 """Client-side CLI commands: models, datasets, jobs, and the one-shot `compress`.
 
 `compress` talks to a server (upload, submit, live progress, download, before/after table),
-or with `--local` runs the same spec with the engine in a child process, no server at all.
+or with `--local` runs the same spec with the engine in a child process, no server at all
+(modelpress/cli_local.py; tables and printing are in modelpress/cli_output.py).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from modelpress.cli_output import (_fail, _job_row, _print_json, err, human_bytes, metrics_table, out, print_result,
+                                  progress_bar)
 from modelpress.client import Client, ClientError, Job
 
 SPEC_ID_KEYS = ("model_id", "dataset_id", "eval_dataset_id")
-MAX_LOCAL_ARCHIVE_BYTES = 1 << 40
-
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- helpers
@@ -57,112 +52,6 @@ def _json_arg(value: str | None) -> Any:
         return None
     candidate = Path(value)
     return json.loads(candidate.read_text() if candidate.is_file() else value)
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{value * 100:.1f}%"
-
-
-def _ms(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f} ms"
-
-
-def _int(value: int | None) -> str:
-    return "–" if value is None else f"{value:,}"
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
-
-
-def metrics_table(metrics: dict[str, Any], title: str = "before / after") -> Table:
-    """The before/after table of a job's metrics document (the same for server and --local runs)."""
-    original, compressed = metrics.get("original") or {}, metrics.get("compressed") or {}
-    fidelity = metrics.get("fidelity") or {}
-    table = Table(title=title, title_justify="left")
-    table.add_column("metric")
-    table.add_column("original", justify="right")
-    table.add_column("compressed", justify="right")
-    table.add_column("change", justify="right")
-    ratio = metrics.get("compression_ratio") or _ratio(original.get("size_bytes"), compressed.get("size_bytes"))
-    table.add_row("size", human_bytes(original.get("size_bytes")), human_bytes(compressed.get("size_bytes")),
-                  f"{ratio:.2f}x smaller" if ratio else "")
-    table.add_row("size (bytes)", _int(original.get("size_bytes")), _int(compressed.get("size_bytes")), "")
-    table.add_row("parameters", _int(original.get("parameters")), _int(compressed.get("parameters")),
-                  f"{compressed['parameters'] / original['parameters']:.2f}x"
-                  if original.get("parameters") and compressed.get("parameters") else "")
-    table.add_row("nonzero parameters", _int(original.get("nonzero_parameters")),
-                  _int(compressed.get("nonzero_parameters")), "")
-    table.add_row("sparsity", _pct(original.get("sparsity")), _pct(compressed.get("sparsity")), "")
-    speedup = metrics.get("speedup")
-    where = f"batch {metrics.get('batch_size', '?')}, {metrics.get('device', '?')}"
-    table.add_row(f"latency p50 ({where})", _ms(original.get("latency_ms_p50")), _ms(compressed.get("latency_ms_p50")),
-                  f"{speedup:.2f}x faster" if speedup and speedup >= 1 else
-                  (f"{1 / speedup:.2f}x slower" if speedup else ""))
-    table.add_row("latency p95", _ms(original.get("latency_ms_p95")), _ms(compressed.get("latency_ms_p95")), "")
-    acc_o, acc_c = original.get("accuracy"), compressed.get("accuracy")
-    table.add_row("accuracy", _pct(acc_o), _pct(acc_c),
-                  f"{(acc_c - acc_o) * 100:+.2f} pt" if acc_o is not None and acc_c is not None else "")
-    sqnr = fidelity.get("sqnr_db")
-    table.add_row("fidelity: SQNR", "", "∞ dB" if sqnr is None and fidelity.get("output_mse") == 0 else
-                  ("–" if sqnr is None else f"{sqnr:.1f} dB"), "")
-    table.add_row("fidelity: top-1 agreement", "", _pct(fidelity.get("top1_agreement")), "")
-    return table
-
-
-def print_result(metrics: dict[str, Any], artifact: Path | None, title: str) -> None:
-    out.print(metrics_table(metrics, title))
-    for warning in metrics.get("warnings") or []:
-        out.print(f"[yellow]warning:[/yellow] {warning}")
-    if artifact is not None:
-        out.print(f"artifact: {artifact} ({artifact.stat().st_size:,} bytes)")
-
-
-class _Bar:
-    """A rich progress bar on stderr: call it with (fraction, stage); `log` prints a line above it."""
-
-    def __init__(self, progress: Progress, label: str) -> None:
-        self.progress, self.task = progress, progress.add_task(label, total=1.0, stage="")
-
-    def __call__(self, fraction: float, stage: str | None) -> None:
-        self.progress.update(self.task, completed=max(0.0, min(1.0, fraction)), stage=(stage or "")[:60])
-
-    def log(self, text: str) -> None:
-        self.progress.console.print(text, markup=False)
-
-
-@contextmanager
-def progress_bar(label: str) -> Iterator[_Bar]:
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[stage]}"), console=err, transient=False) as progress:
-        yield _Bar(progress, label)
-
-
-def _job_row(job: Job) -> list[str]:
-    metrics = job.metrics or {}
-    method = ",".join(f"{s.get('method')}:{s.get('scheme')}" for s in job.spec.get("stages", []))
-    ratio = metrics.get("compression_ratio")
-    return [job.id, job.status, method, f"{job.progress:.0%}", f"{ratio:.2f}x" if ratio else "",
-            (job.created_at or "")[:19]]
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
-
-
-def _fail(error: Exception) -> int:
-    err.print(f"[red]error:[/red] {error}")
-    return 1
 
 
 # ---------------------------------------------------------------- models and datasets
@@ -360,138 +249,11 @@ def _cmd_jobs_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def local_request(args: argparse.Namespace, spec: dict[str, Any], artifact_path: Path) -> Any:
-    """Validate the spec as the API would and build the engine's JobRequest."""
-    from modelpress.catalog import JobFacts, SpecError, expand_preset, validate_stages
-    from modelpress.formats import FormatError, sniff_dataset, sniff_model_format
-
-    model_path = Path(args.model)
-    if not model_path.is_file():
-        raise SpecError(f"{args.model} is not a file (--local runs on a model file, not an uploaded model id)")
-    stages = list(spec.get("stages") or [])
-    if spec.get("preset"):
-        if stages:
-            raise SpecError("give either a preset or stages, not both")
-        stages = expand_preset(spec["preset"])
-    if spec.get("search") is not None:
-        if stages:
-            raise SpecError("give either search or stages, not both")
-        stages = [dict(spec["search"], method="search")]
-    try:
-        model_format = args.format or sniff_model_format(model_path, MAX_LOCAL_ARCHIVE_BYTES)
-        datasets = {}
-        for name in ("dataset", "eval_dataset"):
-            value = getattr(args, name)
-            if value:
-                if not Path(value).is_file():
-                    raise SpecError(f"--{name.replace('_', '-')} {value} is not a file (--local uses dataset files)")
-                datasets[name] = (value, sniff_dataset(Path(value), MAX_LOCAL_ARCHIVE_BYTES))
-    except FormatError as error:
-        raise SpecError(str(error)) from error
-    target = spec.get("target") or {}
-    device = target.get("device", "cpu")
-    facts = JobFacts(model_format=model_format, device=device, has_dataset="dataset" in datasets,
-                     dataset_has_labels="labels" in datasets.get("dataset", (None, {}))[1].get("arrays", []),
-                     eval_has_labels="labels" in datasets.get("eval_dataset", (None, {}))[1].get("arrays", []))
-    validated = validate_stages(stages, facts)
-    for stage in validated:
-        student = stage.options.get("student")
-        if isinstance(student, dict) and "model_id" in student:
-            raise SpecError("a student given by model_id needs a server; use student.architecture with --local")
-    shape = spec.get("example_input_shape")
-    if shape is None and not datasets:
-        raise SpecError("example_input_shape is required when no dataset gives the input shape")
-    architecture = _json_arg(args.architecture) or spec.get("architecture")
-    from worker.compression.pipeline import JobRequest, ModelRef, StageSpec  # torch: only once the spec is valid
-
-    return JobRequest(
-        model=ModelRef(path=str(model_path), format=model_format, architecture=architecture),
-        stages=[StageSpec(v.spec.method, v.spec.name, dict(v.options)) for v in validated],
-        artifact_path=str(artifact_path), example_input_shape=shape,
-        dataset_path=datasets.get("dataset", (None,))[0], eval_dataset_path=datasets.get("eval_dataset", (None,))[0],
-        device=device, output_format=spec.get("output_format"), seed=int(spec.get("seed", 0)),
-        threads=int(target.get("threads", 1)))
-
-
-def _compress_local(args: argparse.Namespace, spec: dict[str, Any]) -> int:
-    from modelpress.catalog import SpecError
-
-    target = Path(args.out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".modelpress-", dir=target.parent) as scratch:
-        artifact = Path(scratch) / "artifact.bin"
-        try:
-            request = local_request(args, spec, artifact)
-        except SpecError as error:
-            err.print(f"[red]error:[/red] invalid spec: {error}")
-            return 2
-        events: list[tuple[str, dict[str, Any]]] = []
-        outcome = _run_local_child(request, Path(scratch) / "work", events)
-        if not outcome.ok:
-            error = outcome.error or {"error": "Unknown", "detail": "the job ended without a result"}
-            err.print(f"[red]error:[/red] {error.get('detail') or error.get('error')}")
-            return 1
-        result = outcome.result
-        assert result is not None
-        artifact.replace(target)
-    metrics = result["metrics"]
-    report = _local_report(args, spec, result, events)
-    if args.json:
-        _print_json({"metrics": metrics, "artifact_format": result["artifact_format"],
-                     "artifact": str(target), "requires": result.get("requires", []), "report": str(report)})
-    else:
-        print_result(metrics, target, f"{Path(args.model).name}: local run ({result['artifact_format']})")
-        out.print(f"report: {report}", soft_wrap=True)
-    return 0
-
-
-def _local_report(args: argparse.Namespace, spec: dict[str, Any], result: dict[str, Any],
-                  events: list[tuple[str, dict[str, Any]]]) -> Path:
-    """The same HTML report the server writes, from this run's metrics and events."""
-    from app.report import report_html
-
-    target = Path(args.report or default_report_path(args.out))
-    job = {"id": "local run", "status": "succeeded", "spec": spec, "metrics": result["metrics"],
-           "artifact": {"format": result["artifact_format"], "requires": result.get("requires", [])}}
-    target.write_text(report_html(job, events), encoding="utf-8")
-    return target
-
-
-def _run_local_child(request: Any, scratch: Path, events: list[tuple[str, dict[str, Any]]]) -> Any:
-    """Run the job like the service does, in a child process, so a native crash of the model's
-    code (a segfault, an abort) ends the child with a message here, not this process.
-
-    The limits are the user's machine's own (no caps): the child is for survival, not for
-    distrust of a model the user runs on their own machine anyway.
-    """
-    import dataclasses
-    import resource
-
-    from worker.sandbox import Limits, run_sandboxed
-
-    unlimited = resource.RLIM_INFINITY
-    # the CPU limit's hard cap is soft + 5 s, so "unlimited" is a very large number there
-    limits = Limits(memory_bytes=unlimited, cpu_seconds=10**9, file_bytes=unlimited, open_files=4096,
-                    wall_seconds=7 * 24 * 3600.0, threads=max(1, request.threads))
-    with progress_bar("local") as update:
-        def on_message(message: dict[str, Any]) -> None:
-            if message.get("type") == "progress":
-                update(float(message["fraction"]), str(message["stage"]))
-            elif message.get("type") == "event":
-                events.append((str(message.get("kind")), message.get("data") or {}))
-                update.log(f"{message.get('kind')}: {json.dumps(message.get('data'))}")
-
-        # no namespaces here: it is the user's own model on the user's own machine (which may lack bubblewrap)
-        outcome = run_sandboxed("job", dataclasses.asdict(request), scratch, limits, on_message=on_message,
-                                isolation="none")
-        if outcome.ok:
-            update(1.0, "done")
-    return outcome
-
-
 def _cmd_compress(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.local:
+        from modelpress.cli_local import _compress_local  # the engine path, loaded only for --local
+
         for key in SPEC_ID_KEYS:
             spec.pop(key, None)
         return _compress_local(args, spec)

@@ -1,0 +1,104 @@
+"""static_int8 (FX graph mode with calibration) and the qat_int8 entry point."""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker.compression.base import EngineError, StageContext
+from worker.compression.graph_lift import torch_level_module
+from worker.compression.inputs import Batch, ModelInputs, as_call, call_model
+from worker.compression.quantization.plan import _check_swapped, _Done, _require_targets, plan_layers
+
+CALIBRATION_BATCH_SIZE = 32
+
+# --------------------------------------------------------------------------- static int8
+
+
+_STATIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    batches = _calibration_batches(options, ctx)
+    candidates = [name for name, module in model.named_modules() if name and type(module) in _STATIC_TYPES]
+    plan = plan_layers(candidates, options)
+    _require_targets(plan, candidates, "Linear / Conv layers", "static_int8")
+    mapping = get_default_qconfig_mapping("x86")
+    full_range = cpu_has_vnni()
+    if full_range:
+        mapping.set_global(full_range_qconfig())
+    for name in plan.skipped:
+        mapping.set_module_name(name, None)
+    float_model = copy.deepcopy(model).eval()
+    try:
+        prepared = prepare_fx(float_model, mapping, as_call(ctx.example_input)[0])
+    except Exception as error:  # symbolic tracing fails on data-dependent control flow
+        advice = ("this exported program's graph has operations static int8 cannot place observers around; "
+                  "dynamic_int8 or fp16 do not need that" if ctx.kind == "graph"
+                  else "upload it as an exported program instead")
+        raise EngineError(f"static_int8 could not trace the model's forward with torch.fx ({error}); "
+                          f"{advice}") from error
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            ctx.check_cancelled()
+            call_model(prepared, batch)
+            ctx.progress(0.9 * (index + 1) / len(batches), "calibrating")
+    quantized = convert_fx(prepared).eval()
+    _check_swapped(quantized, plan, "static_int8")
+    activation_range = ("8-bit (this CPU has VNNI)" if full_range else
+                        "7-bit (reduce_range: without VNNI, fbgemm's int16 accumulation could saturate)")
+    return _Done(quantized, "eager", plan, {"calibration_samples": sum(len(b) for b in batches),
+                                            "activation_range": activation_range})
+
+
+def cpu_has_vnni() -> bool:
+    """VNNI dot products accumulate in int32, so activations can use the full 8-bit range.
+
+    Measured on digits: the full range gains about 5.5 dB of SQNR over torch's x86 default
+    (reduce_range=True), which exists for CPUs without VNNI. An artifact made here and run on a
+    CPU without VNNI may lose a little of that accuracy to saturation.
+    """
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = handle.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+
+
+def full_range_qconfig() -> Any:
+    from torch.ao.quantization import QConfig
+    from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
+
+    return QConfig(activation=HistogramObserver.with_args(reduce_range=False),
+                   weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+
+
+def _static_int8_graph(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
+    return _static_int8_fx(torch_level_module(model), options, ctx)
+
+
+def _qat_int8(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
+    from worker.compression.qat import quantization_aware_training  # imports this module
+
+    return quantization_aware_training(model, options, ctx)
+
+
+def _calibration_batches(options: dict[str, Any], ctx: StageContext) -> list[Batch]:
+    if ctx.train_data is None or len(ctx.train_data) == 0:
+        raise EngineError("static_int8 needs calibration data: give the job a dataset_id")
+    limit = int(options.get("calibration_batches") or 16) * CALIBRATION_BATCH_SIZE
+    inputs = ctx.train_data.inputs[:limit]
+    if isinstance(inputs, ModelInputs) or isinstance(ctx.example_input, ModelInputs):
+        return list(inputs.split(CALIBRATION_BATCH_SIZE))  # named inputs were cast as declared when loaded
+    example = ctx.example_input
+    if inputs.shape[1:] != example.shape[1:] and inputs[0].numel() != example[0].numel():
+        raise EngineError(f"calibration samples have shape {list(inputs.shape[1:])}, the model takes "
+                          f"{list(example.shape[1:])}")
+    inputs = inputs.reshape(-1, *example.shape[1:]).to(example.dtype)
+    return list(inputs.split(CALIBRATION_BATCH_SIZE))
