@@ -93,7 +93,9 @@ def _charts(session: Session, job: Job, metrics: dict[str, Any] | None) -> list[
                         "warnings, per-layer sparsity and bit widths, sensitivity, search trials with the "
                         "Pareto front, training curves, environment and spec. `download=true` adds "
                         "Content-Disposition: attachment.",
-            responses={200: {"content": {"text/html": {}}}})
+            responses={200: {"content": {"text/html": {}}},
+                       # errors stay JSON bodies even on this HTML route
+                       **{code: {"model": ErrorBody, "content": {"application/json": {}}} for code in ERRORS}})
 def job_report(job_id: str, session: SessionDep, tenant: TenantDep, download: bool = False) -> HTMLResponse:
     from app.report.page import render
 
