@@ -95,7 +95,8 @@ def _charts(session: Session, job: Job, metrics: dict[str, Any] | None) -> list[
                         "Content-Disposition: attachment.",
             responses={200: {"content": {"text/html": {}}},
                        # errors stay JSON bodies even on this HTML route
-                       **{code: {"model": ErrorBody, "content": {"application/json": {}}} for code in ERRORS}})
+                       **{code: {"model": ErrorBody, "content": {"application/json": {
+                           "schema": {"$ref": "#/components/schemas/ErrorBody"}}}} for code in ERRORS}})
 def job_report(job_id: str, session: SessionDep, tenant: TenantDep, download: bool = False) -> HTMLResponse:
     from app.report.page import render
 
