@@ -377,50 +377,66 @@ def _child_main(mode: str, request_path: str, result_path: str) -> int:
     return 0
 
 
-# Imported by the engine only on first use, yet by nearly every job: torch.optim's first optimizer imports
-# torch._dynamo (1.6 s of a 2.2 s small job measured in a fresh child), quantization imports torchao, export
-# and pruning theirs. A warm child pays for them before its job exists.
-PREWARM_MODULES = ("torch._dynamo", "torch.export", "torch.utils.flop_counter", "torch.ao.quantization",
-                   "torchao.quantization", "torch_pruning")
+# Imported by the engine only on first use, yet by most jobs that train or export: torch.optim's first
+# optimizer and torch.export import torch._dynamo (1.6 s of a 2.2 s small distillation job measured in a fresh
+# child, more on a loaded box). A warm child pays for them before its job exists.
+PREWARM_MODULES = ("torch._dynamo", "torch.export", "torch.utils.flop_counter", "torch_pruning")
 
 
-def _prewarm() -> None:
-    """Import what jobs import lazily and run one tiny train step and trace, on a model made here.
+def _job_waiting() -> bool:
+    """True when the supervisor has sent the job line (or closed stdin)."""
+    import select
 
-    Nothing of any job is involved (the job's request does not exist yet), so this changes when one-off costs
-    are paid, never what the job can see.
-    """
+    return bool(select.select([sys.stdin], [], [], 0)[0])
+
+
+def _prewarm_steps() -> list[Callable[[], None]]:
     import importlib
+
+    def load(name: str) -> Callable[[], None]:
+        def step() -> None:
+            try:
+                importlib.import_module(name)
+            except Exception:  # an optional library missing here: the job reports it if it needs it
+                pass
+        return step
+
+    return [load(name) for name in PREWARM_MODULES] + [_first_calls]
+
+
+def _first_calls() -> None:
+    """One tiny train step and TorchScript trace on a model made here (first-call setup of autograd, the
+    optimizer and the profiling executor). Nothing of any job is involved: its request does not exist yet."""
+    import warnings
 
     import torch
     from torch import nn
 
-    for name in PREWARM_MODULES:
-        try:
-            importlib.import_module(name)
-        except Exception:  # an optional library missing here: the job reports it if it needs it
-            pass
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(model.parameters())
     inputs = torch.randn(4, 8)
     nn.functional.cross_entropy(model(inputs), torch.zeros(4, dtype=torch.long)).backward()
     optimizer.step()
-    with torch.inference_mode():
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")  # deprecation notes of this trace, not of any job
         traced = torch.jit.trace(model.eval(), inputs)
-        for _ in range(3):  # the profiling executor optimises a TorchScript graph on its first calls
+        for _ in range(3):
             traced(inputs)
 
 
 def _warm_main() -> int:
-    """Pay the interpreter start, the imports and first-call costs before the job exists; serve exactly one job."""
-    import warnings
+    """Pay the interpreter start, the imports and first-call costs before the job exists; serve exactly one job.
 
+    The optional steps stop as soon as the job arrives: a job that comes early waits for at most the step in
+    progress, and imports lazily what it needs of the rest.
+    """
     import worker.compression.inspect  # noqa: F401
     import worker.compression.pipeline  # noqa: F401
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation notes of the warm-up's own trace, not of any job
-        _prewarm()
+    for step in _prewarm_steps():
+        if _job_waiting():
+            break
+        step()
     _emit({"type": "warm"})
     line = sys.stdin.readline()
     if not line:
