@@ -85,6 +85,15 @@ class VerifiedKeys:
 verified_keys = VerifiedKeys()
 
 
+def cached_tenant_for_key(plain: str) -> Tenant | None:
+    """The tenant of a key verified within the cache's lifetime, without touching the database; else None."""
+    from app.config import get_settings
+
+    if get_settings().api_key_cache_seconds <= 0:
+        return None
+    return verified_keys.get(hash_key(plain))
+
+
 def tenant_for_key(session: Session, plain: str) -> Tenant | None:
     """The tenant of an active key: from the short in-process cache, else in one query."""
     from app.config import get_settings
