@@ -328,7 +328,8 @@ def notify_webhook(job_id: str) -> None:
         body = {"id": job.id, "status": job.status, "error": job.error,
                 "finished_at": job.finished_at.isoformat() if job.finished_at else None,
                 "compression_ratio": metrics.compression_ratio if metrics else None,
-                "speedup": metrics.speedup if metrics else None}
+                "speedup": metrics.speedup if metrics else None,
+                "speed_verdict": (metrics.document or {}).get("speed_verdict") if metrics else None}
     outcome: dict[str, Any] = {"url": url}
     for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
         # the SSRF guard: resolves the host, refuses internal addresses, pins the vetted one
