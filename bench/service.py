@@ -88,6 +88,54 @@ def _sandboxed(request: Any, scratch: Path, *, warm: bool = False) -> float:
     return wall
 
 
+def _sandbox_cpu_ticks(marker: str) -> dict[int, int]:
+    """CPU ticks (user + system) of the warm sandboxes whose bwrap command line names `marker`, and of every
+    process under them (the Python inside bubblewrap does not carry the folder in its own command line)."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    roots: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().decode(errors="replace")
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(entry.name)
+        parents[pid], ticks[pid] = int(fields[1]), int(fields[11]) + int(fields[12])
+        if marker in command and "worker.sandbox" in command and "--warm" in command:
+            roots.add(pid)
+    found: dict[int, int] = {}
+    for pid in ticks:
+        ancestor = pid
+        for _ in range(8):  # bwrap -> bwrap -> python
+            if ancestor in roots:
+                found[pid] = ticks[pid]
+                break
+            ancestor = parents.get(ancestor, 0)
+            if ancestor <= 1:
+                break
+    return found
+
+
+def wait_for_idle_sandboxes(marker: str, timeout: float = 120.0, quiet_s: float = 0.5) -> float:
+    """Wait until the services' pre-started sandboxes are done warming up (their CPU time stops growing).
+
+    A worker starts its next sandbox right after each job; that start burns CPU on this 2-core box. Timing
+    the next variant while it runs would charge it to whichever variant comes next (the in-process run, at
+    the start of each round), so every timed variant starts on a quiet box."""
+    started = time.perf_counter()
+    before = _sandbox_cpu_ticks(marker)
+    while time.perf_counter() - started < timeout:
+        time.sleep(quiet_s)
+        now = _sandbox_cpu_ticks(marker)
+        if now == before:
+            break
+        before = now
+    return time.perf_counter() - started
+
+
 def run(size: Size, assets: Assets, folder: Path, pool: ServicePool) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     assets.model(MODEL, size.base_epochs)
@@ -116,10 +164,15 @@ def run(size: Size, assets: Assets, folder: Path, pool: ServicePool) -> dict[str
     for index in range(size.overhead_repeats):
         log(f"service: overhead round {index + 1}/{size.overhead_repeats}: in-process, cold and warm sandboxed "
             "child, " + ", ".join(modes))
+        marker = str(pool.folder)
+        wait_for_idle_sandboxes(marker)
         in_process.append(run_engine(request)["wall_s"])
+        wait_for_idle_sandboxes(marker)
         sandboxed.append(_sandboxed(request, folder / f"sandbox-{index}"))
+        wait_for_idle_sandboxes(marker)
         warm_sandboxed.append(_sandboxed(request, folder / f"warm-{index}", warm=True))
         for mode in modes:
+            wait_for_idle_sandboxes(marker)
             runs[mode].append(ready[mode]["service"].run_job(specs[mode]))
     per_mode: dict[str, dict[str, Any]] = {}
     for mode in modes:
@@ -203,7 +256,9 @@ def _section(size: Size, in_process: list[float], sandboxed: list[float], warm_s
         f"The {size.overhead_repeats} rounds are interleaved (in-process, cold and warm sandboxed child, then each "
         "service mode, "
         "with both services already started), so load that drifts on this shared box hits every variant alike; "
-        "the table gives medians. With so few rounds, differences of a few percent are noise.",
+        "the table gives medians. With so few rounds, differences of a few percent are noise. Before each timed "
+        "variant the benchmark waits until the workers' pre-started sandboxes have finished warming up (their CPU "
+        "time stops growing), so that start-up is not charged to whichever variant runs next.",
         "Queue latency (server side) is the job's started_at (written by the worker when it claims the job) minus "
         "its created_at (written by the API at submit); client side is from sending POST /v1/jobs to the first "
         "GET that no longer says queued (polled every 50 ms).",
