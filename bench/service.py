@@ -246,6 +246,12 @@ def _section(size: Size, in_process: list[float], sandboxed: list[float], warm_s
                    fmt(f["client_to_running_p99_s"] * 1e3, 0, " ms"), fmt(f["small_job_wall_p50_s"], 2, " s")]
                   for mode, f in per_mode.items() if f["queue_p50_s"] is not None]
     notes = [f"{mode} mode left out: {why}" for mode, why in skipped.items()]
+    spreads = [("in-process", in_process), ("cold child", sandboxed), ("warm child", warm_sandboxed)] + [
+        (MODE_LABELS[mode].split(" (")[0], figures["overhead_job_client_wall_s"]) for mode, figures in per_mode.items()]
+    notes.append("Round to round in this run (min–max): " + "; ".join(
+        f"{name} {min(values):.1f}–{max(values):.1f} s" for name, values in spreads if values)
+        + ". A ratio is only as good as that spread: where it is wider than the gap between two variants, the "
+          "run does not tell them apart.")
     for mode, figures in per_mode.items():
         for incident in figures.get("worker_incidents", []):
             notes.append(f"**The {MODE_LABELS[mode]} worker process died** at {incident['at']} (exit code "
@@ -295,6 +301,7 @@ def _section(size: Size, in_process: list[float], sandboxed: list[float], warm_s
         "targets": targets,
         "notes": notes,
         "data": {"in_process_wall_s": in_process, "sandboxed_wall_s": [round(v, 3) for v in sandboxed],
+                 "warm_sandboxed_wall_s": [round(v, 3) for v in warm_sandboxed],
                  "modes": per_mode, "skipped_modes": skipped, "overhead_epochs": epochs,
                  "calibration": calibration},
     }
