@@ -157,7 +157,7 @@ def run(size: Size, assets: Assets, folder: Path, pool: ServicePool) -> dict[str
     return _section(size, closed, paced_results, sizes, skipped)
 
 
-TITLE = "5. Read path: job reads against a bare FastAPI endpoint on the same Postgres (wrk)"
+TITLE = "4b. Read path: job reads against a bare FastAPI endpoint on the same Postgres (wrk)"
 LABELS = {"bare": "bare FastAPI, one row (no auth)", "job": "GET /v1/jobs/{id} (authenticated)",
           "list": f"GET /v1/jobs?limit={LIST_LIMIT} (authenticated)"}
 
