@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # where the rate limit keeps its counters so all API processes share them; default: the
     # broker URL when that is Redis, else an in-process limit
     redis_url: str | None = None
+    # API keys found valid are remembered in each API process this long (0: look every request up); a revoked
+    # key stops working at once in the revoking process and within this many seconds in the others
+    api_key_cache_seconds: float = 5.0
     cors_origins: list[str] = Field(default_factory=list)
     # host names webhooks may reach even though they resolve to internal addresses
     # (comma-separated or a JSON list); every other loopback/private/link-local target is refused

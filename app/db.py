@@ -78,7 +78,8 @@ def get_engine() -> Engine:
 def get_read_engine() -> Engine:
     settings = get_settings()
     if not settings.resolved_database_url.startswith("sqlite"):
-        return get_engine()
+        # the same pool, in autocommit: a GET costs its SELECTs and no BEGIN / COMMIT round trips
+        return get_engine().execution_options(isolation_level="AUTOCOMMIT")
     return make_engine(settings.resolved_database_url, read_only=True)
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.errors import Conflict, Invalid, QuotaExceeded
+from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
 from app.outbox import enqueue
 from app.resources import get_dataset, get_model, get_owned
 from app.schemas import ArtifactRead, JobCreate, JobRead
@@ -233,7 +233,24 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 def list_jobs(session: Session, tenant: Tenant, *, status: str | None, model_id: str | None, method: str | None,
               limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
-    query = select(Job).where(Job.tenant_id == tenant.id)
+    rows, next_cursor = _list_rows(session, tenant, select(Job), status=status, model_id=model_id, method=method,
+                                   limit=limit, cursor=cursor)
+    return [row[0] for row in rows], next_cursor
+
+
+def list_job_reads(session: Session, tenant: Tenant, *, status: str | None, model_id: str | None,
+                   method: str | None, limit: int, cursor: str | None) -> tuple[list[JobRead], str | None]:
+    """A page of jobs with their metrics and artifacts, in one query."""
+    query = (select(Job, JobMetrics.document, Artifact).outerjoin(JobMetrics, JobMetrics.job_id == Job.id)
+             .outerjoin(Artifact, Artifact.job_id == Job.id))
+    rows, next_cursor = _list_rows(session, tenant, query, status=status, model_id=model_id, method=method,
+                                   limit=limit, cursor=cursor)
+    return [_job_read(row[0], row[1], row[2]) for row in rows], next_cursor
+
+
+def _list_rows(session: Session, tenant: Tenant, query: Any, *, status: str | None, model_id: str | None,
+               method: str | None, limit: int, cursor: str | None) -> tuple[list[Any], str | None]:
+    query = query.where(Job.tenant_id == tenant.id)
     if status:
         query = query.where(Job.status == status)
     if model_id:
@@ -245,18 +262,33 @@ def list_jobs(session: Session, tenant: Tenant, *, status: str | None, model_id:
         if session.get_bind().dialect.name == "sqlite":
             created = created.replace(tzinfo=None)
         query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
-    jobs = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
-    next_cursor = encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
-    return jobs[:limit], next_cursor
+    rows = list(session.execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
+    next_cursor = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
 
 
 def job_read(session: Session, job: Job) -> JobRead:
     metrics = session.get(JobMetrics, job.id)
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
+    return _job_read(job, metrics.document if metrics else None, artifact)
+
+
+def read_job(session: Session, tenant: Tenant, job_id: str) -> JobRead:
+    """The tenant's job with its metrics and artifact in one query (GET /v1/jobs/{id} is what clients poll)."""
+    row = session.execute(
+        select(Job, JobMetrics.document, Artifact)
+        .outerjoin(JobMetrics, JobMetrics.job_id == Job.id).outerjoin(Artifact, Artifact.job_id == Job.id)
+        .where(Job.id == job_id, Job.tenant_id == tenant.id)).first()
+    if row is None:  # another tenant's job is as absent as a missing one
+        raise NotFound(f"no job {job_id!r}")
+    return _job_read(row[0], row[1], row[2])
+
+
+def _job_read(job: Job, metrics_document: dict[str, Any] | None, artifact: Artifact | None) -> JobRead:
     return JobRead(
         id=job.id, status=job.status, progress=job.progress, stage=job.stage, spec=job.spec, error=job.error,
         attempt=job.attempt, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        metrics=metrics.document if metrics else None,
+        metrics=metrics_document,
         artifact=ArtifactRead(size_bytes=artifact.size_bytes, sha256=artifact.sha256, format=artifact.format,
                               requires=artifact.requires or [], download_url=f"/v1/jobs/{job.id}/artifact")
         if artifact else None,

@@ -49,31 +49,47 @@ def _local(key: str, window: int, add: int) -> tuple[int, int]:
 
 def _counts(key: str, window: int, add: int) -> tuple[int, int]:
     """(this window's count after adding `add`, the previous window's count)."""
+    return _counts_many([(key, add)], window)[0]
+
+
+def _counts_many(requests: list[tuple[str, int]], window: int) -> list[tuple[int, int]]:
+    """_counts for several keys in one Redis round trip (a pipeline), or in this process."""
     url = get_settings().rate_limit_redis_url
     if url:
-        current_key, previous_key = f"{_PREFIX}:{key}:{window}", f"{_PREFIX}:{key}:{window - 1}"
         try:
             pipe = _redis(url).pipeline(transaction=False)
-            if add:
-                pipe.incrby(current_key, add)
-                pipe.expire(current_key, 2 * WINDOW_S)
-            else:
-                pipe.get(current_key)
-            pipe.get(previous_key)
-            replies = pipe.execute()
-            return int(replies[0] or 0), int(replies[-1] or 0)
+            for key, add in requests:
+                current_key = f"{_PREFIX}:{key}:{window}"
+                if add:
+                    pipe.incrby(current_key, add)
+                    pipe.expire(current_key, 2 * WINDOW_S)
+                else:
+                    pipe.get(current_key)
+                pipe.get(f"{_PREFIX}:{key}:{window - 1}")
+            replies = iter(pipe.execute())
+            counts = []
+            for _, add in requests:
+                current = next(replies)
+                if add:
+                    next(replies)  # the EXPIRE's answer
+                counts.append((int(current or 0), int(next(replies) or 0)))
+            return counts
         except Exception as error:  # a rate limiter must not take the API down with Redis
             log.warning("rate limit falls back to this process: Redis did not answer (%s)", error)
-    return _local(key, window, add)
+    return [_local(key, window, add) for key, add in requests]
 
 
 def _estimate(key: str, add: int) -> tuple[float, float]:
     """The requests of the last minute for `key` (sliding estimate) and seconds left in this window."""
+    return _estimate_many([(key, add)])[0]
+
+
+def _estimate_many(requests: list[tuple[str, int]]) -> list[tuple[float, float]]:
     now = time.time()
     window = int(now // WINDOW_S)
     elapsed = now - window * WINDOW_S
-    current, previous = _counts(key, window, add)
-    return current + previous * (1.0 - elapsed / WINDOW_S), WINDOW_S - elapsed
+    return [(current + previous * (1.0 - elapsed / WINDOW_S), WINDOW_S - elapsed)
+            for current, previous in _counts_many(requests, window)]
 
 
 def _refuse(what: str, per_minute: int, wait_s: float) -> RateLimited:
@@ -104,3 +120,24 @@ def check_bad_key_budget(address: str) -> None:
 def record_bad_key(address: str) -> None:
     if get_settings().rate_limit_invalid_keys_per_minute > 0:
         _estimate(f"badkey:{address}", 1)
+
+
+def check_known_key_request(address: str, tenant_id: str) -> None:
+    """Both checks of a request whose key is already known to be valid (verified a moment ago), in one round
+    trip: the address's bad-key budget, then the tenant's rate. Unknown keys go through check_bad_key_budget
+    before their lookup instead, so guesses stay bounded."""
+    settings = get_settings()
+    budget, per_minute = settings.rate_limit_invalid_keys_per_minute, settings.rate_limit_per_minute
+    requests = ([(f"badkey:{address}", 0)] if budget > 0 else []) + ([(f"tenant:{tenant_id}", 1)] if per_minute > 0
+                                                                      else [])
+    if not requests:
+        return
+    estimates = _estimate_many(requests)
+    if budget > 0:
+        used, wait_s = estimates.pop(0)
+        if used >= budget:
+            raise _refuse("requests with a missing or unknown API key", budget, wait_s)
+    if per_minute > 0:
+        used, wait_s = estimates[0]
+        if used > per_minute:
+            raise _refuse("requests", per_minute, wait_s)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ORDER = ("quality", "peers", "service", "api", "gpu", "targets")
+ORDER = ("quality", "peers", "service", "api", "readpath", "gpu", "targets")
 
 
 def _cell(value: Any) -> str:

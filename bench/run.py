@@ -1,7 +1,8 @@
 """`python -m bench.run [--size tiny|medium|full] [--only SECTION ...]`: run benchmarks, write BENCHMARKS.md.
 
 Sections: quality (compression on digits), peers (ours vs direct library calls),
-service (the service's own cost), api (HTTP latency and uploads), gpu (bench/gpu.py;
+service (the service's own cost), api (HTTP latency and uploads), readpath (job reads
+against a bare FastAPI endpoint, with wrk), gpu (bench/gpu.py;
 skipped without CUDA), targets (torch / ONNX Runtime / ExecuTorch artifacts of one model). Results of sections not run are kept from bench/results.json,
 so `--only` refreshes part of the report.
 """
@@ -21,7 +22,7 @@ from bench.common import (
     single_thread,
 )
 
-SECTIONS = ("quality", "peers", "service", "api", "gpu", "targets")
+SECTIONS = ("quality", "peers", "service", "api", "readpath", "gpu", "targets")
 DEFAULT_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 DEFAULT_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
@@ -92,6 +93,10 @@ def _run_section(name: str, size: Any, assets: Any, work: Path, pool: Any) -> di
         from bench import api
 
         return api.run(size, assets, work / "api", pool)
+    if name == "readpath":
+        from bench import readpath
+
+        return readpath.run(size, assets, work / "readpath", pool)
     if name == "gpu":
         from bench import gpu
 

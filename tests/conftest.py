@@ -34,6 +34,9 @@ def reset_caches() -> None:
     for cached in (get_settings, get_engine, get_read_engine, get_session_factory, get_read_session_factory,
                    get_store, get_celery):
         cached.cache_clear()
+    from app.auth import verified_keys
+
+    verified_keys.clear()
 
 
 @pytest.fixture(scope="session")

@@ -145,3 +145,49 @@ def test_make_bench_target_and_committed_report() -> None:
         text = report.read_text()
         for needle in ("torch.ao", "torch-pruning", "service", "p99", "LeNet-300-100", "make bench"):
             assert needle in text, needle
+
+
+WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:8000/v1/jobs/x
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.10ms  512.00us   9.80ms   90.00%
+    Req/Sec     3.80k   120.00     4.00k    80.00%
+  Latency Distribution
+     50%    1.95ms
+     75%    2.20ms
+     90%  650.00us
+     99%    1.20s
+  3801 requests in 1.00s, 1.20MB read
+  Non-2xx or 3xx responses: 3
+Requests/sec:   3795.12
+Transfer/sec:      1.20MB
+"""
+
+
+def test_wrk_output_is_read_with_its_units() -> None:
+    from bench.readpath import parse_wrk
+
+    figures = parse_wrk(WRK_OUTPUT)
+    assert figures["throughput_rps"] == 3795.1 and figures["requests"] == 3801 and figures["errors"] == 3
+    assert figures["p50_ms"] == 1.95 and figures["p90_ms"] == 0.65 and figures["p99_ms"] == 1200.0
+    with pytest.raises(RuntimeError):
+        parse_wrk("wrk: connection refused")
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_readpath_section_with_postgres_and_redis(tmp_path: Path, postgres_server: str, redis_server: str) -> None:
+    import shutil
+
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    results, markdown = _run(tmp_path, ["readpath"], postgres_url=postgres_server, redis_url=redis_server,
+                             require_services=True, modes=("postgres",))
+    section = results["sections"]["readpath"]
+    _all_numbers_finite(results)
+    for name in ("bare", "job", "list"):
+        _positive(section["data"]["closed"][name][0]["throughput_rps"], f"{name} throughput")
+        _positive(section["data"]["paced"][name]["p99_ms"], f"{name} paced p99")
+        assert section["data"]["closed"][name][0]["errors"] == 0
+    assert len(section["targets"]) == 4 and all(t["met"] in (True, False) for t in section["targets"])
+    assert "bare FastAPI" in markdown and "share of bare" in markdown

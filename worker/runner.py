@@ -332,7 +332,8 @@ def notify_webhook(job_id: str) -> None:
         body = {"id": job.id, "status": job.status, "error": job.error,
                 "finished_at": job.finished_at.isoformat() if job.finished_at else None,
                 "compression_ratio": metrics.compression_ratio if metrics else None,
-                "speedup": metrics.speedup if metrics else None}
+                "speedup": metrics.speedup if metrics else None,
+                "speed_verdict": (metrics.document or {}).get("speed_verdict") if metrics else None}
     outcome: dict[str, Any] = {"url": url}
     for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
         # the SSRF guard: resolves the host, refuses internal addresses, pins the vetted one
@@ -359,6 +360,9 @@ def _run_claimed(job_id: str, attempt: int) -> str:
         assert job is not None
         threads = job.spec.get("target", {}).get("threads", settings.worker_threads)
     with sandbox_slot(f"{job_id}-{attempt}", slot_limits(threads)) as (scratch, warm):
+        # which child serves the job (host pid) and in which folder: one job per child and folder, checkable
+        log.info("job %s attempt %s runs in a %s sandbox, folder %s, pid %s", job_id, attempt,
+                 "warm" if warm else "cold", scratch.name, warm.child.pid if warm else "started for it")
         return _run_in_slot(job_id, attempt, scratch, warm)
 
 
@@ -401,6 +405,9 @@ def _run_in_slot(job_id: str, attempt: int, scratch: Path, warm: WarmSandbox | N
     monitor = JobMonitor(job_id, attempt)
     outcome = run_sandboxed("job", request, scratch, slot_limits(request["threads"]), on_message=monitor.on_message,
                             should_stop=monitor.should_stop, isolation=settings.sandbox_isolation, warm=warm)
+    # the child is gone: start the next job's sandbox now, so its start overlaps storing this job's result
+    # (and the worker is ready for its next message sooner); it gets a folder of its own, never this one
+    prestart_sandbox()
     if outcome.stopped:
         if monitor.fenced:
             log.warning("job %s attempt %s was taken over; dropping its result", job_id, attempt)

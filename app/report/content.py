@@ -179,11 +179,25 @@ def training_runs(events: list[tuple[str, dict[str, Any]]]) -> list[TrainingRun]
     return runs
 
 
+def speed_text(metrics: dict[str, Any]) -> str:
+    """The speed change as measured: a ratio with its interval only outside the noise, else "no measurable change".
+
+    Jobs measured before the verdict existed (no speed_verdict) show their bare ratio."""
+    speedup = metrics.get("speedup")
+    if speedup is None:
+        return "–"
+    if metrics.get("speed_verdict") == "no measurable change":
+        return "no measurable change"
+    low, high = metrics.get("speedup_low"), metrics.get("speedup_high")
+    spread = f" ({low:.2f}–{high:.2f})" if low is not None and high is not None else ""
+    return f"{speedup:.2f}× faster{spread}" if speedup >= 1 else f"{1 / speedup:.2f}× slower{spread}"
+
+
 def before_after(metrics: dict[str, Any]) -> list[tuple[str, str, Any, Any, str]]:
     """(label, key, original, compressed, change) rows; values are the raw measured numbers."""
     o, c, f = metrics.get("original") or {}, metrics.get("compressed") or {}, metrics.get("fidelity") or {}
-    ratio, speedup = metrics.get("compression_ratio"), metrics.get("speedup")
-    speed = "" if not speedup else (f"{speedup:.2f}× faster" if speedup >= 1 else f"{1 / speedup:.2f}× slower")
+    ratio = metrics.get("compression_ratio")
+    speed = speed_text(metrics) if metrics.get("speedup") else ""
     accuracy_change = ""
     if o.get("accuracy") is not None and c.get("accuracy") is not None:
         accuracy_change = f"{(c['accuracy'] - o['accuracy']) * 100:+.2f} points"
@@ -214,6 +228,7 @@ def compare_row(job_id: str, status: str, spec: dict[str, Any], metrics: dict[st
             "size_bytes": c.get("size_bytes"), "original_size_bytes": o.get("size_bytes"),
             "compression_ratio": m.get("compression_ratio"), "latency_ms_p50": c.get("latency_ms_p50"),
             "original_latency_ms_p50": o.get("latency_ms_p50"), "speedup": m.get("speedup"),
+            "speed_verdict": m.get("speed_verdict"),
             "sqnr_db": f.get("sqnr_db"), "top1_agreement": f.get("top1_agreement"),
             "accuracy": c.get("accuracy"), "original_accuracy": o.get("accuracy"), "accuracy_drop": accuracy_drop,
             "sparsity": c.get("sparsity"), "warnings": list(m.get("warnings") or [])}

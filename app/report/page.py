@@ -7,7 +7,7 @@ from html import escape
 from typing import Any
 
 from app.report.charts import Chart
-from app.report.content import before_after, search_view, stage_label
+from app.report.content import before_after, search_view, speed_text, stage_label
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2330;margin:0;background:#f6f7f9}
@@ -53,9 +53,8 @@ def _cell(value: Any, key: str) -> str:
 
 def _headline(metrics: dict[str, Any]) -> str:
     fidelity = metrics.get("fidelity") or {}
-    speedup = metrics.get("speedup")
     items = [("smaller", "compression_ratio", f"{metrics['compression_ratio']:.2f}×"),
-             ("speedup (p50)", "speedup", "–" if speedup is None else f"{speedup:.2f}×"),
+             ("speed (p50)", "speedup", speed_text(metrics)),
              ("SQNR", "sqnr_db", _number(fidelity.get("sqnr_db"), "sqnr_db")),
              ("top-1 agreement", "top1_agreement", _number(fidelity.get("top1_agreement"), "top1_agreement"))]
     return '<dl class="headline">' + "".join(

@@ -39,7 +39,7 @@ class JobCharts(BaseModel):
 class CompareRead(BaseModel):
     model_id: str
     rows: list[dict[str, Any]] = Field(description="one per job, in the order asked: job_id, status, stages, "
-                                                   "size_bytes, compression_ratio, latency_ms_p50, speedup, "
+                                                   "size_bytes, compression_ratio, latency_ms_p50, speedup, speed_verdict, "
                                                    "sqnr_db, top1_agreement, accuracy, accuracy_drop, sparsity, "
                                                    "warnings and the original's size, latency and accuracy")
     charts: list[ChartRead] = Field(default_factory=list, description="with chart=true: one size / latency "

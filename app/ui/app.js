@@ -44,6 +44,15 @@ const fmtInt = (n) => (n === null || n === undefined ? "–" : Number(n).toLocal
 const fmtPct = (x) => (x === null || x === undefined ? "–" : `${(x * 100).toFixed(1)}%`);
 const fmtMs = (x) => (x === null || x === undefined ? "–" : `${x.toFixed(3)} ms`);
 const fmtX = (x) => (x === null || x === undefined ? "–" : `${x.toFixed(2)}×`);
+// The speed change as the job measured it: a ratio only when it is outside the noise (speed_verdict), with its
+// interval; "no measurable change" otherwise. Jobs measured before verdicts existed show their bare ratio.
+const fmtSpeed = (m) => {
+  if (!m || m.speedup === null || m.speedup === undefined) return "–";
+  if (m.speed_verdict === "no measurable change") return "no measurable change";
+  const spread = m.speedup_low !== undefined && m.speedup_low !== null
+    ? ` (${m.speedup_low.toFixed(2)}–${m.speedup_high.toFixed(2)})` : "";
+  return m.speedup >= 1 ? `${fmtX(m.speedup)} faster${spread}` : `${fmtX(1 / m.speedup)} slower${spread}`;
+};
 const fmtDate = (s) => (s ? new Date(s).toLocaleString() : "–");
 const stagesOf = (job) => (job.spec.stages || []).map((s) => `${s.method}:${s.scheme}`).join(" → ");
 
@@ -284,7 +293,8 @@ function metricsSection(job) {
     h("dl", { class: "headline" },
       h("div", {}, h("dt", {}, "compression"),
         h("dd", { id: "compression-ratio", "data-value": m.compression_ratio }, fmtX(m.compression_ratio))),
-      h("div", {}, h("dt", {}, "speedup"), h("dd", { id: "speedup", "data-value": m.speedup }, fmtX(m.speedup))),
+      h("div", {}, h("dt", {}, "speed"), h("dd", { id: "speedup", "data-value": m.speedup,
+        "data-verdict": m.speed_verdict || "" }, fmtSpeed(m))),
       h("div", {}, h("dt", {}, "SQNR"),
         h("dd", { id: "sqnr", "data-value": f.sqnr_db }, f.sqnr_db === null || f.sqnr_db === undefined ? "–"
           : `${f.sqnr_db.toFixed(1)} dB`)),
@@ -298,7 +308,7 @@ function metricsSection(job) {
         row("nonzero parameters", "nonzero_parameters", fmtInt, o.nonzero_parameters, c.nonzero_parameters),
         row("sparsity", "sparsity", fmtPct, o.sparsity, c.sparsity),
         row(`latency p50 (batch ${m.batch_size}, ${m.device})`, "latency_ms_p50", fmtMs, o.latency_ms_p50,
-            c.latency_ms_p50, !m.speedup ? "" : m.speedup >= 1 ? `${fmtX(m.speedup)} faster` : `${fmtX(1 / m.speedup)} slower`),
+            c.latency_ms_p50, !m.speedup ? "" : fmtSpeed(m)),
         row("latency p95", "latency_ms_p95", fmtMs, o.latency_ms_p95, c.latency_ms_p95),
         row("accuracy", "accuracy", fmtPct, o.accuracy, c.accuracy, acc))));
 }

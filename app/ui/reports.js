@@ -96,7 +96,7 @@ async function compareView(modelId, query) {
       h("tbody", {}, rows.map((r) => h("tr", { "data-job": r.job_id },
         h("td", {}, h("a", { href: `#/jobs/${r.job_id}` }, r.job_id)), h("td", {}, r.stages), h("td", {}, badge(r.status)),
         cell(fmtBytes(r.size_bytes), r.size_bytes), cell(fmtX(r.compression_ratio), r.compression_ratio),
-        cell(fmtMs(r.latency_ms_p50), r.latency_ms_p50), cell(fmtX(r.speedup), r.speedup),
+        cell(fmtMs(r.latency_ms_p50), r.latency_ms_p50), cell(r.speed_verdict === "no measurable change" ? "no measurable change" : fmtX(r.speedup), r.speedup),
         cell(r.sqnr_db === null ? "–" : `${r.sqnr_db.toFixed(1)} dB`, r.sqnr_db),
         cell(fmtPct(r.top1_agreement), r.top1_agreement), cell(fmtPct(r.accuracy), r.accuracy),
         cell(r.accuracy_drop === null ? "–" : `${(-r.accuracy_drop * 100).toFixed(2)} pt`, r.accuracy_drop),

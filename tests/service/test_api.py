@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from app.auth import hash_key
 from app.db import session_scope
 from app.tables import Job, OutboxMessage, StoredDataset, StoredModel
 from tests.helpers import PROJECT_ROOT, mlp, npz_bytes, torchscript_bytes
@@ -64,6 +65,21 @@ def test_revoked_key_is_refused(api: Api) -> None:
         remaining = [k for k in session.scalars(select(ApiKey)) if k.revoked_at is None]
     statuses = {api.client.get("/v1/jobs", headers=api.headers(k)).status_code for k in (api.key, api.other_key)}
     assert 401 in statuses and len(remaining) == 1
+
+
+def test_a_key_verified_a_moment_ago_is_refused_once_revoked(api: Api) -> None:
+    """Verified keys are cached briefly in the process; revoking one forgets it at once."""
+    from app.auth import revoke_key, verified_keys
+    from app.tables import ApiKey
+
+    assert api.client.get("/v1/jobs", headers=api.headers()).status_code == 200
+    assert api.client.get("/v1/jobs", headers=api.headers()).status_code == 200  # served from the cache
+    assert verified_keys.items
+    with session_scope() as session:
+        key_id = session.scalar(select(ApiKey.id).where(ApiKey.key_hash == hash_key(api.key)))
+        assert revoke_key(session, key_id)
+    assert_error(api.client.get("/v1/jobs", headers=api.headers()), 401)
+    assert api.client.get("/v1/jobs", headers=api.headers(api.other_key)).status_code == 200
 
 
 def test_keys_are_long_prefixed_and_stored_hashed(api: Api) -> None:

@@ -127,9 +127,10 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
                                                      signature=signature)
     reference = measure.predict(model, fid_inputs, output=request.output)
     parameters = measure.count_parameters(model)
+    # latency is measured at the end, interleaved with the compressed model's (measure.compare_latency)
     original = measure.describe(model, size_bytes=Path(request.model.path).stat().st_size, example_input=example,
                                 threads=request.threads, outputs=reference, labels=fid_labels,
-                                parameters=parameters)
+                                parameters=parameters, latency=False)
 
     weights_before = outcome.weight_fingerprints(model)
     stage_reports: list[dict[str, Any]] = []
@@ -205,9 +206,12 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     outputs = measure.predict(final_model, fid_inputs, output=request.output)
     compressed = measure.describe(final_model, size_bytes=artifact.stat().st_size, example_input=example,
                                   threads=request.threads, outputs=outputs, labels=fid_labels,
-                                  parameters=parameters)
+                                  parameters=parameters, latency=False)
+    speed = measure.compare_latency(model, final_model, example, request.threads)
+    original.update(speed["original"])
+    compressed.update(speed["compressed"])
     document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
-                             device=device, batch_size=len(example), threads=request.threads,
+                             device=device, batch_size=len(example), threads=request.threads, speed=speed,
                              untouched=outcome.untouched_majority(weights_before, working, _left_alone(stage_reports)))
     if output_format == "sparse_state_dict" and document["compression_ratio"] < outcome.GAIN_WARNING_BELOW:
         document["warnings"].append('CSR storage of the pruned weights pays off only above about 50% zeros; '
@@ -251,6 +255,8 @@ def _finish_for_target(request: JobRequest, model: nn.Module, working: nn.Module
     """Export, quantize with the runtime's tools and measure in the runtime that serves the artifact."""
     from worker.compression.targets.deploy import REQUIRES, RUNTIME_FORMATS, finish_for_target
 
+    # the original in PyTorch, for reference next to the runtime's figures (not part of the speedup)
+    torch_original = {**torch_original, **measure.measure_latency(model, example, request.threads)}
     if device.type != "cpu":
         raise EngineError(f"the {request.runtime} target runs on cpu in this deployment")
     built = finish_for_target(
@@ -265,7 +271,7 @@ def _finish_for_target(request: JobRequest, model: nn.Module, working: nn.Module
                               "accuracy": built["compressed"]["accuracy"], "fidelity": fidelity,
                               "info": built["quantization_info"]})
     document = build_metrics(built["original"], built["compressed"], fidelity, stage_reports, device=device,
-                             batch_size=len(example), threads=request.threads)
+                             batch_size=len(example), threads=request.threads, speed=built["speed"])
     document["runtime"] = request.runtime
     document["versions"] = built["versions"]
     document["original_in_torch"] = {k: torch_original[k] for k in ("size_bytes", "latency_ms_p50", "latency_ms_p95",
@@ -291,19 +297,27 @@ def _hands_back_the_upload(request: JobRequest, result: StageResult | None, outp
 
 def build_metrics(original: dict[str, Any], compressed: dict[str, Any], fidelity: dict[str, Any],
                   stages: list[dict[str, Any]], *, device: torch.device, batch_size: int,
-                  threads: int, untouched: tuple[str, float] | None = None) -> dict[str, Any]:
+                  threads: int, speed: dict[str, Any], untouched: tuple[str, float] | None = None) -> dict[str, Any]:
+    """The metrics document. `speed` is measure.compare_latency's: the speedup with its interval and verdict."""
     ratio = original["size_bytes"] / compressed["size_bytes"]
-    speedup = original["latency_ms_p50"] / compressed["latency_ms_p50"] if compressed["latency_ms_p50"] else None
+    speedup = speed["speedup"]
     warnings = outcome.outcome_warnings(ratio, fidelity, untouched)
-    if speedup is not None and speedup < 1.0:
+    if speed["speed_verdict"] == "slower":
         warnings.append(f"the compressed model is slower than the original at batch {batch_size} "
-                        f"on {device.type} ({speedup:.2f}x)")
+                        f"on {device.type} ({speedup:.2f}x, {speed['speedup_low']:.2f}-{speed['speedup_high']:.2f})")
     device_name = "cpu" if device.type == "cpu" else f"cuda:{torch.cuda.get_device_name(device)}"
     return {
         "original": original,
         "compressed": compressed,
         "compression_ratio": round(ratio, 4),
-        "speedup": round(speedup, 4) if speedup is not None else None,
+        # the median of interleaved rounds; within the noise band the verdict says "no measurable change"
+        "speedup": speedup,
+        "speedup_low": speed["speedup_low"],
+        "speedup_high": speed["speedup_high"],
+        "speed_verdict": speed["speed_verdict"],
+        "speed_measurement": {"rounds": speed["speed_rounds"], "calls_per_round": speed["speed_calls_per_round"],
+                              "confidence": measure.SPEED_CONFIDENCE, "min_effect": measure.SPEED_MIN_EFFECT,
+                              "interleaved": True},
         "fidelity": fidelity,
         "device": device_name,
         "batch_size": batch_size,

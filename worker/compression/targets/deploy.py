@@ -100,7 +100,6 @@ def _describe(runtime_model: RuntimeModel, path: Path, example: torch.Tensor, ou
     total, nonzero = parameters
     figures: dict[str, Any] = {"size_bytes": path.stat().st_size, "parameters": total, "nonzero_parameters": nonzero,
                                "sparsity": round(1 - nonzero / total, 6) if total else 0.0}
-    figures.update(latency(runtime_model, example))
     figures["accuracy"] = measure.accuracy(outputs, labels)
     return figures
 
@@ -123,7 +122,6 @@ def finish_for_target(*, runtime: str, original_model: nn.Module, working: nn.Mo
                              original_parameters)
         original["measured_in"] = runtime
         original["fidelity_to_torch"] = measure.fidelity(reference, original_outputs)
-        del original_runtime
 
         float_file = original_file
         if working is not original_model:
@@ -137,13 +135,18 @@ def finish_for_target(*, runtime: str, original_model: nn.Module, working: nn.Mo
             progress(0.94, f"quantizing with {runtime}'s tools ({quantization.scheme})")
             calibration = _calibration(train, example, quantization.options)
             info = _quantize(runtime, quantization, working, example, float_file, artifact, calibration)
-    progress(0.96, f"measuring the artifact in {runtime}")
-    served = _load(runtime, artifact, threads)
-    outputs = predict(served, fid_inputs)
-    compressed = _describe(served, artifact, example, outputs, fid_labels, parameters)
-    compressed["measured_in"] = runtime
+        progress(0.96, f"measuring the artifact in {runtime}")
+        served = _load(runtime, artifact, threads)
+        outputs = predict(served, fid_inputs)
+        compressed = _describe(served, artifact, example, outputs, fid_labels, parameters)
+        compressed["measured_in"] = runtime
+        # both loaded side by side, so their latencies are measured interleaved in the same runtime
+        speed = measure.compare_latency(original_runtime, served, example, threads)
+        original.update(speed["original"])
+        compressed.update(speed["compressed"])
+        del original_runtime
     return {"original": original, "compressed": compressed, "outputs": outputs, "quantization_info": info,
-            "versions": versions(runtime)}
+            "versions": versions(runtime), "speed": speed}
 
 
 def _quantize(runtime: str, quantization: DeferredQuantization, working: nn.Module, example: torch.Tensor,
