@@ -25,6 +25,7 @@ from torch import nn
 from modelpress.catalog import JobFacts, SpecError, validate_stages
 from worker.compression import metrics as measure
 from worker.compression.base import Dataset, EngineError, JobCancelled, ModelKind, StageContext, StageResult
+from worker.compression.inputs import Batch
 from worker.compression.io import KIND_TO_FORMAT, default_output_format, save_artifact
 
 AMOUNT_RANGE = (0.5, 0.97)
@@ -231,7 +232,7 @@ class Search:
 
 # -------------------------------------------------------------------- candidates
 
-def linear_widths(model: nn.Module, example: torch.Tensor) -> list[int] | None:
+def linear_widths(model: nn.Module, example: Batch) -> list[int] | None:
     """[in, hidden..., out] when the model's matrix weights form one chain of Linear layers."""
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
     if not weights or any(w.dim() != 2 for w in weights):

@@ -26,6 +26,7 @@ from torch import nn
 
 from worker.compression import metrics as measure
 from worker.compression.base import EngineError, StageContext, StageResult
+from worker.compression.inputs import Batch
 
 DEFAULT_PROBE_SAMPLES = 64
 
@@ -34,9 +35,9 @@ DEFAULT_PROBE_SAMPLES = 64
 class Probe:
     """The inputs every variant is judged on, with the float model's outputs on them."""
 
-    inputs: torch.Tensor
+    inputs: Batch
     labels: torch.Tensor | None
-    reference: torch.Tensor
+    reference: measure.Outputs
     reference_accuracy: float | None
 
     def judge(self, model: nn.Module) -> tuple[float | None, float | None]:
@@ -82,7 +83,7 @@ def layer_sensitivity(model: nn.Module, scheme: str, ctx: StageContext, probe: P
         >>> rows = layer_sensitivity(model, "dynamic_int8", ctx, make_probe(model, ctx))
         >>> rows[0]["layer"]  # the layer whose quantization hurts the output most
     """
-    from worker.compression.quantization import _quiet_deprecations
+    from worker.compression.quantization.plan import _quiet_deprecations
 
     report = progress or (lambda fraction, message: None)
     options = dict(options or {})
