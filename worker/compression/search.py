@@ -56,7 +56,8 @@ class SearchConfig:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SearchConfig:
-        config = cls(**{k: options.get(k, getattr(cls, k, None)) for k in cls.__dataclass_fields__})
+        values: dict[str, Any] = {k: options.get(k, getattr(cls, k, None)) for k in cls.__dataclass_fields__}
+        config = cls(**values)
         if config.max_accuracy_drop is None and config.min_sqnr_db is None:
             raise EngineError("search needs max_accuracy_drop or min_sqnr_db")
         return config
@@ -147,7 +148,8 @@ class Search:
             buffer = io.BytesIO()
             torch.jit.save(self.model, buffer)
             buffer.seek(0)
-            return torch.jit.load(buffer)
+            copied: nn.Module = torch.jit.load(buffer)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+            return copied
         return copy.deepcopy(self.model)
 
     def _validated(self, stages: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:

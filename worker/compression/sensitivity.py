@@ -167,7 +167,7 @@ def _eager_dynamic_variants(model: nn.Module, options: dict[str, Any], ctx: Stag
     targets = plan_layers(candidates, options).targets
     if not targets:
         raise EngineError("sensitivity found no Linear / LSTM / GRU layer to probe with dynamic_int8")
-    quantized = quantize_dynamic(float_model, {name: per_channel_dynamic_qconfig for name in targets},
+    quantized = quantize_dynamic(float_model, {name: per_channel_dynamic_qconfig for name in targets},  # type: ignore[no-untyped-call]  # torch leaves this unannotated
                                  dtype=torch.qint8, inplace=False)
     # the float model itself takes each quantized layer in turn and gets its own back afterwards
     return {name: _Swapped(float_model, name, quantized.get_submodule(name)) for name in targets}
@@ -189,7 +189,7 @@ def _torchscript_dynamic_variants(model: nn.Module, options: dict[str, Any]) -> 
     _isolate_control_flow_outputs(working)
 
     def alone(name: str) -> Callable[[], nn.Module]:
-        return lambda: quantize_dynamic_jit(working, {"": None, name: per_channel_dynamic_qconfig}, inplace=False)
+        return lambda: quantize_dynamic_jit(working, {"": None, name: per_channel_dynamic_qconfig}, inplace=False)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
 
     return {name: _Given(alone(name)) for name in targets}
 

@@ -106,6 +106,7 @@ def _isolate_control_flow_outputs(model: torch.jit.ScriptModule) -> None:
     A clone gives the observer an ordinary value to sit on.
     """
     for module in model.modules():
+        assert isinstance(module, torch.jit.ScriptModule)  # every submodule of a loaded ScriptModule is one
         for method_name in module._c._method_names():
             graph = module._c._get_method(method_name).graph
             for node in list(_walk_nodes(graph.nodes())):

@@ -89,6 +89,7 @@ def _calibration(train: Dataset | None, example: torch.Tensor, options: dict[str
         return None
     limit = int(options.get("calibration_batches") or 16) * 32
     inputs = train.inputs[:limit]
+    assert isinstance(inputs, torch.Tensor)  # the runtime targets take one input tensor
     if inputs[0].numel() != example[0].numel():
         raise EngineError(f"calibration samples have shape {list(inputs.shape[1:])}, the model takes "
                           f"{list(example.shape[1:])}")
