@@ -5,7 +5,7 @@ import base64
 import hashlib
 import json
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -15,7 +15,7 @@ from app.config import get_settings
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
 from app.outbox import enqueue
 from app.resources import get_dataset, get_model, get_owned
-from app.schemas import ArtifactRead, JobCreate, JobRead
+from app.schemas import ArtifactRead, JobCreate, JobRead, JobStatus
 from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
 from app.workers import max_train_devices
 from modelpress.catalog import (JobFacts, SpecError, expand_preset, resolve_runtime, validate_forward_call,
@@ -286,7 +286,7 @@ def read_job(session: Session, tenant: Tenant, job_id: str) -> JobRead:
 
 def _job_read(job: Job, metrics_document: dict[str, Any] | None, artifact: Artifact | None) -> JobRead:
     return JobRead(
-        id=job.id, status=job.status, progress=job.progress, stage=job.stage, spec=job.spec, error=job.error,
+        id=job.id, status=cast(JobStatus, job.status), progress=job.progress, stage=job.stage, spec=job.spec, error=job.error,
         attempt=job.attempt, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         metrics=metrics_document,
         artifact=ArtifactRead(size_bytes=artifact.size_bytes, sha256=artifact.sha256, format=artifact.format,

@@ -49,6 +49,7 @@ class JobCollector:
                                            .order_by(Job.finished_at.desc()).limit(1000)).all()
                 sums: dict[tuple[str, str], list[float]] = {}
                 for method, status, started, ended in finished:
+                    assert started is not None and ended is not None  # the query keeps started, finished jobs
                     sums.setdefault((method, status), []).append((ended - started).total_seconds())
                 for (method, status), values in sums.items():
                     duration.add_metric([method, status], sum(values) / len(values))
@@ -57,7 +58,7 @@ class JobCollector:
         yield from (by_status, depth, unpublished, duration)
 
 
-REGISTRY.register(JobCollector())  # type: ignore[arg-type]
+REGISTRY.register(JobCollector())
 JOB_DURATION = Histogram("modelpress_job_seconds", "Job wall time seen by this process", ["method", "status"],
                          buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600), registry=REGISTRY)
 

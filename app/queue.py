@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from celery import Celery
 from celery.signals import setup_logging
-from kombu import Queue
+from kombu.entity import Queue
 
 from app.config import Settings, get_settings
 
@@ -60,7 +60,7 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-@setup_logging.connect
+@setup_logging.connect  # type: ignore[untyped-decorator]  # celery ships no type information
 def _json_logs(**_: object) -> None:
     """Workers log JSON lines (with job ids) instead of Celery's own format."""
     from app.observability import configure_logging

@@ -110,7 +110,7 @@ class JobCreate(BaseModel):
     output: OutputSelector | None = Field(
         None, description="the output scored for accuracy and distillation: a tuple index or a dict key; "
                           "default: the first floating tensor")
-    target: Target = Field(default_factory=Target)
+    target: Target = Field(default_factory=Target)  # type: ignore[arg-type]  # pydantic's overloads reject a model class as factory
     output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict", "compact_state_dict",
                            "deep_compression", "onnx", "executorch"] | None = None
     webhook_url: AnyHttpUrl | None = Field(

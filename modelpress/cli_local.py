@@ -84,8 +84,8 @@ def _compress_local(args: argparse.Namespace, spec: dict[str, Any]) -> int:
         events: list[tuple[str, dict[str, Any]]] = []
         outcome = _run_local_child(request, Path(scratch) / "work", events)
         if not outcome.ok:
-            error = outcome.error or {"error": "Unknown", "detail": "the job ended without a result"}
-            err.print(f"[red]error:[/red] {error.get('detail') or error.get('error')}")
+            failure = outcome.error or {"error": "Unknown", "detail": "the job ended without a result"}
+            err.print(f"[red]error:[/red] {failure.get('detail') or failure.get('error')}")
             return 1
         result = outcome.result
         assert result is not None

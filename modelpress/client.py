@@ -225,10 +225,10 @@ class Client:
                 attempt += 1
                 continue
             if response.status_code >= 400:
-                error, detail = _error_of(response)
+                error_name, detail = _error_of(response)
                 cls = ServerError if response.status_code >= 500 or response.status_code in RETRY_STATUSES \
                     else ClientError
-                raise cls(response.status_code, error, detail)
+                raise cls(response.status_code, error_name, detail)
             return response
 
     # ------------------------------------------------------------------ models and datasets
@@ -438,7 +438,9 @@ class Client:
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[Event]:
-    kind, data, event_id = "message", [], None
+    data: list[str] = []
+    kind: str = "message"
+    event_id: str | None = None
     for line in lines:
         line = line.rstrip("\r")
         if not line:

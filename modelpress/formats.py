@@ -10,6 +10,7 @@ import math
 import struct
 import zipfile
 from pathlib import Path
+from typing import Any
 
 ZIP_MAX_MEMBERS = 10_000
 ZIP_MAX_RATIO = 200  # declared uncompressed size / compressed size
@@ -43,7 +44,7 @@ def check_zip(path: Path, max_total_bytes: int) -> list[str]:
     return [info.filename for info in infos]
 
 
-def check_safetensors(path: Path) -> dict:
+def check_safetensors(path: Path) -> dict[str, Any]:
     """Header size and tensor offsets must lie inside the file; returns the header."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
@@ -151,7 +152,7 @@ SAFETENSORS_TO_NUMPY = {"F16": "<f2", "BF16": "bf16", "F32": "<f4", "F64": "<f8"
                         "I16": "<i2", "I32": "<i4", "I64": "<i8", "BOOL": "|b1"}
 
 
-def sniff_dataset(path: Path, max_total_bytes: int) -> dict:
+def sniff_dataset(path: Path, max_total_bytes: int) -> dict[str, Any]:
     """Check an .npz (no pickled members) or .safetensors dataset; returns its arrays' shapes,
     dtypes, sample count and label range, all without unpickling anything."""
     with open(path, "rb") as handle:

@@ -95,12 +95,12 @@ def sweep_leftovers() -> None:
         log.warning("scratch sweep failed: %s", error)
 
 
-@worker_init.connect
+@worker_init.connect  # type: ignore[untyped-decorator]  # celery ships no type information
 def _on_init(sender: Any = None, **_: Any) -> None:
     require_isolation()
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]  # celery ships no type information
 def _on_pool_process_init(**_: Any) -> None:
     # each pool process (worker slot) starts its first sandbox ahead of its first job
     from worker.runner import prestart_sandbox
@@ -108,14 +108,14 @@ def _on_pool_process_init(**_: Any) -> None:
     prestart_sandbox()
 
 
-@worker_process_shutdown.connect
+@worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery ships no type information
 def _on_pool_process_shutdown(**_: Any) -> None:
     from worker.runner import discard_warm_sandbox
 
     discard_warm_sandbox()
 
 
-@worker_ready.connect
+@worker_ready.connect  # type: ignore[untyped-decorator]  # celery ships no type information
 def _on_ready(sender: Any = None, **_: Any) -> None:
     name = worker_name()
     queues = [q.strip() for q in get_settings().worker_queues.split(",") if q.strip()]
@@ -137,7 +137,7 @@ def _on_ready(sender: Any = None, **_: Any) -> None:
     threading.Thread(target=loop, name="worker-heartbeat", daemon=True).start()
 
 
-@worker_shutdown.connect
+@worker_shutdown.connect  # type: ignore[untyped-decorator]  # celery ships no type information
 def _on_shutdown(sender: Any = None, **_: Any) -> None:
     _stop.set()
     try:

@@ -6,7 +6,7 @@ from worker import registration, runner  # noqa: F401  (registration hooks worke
 from worker.celery_app import INSPECT_MODEL, RUN_JOB, celery_app
 
 
-@celery_app.task(name=RUN_JOB)
+@celery_app.task(name=RUN_JOB)  # type: ignore[untyped-decorator]  # celery ships no type information
 def run_job(job_id: str) -> str:
     token = job_id_var.set(job_id)  # every log line of this job carries its id
     try:
@@ -15,6 +15,6 @@ def run_job(job_id: str) -> str:
         job_id_var.reset(token)
 
 
-@celery_app.task(name=INSPECT_MODEL)
+@celery_app.task(name=INSPECT_MODEL)  # type: ignore[untyped-decorator]  # celery ships no type information
 def inspect_model(model_id: str) -> str:
     return runner.inspect_model(model_id)

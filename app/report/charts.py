@@ -37,7 +37,7 @@ class Chart:
 
 def _svg(figure: Figure) -> str:
     buffer = io.StringIO()
-    with matplotlib.rc_context(STYLE):  # svg.* settings are read when the file is written
+    with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]  # svg.* settings are read when the file is written
         figure.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
     text = buffer.getvalue()
     return text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG is inlined in HTML
@@ -49,7 +49,7 @@ def _kib(size: float) -> float:
 
 def _bars(labels: list[str], values: list[float], colors: list[str], xlabel: str, xmax: float,
           value_text: list[str]) -> Figure:
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]  # the stubs want literal rc keys
         figure = Figure(figsize=(6.4, 0.9 + 0.28 * len(labels)))
         axes = figure.add_subplot()
         positions = list(range(len(labels)))
@@ -99,7 +99,7 @@ def trials_chart(search: SearchView) -> Chart:
     points, front, y = search.plotted(), search.pareto(), search.y_key
     ylabel = "accuracy on the eval set (%)" if y == "accuracy" else "SQNR against the original (dB)"
     scale = 100.0 if y == "accuracy" else 1.0
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]  # the stubs want literal rc keys
         figure = Figure(figsize=(6.8, 4.2))
         axes = figure.add_subplot()
         colors = [OK if t["status"] == "met" else BAD for t in points]
@@ -141,7 +141,7 @@ def trials_chart(search: SearchView) -> Chart:
 
 def training_chart(runs: list[TrainingRun]) -> Chart:
     """Loss, validation accuracy and learning rate over the job's epochs, fits one after another."""
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]  # the stubs want literal rc keys
         figure = Figure(figsize=(7.2, 5.6))
         loss_axes, accuracy_axes, lr_axes = figure.subplots(3, 1, sharex=True)
         offset = 0
@@ -181,7 +181,7 @@ def compare_chart(rows: list[dict[str, Any]]) -> Chart:
     key, scale = ("accuracy", 100.0) if use_accuracy else ("sqnr_db", 1.0)
     plotted = [r for r in measured if r.get(key) is not None]
     ylabel = "accuracy (%)" if use_accuracy else "SQNR against the original (dB)"
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]  # the stubs want literal rc keys
         figure = Figure(figsize=(8.6, 3.8))
         size_axes, latency_axes = figure.subplots(1, 2, sharey=True)
         for axes, x_key, xlabel, to_x in ((size_axes, "size_bytes", "artifact size (KiB)", _kib),

@@ -5,7 +5,7 @@ import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -21,7 +21,7 @@ from app.schemas import ErrorBody, JobCreate, JobList, JobRead, JobStatus
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent
 
-ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 409, 422, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 409, 422, 429)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
 

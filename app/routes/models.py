@@ -1,7 +1,7 @@
 """HTTP only: models and datasets."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
@@ -15,7 +15,7 @@ from app.storage import get_store
 from app.tables import StoredDataset, StoredModel
 from app.uploads import receive_upload
 
-ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 413, 422, 429)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
@@ -39,7 +39,7 @@ def upload_model(session: SessionDep, tenant: TenantDep, file: Annotated[UploadF
 
 @router.get("/models", response_model=ModelList, summary="List models")
 def list_models(session: SessionDep, tenant: TenantDep,
-                limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
+                limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
     items = session.scalars(select(StoredModel).where(StoredModel.tenant_id == tenant.id)
                             .order_by(StoredModel.created_at.desc()).limit(limit)).all()
     return {"items": items, "next_cursor": None}
@@ -77,7 +77,7 @@ def upload_dataset(session: SessionDep, tenant: TenantDep, file: Annotated[Uploa
 
 @router.get("/datasets", response_model=DatasetList, summary="List datasets")
 def list_datasets(session: SessionDep, tenant: TenantDep,
-                  limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict:
+                  limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
     items = session.scalars(select(StoredDataset).where(StoredDataset.tenant_id == tenant.id)
                             .order_by(StoredDataset.created_at.desc()).limit(limit)).all()
     return {"items": items, "next_cursor": None}

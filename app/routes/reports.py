@@ -18,7 +18,7 @@ from app.resources import get_model
 from app.schemas import ErrorBody
 from app.tables import Job, JobEvent, JobMetrics
 
-ERRORS = {code: {"model": ErrorBody} for code in (401, 404, 422, 429)}
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 422, 429)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
 MAX_COMPARED = 20
 CACHED_JOBS = 64

@@ -114,19 +114,19 @@ def _weights_only_loading() -> Iterator[None]:
     from torch.export.pt2_archive import _package
 
     original_load = torch.load
-    original_loads = _package.pickle.loads
+    original_loads = _package.pickle.loads  # type: ignore[attr-defined]  # the stdlib pickle that torch's archive reader imports
 
     def forced_load(*args: Any, **kwargs: Any) -> Any:
         kwargs["weights_only"] = True
         return original_load(*args, **kwargs)
 
-    torch.load = forced_load  # type: ignore[assignment]
-    _package.pickle.loads = _restricted_loads  # type: ignore[assignment]
+    torch.load = forced_load
+    _package.pickle.loads = _restricted_loads  # type: ignore[attr-defined]  # the stdlib pickle that torch's archive reader imports
     try:
         yield
     finally:
         torch.load = original_load
-        _package.pickle.loads = original_loads
+        _package.pickle.loads = original_loads  # type: ignore[attr-defined]  # the stdlib pickle that torch's archive reader imports
 
 
 def load_exported_program(path: Path) -> torch.export.ExportedProgram:

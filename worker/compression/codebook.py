@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worker.compression.base import EngineError, StageContext, StageResult, select_layers
+from worker.compression.inputs import Batch
 
 __all__ = ["CodebookLinear", "encode_layer", "kmeans_share", "run_stage"]
 
@@ -175,12 +176,13 @@ def encode_layer(weight: Tensor, bias: Tensor | None, bits: int) -> tuple[Codebo
     shared = torch.zeros_like(flat)
     shared[positions] = codebook[codes]
     # Where the nonzeros are: the smallest of the relative index at 2..8 bits and a bitmask.
-    options = [(math.ceil(out * inp / 8), 1, 1, out * inp, None)]
+    options: list[tuple[int, int, int, int, Tensor | None]] = [(math.ceil(out * inp / 8), 1, 1, out * inp, None)]
     for index_bits in range(2, 9):
-        entries = _relative_index(positions, index_bits)
-        options.append((math.ceil(entries.numel() * index_bits / 8), 0, index_bits, entries.numel(), entries))
+        relative = _relative_index(positions, index_bits)
+        options.append((math.ceil(relative.numel() * index_bits / 8), 0, index_bits, relative.numel(), relative))
     index_bytes, kind, index_bits, count, entries = min(options, key=lambda o: o[0])
-    index = _pack((flat != 0).long(), 1) if kind == 1 else _pack(entries, index_bits)
+    # the bitmask (kind 1) is the only option without relative-index entries
+    index = _pack((flat != 0).long(), 1) if kind == 1 or entries is None else _pack(entries, index_bits)
     floats = torch.cat([codebook] + ([bias.detach().float().cpu().flatten()] if bias is not None else [])).clone()
     data = torch.cat([_pack(codes, bits), index]).clone()
     header = [out, inp, codebook.numel(), int(bias is not None), bits, kind, index_bits, nnz, count]
@@ -291,14 +293,14 @@ def _pool_storage(modules: list[CodebookLinear]) -> None:
         f_at, d_at = f_at + nf, d_at + nd
 
 
-def _script(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
+def _script(model: nn.Module, example: Batch) -> torch.jit.ScriptModule:
     try:
         return torch.jit.script(model)
     except Exception as script_error:  # graph modules and dynamic Python: trace instead
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return torch.jit.trace(model, example, check_trace=False)
+                return torch.jit.trace(model, example, check_trace=False)  # type: ignore[no-untyped-call, no-any-return]  # torch.jit.trace is unannotated
         except Exception as trace_error:
             raise EngineError(f"the encoded model could be neither scripted ({_last_line(script_error)}) "
                               f"nor traced ({_last_line(trace_error)})") from trace_error

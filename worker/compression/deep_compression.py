@@ -23,6 +23,7 @@ from torch.func import functional_call
 
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult, select_layers
 from worker.compression.codebook import kmeans_share
+from worker.compression.inputs import Batch
 
 __all__ = ["share_weights", "finetune_centroids", "run_weights_stage"]
 
@@ -61,7 +62,8 @@ def finetune_centroids(model: nn.Module, shared: list[_SharedLayer], data: Datas
     """Han et al.'s centroid fine-tuning: cross-entropy on the training set, gradients flow into
     each codebook (and bias); pruned weights stay zero and every layer keeps 2^bits values.
     Keeps the fine-tuned codebooks only when training accuracy does not drop."""
-    if data.labels is None:
+    labels = data.labels
+    if labels is None:
         raise EngineError("finetune_epochs needs a training dataset with labels")
     generator = torch.Generator().manual_seed(ctx.seed)
     codebooks = [nn.Parameter(layer.codebook.clone()) for layer in shared]
@@ -69,13 +71,14 @@ def finetune_centroids(model: nn.Module, shared: list[_SharedLayer], data: Datas
               for layer in shared if layer.module.bias is not None}
     optimizer = torch.optim.Adam(codebooks + list(biases.values()), lr=CENTROID_LR)
 
-    def forward(inputs: Tensor) -> Tensor:
+    def forward(inputs: Batch) -> Tensor:
         weights = {f"{layer.name}.weight": layer.weight(book) for layer, book in zip(shared, codebooks)}
-        return functional_call(model, {**weights, **biases}, (inputs,))
+        logits: Tensor = functional_call(model, {**weights, **biases}, (inputs,))
+        return logits
 
     def train_accuracy() -> float:
         with torch.no_grad():
-            return float((forward(data.inputs).argmax(1) == data.labels).float().mean())
+            return float((forward(data.inputs).argmax(1) == labels).float().mean())
 
     before = train_accuracy()
     start = [book.detach().clone() for book in codebooks]
@@ -88,9 +91,9 @@ def finetune_centroids(model: nn.Module, shared: list[_SharedLayer], data: Datas
         total = 0.0
         for begin in range(0, len(data), BATCH_SIZE):
             batch = order[begin:begin + BATCH_SIZE]
-            loss = F.cross_entropy(forward(data.inputs[batch]), data.labels[batch])
+            loss = F.cross_entropy(forward(data.inputs[batch]), labels[batch])
             optimizer.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves this unannotated
             optimizer.step()
             with torch.no_grad():  # the container stores fp16 centroids and biases: train on what it will hold
                 for parameter in codebooks + list(biases.values()):

@@ -31,6 +31,7 @@ from torch.utils.hooks import RemovableHandle
 from modelpress.catalog import find_scheme
 from worker.compression import distillation_sweep as kd_sweep
 from worker.compression.base import Dataset, EngineError, ModelKind, StageContext, StageResult, select_layers
+from worker.compression.inputs import Batch
 from worker.compression.training import (
     TrainConfig,
     evaluate_accuracy,
@@ -179,6 +180,7 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         if number > 0 and not kd_sweep.fits_budget(runs, time.monotonic() - started, config.sweep_time_budget_s):
             break
         candidate = student if number == 0 else copy.deepcopy(initial_student)
+        assert candidate is not None  # more than one candidate implies compare, so initial_student was kept
         trained, features = _attach_features(teacher, candidate, config, train.inputs[:2])
         augment = TransferAugmentation(augmentation, teacher, float(train.inputs.float().std())) \
             if augmentation != "none" else None
@@ -194,7 +196,7 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
                 features.remove_hooks()
             if features is not None or augment is not None:
                 teacher.to(teacher_device)  # feature matching or augmentation ran it on the training device
-        accuracy = evaluate_accuracy(candidate, evaluation) if compare else None
+        accuracy = evaluate_accuracy(candidate, evaluation) if compare and evaluation is not None else None
         runs.append(kd_sweep.Run(name, temperature, alpha, accuracy, time.monotonic() - run_started, summary))
         students.append(candidate)
 
@@ -253,7 +255,8 @@ class HintonLoss:
         self.temperature, self.alpha, self.with_labels = temperature, alpha, with_labels
         self.label_smoothing, self.features, self.augment = label_smoothing, features, augment
 
-    def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor | None) -> Tensor:
+    def __call__(self, model: nn.Module, inputs: Batch, targets: Tensor | None) -> Tensor:
+        assert isinstance(inputs, Tensor)  # distillation concatenates views of one input tensor
         if targets is None:
             raise EngineError("distillation needs the teacher's logits as targets")
         teacher_logits = (targets[:, 1:] if self.with_labels else targets).float()
@@ -365,7 +368,7 @@ class FeatureMatcher:
         self.handles.clear()
 
 
-def predict_logits(model: nn.Module, inputs: Tensor, device: torch.device | str = "cpu",
+def predict_logits(model: nn.Module, inputs: Batch, device: torch.device | str = "cpu",
                    batch_size: int = _PREDICT_BATCH) -> Tensor:
     """The model's logits for every input, computed in batches under no_grad, on the CPU.
 
@@ -397,6 +400,7 @@ def _build_student(teacher: nn.Module, config: DistillConfig, ctx: StageContext)
         if ctx.kind != "eager":
             raise EngineError(f'student "auto" is derived from an eager teacher; this teacher is {ctx.kind}: '
                               'give a student as {"architecture": ...} or {"model_id": ...}')
+        assert isinstance(ctx.example_input, Tensor)  # narrowing is traced on one input tensor
         return _shrink_width(teacher, config.width_multiplier, ctx.example_input), "eager", "auto"
     assert isinstance(spec, dict)
     if "model_id" in spec:
@@ -440,7 +444,7 @@ def _shrink_width(teacher: nn.Module, width_multiplier: float, example_input: Te
 
 
 def _attach_features(teacher: nn.Module, student: nn.Module, config: DistillConfig,
-                     probe: Tensor) -> tuple[nn.Module, FeatureMatcher | None]:
+                     probe: Batch) -> tuple[nn.Module, FeatureMatcher | None]:
     """The module to train (the student, or the student with adapters) and the feature hooks."""
     if not config.feature_layers:
         return student, None
@@ -504,7 +508,7 @@ def _check_dataset(teacher: nn.Module, student: nn.Module, data: Dataset, which:
     return num_classes
 
 
-def _probe(model: nn.Module, inputs: Tensor, message: str) -> Tensor:
+def _probe(model: nn.Module, inputs: Batch, message: str) -> Tensor:
     try:
         with torch.no_grad():
             return logits_of(model(inputs.to(module_device(model))))

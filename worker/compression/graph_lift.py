@@ -102,6 +102,7 @@ def _translate_call(source: fx.GraphModule, root: nn.Module, graph: fx.Graph, no
         _aten_tables()
     aten = torch.ops.aten
     target = node.target
+    assert callable(target)  # a call_function node's target is the function
     kwargs = dict(node.kwargs)
     if target in (aten.linear.default, *_CONV_TYPES) and _reads_attributes(node, (1,)) and not kwargs:
         name = _lift(source, root, node, lifted, (1, 2), _make_layer)
@@ -185,10 +186,11 @@ def _make_layer(node: fx.Node, tensors: list[Any]) -> nn.Module:
 
 def _make_batch_norm(node: fx.Node, tensors: list[Any]) -> nn.Module:
     weight, bias, running_mean, running_var = tensors
+    args: tuple[Any, ...] = node.args
     value = node.meta.get("val")
     rank = value.dim() if isinstance(value, torch.Tensor) else 4
     norm_type = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, nn.BatchNorm2d)
-    norm = norm_type(running_mean.shape[0], eps=float(node.args[7]), momentum=float(node.args[6]),
+    norm = norm_type(running_mean.shape[0], eps=float(args[7]), momentum=float(args[6]),
                      affine=weight is not None, device="meta")
     if weight is not None:
         norm.weight = _as_parameter(weight)
@@ -264,8 +266,10 @@ def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 
 
 _aten = torch.ops.aten
-_CONV_OPS = {_aten.conv1d.default: nn.Conv1d, _aten.conv2d.default: nn.Conv2d, _aten.conv3d.default: nn.Conv3d,
-             _aten.conv1d.padding: nn.Conv1d, _aten.conv2d.padding: nn.Conv2d, _aten.conv3d.padding: nn.Conv3d}
+# each class takes a kernel size of its own rank, which one static type cannot say
+_CONV_OPS: dict[Any, Callable[..., nn.Module]] = {
+    _aten.conv1d.default: nn.Conv1d, _aten.conv2d.default: nn.Conv2d, _aten.conv3d.default: nn.Conv3d,
+    _aten.conv1d.padding: nn.Conv1d, _aten.conv2d.padding: nn.Conv2d, _aten.conv3d.padding: nn.Conv3d}
 _BATCH_NORM_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _RESHAPE_OPS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
 
@@ -320,8 +324,8 @@ def lift_exported_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
 def _module_for(root: fx.GraphModule, node: fx.Node, uses: dict[str, int]) -> tuple[str, nn.Module] | None:
     """(owner path, nn module) equivalent to `node`, or None when it is not a liftable op."""
     target = node.target
-    args = list(node.args) + [None] * 9
-    kwargs = dict(node.kwargs)
+    args: list[Any] = list(node.args) + [None] * 9
+    kwargs: dict[str, Any] = dict(node.kwargs)
     if target is _aten.linear.default:
         tensors = {"weight": args[1], "bias": args[2] if args[2] is not None else kwargs.get("bias")}
     elif target in _CONV_OPS:
@@ -374,7 +378,8 @@ def _common_owner(root: fx.GraphModule, tensors: dict[str, Any], uses: dict[str,
     for name, arg in tensors.items():
         if arg is None:
             continue
-        if not isinstance(arg, fx.Node) or arg.op != "get_attr" or uses.get(arg.target, 0) != 1:
+        if (not isinstance(arg, fx.Node) or arg.op != "get_attr" or not isinstance(arg.target, str)
+                or uses.get(arg.target, 0) != 1):
             return None
         owner, _, attribute = arg.target.rpartition(".")
         if attribute != name or not owner:

@@ -258,6 +258,7 @@ def export_program(model: nn.Module, signature: Signature | None, inputs: Batch)
     """torch.export with the declared dynamic dimensions, on an example where they are >= 2."""
     example = batch_of(inputs, max(MIN_DYNAMIC_SIZE, min(len(inputs), 8)))
     if signature is not None and not signature.is_single_tensor and signature.inputs:
+        assert isinstance(example, ModelInputs)  # a multi-input signature always builds ModelInputs
         example = _stretch_dynamic(example, signature)
     args, kwargs = as_call(example)
     try:
@@ -302,6 +303,7 @@ def torchscript_to_graph(model: nn.Module, signature: Signature | None, inputs: 
     """
     from torch._export.converter import TS2EPConverter
 
+    assert isinstance(model, torch.jit.ScriptModule)  # only TorchScript models are converted here
     example = batch_of(inputs, MIN_DYNAMIC_SIZE)
     args = positional_with_constants(model, example)
     try:

@@ -25,7 +25,9 @@ def inspect_model(path: Path, model_format: str, architecture: dict[str, Any] | 
     if kind == "torchscript":
         signature = str(model.forward.schema) if hasattr(model.forward, "schema") else None
     elif kind == "graph":
-        placeholders = [n for n in model.graph.nodes if n.op == "placeholder"]
+        graph = model.graph
+        assert isinstance(graph, torch.fx.Graph)
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         signature = [{"name": n.name, "shape": [str(d) for d in n.meta["val"].shape],
                       "dtype": str(n.meta["val"].dtype)} for n in placeholders if "val" in n.meta
                      and isinstance(n.meta["val"], torch.Tensor)]

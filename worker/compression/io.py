@@ -46,7 +46,7 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
     """Load an uploaded model into a module and say what kind it is."""
     if model_format == "torchscript":
         try:
-            return torch.jit.load(str(path), map_location="cpu").eval(), "torchscript"
+            return torch.jit.load(str(path), map_location="cpu").eval(), "torchscript"  # type: ignore[no-untyped-call]  # torch leaves this unannotated
         except Exception as error:
             raise EngineError(f"TorchScript archive could not be loaded: {error}") from error
     if model_format == "exported_program":
@@ -201,7 +201,7 @@ def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: P
                 # tracing records one path through the code: constant arguments are baked in
                 traced = BoundConstants(model, kwargs) if kwargs else model
                 # strict=False: tuple / dict outputs (Hugging Face models) are traced as they are
-                scripted = torch.jit.trace(traced, args, check_trace=False, strict=False)
+                scripted = torch.jit.trace(traced, args, check_trace=False, strict=False)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
             except Exception as error:
                 raise EngineError(f"the model could not be saved as TorchScript: {error}") from error
         torch.jit.save(scripted, str(path))
@@ -265,11 +265,13 @@ def _is_index_constant(name: str, tensor: torch.Tensor) -> bool:
 def load_artifact(path: Path, artifact_format: str) -> nn.Module | dict[str, torch.Tensor]:
     """Load an artifact the way the README tells users to."""
     if artifact_format == "torchscript":
-        return torch.jit.load(str(path))
+        scripted: nn.Module = torch.jit.load(str(path))  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+        return scripted
     if artifact_format == "exported_program":
         return load_exported_program(path).module()
     if artifact_format == "deep_compression":
         from modelpress.deep_compression_format import load_state_dict
 
         return load_state_dict(path)
-    return torch.load(str(path), weights_only=True)
+    state_dict: dict[str, torch.Tensor] = torch.load(str(path), weights_only=True)
+    return state_dict

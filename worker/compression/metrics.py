@@ -177,7 +177,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 EVAL_BATCH_SIZE = 256
 
 
-class Outputs(dict):
+class Outputs(dict[str, torch.Tensor]):
     """Every floating tensor a model returned over a set of inputs, by output path ("0", "logits",
     "1.0"), concatenated over batches; `selected` names the one accuracy is scored on."""
 

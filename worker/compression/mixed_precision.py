@@ -22,7 +22,8 @@ from worker.compression.base import EngineError, StageContext
 from worker.compression.sensitivity import Probe, layer_sensitivity, make_probe
 
 if TYPE_CHECKING:
-    from worker.compression.quantization import Backend, _Done
+    from worker.compression.quantization import Backend
+    from worker.compression.quantization.plan import _Done
 
 BAR_OPTIONS = ("min_sqnr_db", "max_accuracy_drop")
 
@@ -55,8 +56,8 @@ class Search:
     float_layers: list[str]
     met: bool
     steps: list[dict[str, Any]]
-    done: Any  # the last backend result (quantization._Done)
-    first: Any  # the plain, everything-quantized result
+    done: _Done  # the last backend result
+    first: _Done  # the plain, everything-quantized result
     table: list[dict[str, Any]] = field(default_factory=list)
 
 

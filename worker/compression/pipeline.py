@@ -184,6 +184,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         })
 
     if request.runtime != "torch":
+        # the runtime targets export and feed a single input tensor
+        assert isinstance(example, torch.Tensor) and isinstance(fid_inputs, torch.Tensor)
         return _finish_for_target(request, model, working, deferred, example, fid_inputs, fid_labels, reference,
                                   original, parameters, stage_reports, train, reporter, device)
     reporter.progress(0.92, "saving artifact")
@@ -249,7 +251,7 @@ def _decoded_container(artifact: Path, working: nn.Module, stage_reports: list[d
 
 def _finish_for_target(request: JobRequest, model: nn.Module, working: nn.Module, deferred: Any,
                        example: torch.Tensor, fid_inputs: torch.Tensor, fid_labels: torch.Tensor | None,
-                       reference: torch.Tensor, torch_original: dict[str, Any], parameters: tuple[int, int],
+                       reference: measure.Outputs, torch_original: dict[str, Any], parameters: tuple[int, int],
                        stage_reports: list[dict[str, Any]], train: Dataset | None, reporter: Reporter,
                        device: torch.device) -> dict[str, Any]:
     """Export, quantize with the runtime's tools and measure in the runtime that serves the artifact."""

@@ -29,7 +29,7 @@ from torch import nn
 from worker.compression.base import EngineError, StageContext
 
 if TYPE_CHECKING:
-    from worker.compression.quantization import _Done
+    from worker.compression.quantization.plan import _Done
 
 # A short, gentle fine-tune: the model is already trained, QAT only nudges weights onto the grid.
 QAT_TRAIN_DEFAULTS: dict[str, Any] = {"epochs": 3, "lr": 1e-4, "optimizer": "adamw"}
@@ -55,7 +55,8 @@ def quantization_aware_training(model: nn.Module, options: dict[str, Any], ctx: 
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
-    from worker.compression.quantization import _static_int8_fx, torch_level_module
+    from worker.compression.quantization import torch_level_module
+    from worker.compression.quantization.static import _static_int8_fx
     from worker.compression.training import fit
 
     if ctx.train_data is None or ctx.train_data.labels is None:
@@ -65,6 +66,7 @@ def quantization_aware_training(model: nn.Module, options: dict[str, Any], ctx: 
     float_model = torch_level_module(model) if ctx.kind == "graph" else copy.deepcopy(model).eval()
     started = time.perf_counter()
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    assert isinstance(ctx.example_input, torch.Tensor)  # QAT exports one input tensor with a dynamic batch
     example = ctx.example_input[:1].expand(2, *ctx.example_input.shape[1:]).contiguous()
     try:
         exported = torch.export.export(float_model, (example,), dynamic_shapes=({0: batch},)).module()

@@ -26,10 +26,11 @@ class MLP(nn.Module):
         for fan_in, fan_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Linear(fan_in, fan_out), nn.ReLU()]
         self.net = nn.Sequential(*layers[:-1])
-        self._register_load_state_dict_pre_hook(_accept_sequential_keys)
+        self._register_load_state_dict_pre_hook(_accept_sequential_keys)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x.flatten(1))
+        logits: Tensor = self.net(x.flatten(1))
+        return logits
 
 
 def _accept_sequential_keys(state_dict: dict[str, Any], prefix: str, *rest: Any) -> None:
@@ -56,7 +57,8 @@ class LeNet5(nn.Module):
         x = x.reshape(-1, self.in_channels, self.image_size, self.image_size)
         x = F.max_pool2d(F.relu(self.c1(x)), 2)
         x = F.max_pool2d(F.relu(self.c2(x)), 2)
-        return self.f2(F.relu(self.f1(x.flatten(1))))
+        logits: Tensor = self.f2(F.relu(self.f1(x.flatten(1))))
+        return logits
 
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "lenet5": LeNet5}

@@ -25,6 +25,7 @@ from torch import nn
 from modelpress.catalog import JobFacts, SpecError, validate_stages
 from worker.compression import metrics as measure
 from worker.compression.base import Dataset, EngineError, JobCancelled, ModelKind, StageContext, StageResult
+from worker.compression.inputs import Batch
 from worker.compression.io import KIND_TO_FORMAT, default_output_format, save_artifact
 
 AMOUNT_RANGE = (0.5, 0.97)
@@ -55,7 +56,8 @@ class SearchConfig:
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SearchConfig:
-        config = cls(**{k: options.get(k, getattr(cls, k, None)) for k in cls.__dataclass_fields__})
+        values: dict[str, Any] = {k: options.get(k, getattr(cls, k, None)) for k in cls.__dataclass_fields__}
+        config = cls(**values)
         if config.max_accuracy_drop is None and config.min_sqnr_db is None:
             raise EngineError("search needs max_accuracy_drop or min_sqnr_db")
         return config
@@ -146,7 +148,8 @@ class Search:
             buffer = io.BytesIO()
             torch.jit.save(self.model, buffer)
             buffer.seek(0)
-            return torch.jit.load(buffer)
+            copied: nn.Module = torch.jit.load(buffer)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+            return copied
         return copy.deepcopy(self.model)
 
     def _validated(self, stages: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -231,7 +234,7 @@ class Search:
 
 # -------------------------------------------------------------------- candidates
 
-def linear_widths(model: nn.Module, example: torch.Tensor) -> list[int] | None:
+def linear_widths(model: nn.Module, example: Batch) -> list[int] | None:
     """[in, hidden..., out] when the model's matrix weights form one chain of Linear layers."""
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
     if not weights or any(w.dim() != 2 for w in weights):

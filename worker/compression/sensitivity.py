@@ -26,6 +26,7 @@ from torch import nn
 
 from worker.compression import metrics as measure
 from worker.compression.base import EngineError, StageContext, StageResult
+from worker.compression.inputs import Batch
 
 DEFAULT_PROBE_SAMPLES = 64
 
@@ -34,9 +35,9 @@ DEFAULT_PROBE_SAMPLES = 64
 class Probe:
     """The inputs every variant is judged on, with the float model's outputs on them."""
 
-    inputs: torch.Tensor
+    inputs: Batch
     labels: torch.Tensor | None
-    reference: torch.Tensor
+    reference: measure.Outputs
     reference_accuracy: float | None
 
     def judge(self, model: nn.Module) -> tuple[float | None, float | None]:
@@ -82,7 +83,7 @@ def layer_sensitivity(model: nn.Module, scheme: str, ctx: StageContext, probe: P
         >>> rows = layer_sensitivity(model, "dynamic_int8", ctx, make_probe(model, ctx))
         >>> rows[0]["layer"]  # the layer whose quantization hurts the output most
     """
-    from worker.compression.quantization import _quiet_deprecations
+    from worker.compression.quantization.plan import _quiet_deprecations
 
     report = progress or (lambda fraction, message: None)
     options = dict(options or {})
@@ -166,7 +167,7 @@ def _eager_dynamic_variants(model: nn.Module, options: dict[str, Any], ctx: Stag
     targets = plan_layers(candidates, options).targets
     if not targets:
         raise EngineError("sensitivity found no Linear / LSTM / GRU layer to probe with dynamic_int8")
-    quantized = quantize_dynamic(float_model, {name: per_channel_dynamic_qconfig for name in targets},
+    quantized = quantize_dynamic(float_model, {name: per_channel_dynamic_qconfig for name in targets},  # type: ignore[no-untyped-call]  # torch leaves this unannotated
                                  dtype=torch.qint8, inplace=False)
     # the float model itself takes each quantized layer in turn and gets its own back afterwards
     return {name: _Swapped(float_model, name, quantized.get_submodule(name)) for name in targets}
@@ -188,7 +189,7 @@ def _torchscript_dynamic_variants(model: nn.Module, options: dict[str, Any]) -> 
     _isolate_control_flow_outputs(working)
 
     def alone(name: str) -> Callable[[], nn.Module]:
-        return lambda: quantize_dynamic_jit(working, {"": None, name: per_channel_dynamic_qconfig}, inplace=False)
+        return lambda: quantize_dynamic_jit(working, {"": None, name: per_channel_dynamic_qconfig}, inplace=False)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
 
     return {name: _Given(alone(name)) for name in targets}
 

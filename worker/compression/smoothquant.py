@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from worker.compression.base import EngineError, StageContext
+from worker.compression.inputs import Batch
 
 __all__ = ["InputScale", "smooth_linears"]
 
@@ -63,7 +64,7 @@ class Smoothed:
     info: dict[str, Any]
 
 
-def smooth_linears(model: nn.Module, batches: Sequence[torch.Tensor], alpha: float, targets: Sequence[str],
+def smooth_linears(model: nn.Module, batches: Sequence[Batch], alpha: float, targets: Sequence[str],
                    ctx: StageContext) -> Smoothed:
     """Migrate activation outliers of the Linears named in `targets` into their weights.
 
@@ -120,7 +121,7 @@ def smooth_linears(model: nn.Module, batches: Sequence[torch.Tensor], alpha: flo
     return Smoothed(working, ctx, info)
 
 
-def _input_channel_max(model: nn.Module, linears: dict[str, nn.Module], batches: Sequence[torch.Tensor],
+def _input_channel_max(model: nn.Module, linears: dict[str, nn.Module], batches: Sequence[Batch],
                        ctx: StageContext) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
 
@@ -152,7 +153,7 @@ def _worst_outlier_ratio(channel_max: dict[str, torch.Tensor]) -> float:
 
 
 def _fold_into_layer_norms(model: nn.Module, linears: dict[str, nn.Module], scales: dict[str, torch.Tensor],
-                           example_input: torch.Tensor) -> set[str]:
+                           example_input: Batch) -> set[str]:
     """Divide LayerNorm weight and bias by s where every reader of the LayerNorm's output is a Linear of
     `linears`; returns the Linears whose 1/s went there. The readers are found in the exported graph.
 
@@ -179,7 +180,7 @@ def _fold_into_layer_norms(model: nn.Module, linears: dict[str, nn.Module], scal
     return folded
 
 
-def _layer_norm_readers(model: nn.Module, example_input: torch.Tensor) -> dict[str, list[str]]:
+def _layer_norm_readers(model: nn.Module, example_input: Batch) -> dict[str, list[str]]:
     """LayerNorm module name -> the Linear modules reading its output, only where Linears are its only readers."""
     try:
         program = torch.export.export(model, (example_input[:2],), strict=False)

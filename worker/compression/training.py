@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worker.compression.base import Dataset, EngineError, JobCancelled, StageContext
-from worker.compression.inputs import ModelInputs, call_model, select_output
+from worker.compression.inputs import Batch, ModelInputs, call_model, select_output
 
-LossFn = Callable[[nn.Module, Tensor, Tensor | None], Tensor]
+LossFn = Callable[[nn.Module, Batch, Tensor | None], Tensor]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("none", "step", "multistep", "exponential", "cosine", "plateau")
@@ -304,7 +304,7 @@ class CrossEntropyLoss:
     def __init__(self, label_smoothing: float = 0.0) -> None:
         self.label_smoothing = label_smoothing
 
-    def __call__(self, model: nn.Module, inputs: Tensor, labels: Tensor | None) -> Tensor:
+    def __call__(self, model: nn.Module, inputs: Batch, labels: Tensor | None) -> Tensor:
         if labels is None:
             raise EngineError("the default loss needs labels")
         return F.cross_entropy(logits_of(call_model(model, inputs)), labels, label_smoothing=self.label_smoothing)
@@ -402,10 +402,10 @@ def _train(job: _Job, reporter: _Reporter, *, rank: int, world_size: int) -> dic
                 objective = objective + config.l1 * sum(w.abs().sum() for w in l1_weights)
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
-                scaler.scale(objective).backward()
+                scaler.scale(objective).backward()  # type: ignore[no-untyped-call]  # torch leaves this unannotated
                 scaler.unscale_(optimizer)
             else:
-                objective.backward()
+                objective.backward()  # type: ignore[no-untyped-call]  # torch leaves this unannotated
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(parameters, config.grad_clip)
             if scaler is not None:
@@ -603,10 +603,9 @@ def _fit_distributed(job: _Job, ctx: StageContext) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="modelpress-ddp-") as folder:
         result_path = Path(folder) / "result.pt"
         port = _free_port()
-        import torch.multiprocessing as torch_mp
-        from torch.multiprocessing.spawn import ProcessException
+        from torch.multiprocessing.spawn import ProcessException, start_processes
 
-        processes = torch_mp.start_processes(
+        processes = start_processes(  # type: ignore[no-untyped-call]  # torch leaves this unannotated
             _distributed_worker, args=(world_size, port, job, messages, cancelled, str(result_path)),
             nprocs=world_size, join=False, start_method=start_method)
         was_cancelled = False
@@ -690,7 +689,7 @@ def _replace_job(job: _Job, device: torch.device) -> _Job:
 # ---------------------------------------------------------------- helpers
 
 
-def _probe_forward(model: nn.Module, inputs: Tensor) -> None:
+def _probe_forward(model: nn.Module, inputs: Batch) -> None:
     """One forward on a batch of the data, so a shape mismatch says so before training starts."""
     set_training_mode(model, False)  # so batch-norm statistics stay as they are
     try:

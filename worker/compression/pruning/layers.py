@@ -29,7 +29,8 @@ def _matrix_layers(model: nn.Module) -> list[Layer]:
 
 
 def _weight(module: nn.Module) -> Tensor:
-    weight: Tensor = module.weight
+    weight = module.weight
+    assert isinstance(weight, Tensor)
     return weight
 
 

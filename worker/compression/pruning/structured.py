@@ -35,6 +35,7 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
         with torch.no_grad():
             expected = _first_tensor(call_model(model, example))
         # The graph's ops carry the mode it was exported in (training batch norm is refused).
+        assert isinstance(model, torch.fx.GraphModule)  # a graph-kind model is an exported program's module
         model = lift_exported_graph(model).eval()
         with torch.no_grad():
             lifted = _first_tensor(call_model(model, example))

@@ -31,7 +31,7 @@ def _dynamic_int8_eager(model: nn.Module, options: dict[str, Any], ctx: StageCon
     qconfig: dict[str, Any] = {name: per_channel_dynamic_qconfig for name in plan.targets}
     embeddings = _embedding_targets(model, options)
     qconfig.update({name: float_qparams_weight_only_qconfig for name in embeddings})
-    quantized = quantize_dynamic(model, qconfig, dtype=torch.qint8, inplace=False)
+    quantized = quantize_dynamic(model, qconfig, dtype=torch.qint8, inplace=False)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
     _check_swapped(quantized, plan, "dynamic_int8")
     info: dict[str, Any] = {}
     if options.get("quantize_embeddings"):
@@ -72,7 +72,7 @@ def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: St
     qconfig: dict[str, Any] = {"": per_channel_dynamic_qconfig, **{name: None for name in plan.skipped}}
     working = _fresh_script_copy(model)
     _isolate_control_flow_outputs(working)
-    quantized = quantize_dynamic_jit(working.eval(), qconfig, inplace=True)
+    quantized = quantize_dynamic_jit(working.eval(), qconfig, inplace=True)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
     ops = count_quantized_ops(quantized)
     if ops == 0:
         _require_targets(plan, candidates, "Linear layers", "dynamic_int8")  # names the usual cause
@@ -93,7 +93,8 @@ def _fresh_script_copy(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     buffer = io.BytesIO()
     torch.jit.save(model, buffer)
     buffer.seek(0)
-    return torch.jit.load(buffer, map_location="cpu")
+    copy: torch.jit.ScriptModule = torch.jit.load(buffer, map_location="cpu")  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+    return copy
 
 
 def _isolate_control_flow_outputs(model: torch.jit.ScriptModule) -> None:
@@ -105,6 +106,7 @@ def _isolate_control_flow_outputs(model: torch.jit.ScriptModule) -> None:
     A clone gives the observer an ordinary value to sit on.
     """
     for module in model.modules():
+        assert isinstance(module, torch.jit.ScriptModule)  # every submodule of a loaded ScriptModule is one
         for method_name in module._c._method_names():
             graph = module._c._get_method(method_name).graph
             for node in list(_walk_nodes(graph.nodes())):

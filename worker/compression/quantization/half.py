@@ -45,7 +45,8 @@ class _ScriptCastWrapper(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_floating_point():
             x = x.to(self.dtype)
-        return self.inner(x).to(self.out_dtype)
+        output: torch.Tensor = self.inner(x).to(self.out_dtype)
+        return output
 
 
 def _half_precision(dtype: torch.dtype) -> Callable[[nn.Module, dict[str, Any], StageContext], _Done]:

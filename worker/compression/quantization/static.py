@@ -75,7 +75,7 @@ def full_range_qconfig() -> Any:
     from torch.ao.quantization import QConfig
     from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
 
-    return QConfig(activation=HistogramObserver.with_args(reduce_range=False),
+    return QConfig(activation=HistogramObserver.with_args(reduce_range=False),  # type: ignore[no-untyped-call]  # torch leaves this unannotated
                    weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
 
 
@@ -101,4 +101,4 @@ def _calibration_batches(options: dict[str, Any], ctx: StageContext) -> list[Bat
         raise EngineError(f"calibration samples have shape {list(inputs.shape[1:])}, the model takes "
                           f"{list(example.shape[1:])}")
     inputs = inputs.reshape(-1, *example.shape[1:]).to(example.dtype)
-    return list(inputs.split(CALIBRATION_BATCH_SIZE))
+    return list(inputs.split(CALIBRATION_BATCH_SIZE))  # type: ignore[no-untyped-call]  # torch leaves this unannotated

@@ -89,6 +89,7 @@ def _calibration(train: Dataset | None, example: torch.Tensor, options: dict[str
         return None
     limit = int(options.get("calibration_batches") or 16) * 32
     inputs = train.inputs[:limit]
+    assert isinstance(inputs, torch.Tensor)  # the runtime targets take one input tensor
     if inputs[0].numel() != example[0].numel():
         raise EngineError(f"calibration samples have shape {list(inputs.shape[1:])}, the model takes "
                           f"{list(example.shape[1:])}")
@@ -107,7 +108,7 @@ def _describe(runtime_model: RuntimeModel, path: Path, example: torch.Tensor, ou
 def finish_for_target(*, runtime: str, original_model: nn.Module, working: nn.Module,
                       quantization: DeferredQuantization | None, example: torch.Tensor, threads: int,
                       artifact: Path, fid_inputs: torch.Tensor, fid_labels: torch.Tensor | None,
-                      reference: torch.Tensor, original_parameters: tuple[int, int],
+                      reference: torch.Tensor | measure.Outputs, original_parameters: tuple[int, int],
                       parameters: tuple[int, int], train: Dataset | None,
                       progress: Callable[[float, str], None]) -> dict[str, Any]:
     """Write the artifact for `runtime` and return (original figures, compressed figures, outputs, stage info)."""

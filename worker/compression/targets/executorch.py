@@ -93,7 +93,7 @@ def _quantize_pt2e(model: nn.Module, example: torch.Tensor, scheme: str,
                 samples += batch
     converted = convert_pt2e(prepared)
     mode = "dynamic activations" if dynamic else "static activations"
-    info = {"backend": f"executorch XNNPACKQuantizer (PT2E, per-channel int8 weights, {mode}) + XNNPACK delegate"}
+    info: dict[str, Any] = {"backend": f"executorch XNNPACKQuantizer (PT2E, per-channel int8 weights, {mode}) + XNNPACK delegate"}
     if samples:
         info["calibration_samples"] = samples
     return converted, info
@@ -118,7 +118,8 @@ class PteModel:
         self.threads = threads
 
     def _run(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.method.execute([inputs.contiguous()])[0].clone()
+        output: torch.Tensor = self.method.execute([inputs.contiguous()])[0].clone()
+        return output
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         return run_in_chunks(self._run, inputs, self.batch)

@@ -105,7 +105,7 @@ def _source_location(program: torch.export.ExportedProgram, node_name: str | Non
     return None
 
 
-class _CalibrationReader(CalibrationDataReader):
+class _CalibrationReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information
     """ORT's calibration reader over the job's calibration batches."""
 
     def __init__(self, batches: list[np.ndarray]) -> None:
@@ -135,7 +135,7 @@ def quantize(float_path: Path, out_path: Path, scheme: str, calibration: torch.T
         if scheme == "static_int8":
             if calibration is None or len(calibration) == 0:
                 raise EngineError("static_int8 needs calibration data: give the job a dataset_id")
-            batches = [b.numpy().astype(np.float32) for b in calibration.split(CALIBRATION_BATCH_SIZE)]
+            batches = [b.numpy().astype(np.float32) for b in calibration.split(CALIBRATION_BATCH_SIZE)]  # type: ignore[no-untyped-call]  # torch leaves this unannotated
             reader = _CalibrationReader(batches)
             quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
