@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean browser-deps sandbox-deps
+.PHONY: run test test-fast lint install bench clean browser-deps sandbox-deps
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,18 @@ run: $(STAMP) sandbox-deps
 	$(BIN)/modelpress keys create --tenant default
 	$(BIN)/modelpress serve --host 0.0.0.0 --port 8000 --embedded-worker
 
-test: $(STAMP) sandbox-deps browser-deps
+# lint first: a type error or a formatting drift fails the run before the slow tests start
+test: $(STAMP) sandbox-deps browser-deps lint
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# the inner loop: everything but the end-to-end tests with worker processes (CI runs all of them)
+test-fast: $(STAMP) sandbox-deps
+	$(BIN)/python -m pytest -q -x -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Workers run users' model files under bubblewrap (namespaces, no network); installed once when missing and we
 # are root. Without it the worker refuses to start unless MODELPRESS_SANDBOX_ISOLATION=none is set.

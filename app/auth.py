@@ -4,6 +4,7 @@ Verified keys are remembered in this process for MODELPRESS_API_KEY_CACHE_SECOND
 client polling a job costs no key lookup per request. Revoking a key forgets it at once in the process that
 revokes it; other API processes stop accepting it within that many seconds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -102,8 +103,11 @@ def tenant_for_key(session: Session, plain: str) -> Tenant | None:
     ttl_s = get_settings().api_key_cache_seconds
     if ttl_s > 0 and (cached := verified_keys.get(digest)) is not None:
         return cached
-    row = session.execute(select(Tenant, ApiKey.key_hash).join(ApiKey, ApiKey.tenant_id == Tenant.id)
-                          .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
+    row = session.execute(
+        select(Tenant, ApiKey.key_hash)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+    ).first()
     if row is None or not hmac.compare_digest(row[1], digest):
         return None
     if ttl_s > 0:

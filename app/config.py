@@ -3,6 +3,7 @@
 Defaults give the embedded mode (SQLite, a file-system broker, local files);
 pointing the URLs at Postgres, Redis and S3 gives the production mode.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache

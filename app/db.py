@@ -1,4 +1,5 @@
 """Engine, session factory and the declarative base (with a naming convention for Alembic)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -28,9 +29,9 @@ class Base(DeclarativeBase):
 def normalise_url(url: str) -> str:
     # psycopg 3 is the driver; accept the plain postgresql:// spelling too.
     if url.startswith("postgresql://"):
-        return "postgresql+psycopg://" + url[len("postgresql://"):]
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
     if url.startswith("postgres://"):
-        return "postgresql+psycopg://" + url[len("postgres://"):]
+        return "postgresql+psycopg://" + url[len("postgres://") :]
     return url
 
 
@@ -41,8 +42,9 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
-                               pool_size=20, max_overflow=40)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20, max_overflow=40
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]

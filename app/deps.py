@@ -1,4 +1,5 @@
 """Annotated dependencies: the request's session (committed at the edge) and tenant."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -22,8 +23,7 @@ def get_session(request: Request) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session)]
 
 
-def get_tenant(request: Request, session: SessionDep,
-               authorization: Annotated[str | None, Header()] = None) -> Tenant:
+def get_tenant(request: Request, session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Tenant:
     address = request.client.host if request.client else "unknown"
     if authorization and authorization.lower().startswith("bearer "):
         cached = cached_tenant_for_key(authorization[7:].strip())

@@ -1,4 +1,5 @@
 """Domain errors carry their status; one handler renders {"error", "detail"}."""
+
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
@@ -58,8 +59,16 @@ def error_body(error: str, detail: str) -> dict[str, str]:
     return {"error": error, "detail": detail}
 
 
-HTTP_NAMES = {400: "BadRequest", 401: "Unauthorized", 404: "NotFound", 405: "MethodNotAllowed",
-              409: "Conflict", 413: "PayloadTooLarge", 422: "InvalidRequest", 429: "RateLimited"}
+HTTP_NAMES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    413: "PayloadTooLarge",
+    422: "InvalidRequest",
+    429: "RateLimited",
+}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -70,17 +79,22 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in exc.errors())
+            f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in exc.errors()
+        )
         return JSONResponse(error_body("InvalidRequest", problems or "invalid request"), status_code=422)
 
     @app.exception_handler(OperationalError)
     async def _database_down(_: Request, exc: OperationalError) -> JSONResponse:
         # the database went away or is locked: a dependency problem, so 503 and a hint to retry
-        return JSONResponse(error_body("ServiceUnavailable", "the database is unavailable; retry shortly"),
-                            status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(
+            error_body("ServiceUnavailable", "the database is unavailable; retry shortly"),
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         name = HTTP_NAMES.get(exc.status_code, "Error")
-        return JSONResponse(error_body(name, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(name, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )

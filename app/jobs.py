@@ -1,4 +1,5 @@
 """Rules for jobs: validate at submit, idempotent create, cancel, and the read model."""
+
 from __future__ import annotations
 
 import base64
@@ -14,13 +15,20 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
 from app.outbox import enqueue
+from app.queue import RUN_JOB
 from app.resources import get_dataset, get_model, get_owned
 from app.schemas import ArtifactRead, JobCreate, JobRead, JobStatus
 from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
 from app.workers import max_train_devices
-from modelpress.catalog import (JobFacts, SpecError, expand_preset, resolve_runtime, validate_forward_call,
-                                validate_stages, validate_target)
-from app.queue import RUN_JOB
+from modelpress.catalog import (
+    JobFacts,
+    SpecError,
+    expand_preset,
+    resolve_runtime,
+    validate_forward_call,
+    validate_stages,
+    validate_target,
+)
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -50,20 +58,25 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             if stages:
                 raise SpecError("give either search or stages, not both")
             stages = [dict(job_in.search, method="search")]
-        facts = JobFacts(model_format=model.format, device=job_in.target.device,
-                         has_dataset=dataset is not None,
-                         dataset_has_labels=_dataset_has_labels(dataset.info if dataset else None),
-                         eval_has_labels=_dataset_has_labels(evaluation.info if evaluation else None),
-                         max_train_devices=max_train_devices(session, job_in.target.device),
-                         graph_conversion_error=(model.inspection or {}).get("graph_conversion_error"))
+        facts = JobFacts(
+            model_format=model.format,
+            device=job_in.target.device,
+            has_dataset=dataset is not None,
+            dataset_has_labels=_dataset_has_labels(dataset.info if dataset else None),
+            eval_has_labels=_dataset_has_labels(evaluation.info if evaluation else None),
+            max_train_devices=max_train_devices(session, job_in.target.device),
+            graph_conversion_error=(model.inspection or {}).get("graph_conversion_error"),
+        )
         if job_in.inputs is not None and job_in.example_input_shape is not None:
             raise SpecError("give inputs or example_input_shape (the one-float-tensor shorthand), not both")
         declared = [i.model_dump() for i in job_in.inputs] if job_in.inputs is not None else None
         validate_forward_call(declared, job_in.forward_kwargs, job_in.output)
-        runtime = resolve_runtime(job_in.target.runtime, "runtime" in job_in.target.model_fields_set,
-                                  job_in.output_format)
-        validate_target(runtime, job_in.target.device, job_in.output_format, stages, model.format,
-                        installed=_package_installed)
+        runtime = resolve_runtime(
+            job_in.target.runtime, "runtime" in job_in.target.model_fields_set, job_in.output_format
+        )
+        validate_target(
+            runtime, job_in.target.device, job_in.output_format, stages, model.format, installed=_package_installed
+        )
         # a job for another runtime may have no stage: a conversion, verified in that runtime
         validated = validate_stages(stages, facts) if stages or runtime == "torch" else []
     except SpecError as error:
@@ -134,8 +147,10 @@ def check_dataset_names(inputs: list[dict[str, Any]], info: dict[str, Any], whic
         return
     missing = [spec["name"] for spec in inputs if spec["name"] not in arrays]
     if missing:
-        raise Invalid(f"the {which} has no array named {missing} (it holds {sorted(arrays)}); the model takes "
-                      f"inputs {[spec['name'] for spec in inputs]}")
+        raise Invalid(
+            f"the {which} has no array named {missing} (it holds {sorted(arrays)}); the model takes "
+            f"inputs {[spec['name'] for spec in inputs]}"
+        )
 
 
 def check_dataset_fits_model(inspection: dict[str, Any] | None, info: dict[str, Any], which: str) -> None:
@@ -152,16 +167,18 @@ def check_dataset_fits_model(inspection: dict[str, Any] | None, info: dict[str, 
     if label_range and output and len(output) == 2:
         classes = int(output[1])
         if label_range[0] < 0 or label_range[1] >= classes:
-            raise Invalid(f"the {which}'s labels span {label_range[0]}..{label_range[1]}, but the model "
-                          f"has {classes} outputs")
+            raise Invalid(
+                f"the {which}'s labels span {label_range[0]}..{label_range[1]}, but the model has {classes} outputs"
+            )
 
 
-def create_job(session: Session, *, tenant: Tenant, job_in: JobCreate, idempotency_key: str | None) -> tuple[Job, int | None]:
+def create_job(
+    session: Session, *, tenant: Tenant, job_in: JobCreate, idempotency_key: str | None
+) -> tuple[Job, int | None]:
     """Insert the job and its outbox row in one transaction; returns (job, outbox id to publish)."""
     body_hash = request_hash(job_in.model_dump(mode="json"))
     if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id,
-                                                     Job.idempotency_key == idempotency_key))
+        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
         if existing is not None:
             if existing.request_hash != body_hash:
                 raise Invalid("this Idempotency-Key was used with a different request body")
@@ -170,17 +187,27 @@ def create_job(session: Session, *, tenant: Tenant, job_in: JobCreate, idempoten
     # Count and insert under a lock on the tenant's row, so concurrent submits cannot all see room
     # for one more job (Postgres; SQLite already runs one writer at a time, and ignores FOR UPDATE).
     session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant.id, Job.status.in_(("queued", "running"))))
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
+    )
     limit = get_settings().max_queued_jobs_per_tenant
     if active is not None and active >= limit:
-        raise QuotaExceeded(f"tenant already has {active} queued or running jobs (limit {limit})",
-                            headers={"Retry-After": "30"})
+        raise QuotaExceeded(
+            f"tenant already has {active} queued or running jobs (limit {limit})", headers={"Retry-After": "30"}
+        )
     queue = "gpu" if job_in.target.device == "cuda" else "cpu"
     method = spec["stages"][0]["method"] if spec["stages"] else "convert"  # a conversion to another runtime
-    job = Job(tenant_id=tenant.id, model_id=job_in.model_id, method=method, status="queued",
-              spec=spec, queue=queue, priority=job_in.priority, idempotency_key=idempotency_key,
-              request_hash=body_hash)
+    job = Job(
+        tenant_id=tenant.id,
+        model_id=job_in.model_id,
+        method=method,
+        status="queued",
+        spec=spec,
+        queue=queue,
+        priority=job_in.priority,
+        idempotency_key=idempotency_key,
+        request_hash=body_hash,
+    )
     try:
         # a savepoint: when a concurrent request with the same Idempotency-Key won the race,
         # the unique constraint fires and we answer with that request's job instead
@@ -231,25 +258,55 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise Invalid("cursor is not one this API returned") from error
 
 
-def list_jobs(session: Session, tenant: Tenant, *, status: str | None, model_id: str | None, method: str | None,
-              limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
-    rows, next_cursor = _list_rows(session, tenant, select(Job), status=status, model_id=model_id, method=method,
-                                   limit=limit, cursor=cursor)
+def list_jobs(
+    session: Session,
+    tenant: Tenant,
+    *,
+    status: str | None,
+    model_id: str | None,
+    method: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Job], str | None]:
+    rows, next_cursor = _list_rows(
+        session, tenant, select(Job), status=status, model_id=model_id, method=method, limit=limit, cursor=cursor
+    )
     return [row[0] for row in rows], next_cursor
 
 
-def list_job_reads(session: Session, tenant: Tenant, *, status: str | None, model_id: str | None,
-                   method: str | None, limit: int, cursor: str | None) -> tuple[list[JobRead], str | None]:
+def list_job_reads(
+    session: Session,
+    tenant: Tenant,
+    *,
+    status: str | None,
+    model_id: str | None,
+    method: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[JobRead], str | None]:
     """A page of jobs with their metrics and artifacts, in one query."""
-    query = (select(Job, JobMetrics.document, Artifact).outerjoin(JobMetrics, JobMetrics.job_id == Job.id)
-             .outerjoin(Artifact, Artifact.job_id == Job.id))
-    rows, next_cursor = _list_rows(session, tenant, query, status=status, model_id=model_id, method=method,
-                                   limit=limit, cursor=cursor)
+    query = (
+        select(Job, JobMetrics.document, Artifact)
+        .outerjoin(JobMetrics, JobMetrics.job_id == Job.id)
+        .outerjoin(Artifact, Artifact.job_id == Job.id)
+    )
+    rows, next_cursor = _list_rows(
+        session, tenant, query, status=status, model_id=model_id, method=method, limit=limit, cursor=cursor
+    )
     return [_job_read(row[0], row[1], row[2]) for row in rows], next_cursor
 
 
-def _list_rows(session: Session, tenant: Tenant, query: Any, *, status: str | None, model_id: str | None,
-               method: str | None, limit: int, cursor: str | None) -> tuple[list[Any], str | None]:
+def _list_rows(
+    session: Session,
+    tenant: Tenant,
+    query: Any,
+    *,
+    status: str | None,
+    model_id: str | None,
+    method: str | None,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Any], str | None]:
     query = query.where(Job.tenant_id == tenant.id)
     if status:
         query = query.where(Job.status == status)
@@ -277,8 +334,10 @@ def read_job(session: Session, tenant: Tenant, job_id: str) -> JobRead:
     """The tenant's job with its metrics and artifact in one query (GET /v1/jobs/{id} is what clients poll)."""
     row = session.execute(
         select(Job, JobMetrics.document, Artifact)
-        .outerjoin(JobMetrics, JobMetrics.job_id == Job.id).outerjoin(Artifact, Artifact.job_id == Job.id)
-        .where(Job.id == job_id, Job.tenant_id == tenant.id)).first()
+        .outerjoin(JobMetrics, JobMetrics.job_id == Job.id)
+        .outerjoin(Artifact, Artifact.job_id == Job.id)
+        .where(Job.id == job_id, Job.tenant_id == tenant.id)
+    ).first()
     if row is None:  # another tenant's job is as absent as a missing one
         raise NotFound(f"no job {job_id!r}")
     return _job_read(row[0], row[1], row[2])
@@ -286,10 +345,24 @@ def read_job(session: Session, tenant: Tenant, job_id: str) -> JobRead:
 
 def _job_read(job: Job, metrics_document: dict[str, Any] | None, artifact: Artifact | None) -> JobRead:
     return JobRead(
-        id=job.id, status=cast(JobStatus, job.status), progress=job.progress, stage=job.stage, spec=job.spec, error=job.error,
-        attempt=job.attempt, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        id=job.id,
+        status=cast(JobStatus, job.status),
+        progress=job.progress,
+        stage=job.stage,
+        spec=job.spec,
+        error=job.error,
+        attempt=job.attempt,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
         metrics=metrics_document,
-        artifact=ArtifactRead(size_bytes=artifact.size_bytes, sha256=artifact.sha256, format=artifact.format,
-                              requires=artifact.requires or [], download_url=f"/v1/jobs/{job.id}/artifact")
-        if artifact else None,
+        artifact=ArtifactRead(
+            size_bytes=artifact.size_bytes,
+            sha256=artifact.sha256,
+            format=artifact.format,
+            requires=artifact.requires or [],
+            download_url=f"/v1/jobs/{job.id}/artifact",
+        )
+        if artifact
+        else None,
     )

@@ -1,4 +1,5 @@
 """The FastAPI application: routers, error handlers, middleware, background relay."""
+
 from __future__ import annotations
 
 import logging
@@ -35,8 +36,10 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         sweep_incoming()  # partial uploads a crashed API process left behind
     except OSError:
         log.exception("could not sweep the uploads folder at start")
-    loops = [BackgroundLoop("outbox-relay", RELAY_INTERVAL_S, _background_work),
-             BackgroundLoop("incoming-sweep", SWEEP_INTERVAL_S, sweep_incoming)]
+    loops = [
+        BackgroundLoop("outbox-relay", RELAY_INTERVAL_S, _background_work),
+        BackgroundLoop("incoming-sweep", SWEEP_INTERVAL_S, sweep_incoming),
+    ]
     for loop in loops:
         loop.start()
     try:
@@ -48,9 +51,13 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
 
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(title="ModelPress", version="1.0.0", lifespan=lifespan,
-                  description="Upload a PyTorch model, prune / quantize / distill it, measure what was gained "
-                              "and lost, download a model that runs with stock PyTorch.")
+    app = FastAPI(
+        title="ModelPress",
+        version="1.0.0",
+        lifespan=lifespan,
+        description="Upload a PyTorch model, prune / quantize / distill it, measure what was gained "
+        "and lost, download a model that runs with stock PyTorch.",
+    )
     install_error_handlers(app)
     app.include_router(ops.router)
     app.include_router(models.router)
@@ -59,8 +66,13 @@ def create_app() -> FastAPI:
     if UI_DIR.is_dir():
         app.mount("/ui", StaticFiles(directory=UI_DIR, html=True), name="ui")
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["ETag", "X-Request-Id", "Retry-After"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["ETag", "X-Request-Id", "Retry-After"],
+        )
     app.add_middleware(BodySizeLimit, max_bytes=lambda: get_settings().max_upload_bytes)
     app.add_middleware(RequestMetrics)
     return app

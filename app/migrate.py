@@ -1,4 +1,5 @@
 """Run Alembic migrations programmatically: the only way any schema is made, tests included."""
+
 from __future__ import annotations
 
 from pathlib import Path

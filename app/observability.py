@@ -1,4 +1,5 @@
 """Prometheus metrics and structured JSON logs with request and job ids."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,9 @@ request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 job_id_var: ContextVar[str | None] = ContextVar("job_id", default=None)
 
 REGISTRY = CollectorRegistry()
-REQUEST_LATENCY = Histogram("modelpress_api_request_seconds", "API request latency", ["method", "route", "status"],
-                            registry=REGISTRY)
+REQUEST_LATENCY = Histogram(
+    "modelpress_api_request_seconds", "API request latency", ["method", "route", "status"], registry=REGISTRY
+)
 UPLOAD_BYTES = Counter("modelpress_upload_bytes_total", "Bytes received in uploads", ["kind"], registry=REGISTRY)
 
 
@@ -32,21 +34,32 @@ class JobCollector:
         by_status = GaugeMetricFamily("modelpress_jobs", "Jobs by status and method", labels=["status", "method"])
         depth = GaugeMetricFamily("modelpress_queue_depth", "Queued jobs", labels=["queue"])
         unpublished = GaugeMetricFamily("modelpress_outbox_unpublished", "Outbox rows not yet published")
-        duration = GaugeMetricFamily("modelpress_job_duration_seconds_avg", "Mean duration of finished jobs",
-                                     labels=["method", "status"])
+        duration = GaugeMetricFamily(
+            "modelpress_job_duration_seconds_avg", "Mean duration of finished jobs", labels=["method", "status"]
+        )
         try:
             with get_read_session_factory()() as session:
                 for status, method, count in session.execute(
-                        select(Job.status, Job.method, func.count()).group_by(Job.status, Job.method)):
+                    select(Job.status, Job.method, func.count()).group_by(Job.status, Job.method)
+                ):
                     by_status.add_metric([status, method], count)
                 for queue, count in session.execute(
-                        select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue)):
+                    select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue)
+                ):
                     depth.add_metric([queue], count)
-                unpublished.add_metric([], session.scalar(select(func.count()).select_from(OutboxMessage)
-                                                          .where(OutboxMessage.published_at.is_(None))) or 0)
-                finished = session.execute(select(Job.method, Job.status, Job.started_at, Job.finished_at)
-                                           .where(Job.finished_at.is_not(None), Job.started_at.is_not(None))
-                                           .order_by(Job.finished_at.desc()).limit(1000)).all()
+                unpublished.add_metric(
+                    [],
+                    session.scalar(
+                        select(func.count()).select_from(OutboxMessage).where(OutboxMessage.published_at.is_(None))
+                    )
+                    or 0,
+                )
+                finished = session.execute(
+                    select(Job.method, Job.status, Job.started_at, Job.finished_at)
+                    .where(Job.finished_at.is_not(None), Job.started_at.is_not(None))
+                    .order_by(Job.finished_at.desc())
+                    .limit(1000)
+                ).all()
                 sums: dict[tuple[str, str], list[float]] = {}
                 for method, status, started, ended in finished:
                     assert started is not None and ended is not None  # the query keeps started, finished jobs
@@ -59,8 +72,13 @@ class JobCollector:
 
 
 REGISTRY.register(JobCollector())
-JOB_DURATION = Histogram("modelpress_job_seconds", "Job wall time seen by this process", ["method", "status"],
-                         buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600), registry=REGISTRY)
+JOB_DURATION = Histogram(
+    "modelpress_job_seconds",
+    "Job wall time seen by this process",
+    ["method", "status"],
+    buckets=(1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+    registry=REGISTRY,
+)
 
 
 def render_metrics() -> tuple[bytes, str]:
@@ -69,8 +87,12 @@ def render_metrics() -> tuple[bytes, str]:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {"time": round(record.created, 3), "level": record.levelname,
-                                 "logger": record.name, "message": record.getMessage()}
+        entry: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         for key, var in (("request_id", request_id_var), ("job_id", job_id_var)):
             value = getattr(record, key, None) or var.get()
             if value:

@@ -4,6 +4,7 @@ No job is lost if the API dies between commit and publish (the relay finds
 the row later), and none is published for a transaction that rolled back.
 Publishing twice is harmless: the worker claims a job only while it is queued.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,9 +43,13 @@ def relay_once(min_age_s: float = 0.0) -> int:
     """Publish unsent outbox rows; returns how many were published."""
     sent = 0
     with session_scope() as session:
-        query = (select(OutboxMessage).where(OutboxMessage.published_at.is_(None))
-                 .where(OutboxMessage.created_at <= utcnow() - timedelta(seconds=min_age_s))
-                 .order_by(OutboxMessage.id).limit(BATCH))
+        query = (
+            select(OutboxMessage)
+            .where(OutboxMessage.published_at.is_(None))
+            .where(OutboxMessage.created_at <= utcnow() - timedelta(seconds=min_age_s))
+            .order_by(OutboxMessage.id)
+            .limit(BATCH)
+        )
         if session.get_bind().dialect.name == "postgresql":
             query = query.with_for_update(skip_locked=True)
         for message in session.scalars(query):

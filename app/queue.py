@@ -3,6 +3,7 @@
 The producer side lives with the API (which publishes jobs through the outbox); the worker's
 `worker.celery_app` re-exports this app and registers the tasks. Torch-free.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -51,8 +52,10 @@ def make_celery(settings: Settings) -> Celery:
         task_send_sent_event=True,
         worker_send_task_events=True,
         task_default_queue="cpu",
-        task_queues=[Queue("cpu", queue_arguments={"x-max-priority": 10}),
-                     Queue("gpu", queue_arguments={"x-max-priority": 10})],
+        task_queues=[
+            Queue("cpu", queue_arguments={"x-max-priority": 10}),
+            Queue("gpu", queue_arguments={"x-max-priority": 10}),
+        ],
         task_default_priority=5,
         worker_hijack_root_logger=False,
         include=["worker.tasks"],

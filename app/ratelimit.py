@@ -10,6 +10,7 @@ Bad keys: an address that sent more than MODELPRESS_RATE_LIMIT_INVALID_KEYS_PER_
 with a missing or unknown key gets 429 before its key is even looked up, so keys cannot be
 guessed faster than that (a valid key from that address waits out the window too).
 """
+
 from __future__ import annotations
 
 import logging
@@ -88,8 +89,10 @@ def _estimate_many(requests: list[tuple[str, int]]) -> list[tuple[float, float]]
     now = time.time()
     window = int(now // WINDOW_S)
     elapsed = now - window * WINDOW_S
-    return [(current + previous * (1.0 - elapsed / WINDOW_S), WINDOW_S - elapsed)
-            for current, previous in _counts_many(requests, window)]
+    return [
+        (current + previous * (1.0 - elapsed / WINDOW_S), WINDOW_S - elapsed)
+        for current, previous in _counts_many(requests, window)
+    ]
 
 
 def _refuse(what: str, per_minute: int, wait_s: float) -> RateLimited:
@@ -128,8 +131,9 @@ def check_known_key_request(address: str, tenant_id: str) -> None:
     before their lookup instead, so guesses stay bounded."""
     settings = get_settings()
     budget, per_minute = settings.rate_limit_invalid_keys_per_minute, settings.rate_limit_per_minute
-    requests = ([(f"badkey:{address}", 0)] if budget > 0 else []) + ([(f"tenant:{tenant_id}", 1)] if per_minute > 0
-                                                                      else [])
+    requests = ([(f"badkey:{address}", 0)] if budget > 0 else []) + (
+        [(f"tenant:{tenant_id}", 1)] if per_minute > 0 else []
+    )
     if not requests:
         return
     estimates = _estimate_many(requests)

@@ -1,4 +1,5 @@
 """Rules for models and datasets: store the file, record it, never leave half of it behind."""
+
 from __future__ import annotations
 
 import json
@@ -10,20 +11,28 @@ from sqlalchemy.orm import Session
 from app.config import get_settings
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
 from app.outbox import enqueue
+from app.queue import INSPECT_MODEL
 from app.storage import get_store
 from app.tables import Artifact, Job, StoredDataset, StoredModel, Tenant, new_id
 from app.uploads import ReceivedFile
 from modelpress.architectures import architecture_names
 from modelpress.catalog import MODEL_FORMATS
 from modelpress.formats import FormatError, check_model_file, sniff_dataset, sniff_model_format
-from app.queue import INSPECT_MODEL
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
-    models = session.scalar(select(func.coalesce(func.sum(StoredModel.size_bytes), 0))
-                            .where(StoredModel.tenant_id == tenant_id)) or 0
-    datasets = session.scalar(select(func.coalesce(func.sum(StoredDataset.size_bytes), 0))
-                              .where(StoredDataset.tenant_id == tenant_id)) or 0
+    models = (
+        session.scalar(
+            select(func.coalesce(func.sum(StoredModel.size_bytes), 0)).where(StoredModel.tenant_id == tenant_id)
+        )
+        or 0
+    )
+    datasets = (
+        session.scalar(
+            select(func.coalesce(func.sum(StoredDataset.size_bytes), 0)).where(StoredDataset.tenant_id == tenant_id)
+        )
+        or 0
+    )
     return int(models) + int(datasets)
 
 
@@ -39,7 +48,7 @@ def parse_architecture(raw: str | None) -> dict[str, Any] | None:
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise Invalid(f"architecture must be JSON like {{\"name\": \"mlp\", \"kwargs\": {{...}}}}: {error}") from error
+        raise Invalid(f'architecture must be JSON like {{"name": "mlp", "kwargs": {{...}}}}: {error}') from error
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise Invalid('architecture must be an object with a "name" from the registry')
     if not isinstance(value.get("kwargs", {}), dict):
@@ -100,9 +109,16 @@ def parse_inputs(inputs_json: str | None) -> list[dict[str, Any]] | None:
     return as_dicts
 
 
-def create_model(session: Session, *, tenant: Tenant, upload: ReceivedFile, name: str | None,
-                 declared_format: str | None, architecture_json: str | None,
-                 inputs: list[dict[str, Any]] | None = None) -> tuple[StoredModel, int]:
+def create_model(
+    session: Session,
+    *,
+    tenant: Tenant,
+    upload: ReceivedFile,
+    name: str | None,
+    declared_format: str | None,
+    architecture_json: str | None,
+    inputs: list[dict[str, Any]] | None = None,
+) -> tuple[StoredModel, int]:
     """Store and record an upload; returns it and the outbox message of its sandboxed inspection."""
     settings = get_settings()
     if declared_format is not None and declared_format not in MODEL_FORMATS:
@@ -117,14 +133,25 @@ def create_model(session: Session, *, tenant: Tenant, upload: ReceivedFile, name
         raise Invalid(f"not an accepted model file: {error}") from error
     architecture = parse_architecture(architecture_json)
     if model_format in ("state_dict", "safetensors") and architecture is None:
-        raise Invalid(f"a {model_format} upload holds weights only: send an architecture "
-                      f"from the registry ({architecture_names()})")
+        raise Invalid(
+            f"a {model_format} upload holds weights only: send an architecture "
+            f"from the registry ({architecture_names()})"
+        )
     _check_storage_quota(session, tenant, upload.size_bytes)
     model_id = new_id("mdl")
     key = f"models/{tenant.id}/{model_id}"
-    record = StoredModel(id=model_id, tenant_id=tenant.id, name=name or upload.filename, format=model_format,
-                         architecture=architecture, size_bytes=upload.size_bytes, sha256=upload.sha256,
-                         storage_key=key, status="pending", inputs=inputs)
+    record = StoredModel(
+        id=model_id,
+        tenant_id=tenant.id,
+        name=name or upload.filename,
+        format=model_format,
+        architecture=architecture,
+        size_bytes=upload.size_bytes,
+        sha256=upload.sha256,
+        storage_key=key,
+        status="pending",
+        inputs=inputs,
+    )
     _store_and_record(session, upload, record)
     message = enqueue(session, task=INSPECT_MODEL, object_id=model_id)
     return record, message.id
@@ -136,13 +163,17 @@ def get_model(session: Session, tenant: Tenant, model_id: str) -> StoredModel:
 
 def delete_model(session: Session, tenant: Tenant, model_id: str) -> None:
     record = get_model(session, tenant, model_id)
-    active = session.scalar(select(func.count()).select_from(Job).where(
-        Job.model_id == model_id, Job.status.in_(("queued", "running"))))
+    active = session.scalar(
+        select(func.count()).select_from(Job).where(Job.model_id == model_id, Job.status.in_(("queued", "running")))
+    )
     if active:
         raise Conflict(f"model {model_id} has {active} queued or running jobs")
     # its finished jobs go with it (the foreign key cascades); so do their artifact files
-    artifact_keys = list(session.scalars(select(Artifact.storage_key).join(Job, Job.id == Artifact.job_id)
-                                         .where(Job.model_id == model_id)))
+    artifact_keys = list(
+        session.scalars(
+            select(Artifact.storage_key).join(Job, Job.id == Artifact.job_id).where(Job.model_id == model_id)
+        )
+    )
     key = record.storage_key
     session.delete(record)
     session.flush()
@@ -160,8 +191,16 @@ def create_dataset(session: Session, *, tenant: Tenant, upload: ReceivedFile, na
     _check_storage_quota(session, tenant, upload.size_bytes)
     dataset_id = new_id("ds")
     key = f"datasets/{tenant.id}/{dataset_id}"
-    record = StoredDataset(id=dataset_id, tenant_id=tenant.id, name=name or upload.filename, format=info["format"],
-                           size_bytes=upload.size_bytes, sha256=upload.sha256, storage_key=key, info=info)
+    record = StoredDataset(
+        id=dataset_id,
+        tenant_id=tenant.id,
+        name=name or upload.filename,
+        format=info["format"],
+        size_bytes=upload.size_bytes,
+        sha256=upload.sha256,
+        storage_key=key,
+        info=info,
+    )
     _store_and_record(session, upload, record)
     return record
 

@@ -1,4 +1,5 @@
 """Artifact retention: remove the artifacts of jobs that finished long ago."""
+
 from __future__ import annotations
 
 from datetime import timedelta
@@ -16,12 +17,18 @@ def remove_expired_artifacts(older_than_days: int) -> int:
     removed = 0
     store = get_store()
     with session_scope() as session:
-        rows = session.execute(select(Artifact, Job).join(Job, Job.id == Artifact.job_id)
-                               .where(Job.finished_at < cutoff)).all()
+        rows = session.execute(
+            select(Artifact, Job).join(Job, Job.id == Artifact.job_id).where(Job.finished_at < cutoff)
+        ).all()
         for artifact, job in rows:
             store.delete(artifact.storage_key)
             session.delete(artifact)
-            session.add(JobEvent(job_id=job.id, kind="log",
-                                 data={"message": f"artifact removed after {older_than_days} days of retention"}))
+            session.add(
+                JobEvent(
+                    job_id=job.id,
+                    kind="log",
+                    data={"message": f"artifact removed after {older_than_days} days of retention"},
+                )
+            )
             removed += 1
     return removed

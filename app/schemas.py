@@ -1,4 +1,5 @@
 """Request and response shapes of the v1 API (see shared API.md)."""
+
 from __future__ import annotations
 
 import math
@@ -28,10 +29,11 @@ class InputDecl(BaseModel):
     name: InputName
     shape: list[ShapeSize] = Field(min_length=1, max_length=8)
     dtype: Literal["float16", "float32", "float64", "bfloat16", "int32", "int64", "bool"] = "float32"
-    low: int | None = Field(None, ge=-2**63, le=2**63, description="integers: lowest random value")
-    high: int | None = Field(None, ge=-2**63, le=2**63, description="integers: highest random value, exclusive")
+    low: int | None = Field(None, ge=-(2**63), le=2**63, description="integers: lowest random value")
+    high: int | None = Field(None, ge=-(2**63), le=2**63, description="integers: highest random value, exclusive")
     dynamic: list[Annotated[int, Field(ge=0, le=7)]] = Field(
-        default_factory=list, max_length=8, description="dimensions that vary (batch, sequence)")
+        default_factory=list, max_length=8, description="dimensions that vary (batch, sequence)"
+    )
 
 
 ForwardKwargValue = bool | int | float | str | None
@@ -81,17 +83,30 @@ class DatasetList(BaseModel):
 class Target(BaseModel):
     model_config = ConfigDict(extra="forbid")
     runtime: Literal["torch", "onnxruntime", "executorch"] = Field(
-        "torch", description="the runtime that serves the artifact; it is built for and measured in it")
+        "torch", description="the runtime that serves the artifact; it is built for and measured in it"
+    )
     device: Literal["cpu", "cuda"] = "cpu"
     threads: int = Field(1, ge=1, le=64, description="CPU threads for latency measurement")
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "model_id": "mdl_0123456789abcdef01234567",
-        "stages": [{"method": "prune", "scheme": "l1_unstructured", "amount": 0.8},
-                   {"method": "quantize", "scheme": "dynamic_int8"}],
-        "example_input_shape": [1, 64], "target": {"device": "cpu"}, "output_format": "torchscript"}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "mdl_0123456789abcdef01234567",
+                    "stages": [
+                        {"method": "prune", "scheme": "l1_unstructured", "amount": 0.8},
+                        {"method": "quantize", "scheme": "dynamic_int8"},
+                    ],
+                    "example_input_shape": [1, 64],
+                    "target": {"device": "cpu"},
+                    "output_format": "torchscript",
+                }
+            ]
+        },
+    )
     model_id: Identifier
     # the length is checked before any stage is looked at, so a huge list costs no per-stage work
     stages: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_STAGES)
@@ -100,23 +115,45 @@ class JobCreate(BaseModel):
     dataset_id: Identifier | None = None
     eval_dataset_id: Identifier | None = None
     example_input_shape: list[ShapeSize] | None = Field(
-        None, min_length=1, max_length=8,
-        description=f"sizes >= 1; their product (elements of one example batch) <= {MAX_INPUT_ELEMENTS}")
+        None,
+        min_length=1,
+        max_length=8,
+        description=f"sizes >= 1; their product (elements of one example batch) <= {MAX_INPUT_ELEMENTS}",
+    )
     inputs: list[InputDecl] | None = Field(
-        None, min_length=1, max_length=16,
-        description="the forward's tensors in order (instead of example_input_shape); default: the model's")
+        None,
+        min_length=1,
+        max_length=16,
+        description="the forward's tensors in order (instead of example_input_shape); default: the model's",
+    )
     forward_kwargs: dict[str, ForwardKwargValue] | None = Field(
-        None, max_length=16, description="constant non-tensor keyword arguments of forward, e.g. {\"sr\": 16000}")
+        None, max_length=16, description='constant non-tensor keyword arguments of forward, e.g. {"sr": 16000}'
+    )
     output: OutputSelector | None = Field(
-        None, description="the output scored for accuracy and distillation: a tuple index or a dict key; "
-                          "default: the first floating tensor")
+        None,
+        description="the output scored for accuracy and distillation: a tuple index or a dict key; "
+        "default: the first floating tensor",
+    )
     target: Target = Field(default_factory=Target)  # type: ignore[arg-type]  # pydantic's overloads reject a model class as factory
-    output_format: Literal["torchscript", "exported_program", "state_dict", "sparse_state_dict", "compact_state_dict",
-                           "deep_compression", "onnx", "executorch"] | None = None
+    output_format: (
+        Literal[
+            "torchscript",
+            "exported_program",
+            "state_dict",
+            "sparse_state_dict",
+            "compact_state_dict",
+            "deep_compression",
+            "onnx",
+            "executorch",
+        ]
+        | None
+    ) = None
     webhook_url: AnyHttpUrl | None = Field(
-        None, max_length=2048,
+        None,
+        max_length=2048,
         description="POSTed the job summary when it finishes; loopback, private, link-local and other internal "
-                    "addresses are refused (at submit and, after resolving the host, at send)")
+        "addresses are refused (at submit and, after resolving the host, at send)",
+    )
     priority: int = Field(5, ge=0, le=9, description="0..9, 9 runs first")
     seed: int = Field(0, ge=0, le=MAX_SEED)
 

@@ -1,4 +1,5 @@
 """Artifact and upload storage, picked by URL scheme: file:// (default) or s3://bucket/prefix."""
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profiles, instanc
 
 A PUT (single or completed multipart) is all or nothing, so readers never see a half-written object.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,9 +35,16 @@ def _error_code(error: ClientError) -> str:
 
 
 class S3Store:
-    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
-                 create_bucket: bool | None = None, multipart_threshold: int | None = None,
-                 multipart_chunksize: int | None = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        create_bucket: bool | None = None,
+        multipart_threshold: int | None = None,
+        multipart_chunksize: int | None = None,
+    ) -> None:
         if not bucket:
             raise ValueError("an s3:// storage URL needs a bucket: s3://bucket/prefix")
         self.bucket = bucket
@@ -48,8 +56,9 @@ class S3Store:
         threshold = multipart_threshold or settings.s3_multipart_threshold_bytes
         chunk = multipart_chunksize or settings.s3_multipart_chunk_bytes
         # S3 parts are at least 5 MiB (except the last one)
-        self.transfer = TransferConfig(multipart_threshold=threshold, multipart_chunksize=max(chunk, 5 * 1024**2),
-                                       max_concurrency=4)
+        self.transfer = TransferConfig(
+            multipart_threshold=threshold, multipart_chunksize=max(chunk, 5 * 1024**2), max_concurrency=4
+        )
         self._lock = threading.Lock()
         self._client_pid: int | None = None
         self._client_obj: Any = None
@@ -63,13 +72,15 @@ class S3Store:
         if self._client_pid != os.getpid():
             with self._lock:
                 if self._client_pid != os.getpid():
-                    custom_endpoint = bool(self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
-                                           or os.environ.get("AWS_ENDPOINT_URL"))
+                    custom_endpoint = bool(
+                        self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                    )
                     style = self.addressing_style or ("path" if custom_endpoint else "auto")
                     # retries follow the standard AWS_MAX_ATTEMPTS / AWS_RETRY_MODE variables
                     config = Config(s3={"addressing_style": style}, connect_timeout=10, read_timeout=60)
-                    self._client_obj = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url,
-                                                                      config=config)
+                    self._client_obj = boto3.session.Session().client(
+                        "s3", endpoint_url=self.endpoint_url, config=config
+                    )
                     self._client_pid = os.getpid()
         return self._client_obj
 
@@ -156,7 +167,8 @@ class S3Store:
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         """A time-limited GET URL, so large downloads can bypass the API process."""
         return self._client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=int(expires_s))
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=int(expires_s)
+        )
 
     def __repr__(self) -> str:
         return f"S3Store(bucket={self.bucket!r}, prefix={self.prefix!r})"

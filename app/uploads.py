@@ -1,4 +1,5 @@
 """Receiving uploaded files: bounded, hashed while streaming, stored atomically."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,8 +7,8 @@ import logging
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -14,6 +14,7 @@ A webhook URL is checked twice:
 Hosts named in MODELPRESS_WEBHOOK_ALLOWED_HOSTS skip the range check (internal receivers
 a deployment trusts); they are still resolved once and pinned.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -28,8 +29,15 @@ from app.config import get_settings
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Names that mean "this machine" or a cloud metadata service whatever DNS says.
-_BLOCKED_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback",
-                  "metadata", "metadata.google.internal", "instance-data")
+_BLOCKED_NAMES = (
+    "localhost",
+    "localhost.localdomain",
+    "ip6-localhost",
+    "ip6-loopback",
+    "metadata",
+    "metadata.google.internal",
+    "instance-data",
+)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 USER_AGENT = "ModelPress-Webhook/1"
 
@@ -69,11 +77,14 @@ def address_problem(address: IPAddress) -> str | None:
         if inner is not None:
             problem = address_problem(inner)
             return f"{address} embeds {inner}: {problem}" if problem else None
-    for label, hit in (("a loopback address", address.is_loopback),
-                       ("the unspecified address", address.is_unspecified),
-                       ("a link-local address (cloud metadata lives there)", address.is_link_local),
-                       ("a multicast address", address.is_multicast), ("a private address", address.is_private),
-                       ("a reserved address", address.is_reserved)):
+    for label, hit in (
+        ("a loopback address", address.is_loopback),
+        ("the unspecified address", address.is_unspecified),
+        ("a link-local address (cloud metadata lives there)", address.is_link_local),
+        ("a multicast address", address.is_multicast),
+        ("a private address", address.is_private),
+        ("a reserved address", address.is_reserved),
+    ):
         if hit:
             return f"{address} is {label}"
     if not address.is_global:
@@ -171,8 +182,13 @@ def deliver(url: str, body: dict[str, Any], *, timeout: float = 5.0) -> Delivery
     extensions = {"sni_hostname": parsed.host} if parsed.scheme == "https" else {}
     try:
         with httpx.Client(follow_redirects=False, trust_env=False, timeout=timeout) as client:
-            request = client.build_request("POST", pinned, json=body, extensions=extensions,
-                                           headers={"Host": host_header, "User-Agent": USER_AGENT})
+            request = client.build_request(
+                "POST",
+                pinned,
+                json=body,
+                extensions=extensions,
+                headers={"Host": host_header, "User-Agent": USER_AGENT},
+            )
             response = client.send(request)
         return Delivery(status_code=response.status_code)
     except httpx.HTTPError as error:

@@ -1,13 +1,14 @@
 """The worker pool as the API sees it: live workers (recent heartbeat) and what they can run.
 
-  MODELPRESS_WORKER_STALE_AFTER_S      a worker without a heartbeat for this long is gone (default 30;
-                                       workers beat every 10 s)
-  MODELPRESS_REQUIRE_LIVE_WORKER       true: a job no live worker can run is refused with 422 at submit;
-                                       false (default): it is queued with a warning in spec["warnings"]
+MODELPRESS_WORKER_STALE_AFTER_S      a worker without a heartbeat for this long is gone (default 30;
+                                     workers beat every 10 s)
+MODELPRESS_REQUIRE_LIVE_WORKER       true: a job no live worker can run is refused with 422 at submit;
+                                     false (default): it is queued with a warning in spec["warnings"]
 """
+
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -27,7 +28,7 @@ def require_live_worker() -> bool:
 
 
 def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def live_workers(session: Any) -> list[WorkerRecord]:
@@ -54,8 +55,10 @@ def device_problem(session: Any, device: str) -> str | None:
     if device in devices:
         return None
     if not live:
-        return f"no live worker can run a job on device {device!r}: no worker has sent a heartbeat " \
-               f"in the last {stale_after_s():g} s"
+        return (
+            f"no live worker can run a job on device {device!r}: no worker has sent a heartbeat "
+            f"in the last {stale_after_s():g} s"
+        )
     return f"no live worker can run a job on device {device!r}: live workers offer devices {devices}"
 
 

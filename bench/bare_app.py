@@ -4,6 +4,7 @@ No authentication, no rate limit, no ORM objects, no response model: what any Fa
 for one indexed read, served by the same uvicorn as the API. Run as `uvicorn bench.bare_app:app` with
 BARE_DATABASE_URL set to the API's database.
 """
+
 from __future__ import annotations
 
 import os

@@ -4,6 +4,7 @@ All CPU figures are taken with one intra-op thread (`torch.set_num_threads(1)`),
 service's sandboxed job child runs by default (target.threads = 1), so in-process and
 service runs do the same work and other work on the box disturbs them less.
 """
+
 from __future__ import annotations
 
 import io
@@ -34,44 +35,93 @@ class Size:
     """How big each section runs. `full` is what `make bench` runs; `tiny` is the CI smoke size."""
 
     name: str
-    base_epochs: int                       # training of the float models on digits
+    base_epochs: int  # training of the float models on digits
     quality_models: tuple[str, ...]
-    quality_stage_epochs: int | None       # overrides the schemes' training budgets (None: service defaults)
-    search_trials: int                     # accuracy-aware search (MLP only); 0 leaves it out
-    latency_budget_s: float                # per model, batch and round
+    quality_stage_epochs: int | None  # overrides the schemes' training budgets (None: service defaults)
+    search_trials: int  # accuracy-aware search (MLP only); 0 leaves it out
+    latency_budget_s: float  # per model, batch and round
     latency_rounds: int
     peer_models: tuple[str, ...]
-    overhead_epochs: int                   # the distillation job of the service-cost section (fixed, or the probe)
-    overhead_target_s: float | None        # scale its epochs so the job takes about this long in-process
+    overhead_epochs: int  # the distillation job of the service-cost section (fixed, or the probe)
+    overhead_target_s: float | None  # scale its epochs so the job takes about this long in-process
     overhead_repeats: int
     queue_jobs: int
     api_seconds: float
-    api_rate: int                          # requests/s of the open-loop GET test
+    api_rate: int  # requests/s of the open-loop GET test
     api_concurrency: int
     api_modes: tuple[str, ...]
     upload_bytes: int
 
 
 SIZES: dict[str, Size] = {
-    "tiny": Size("tiny", base_epochs=3, quality_models=("lenet-300-100",), quality_stage_epochs=1, search_trials=0,
-                 latency_budget_s=0.02, latency_rounds=1, peer_models=("lenet-300-100",), overhead_epochs=2,
-                 overhead_target_s=None, overhead_repeats=1, queue_jobs=2, api_seconds=1.5, api_rate=100, api_concurrency=4,
-                 api_modes=("embedded",), upload_bytes=20 * 2**20),
-    "medium": Size("medium", base_epochs=20, quality_models=("lenet-300-100", "lenet5"), quality_stage_epochs=None,
-                   search_trials=6, latency_budget_s=0.1, latency_rounds=3, peer_models=("lenet-300-100", "lenet5"),
-                   overhead_epochs=40, overhead_target_s=10.0, overhead_repeats=1, queue_jobs=20, api_seconds=5.0, api_rate=200,
-                   api_concurrency=8, api_modes=("embedded", "postgres"), upload_bytes=256 * 2**20),
-    "full": Size("full", base_epochs=20, quality_models=("lenet-300-100", "lenet5"), quality_stage_epochs=None,
-                 search_trials=8, latency_budget_s=0.1, latency_rounds=3, peer_models=("lenet-300-100", "lenet5"),
-                 overhead_epochs=40, overhead_target_s=10.0, overhead_repeats=3, queue_jobs=50, api_seconds=10.0, api_rate=200,
-                 api_concurrency=8, api_modes=("embedded", "postgres"), upload_bytes=2**30),
+    "tiny": Size(
+        "tiny",
+        base_epochs=3,
+        quality_models=("lenet-300-100",),
+        quality_stage_epochs=1,
+        search_trials=0,
+        latency_budget_s=0.02,
+        latency_rounds=1,
+        peer_models=("lenet-300-100",),
+        overhead_epochs=2,
+        overhead_target_s=None,
+        overhead_repeats=1,
+        queue_jobs=2,
+        api_seconds=1.5,
+        api_rate=100,
+        api_concurrency=4,
+        api_modes=("embedded",),
+        upload_bytes=20 * 2**20,
+    ),
+    "medium": Size(
+        "medium",
+        base_epochs=20,
+        quality_models=("lenet-300-100", "lenet5"),
+        quality_stage_epochs=None,
+        search_trials=6,
+        latency_budget_s=0.1,
+        latency_rounds=3,
+        peer_models=("lenet-300-100", "lenet5"),
+        overhead_epochs=40,
+        overhead_target_s=10.0,
+        overhead_repeats=1,
+        queue_jobs=20,
+        api_seconds=5.0,
+        api_rate=200,
+        api_concurrency=8,
+        api_modes=("embedded", "postgres"),
+        upload_bytes=256 * 2**20,
+    ),
+    "full": Size(
+        "full",
+        base_epochs=20,
+        quality_models=("lenet-300-100", "lenet5"),
+        quality_stage_epochs=None,
+        search_trials=8,
+        latency_budget_s=0.1,
+        latency_rounds=3,
+        peer_models=("lenet-300-100", "lenet5"),
+        overhead_epochs=40,
+        overhead_target_s=10.0,
+        overhead_repeats=3,
+        queue_jobs=50,
+        api_seconds=10.0,
+        api_rate=200,
+        api_concurrency=8,
+        api_modes=("embedded", "postgres"),
+        upload_bytes=2**30,
+    ),
 }
 
 MODELS: dict[str, dict[str, Any]] = {
-    "lenet-300-100": {"architecture": {"name": "mlp", "kwargs": {"widths": [64, 300, 100, 10]}},
-                      "label": "LeNet-300-100-style MLP (64-300-100-10)"},
-    "lenet5": {"architecture": {"name": "lenet5", "kwargs": {}},
-               "label": "LeNet-5-style CNN (conv 32, conv 64, fc 128, fc 10)"},
+    "lenet-300-100": {
+        "architecture": {"name": "mlp", "kwargs": {"widths": [64, 300, 100, 10]}},
+        "label": "LeNet-300-100-style MLP (64-300-100-10)",
+    },
+    "lenet5": {
+        "architecture": {"name": "lenet5", "kwargs": {}},
+        "label": "LeNet-5-style CNN (conv 32, conv 64, fc 128, fc 10)",
+    },
 }
 
 
@@ -143,8 +193,15 @@ def prepare_assets(folder: Path) -> Assets:
 # ---------------------------------------------------------------------------- the engine
 
 
-def engine_request(assets: Assets, model_name: str, stages: list[dict[str, Any]], artifact: Path, *,
-                   example_batch: int = 64, threads: int = THREADS) -> Any:
+def engine_request(
+    assets: Assets,
+    model_name: str,
+    stages: list[dict[str, Any]],
+    artifact: Path,
+    *,
+    example_batch: int = 64,
+    threads: int = THREADS,
+) -> Any:
     """The JobRequest the worker would build for these stages (validated and defaulted by the catalogue)."""
     from modelpress.catalog import JobFacts, validate_stages
     from worker.compression.pipeline import JobRequest, ModelRef, StageSpec
@@ -154,8 +211,12 @@ def engine_request(assets: Assets, model_name: str, stages: list[dict[str, Any]]
     return JobRequest(
         model=ModelRef(str(assets.model_paths[model_name]), "state_dict", MODELS[model_name]["architecture"]),
         stages=[StageSpec(v.spec.method, v.spec.name, v.options) for v in validated],
-        artifact_path=str(artifact), example_input_shape=[example_batch, int(assets.x_train.shape[1])],
-        dataset_path=str(assets.train_path), eval_dataset_path=str(assets.test_path), threads=threads)
+        artifact_path=str(artifact),
+        example_input_shape=[example_batch, int(assets.x_train.shape[1])],
+        dataset_path=str(assets.train_path),
+        eval_dataset_path=str(assets.test_path),
+        threads=threads,
+    )
 
 
 def run_engine(request: Any) -> dict[str, Any]:
@@ -201,8 +262,9 @@ def load_artifact_module(path: Path, artifact_format: str, architecture: dict[st
 # ---------------------------------------------------------------------------- measurement
 
 
-def latency_ms(model: Callable[[Any], Any], example: Any, budget_s: float, min_iterations: int = 10,
-               max_iterations: int = 5000) -> float:
+def latency_ms(
+    model: Callable[[Any], Any], example: Any, budget_s: float, min_iterations: int = 10, max_iterations: int = 5000
+) -> float:
     """Median wall time of one call, after a warm-up, within a time budget."""
     import torch
 
@@ -211,16 +273,22 @@ def latency_ms(model: Callable[[Any], Any], example: Any, budget_s: float, min_i
         for _ in range(3):
             model(example)
         started = time.perf_counter()
-        while len(timings) < max_iterations and (len(timings) < min_iterations
-                                                 or time.perf_counter() - started < budget_s):
+        while len(timings) < max_iterations and (
+            len(timings) < min_iterations or time.perf_counter() - started < budget_s
+        ):
             t0 = time.perf_counter()
             model(example)
             timings.append(time.perf_counter() - t0)
     return statistics.median(timings) * 1e3
 
 
-def paired_latency(baseline: Callable[[Any], Any], candidate: Callable[[Any], Any], examples: dict[int, Any],
-                   budget_s: float, rounds: int) -> dict[int, dict[str, float]]:
+def paired_latency(
+    baseline: Callable[[Any], Any],
+    candidate: Callable[[Any], Any],
+    examples: dict[int, Any],
+    budget_s: float,
+    rounds: int,
+) -> dict[int, dict[str, float]]:
     """Baseline and candidate timed in alternation, `rounds` times per batch size; medians and their ratio."""
     figures: dict[int, dict[str, float]] = {}
     for batch, example in examples.items():
@@ -239,7 +307,7 @@ def predict(model: Callable[[Any], Any], inputs: Any) -> Any:
     outs = []
     with torch.inference_mode():
         for start in range(0, len(inputs), 256):
-            out = model(inputs[start:start + 256])
+            out = model(inputs[start : start + 256])
             outs.append((out if isinstance(out, torch.Tensor) else out[0]).float())
     return torch.cat(outs)
 
@@ -277,15 +345,23 @@ def environment() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "threads": THREADS,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": THREADS,
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
     }
     for package, module in (("torchao", "torchao"), ("torch-pruning", "torch_pruning"), ("scikit-learn", "sklearn")):
         info[package] = _version(package, module)
     try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                            text=True, timeout=10).stdout.strip() or None
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info

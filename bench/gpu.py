@@ -15,6 +15,7 @@ It writes its section into BENCHMARKS.md and bench/results.json. Without CUDA it
 why it skipped and exits 0. `--device cpu` runs the same code on tiny shapes on the CPU
 (no compile) to check it still runs; those figures are meaningless and never written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,12 +31,14 @@ from typing import Any
 SCHEMES = ("int8_weight_only", "int8_dynamic", "int4_weight_only", "float8")
 DEFAULT_BUDGET_S = 270.0
 COMMAND = "python -m bench.gpu"
-INTRO = ("One call of `python -m bench.gpu` on a machine with CUDA, sized to finish in under five minutes on an H200: "
-         "torchao int8 weight-only, int8 dynamic, int4 weight-only and float8 (the configs of ModelPress's CUDA "
-         "schemes) against bf16, eager and under torch.compile, for a 4096×4096 MLP (two Linear layers) and a "
-         "small transformer block (d=1024, 16 heads, FFN 4096), at 16 tokens (decode-like) and 4096 tokens "
-         "(prefill-like); and 2:4 semi-structured sparsity (torch.sparse.to_sparse_semi_structured, the call of "
-         "ModelPress's nm_semi_structured scheme on CUDA) against the dense bf16 model.")
+INTRO = (
+    "One call of `python -m bench.gpu` on a machine with CUDA, sized to finish in under five minutes on an H200: "
+    "torchao int8 weight-only, int8 dynamic, int4 weight-only and float8 (the configs of ModelPress's CUDA "
+    "schemes) against bf16, eager and under torch.compile, for a 4096×4096 MLP (two Linear layers) and a "
+    "small transformer block (d=1024, 16 heads, FFN 4096), at 16 tokens (decode-like) and 4096 tokens "
+    "(prefill-like); and 2:4 semi-structured sparsity (torch.sparse.to_sparse_semi_structured, the call of "
+    "ModelPress's nm_semi_structured scheme on CUDA) against the dense bf16 model."
+)
 
 
 def _mlp(width: int) -> Any:
@@ -71,14 +74,30 @@ def _block(d_model: int, heads: int, ffn: int) -> Any:
 
 def _shapes(quick: bool) -> dict[str, dict[str, Any]]:
     if quick:
-        return {"mlp": {"label": "MLP 256×256", "build": lambda: _mlp(256), "inputs": {"16 tokens": (16, 256),
-                                                                                     "256 tokens": (256, 256)}},
-                "block": {"label": "transformer block d=128", "build": lambda: _block(128, 4, 512),
-                          "inputs": {"16 tokens": (16, 1, 128), "256 tokens": (2, 128, 128)}}}
-    return {"mlp": {"label": "MLP 4096×4096 (2 layers)", "build": lambda: _mlp(4096),
-                    "inputs": {"16 tokens": (16, 4096), "4096 tokens": (4096, 4096)}},
-            "block": {"label": "transformer block d=1024, 16 heads, FFN 4096", "build": lambda: _block(1024, 16, 4096),
-                      "inputs": {"16 tokens": (16, 1, 1024), "4096 tokens": (8, 512, 1024)}}}
+        return {
+            "mlp": {
+                "label": "MLP 256×256",
+                "build": lambda: _mlp(256),
+                "inputs": {"16 tokens": (16, 256), "256 tokens": (256, 256)},
+            },
+            "block": {
+                "label": "transformer block d=128",
+                "build": lambda: _block(128, 4, 512),
+                "inputs": {"16 tokens": (16, 1, 128), "256 tokens": (2, 128, 128)},
+            },
+        }
+    return {
+        "mlp": {
+            "label": "MLP 4096×4096 (2 layers)",
+            "build": lambda: _mlp(4096),
+            "inputs": {"16 tokens": (16, 4096), "4096 tokens": (4096, 4096)},
+        },
+        "block": {
+            "label": "transformer block d=1024, 16 heads, FFN 4096",
+            "build": lambda: _block(1024, 16, 4096),
+            "inputs": {"16 tokens": (16, 1, 1024), "4096 tokens": (8, 512, 1024)},
+        },
+    }
 
 
 def _time_ms(fn: Callable[[Any], Any], x: Any, device: str, iterations: int = 30, repeats: int = 5) -> float:
@@ -139,8 +158,9 @@ def _error(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:240]
 
 
-def run_benchmarks(device: str = "cuda", *, quick: bool = False, compile: bool = True,
-                   budget_s: float = DEFAULT_BUDGET_S) -> dict[str, Any]:
+def run_benchmarks(
+    device: str = "cuda", *, quick: bool = False, compile: bool = True, budget_s: float = DEFAULT_BUDGET_S
+) -> dict[str, Any]:
     import torch
     from torchao.quantization import quantize_
 
@@ -212,12 +232,18 @@ def run_benchmarks(device: str = "cuda", *, quick: bool = False, compile: bool =
         else:
             skipped_for_time.append(f"{spec['label']} 2:4")
     engine_check = _engine_nm_stage(device, quick) if time.monotonic() < deadline else {"skipped": "time budget"}
-    return {"rows": rows, "sparse_rows": sparse_rows, "engine_nm_stage": engine_check,
-            "skipped_for_time": skipped_for_time, "budget_s": budget_s}
+    return {
+        "rows": rows,
+        "sparse_rows": sparse_rows,
+        "engine_nm_stage": engine_check,
+        "skipped_for_time": skipped_for_time,
+        "budget_s": budget_s,
+    }
 
 
-def _semi_structured(base: Any, inputs: dict[str, Any], references: dict[str, Any], label: str,
-                     device: str) -> list[dict[str, Any]]:
+def _semi_structured(
+    base: Any, inputs: dict[str, Any], references: dict[str, Any], label: str, device: str
+) -> list[dict[str, Any]]:
     """2:4 masks (the engine's nm_mask) on every Linear, then to_sparse_semi_structured, against dense bf16."""
     import torch
     from torch import nn
@@ -263,27 +289,42 @@ def _engine_nm_stage(device: str, quick: bool) -> dict[str, Any]:
     model = _mlp(width).to(device=device, dtype=torch.bfloat16).eval()
     example = torch.randn(64, width, device=device, dtype=torch.bfloat16)
     try:
-        result = run_stage(model, "nm_semi_structured", {"n": 2, "m": 4, "layers": None, "prune_classifier": True,
-                                                         "train": None},
-                           StageContext(kind="eager", example_input=example, device=torch.device(device)))
+        result = run_stage(
+            model,
+            "nm_semi_structured",
+            {"n": 2, "m": 4, "layers": None, "prune_classifier": True, "train": None},
+            StageContext(kind="eager", example_input=example, device=torch.device(device)),
+        )
         with torch.inference_mode():
             result.model(example)
-        return {"ok": True, "semi_structured_layers": result.info.get("semi_structured_layers"),
-                "sparsity": result.info.get("sparsity")}
+        return {
+            "ok": True,
+            "semi_structured_layers": result.info.get("semi_structured_layers"),
+            "sparsity": result.info.get("sparsity"),
+        }
     except Exception as error:
         return {"ok": False, "error": _error(error)}
 
 
-def section(size_name: str = "full", *, device: str = "cuda", budget_s: float = DEFAULT_BUDGET_S,
-            compile: bool = True) -> dict[str, Any]:
+def section(
+    size_name: str = "full", *, device: str = "cuda", budget_s: float = DEFAULT_BUDGET_S, compile: bool = True
+) -> dict[str, Any]:
     """The GPU section for bench.run: measured figures, or a `skipped` reason without CUDA."""
     import torch
 
-    base: dict[str, Any] = {"title": "5. GPU: torchao schemes and 2:4 sparsity against bf16", "command": COMMAND,
-                            "tables": [], "targets": [], "notes": [], "data": {}}
+    base: dict[str, Any] = {
+        "title": "5. GPU: torchao schemes and 2:4 sparsity against bf16",
+        "command": COMMAND,
+        "tables": [],
+        "targets": [],
+        "notes": [],
+        "data": {},
+    }
     if device == "cuda" and not torch.cuda.is_available():
-        base["skipped"] = (f"no CUDA device on the machine of the last run (torch {torch.__version__}, CUDA build "
-                           f"{torch.version.cuda}); run `{COMMAND}` on a GPU machine to fill this section.")
+        base["skipped"] = (
+            f"no CUDA device on the machine of the last run (torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda}); run `{COMMAND}` on a GPU machine to fill this section."
+        )
         base["intro"] = INTRO
         return base
     quick = size_name == "tiny" or device != "cuda"
@@ -297,8 +338,13 @@ def section(size_name: str = "full", *, device: str = "cuda", budget_s: float = 
         torch.set_num_threads(threads)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (code-path check only)"
     capability = ".".join(map(str, torch.cuda.get_device_capability())) if device == "cuda" else None
-    figures.update(device_name=name, compute_capability=capability, seconds=round(time.perf_counter() - started, 1),
-                   torch=torch.__version__, torchao=_torchao_version())
+    figures.update(
+        device_name=name,
+        compute_capability=capability,
+        seconds=round(time.perf_counter() - started, 1),
+        torch=torch.__version__,
+        torchao=_torchao_version(),
+    )
     return _render(base, figures)
 
 
@@ -325,56 +371,110 @@ def _render(base: dict[str, Any], figures: dict[str, Any]) -> dict[str, Any]:
             continue
         for name, f in row["by_input"].items():
             problems = "; ".join(f[k] for k in ("eager_error", "compiled_error") if k in f)
-            rows.append([row["model"], name, row["scheme"], ms(f.get("eager_ms")), times(f.get("eager_speedup")),
-                         ms(f.get("compiled_ms")), times(f.get("compiled_speedup")),
-                         "–" if f.get("sqnr_db") is None else f"{f['sqnr_db']:.1f} dB",
-                         "–" if row.get("weight_bytes") is None else f"{row['weight_bytes'] / 2**20:.1f} MiB",
-                         problems or row.get("compile_error", "")])
-    sparse_rows = [[r["model"], r["input"], ms(r.get("dense_ms")), ms(r.get("sparse_ms")), times(r.get("speedup")),
-                    "–" if r.get("sqnr_db_vs_dense") is None else f"{r['sqnr_db_vs_dense']:.1f} dB",
-                    f"{len(r['converted'])} converted" + (f"; not: {'; '.join(r['not_converted'])}"
-                                                          if r["not_converted"] else "") + (
-                        f"; {r['error']}" if "error" in r else "")]
-                   for r in figures["sparse_rows"]]
+            rows.append(
+                [
+                    row["model"],
+                    name,
+                    row["scheme"],
+                    ms(f.get("eager_ms")),
+                    times(f.get("eager_speedup")),
+                    ms(f.get("compiled_ms")),
+                    times(f.get("compiled_speedup")),
+                    "–" if f.get("sqnr_db") is None else f"{f['sqnr_db']:.1f} dB",
+                    "–" if row.get("weight_bytes") is None else f"{row['weight_bytes'] / 2**20:.1f} MiB",
+                    problems or row.get("compile_error", ""),
+                ]
+            )
+    sparse_rows = [
+        [
+            r["model"],
+            r["input"],
+            ms(r.get("dense_ms")),
+            ms(r.get("sparse_ms")),
+            times(r.get("speedup")),
+            "–" if r.get("sqnr_db_vs_dense") is None else f"{r['sqnr_db_vs_dense']:.1f} dB",
+            f"{len(r['converted'])} converted"
+            + (f"; not: {'; '.join(r['not_converted'])}" if r["not_converted"] else "")
+            + (f"; {r['error']}" if "error" in r else ""),
+        ]
+        for r in figures["sparse_rows"]
+    ]
     engine = figures["engine_nm_stage"]
-    notes = [f"Device: {figures['device_name']} (compute capability {figures['compute_capability']}), torch "
-             f"{figures['torch']}, torchao {figures['torchao']}; {figures['seconds']} s for the whole call.",
-             "Speedups are against the bf16 model in the same mode (eager against eager, compiled against compiled); "
-             "torch.compile with default options, static shapes. SQNR compares outputs with the bf16 model's.",
-             "ModelPress's engine runs these schemes eagerly inside the job (the artifact is an exported program); "
-             "the compiled column is what a user gets by compiling the downloaded model.",
-             "The engine's own prune stage (nm_semi_structured 2:4 on CUDA, bf16): "
-             + (f"ran, converted layers {engine.get('semi_structured_layers')}" if engine.get("ok")
-                else f"FAILED: {engine.get('error', engine.get('skipped'))}") + "."]
+    notes = [
+        f"Device: {figures['device_name']} (compute capability {figures['compute_capability']}), torch "
+        f"{figures['torch']}, torchao {figures['torchao']}; {figures['seconds']} s for the whole call.",
+        "Speedups are against the bf16 model in the same mode (eager against eager, compiled against compiled); "
+        "torch.compile with default options, static shapes. SQNR compares outputs with the bf16 model's.",
+        "ModelPress's engine runs these schemes eagerly inside the job (the artifact is an exported program); "
+        "the compiled column is what a user gets by compiling the downloaded model.",
+        "The engine's own prune stage (nm_semi_structured 2:4 on CUDA, bf16): "
+        + (
+            f"ran, converted layers {engine.get('semi_structured_layers')}"
+            if engine.get("ok")
+            else f"FAILED: {engine.get('error', engine.get('skipped'))}"
+        )
+        + ".",
+    ]
     if figures["skipped_for_time"]:
         notes.append("Left out to stay within the time budget: " + ", ".join(figures["skipped_for_time"]))
     base.update(
-        intro=(f"On **{figures['device_name']}**. " + INTRO + " int4 weight-only uses tinygemm's tile-packed "
-               "format, group 128; float8 is dynamic per-tensor. Latency is the median of CUDA-event-timed loops."),
-        tables=[{"title": f"torchao schemes against bf16 on {figures['device_name']}",
-                 "columns": ["model", "input", "scheme", "eager", "eager speedup", "compiled", "compiled speedup",
-                             "SQNR vs bf16", "weights", "problems"], "rows": rows},
-                {"title": f"2:4 semi-structured sparsity against dense bf16 on {figures['device_name']}",
-                 "columns": ["model", "input", "dense bf16", "2:4 sparse", "speedup", "SQNR vs dense",
-                             "layers"], "rows": sparse_rows}],
-        notes=notes, data=figures)
+        intro=(
+            f"On **{figures['device_name']}**. " + INTRO + " int4 weight-only uses tinygemm's tile-packed "
+            "format, group 128; float8 is dynamic per-tensor. Latency is the median of CUDA-event-timed loops."
+        ),
+        tables=[
+            {
+                "title": f"torchao schemes against bf16 on {figures['device_name']}",
+                "columns": [
+                    "model",
+                    "input",
+                    "scheme",
+                    "eager",
+                    "eager speedup",
+                    "compiled",
+                    "compiled speedup",
+                    "SQNR vs bf16",
+                    "weights",
+                    "problems",
+                ],
+                "rows": rows,
+            },
+            {
+                "title": f"2:4 semi-structured sparsity against dense bf16 on {figures['device_name']}",
+                "columns": ["model", "input", "dense bf16", "2:4 sparse", "speedup", "SQNR vs dense", "layers"],
+                "rows": sparse_rows,
+            },
+        ],
+        notes=notes,
+        data=figures,
+    )
     return base
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                        help="cpu: check the code path on tiny shapes (figures not written)")
-    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
-                        help="stop starting new measurements after this many seconds")
+    parser = argparse.ArgumentParser(
+        prog=COMMAND, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cpu: check the code path on tiny shapes (figures not written)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help="stop starting new measurements after this many seconds",
+    )
     parser.add_argument("--no-compile", action="store_true", help="eager timings only")
     parser.add_argument("--quick", action="store_true", help="small shapes (size tiny)")
     parser.add_argument("--results", type=Path, default=None, help="results JSON (default bench/results.json)")
     parser.add_argument("--markdown", type=Path, default=None, help="markdown report (default BENCHMARKS.md)")
     args = parser.parse_args(argv)
-    result = section("tiny" if args.quick else "full", device=args.device, budget_s=args.budget_s,
-                     compile=not args.no_compile)
+    result = section(
+        "tiny" if args.quick else "full", device=args.device, budget_s=args.budget_s, compile=not args.no_compile
+    )
     if result.get("skipped"):
         print(f"bench.gpu: skipped: {result['skipped']}")
         return 0
@@ -390,8 +490,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results_path, markdown_path = args.results or RESULTS_PATH, args.markdown or MARKDOWN_PATH
     results = load_results(results_path)
-    result.update(size="tiny" if args.quick else "full", seconds=result["data"]["seconds"],
-                  generated_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+    result.update(
+        size="tiny" if args.quick else "full",
+        seconds=result["data"]["seconds"],
+        generated_at=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
     results["sections"]["gpu"] = finite(result)
     save_results(finite(results), results_path)
     markdown_path.write_text(render(results))

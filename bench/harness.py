@@ -4,6 +4,7 @@ Embedded mode is what `make run` gives (SQLite, the file-system broker, local fi
 Postgres + Redis mode is the production setup, on a database created for the run and
 dropped afterwards, and a Redis database number that was empty when the run began.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,8 +78,15 @@ def read_status_kib(pid: int, field: str) -> int | None:
 class Service:
     """API (uvicorn subprocess) + optional worker (the command `modelpress worker` runs), one tenant key."""
 
-    def __init__(self, mode: str, folder: Path, *, postgres_url: str | None = None, redis_url: str | None = None,
-                 worker: bool = True) -> None:
+    def __init__(
+        self,
+        mode: str,
+        folder: Path,
+        *,
+        postgres_url: str | None = None,
+        redis_url: str | None = None,
+        worker: bool = True,
+    ) -> None:
         if mode not in ("embedded", "postgres"):
             raise ValueError(mode)
         self.mode, self.folder, self.with_worker = mode, folder, worker
@@ -113,38 +121,73 @@ class Service:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
-        env.update(MODELPRESS_DATA_DIR=str(self.folder / "data"), MODELPRESS_RATE_LIMIT_PER_MINUTE="10000000",
-                   MODELPRESS_MAX_QUEUED_JOBS_PER_TENANT="1000", PYTHONUNBUFFERED="1")
+        env.update(
+            MODELPRESS_DATA_DIR=str(self.folder / "data"),
+            MODELPRESS_RATE_LIMIT_PER_MINUTE="10000000",
+            MODELPRESS_MAX_QUEUED_JOBS_PER_TENANT="1000",
+            PYTHONUNBUFFERED="1",
+        )
         if self.mode == "postgres":
             assert self.postgres_admin_url and self.redis_server_url
             env["MODELPRESS_DATABASE_URL"] = self._create_database()
             env["MODELPRESS_BROKER_URL"] = self.redis_url = self._pick_redis_database()
         self.env = env
-        created = subprocess.run([PYTHON, "-m", "modelpress.cli", "keys", "create", "--tenant", "bench"], cwd=ROOT,
-                                 env=env, capture_output=True, text=True, timeout=300)
+        created = subprocess.run(
+            [PYTHON, "-m", "modelpress.cli", "keys", "create", "--tenant", "bench"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         if created.returncode != 0:
             raise RuntimeError(f"modelpress keys create failed: {created.stderr[-2000:]}")
         self.key = created.stdout.strip().splitlines()[-1]
         self.api = subprocess.Popen(
-            [PYTHON, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "warning", "--no-access-log"], cwd=ROOT, env=env,
-            stdout=open(self.folder / "api.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent)
-        self.client = httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {self.key}"},
-                                   timeout=httpx.Timeout(600.0, connect=10.0))
+            [
+                PYTHON,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=open(self.folder / "api.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        self.client = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {self.key}"},
+            timeout=httpx.Timeout(600.0, connect=10.0),
+        )
         self._wait(lambda: self._healthy(), 120, "the API to answer /healthz", self.folder / "api.log")
         if self.with_worker:
             self._start_worker()
-            self._wait(lambda: self.get("/v1/workers").get("items"), 120, "the worker to register",
-                       self.folder / "worker.log")
+            self._wait(
+                lambda: self.get("/v1/workers").get("items"), 120, "the worker to register", self.folder / "worker.log"
+            )
 
     def _start_worker(self) -> None:
         from modelpress.cli import worker_command
 
         self.worker = subprocess.Popen(
-            worker_command("cpu", 1), cwd=ROOT, env=dict(self.env, MODELPRESS_WORKER_QUEUES="cpu"),
-            stdout=open(self.folder / "worker.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent)
+            worker_command("cpu", 1),
+            cwd=ROOT,
+            env=dict(self.env, MODELPRESS_WORKER_QUEUES="cpu"),
+            stdout=open(self.folder / "worker.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
 
     def check_worker(self) -> bool:
         """Start the worker again if it died (recording why); True when it had to."""
@@ -158,8 +201,7 @@ class Service:
         except (ValueError, AttributeError):
             pass
         reason = reason[:600]
-        self.incidents.append({"at": time.strftime("%H:%M:%S"), "exit_code": self.worker.returncode,
-                               "log": reason})
+        self.incidents.append({"at": time.strftime("%H:%M:%S"), "exit_code": self.worker.returncode, "log": reason})
         log(f"the {self.mode} worker died (exit {self.worker.returncode}); starting it again: {reason[:200]}")
         self._start_worker()
         return True
@@ -261,14 +303,20 @@ class Service:
 
     def upload_model(self, path: Path, architecture: dict[str, Any]) -> str:
         with open(path, "rb") as handle:
-            response = self.client.post("/v1/models", files={"file": (path.name, handle)},
-                                        data={"format": "state_dict", "architecture": json.dumps(architecture)})
+            response = self.client.post(
+                "/v1/models",
+                files={"file": (path.name, handle)},
+                data={"format": "state_dict", "architecture": json.dumps(architecture)},
+            )
         if response.status_code != 201:
             raise RuntimeError(f"model upload answered {response.status_code}: {response.text[:500]}")
         model_id = response.json()["id"]
-        model = self._wait(lambda: not self.check_worker() and (m := self.get(f"/v1/models/{model_id}"))["status"]
-                           != "pending" and m, 300,
-                           "the model inspection", self.folder / "worker.log")
+        model = self._wait(
+            lambda: not self.check_worker() and (m := self.get(f"/v1/models/{model_id}"))["status"] != "pending" and m,
+            300,
+            "the model inspection",
+            self.folder / "worker.log",
+        )
         if model["status"] != "ready":
             raise RuntimeError(f"model rejected: {model.get('inspection')}")
         return str(model_id)
@@ -300,21 +348,27 @@ class Service:
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 if job["status"] != "succeeded":
                     raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
-                created, started, finished = (parse_time(job.get(k)) for k in ("created_at", "started_at",
-                                                                                 "finished_at"))
-                return {"job": job, "worker_restarted": restarted,
-                        "client_wall_s": now - submitted, "submit_s": accepted - submitted,
-                        "client_to_running_s": (seen_running or now) - submitted,
-                        "server_queue_s": (started - created) if started and created else None,
-                        "server_total_s": (finished - created) if finished and created else None,
-                        "server_run_s": (finished - started) if finished and started else None}
+                created, started, finished = (
+                    parse_time(job.get(k)) for k in ("created_at", "started_at", "finished_at")
+                )
+                return {
+                    "job": job,
+                    "worker_restarted": restarted,
+                    "client_wall_s": now - submitted,
+                    "submit_s": accepted - submitted,
+                    "client_to_running_s": (seen_running or now) - submitted,
+                    "server_queue_s": (started - created) if started and created else None,
+                    "server_total_s": (finished - created) if finished and created else None,
+                    "server_run_s": (finished - started) if finished and started else None,
+                }
             time.sleep(poll_s)
         tail = (self.folder / "worker.log").read_text(errors="replace")[-2000:]
         raise RuntimeError(f"job {job_id} did not finish in {timeout} s\n{tail}")
 
 
-def service_modes(size_modes: tuple[str, ...], postgres_url: str | None, redis_url: str | None,
-                  require_services: bool) -> tuple[list[str], dict[str, str]]:
+def service_modes(
+    size_modes: tuple[str, ...], postgres_url: str | None, redis_url: str | None, require_services: bool
+) -> tuple[list[str], dict[str, str]]:
     """The modes to run and, for the others, why they were left out."""
     modes, skipped = [], {}
     for mode in size_modes:
@@ -336,8 +390,15 @@ def service_modes(size_modes: tuple[str, ...], postgres_url: str | None, redis_u
 class ServicePool:
     """Services started once per mode and shared by the sections of one run (model and datasets uploaded once)."""
 
-    def __init__(self, folder: Path, *, postgres_url: str | None, redis_url: str | None,
-                 require_services: bool = False, allowed_modes: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        postgres_url: str | None,
+        redis_url: str | None,
+        require_services: bool = False,
+        allowed_modes: tuple[str, ...] | None = None,
+    ) -> None:
         self.folder, self.postgres_url, self.redis_url = folder, postgres_url, redis_url
         self.require_services, self.allowed_modes = require_services, allowed_modes
         self.live: dict[str, dict[str, Any]] = {}
@@ -360,11 +421,14 @@ class ServicePool:
             service = Service(mode, self.folder / mode, postgres_url=self.postgres_url, redis_url=self.redis_url)
             service.__enter__()
             try:
-                ready = {"service": service,
-                         "model_id": service.upload_model(assets.model_paths[model_name],
-                                                          MODELS[model_name]["architecture"]),
-                         "train_id": service.upload_dataset(assets.train_path),
-                         "test_id": service.upload_dataset(assets.test_path)}
+                ready = {
+                    "service": service,
+                    "model_id": service.upload_model(
+                        assets.model_paths[model_name], MODELS[model_name]["architecture"]
+                    ),
+                    "train_id": service.upload_dataset(assets.train_path),
+                    "test_id": service.upload_dataset(assets.test_path),
+                }
             except BaseException:
                 service.stop()
                 raise

@@ -4,6 +4,7 @@ Same trained model, same calibration samples, same test inputs, same run. "Ours"
 artifact `pipeline.run_job` produced, loaded as a user loads it; the direct calls are what
 a user would write by hand with torch.ao, torchao and torch-pruning.
 """
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,19 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.common import (
-    MODELS, Assets, Size, command_for, engine_request, fmt, load_artifact_module, log, paired_latency, predict,
-    run_engine, sqnr_db, top1,
+    MODELS,
+    Assets,
+    Size,
+    command_for,
+    engine_request,
+    fmt,
+    load_artifact_module,
+    log,
+    paired_latency,
+    predict,
+    run_engine,
+    sqnr_db,
+    top1,
 )
 
 CALIBRATION_SAMPLES = 16 * 32  # the engine's default: 16 batches of 32
@@ -63,7 +75,8 @@ def _torchao_pt2e_static(model: Any, calibration: Any, example: Any) -> Any:
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config,
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
     )
 
     quantizer = X86InductorQuantizer()
@@ -81,8 +94,13 @@ def _torch_pruning(model: Any, calibration: Any, example: Any) -> Any:
     import torch_pruning as tp
 
     pruned = copy.deepcopy(model).eval()
-    pruner = tp.pruner.MetaPruner(pruned, example, importance=tp.importance.MagnitudeImportance(p=2),
-                                  pruning_ratio=PRUNE_AMOUNT, ignored_layers=[_classifier(pruned)])
+    pruner = tp.pruner.MetaPruner(
+        pruned,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=PRUNE_AMOUNT,
+        ignored_layers=[_classifier(pruned)],
+    )
     pruner.step()
     return pruned.eval()
 
@@ -101,26 +119,46 @@ def _torch_prune_ln_structured(model: Any, calibration: Any, example: Any) -> An
 
 
 GROUPS: list[dict[str, Any]] = [
-    {"scheme": "dynamic_int8", "stages": [{"method": "quantize", "scheme": "dynamic_int8"}], "direct": [
-        ("torch.ao quantize_dynamic (qint8, Linear)", _torch_ao_dynamic),
-        ("torchao quantize_ Int8DynamicActivationInt8WeightConfig (eager)", _torchao_dynamic)]},
-    {"scheme": "static_int8", "stages": [{"method": "quantize", "scheme": "static_int8"}], "direct": [
-        ("torch.ao FX prepare_fx/convert_fx (x86 qconfig)", _torch_ao_fx_static),
-        ("torchao PT2E prepare_pt2e/convert_pt2e (X86InductorQuantizer, eager)", _torchao_pt2e_static)]},
-    {"scheme": "ln_structured", "stages": [{"method": "prune", "scheme": "ln_structured", "amount": PRUNE_AMOUNT}],
-     "direct": [
-        ("torch-pruning MetaPruner (L2 magnitude, ratio 0.5)", _torch_pruning),
-        ("torch.nn.utils.prune.ln_structured (masks only; context, not a peer)", _torch_prune_ln_structured)]},
+    {
+        "scheme": "dynamic_int8",
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "direct": [
+            ("torch.ao quantize_dynamic (qint8, Linear)", _torch_ao_dynamic),
+            ("torchao quantize_ Int8DynamicActivationInt8WeightConfig (eager)", _torchao_dynamic),
+        ],
+    },
+    {
+        "scheme": "static_int8",
+        "stages": [{"method": "quantize", "scheme": "static_int8"}],
+        "direct": [
+            ("torch.ao FX prepare_fx/convert_fx (x86 qconfig)", _torch_ao_fx_static),
+            ("torchao PT2E prepare_pt2e/convert_pt2e (X86InductorQuantizer, eager)", _torchao_pt2e_static),
+        ],
+    },
+    {
+        "scheme": "ln_structured",
+        "stages": [{"method": "prune", "scheme": "ln_structured", "amount": PRUNE_AMOUNT}],
+        "direct": [
+            ("torch-pruning MetaPruner (L2 magnitude, ratio 0.5)", _torch_pruning),
+            ("torch.nn.utils.prune.ln_structured (masks only; context, not a peer)", _torch_prune_ln_structured),
+        ],
+    },
 ]
 
 
-def _measure(float_model: Any, candidate: Any, inputs: Any, labels: Any, reference: Any,
-             examples: dict[int, Any], size: Size) -> dict[str, Any]:
+def _measure(
+    float_model: Any, candidate: Any, inputs: Any, labels: Any, reference: Any, examples: dict[int, Any], size: Size
+) -> dict[str, Any]:
     outputs = predict(candidate, inputs)
     latency = paired_latency(float_model, candidate, examples, size.latency_budget_s, size.latency_rounds)
-    return {"sqnr_db": sqnr_db(reference, outputs), "accuracy": top1(outputs, labels),
-            "speedup_b1": latency[1]["speedup"], "speedup_b64": latency[64]["speedup"],
-            "latency_ms_b1": latency[1]["ms"], "latency_ms_b64": latency[64]["ms"]}
+    return {
+        "sqnr_db": sqnr_db(reference, outputs),
+        "accuracy": top1(outputs, labels),
+        "speedup_b1": latency[1]["speedup"],
+        "speedup_b64": latency[64]["speedup"],
+        "latency_ms_b1": latency[1]["ms"],
+        "latency_ms_b64": latency[64]["ms"],
+    }
 
 
 def run(size: Size, assets: Assets) -> dict[str, Any]:
@@ -137,9 +175,18 @@ def run(size: Size, assets: Assets) -> dict[str, Any]:
         float_accuracy = top1(reference, labels)
         with torch.no_grad():
             traced = torch.jit.trace(copy.deepcopy(model).eval(), examples[64], check_trace=False)
-        rows.append({"model": model_name, "scheme": "(reference)", "float_accuracy": float_accuracy, "who": "reference",
-                     "how": "float model, torch.jit.trace (no compression)", "apply_s": None, "verdict": "",
-                     **_measure(model, traced, inputs, labels, reference, examples, size)})
+        rows.append(
+            {
+                "model": model_name,
+                "scheme": "(reference)",
+                "float_accuracy": float_accuracy,
+                "who": "reference",
+                "how": "float model, torch.jit.trace (no compression)",
+                "apply_s": None,
+                "verdict": "",
+                **_measure(model, traced, inputs, labels, reference, examples, size),
+            }
+        )
         for group in GROUPS:
             entries: list[dict[str, Any]] = []
             artifact = assets.folder / f"peer-{model_name}-{group['scheme']}.bin"
@@ -148,13 +195,19 @@ def run(size: Size, assets: Assets) -> dict[str, Any]:
             try:
                 result = run_engine(engine_request(assets, model_name, group["stages"], artifact))
                 ours = load_artifact_module(artifact, result["artifact_format"], MODELS[model_name]["architecture"])
-                entry = {"who": "ModelPress", "how": f"{group['scheme']} via pipeline.run_job "
-                                                     f"({result['artifact_format']} artifact)",
-                         "apply_s": result["compress_s"],
-                         **_measure(model, ours, inputs, labels, reference, examples, size)}
+                entry = {
+                    "who": "ModelPress",
+                    "how": f"{group['scheme']} via pipeline.run_job ({result['artifact_format']} artifact)",
+                    "apply_s": result["compress_s"],
+                    **_measure(model, ours, inputs, labels, reference, examples, size),
+                }
             except Exception as error:
-                entry = {"who": "ModelPress", "how": group["scheme"], "error": f"{type(error).__name__}: {error}"[:300],
-                         "apply_s": round(time.perf_counter() - started, 3)}
+                entry = {
+                    "who": "ModelPress",
+                    "how": group["scheme"],
+                    "error": f"{type(error).__name__}: {error}"[:300],
+                    "apply_s": round(time.perf_counter() - started, 3),
+                }
             entries.append(entry)
             for label, call in group["direct"]:
                 log(f"peers: {model_name} {group['scheme']} ({label.split(' (')[0]})")
@@ -164,16 +217,27 @@ def run(size: Size, assets: Assets) -> dict[str, Any]:
                         warnings.simplefilter("ignore")
                         candidate = call(model, calibration, examples[64])
                     apply_s = round(time.perf_counter() - started, 4)
-                    entry = {"who": "direct", "how": label, "apply_s": apply_s,
-                             **_measure(model, candidate, inputs, labels, reference, examples, size)}
+                    entry = {
+                        "who": "direct",
+                        "how": label,
+                        "apply_s": apply_s,
+                        **_measure(model, candidate, inputs, labels, reference, examples, size),
+                    }
                 except Exception as error:
                     entry = {"who": "direct", "how": label, "error": f"{type(error).__name__}: {error}"[:300]}
                 entries.append(entry)
             verdict = _compare(entries)
             verdicts.append({"model": model_name, "scheme": group["scheme"], **verdict})
             for entry in entries:
-                rows.append({"model": model_name, "scheme": group["scheme"], "float_accuracy": float_accuracy,
-                             **entry, "verdict": verdict["text"] if entry["who"] == "ModelPress" else ""})
+                rows.append(
+                    {
+                        "model": model_name,
+                        "scheme": group["scheme"],
+                        "float_accuracy": float_accuracy,
+                        **entry,
+                        "verdict": verdict["text"] if entry["who"] == "ModelPress" else "",
+                    }
+                )
             artifact.unlink(missing_ok=True)
     return _section(size, rows, verdicts)
 
@@ -201,12 +265,15 @@ def _compare(entries: list[dict[str, Any]]) -> dict[str, Any]:
         best[key], who = max(values)
         if is_worse(ours[key], best[key]):
             worse.append(key)
-            gap = (f"{best[key] - ours[key]:.1f} dB" if key == "sqnr_db" else
-                   f"{100 * (best[key] - ours[key]):.1f} pt" if key == "accuracy" else
-                   f"{ours[key]:.2f}× vs {best[key]:.2f}×")
+            gap = (
+                f"{best[key] - ours[key]:.1f} dB"
+                if key == "sqnr_db"
+                else f"{100 * (best[key] - ours[key]):.1f} pt"
+                if key == "accuracy"
+                else f"{ours[key]:.2f}× vs {best[key]:.2f}×"
+            )
             details.append(f"{labels[key]} ({gap} behind {who.split(' (')[0]})")
-    text = ("not worse than the best direct call" if not worse
-            else "worse on " + "; ".join(details))
+    text = "not worse than the best direct call" if not worse else "worse on " + "; ".join(details)
     return {"worse": bool(worse), "on": worse, "best_direct": best, "text": text}
 
 
@@ -214,20 +281,38 @@ def _section(size: Size, rows: list[dict[str, Any]], verdicts: list[dict[str, An
     table_rows = []
     for row in rows:
         if "error" in row:
-            table_rows.append([MODELS[row["model"]]["label"].split(" (")[0], row["scheme"], row["how"], "FAILED",
-                               "–", "–", "–", "–", row["error"]])
+            table_rows.append(
+                [
+                    MODELS[row["model"]]["label"].split(" (")[0],
+                    row["scheme"],
+                    row["how"],
+                    "FAILED",
+                    "–",
+                    "–",
+                    "–",
+                    "–",
+                    row["error"],
+                ]
+            )
             continue
-        table_rows.append([
-            MODELS[row["model"]]["label"].split(" (")[0], row["scheme"],
-            ("**ModelPress**: " if row["who"] == "ModelPress" else "") + row["how"],
-            fmt(row["speedup_b1"], 2, "×"), fmt(row["speedup_b64"], 2, "×"),
-            fmt(row["sqnr_db"], 1, " dB"),
-            f"{fmt(row['float_accuracy'], 3)} → {fmt(row['accuracy'], 3)}", fmt(row.get("apply_s"), 2, " s"),
-            row["verdict"]])
+        table_rows.append(
+            [
+                MODELS[row["model"]]["label"].split(" (")[0],
+                row["scheme"],
+                ("**ModelPress**: " if row["who"] == "ModelPress" else "") + row["how"],
+                fmt(row["speedup_b1"], 2, "×"),
+                fmt(row["speedup_b64"], 2, "×"),
+                fmt(row["sqnr_db"], 1, " dB"),
+                f"{fmt(row['float_accuracy'], 3)} → {fmt(row['accuracy'], 3)}",
+                fmt(row.get("apply_s"), 2, " s"),
+                row["verdict"],
+            ]
+        )
     worse = [v for v in verdicts if v["worse"]]
     if worse:
-        measured = (f"worse in {len(worse)} of {len(verdicts)}: "
-                    + "; ".join(f"{v['model']} {v['scheme']}: {v['text'].removeprefix('worse on ')}" for v in worse))
+        measured = f"worse in {len(worse)} of {len(verdicts)}: " + "; ".join(
+            f"{v['model']} {v['scheme']}: {v['text'].removeprefix('worse on ')}" for v in worse
+        )
     else:
         measured = f"never worse in {len(verdicts)} comparisons"
     return {
@@ -241,16 +326,35 @@ def _section(size: Size, rows: list[dict[str, Any]], verdicts: list[dict[str, An
             "subclasses and PT2E's quantize/dequantize graphs are meant to be compiled with torch.compile (Inductor); "
             "run eagerly on CPU, as here, they are slow, which is reported as measured. "
             f"`ln_structured` removes {PRUNE_AMOUNT:.0%} of the output channels of every layer but the classifier, "
-            "with no fine-tuning."),
+            "with no fine-tuning."
+        ),
         "command": command_for("peers", size.name),
-        "tables": [{"title": "Speedup and fidelity side by side",
-                    "columns": ["model", "scheme", "implementation", "speedup b=1", "speedup b=64", "SQNR",
-                                "top-1 float → compressed", "time to apply", "ours vs best direct"],
-                    "rows": table_rows}],
-        "targets": [{"target": "ours is never worse than the best direct call (speed within "
-                               f"{SPEED_TOLERANCE:.0%}, SQNR within {SQNR_TOLERANCE_DB} dB, top-1 within "
-                               f"{ACCURACY_TOLERANCE * 100:.1f} pt)",
-                     "measured": measured, "met": not worse}],
+        "tables": [
+            {
+                "title": "Speedup and fidelity side by side",
+                "columns": [
+                    "model",
+                    "scheme",
+                    "implementation",
+                    "speedup b=1",
+                    "speedup b=64",
+                    "SQNR",
+                    "top-1 float → compressed",
+                    "time to apply",
+                    "ours vs best direct",
+                ],
+                "rows": table_rows,
+            }
+        ],
+        "targets": [
+            {
+                "target": "ours is never worse than the best direct call (speed within "
+                f"{SPEED_TOLERANCE:.0%}, SQNR within {SQNR_TOLERANCE_DB} dB, top-1 within "
+                f"{ACCURACY_TOLERANCE * 100:.1f} pt)",
+                "measured": measured,
+                "met": not worse,
+            }
+        ],
         "notes": [
             "torch.nn.utils.prune.ln_structured only zeroes channels (the shapes stay, and so do the biases of the "
             "zeroed channels, and it ranks channels by their own weights only), so it cannot be faster; it is "
@@ -266,7 +370,9 @@ def _section(size: Size, rows: list[dict[str, Any]], verdicts: list[dict[str, An
             "torch.ao's quantize_dynamic, which ModelPress uses (with per-channel weights), scales them per tensor.",
             "Tolerances exist because two timings of the same model differ by several percent on this shared box.",
         ],
-        "data": {"rows": rows, "verdicts": verdicts,
-                 "tolerances": {"speed": SPEED_TOLERANCE, "sqnr_db": SQNR_TOLERANCE_DB,
-                                "accuracy": ACCURACY_TOLERANCE}},
+        "data": {
+            "rows": rows,
+            "verdicts": verdicts,
+            "tolerances": {"speed": SPEED_TOLERANCE, "sqnr_db": SQNR_TOLERANCE_DB, "accuracy": ACCURACY_TOLERANCE},
+        },
     }

@@ -3,6 +3,7 @@ with the pooler), eager and TorchScript, 16 sequences of 64 tokens, one thread. 
 
     python -m bench.sensitivity
 """
+
 from __future__ import annotations
 
 import time
@@ -20,8 +21,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=6, num_attention_heads=12,
-                        intermediate_size=3072, return_dict=False)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        return_dict=False,
+    )
     bert = BertModel(config).eval()
 
     class LastHidden(torch.nn.Module):  # one tensor in, one tensor out, as the engine's probes take
@@ -38,8 +45,10 @@ def main() -> None:
         ctx = StageContext(kind=kind, example_input=ids[:4], train_data=Dataset(ids))  # type: ignore[arg-type]
         started = time.perf_counter()
         info = run_stage(subject, "sensitivity", {"samples": 16}, ctx).info
-        print(f"{kind}: {len(info['sensitivity'])} layers in {time.perf_counter() - started:.1f} s; "
-              f"worst {info['sensitivity'][0]}")
+        print(
+            f"{kind}: {len(info['sensitivity'])} layers in {time.perf_counter() - started:.1f} s; "
+            f"worst {info['sensitivity'][0]}"
+        )
 
 
 if __name__ == "__main__":

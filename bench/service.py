@@ -8,6 +8,7 @@ sandboxed child -> artifact stored -> job read back), in embedded mode and with 
 Redis. Then queue latency, submit to running, over N small jobs sent one after another to
 an idle worker.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    MODELS, Assets, Size, command_for, engine_request, fmt, log, percentile, run_engine,
+    MODELS,
+    Assets,
+    Size,
+    command_for,
+    engine_request,
+    fmt,
+    log,
+    percentile,
+    run_engine,
 )
 from bench.harness import MODE_LABELS, ServicePool
 
@@ -36,8 +45,9 @@ def calibrated_epochs(size: Size, assets: Assets, folder: Path) -> tuple[int, di
     if not size.overhead_target_s:
         return size.overhead_epochs, None
     probe_epochs = size.overhead_epochs
-    probe = run_engine(engine_request(assets, MODEL, overhead_stages(probe_epochs), folder / "probe.bin",
-                                      example_batch=EXAMPLE_BATCH))
+    probe = run_engine(
+        engine_request(assets, MODEL, overhead_stages(probe_epochs), folder / "probe.bin", example_batch=EXAMPLE_BATCH)
+    )
     per_epoch = max(probe["compress_s"], 1e-3) / probe_epochs
     fixed = probe["wall_s"] - probe["compress_s"]
     epochs = int(min(5000, max(probe_epochs, round((size.overhead_target_s - fixed) / per_epoch))))
@@ -58,9 +68,14 @@ def _sandboxed(request: Any, scratch: Path, *, warm: bool = False) -> float:
     from worker.sandbox import Limits, WarmSandbox, run_sandboxed
 
     settings = Settings()
-    limits = Limits(memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=settings.sandbox_cpu_seconds,
-                    file_bytes=settings.sandbox_file_bytes, open_files=settings.sandbox_open_files,
-                    wall_seconds=settings.job_soft_time_limit_s, threads=request.threads)
+    limits = Limits(
+        memory_bytes=settings.sandbox_memory_bytes,
+        cpu_seconds=settings.sandbox_cpu_seconds,
+        file_bytes=settings.sandbox_file_bytes,
+        open_files=settings.sandbox_open_files,
+        wall_seconds=settings.job_soft_time_limit_s,
+        threads=request.threads,
+    )
     isolation = settings.sandbox_isolation
     child = None
     if warm:
@@ -149,21 +164,30 @@ def run(size: Size, assets: Assets, folder: Path, pool: ServicePool) -> dict[str
     warmups: dict[str, dict[str, Any] | None] = {}
     small = {"stages": QUEUE_STAGES, "example_input_shape": [1, int(assets.x_train.shape[1])]}
     for mode in modes:
-        specs[mode] = {"model_id": ready[mode]["model_id"], "dataset_id": ready[mode]["train_id"],
-                       "eval_dataset_id": ready[mode]["test_id"], "stages": stages,
-                       "example_input_shape": [EXAMPLE_BATCH, int(assets.x_train.shape[1])],
-                       "target": {"device": "cpu", "threads": request.threads}}
+        specs[mode] = {
+            "model_id": ready[mode]["model_id"],
+            "dataset_id": ready[mode]["train_id"],
+            "eval_dataset_id": ready[mode]["test_id"],
+            "stages": stages,
+            "example_input_shape": [EXAMPLE_BATCH, int(assets.x_train.shape[1])],
+            "target": {"device": "cpu", "threads": request.threads},
+        }
         # the first job after start pays one-off costs (imports in the worker); it is reported, not counted
-        warmups[mode] = ready[mode]["service"].run_job({"model_id": ready[mode]["model_id"], **small}) \
-            if size.queue_jobs >= 10 else None
+        warmups[mode] = (
+            ready[mode]["service"].run_job({"model_id": ready[mode]["model_id"], **small})
+            if size.queue_jobs >= 10
+            else None
+        )
     # interleaved, so drifting load on the box affects every variant alike
     in_process: list[float] = []
     sandboxed: list[float] = []
     warm_sandboxed: list[float] = []
     runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in modes}
     for index in range(size.overhead_repeats):
-        log(f"service: overhead round {index + 1}/{size.overhead_repeats}: in-process, cold and warm sandboxed "
-            "child, " + ", ".join(modes))
+        log(
+            f"service: overhead round {index + 1}/{size.overhead_repeats}: in-process, cold and warm sandboxed "
+            "child, " + ", ".join(modes)
+        )
         marker = str(pool.folder)
         wait_for_idle_sandboxes(marker)
         in_process.append(run_engine(request)["wall_s"])
@@ -177,16 +201,19 @@ def run(size: Size, assets: Assets, folder: Path, pool: ServicePool) -> dict[str
     per_mode: dict[str, dict[str, Any]] = {}
     for mode in modes:
         log(f"service: {mode} queue latency over {size.queue_jobs} jobs")
-        queue = [ready[mode]["service"].run_job({"model_id": ready[mode]["model_id"], **small})
-                 for _ in range(size.queue_jobs)]
+        queue = [
+            ready[mode]["service"].run_job({"model_id": ready[mode]["model_id"], **small})
+            for _ in range(size.queue_jobs)
+        ]
         per_mode[mode] = _summarise(runs[mode], queue, warmups[mode], statistics.median(in_process))
         per_mode[mode]["service_start_s"] = ready[mode]["started_s"]
         per_mode[mode]["worker_incidents"] = list(ready[mode]["service"].incidents)
     return _section(size, in_process, sandboxed, warm_sandboxed, per_mode, skipped, epochs, calibration)
 
 
-def _summarise(runs: list[dict[str, Any]], queue: list[dict[str, Any]], warmup: dict[str, Any] | None,
-               in_process_s: float) -> dict[str, Any]:
+def _summarise(
+    runs: list[dict[str, Any]], queue: list[dict[str, Any]], warmup: dict[str, Any] | None, in_process_s: float
+) -> dict[str, Any]:
     # a job that waited for the benchmark to start a dead worker again says nothing about the service's speed
     left_out = sum(1 for r in runs + queue if r["worker_restarted"])
     runs = [r for r in runs if not r["worker_restarted"]] or runs
@@ -198,9 +225,12 @@ def _summarise(runs: list[dict[str, Any]], queue: list[dict[str, Any]], warmup: 
         "overhead_job_client_wall_s": [round(r["client_wall_s"], 3) for r in runs],
         "overhead_job_server_total_s": [round(r["server_total_s"], 3) for r in runs if r["server_total_s"]],
         "overhead_job_server_run_s": [round(r["server_run_s"], 3) for r in runs if r["server_run_s"]],
-        "wall_s": round(wall, 3), "ratio": round(wall / in_process_s, 3),
-        "queue_jobs": len(queue), "jobs_left_out_after_worker_restart": left_out,
-        "queue_p50_s": _round(percentile(server_queue, 0.5)), "queue_p99_s": _round(percentile(server_queue, 0.99)),
+        "wall_s": round(wall, 3),
+        "ratio": round(wall / in_process_s, 3),
+        "queue_jobs": len(queue),
+        "jobs_left_out_after_worker_restart": left_out,
+        "queue_p50_s": _round(percentile(server_queue, 0.5)),
+        "queue_p99_s": _round(percentile(server_queue, 0.99)),
         "queue_max_s": _round(max(server_queue) if server_queue else None),
         "client_to_running_p50_s": _round(percentile(client_queue, 0.5)),
         "client_to_running_p99_s": _round(percentile(client_queue, 0.99)),
@@ -215,49 +245,96 @@ def _round(value: float | None, digits: int = 4) -> float | None:
     return None if value is None else round(value, digits)
 
 
-def _section(size: Size, in_process: list[float], sandboxed: list[float], warm_sandboxed: list[float],
-             per_mode: dict[str, dict[str, Any]], skipped: dict[str, str], epochs: int,
-             calibration: dict[str, Any] | None) -> dict[str, Any]:
+def _section(
+    size: Size,
+    in_process: list[float],
+    sandboxed: list[float],
+    warm_sandboxed: list[float],
+    per_mode: dict[str, dict[str, Any]],
+    skipped: dict[str, str],
+    epochs: int,
+    calibration: dict[str, Any] | None,
+) -> dict[str, Any]:
     base = statistics.median(in_process)
     child = statistics.median(sandboxed)
     warm_child = statistics.median(warm_sandboxed)
-    rows = [["engine in this process (`pipeline.run_job`)", fmt(base, 2, " s"), "1.00×", "–", "–"],
-            ["sandboxed child alone, cold (fresh Python + torch import under bubblewrap; no queue, no database)",
-             fmt(child, 2, " s"), fmt(child / base, 2, "×"), "–", "–"],
-            ["sandboxed child alone, warm (pre-started, torch imported; no queue, no database)",
-             fmt(warm_child, 2, " s"), fmt(warm_child / base, 2, "×"), "–", "–"]]
+    rows = [
+        ["engine in this process (`pipeline.run_job`)", fmt(base, 2, " s"), "1.00×", "–", "–"],
+        [
+            "sandboxed child alone, cold (fresh Python + torch import under bubblewrap; no queue, no database)",
+            fmt(child, 2, " s"),
+            fmt(child / base, 2, "×"),
+            "–",
+            "–",
+        ],
+        [
+            "sandboxed child alone, warm (pre-started, torch imported; no queue, no database)",
+            fmt(warm_child, 2, " s"),
+            fmt(warm_child / base, 2, "×"),
+            "–",
+            "–",
+        ],
+    ]
     targets = []
     for mode, figures in per_mode.items():
-        rows.append([f"through the service, {MODE_LABELS[mode]}", fmt(figures["wall_s"], 2, " s"),
-                     fmt(figures["ratio"], 2, "×"), fmt(figures["queue_p50_s"] * 1e3 if figures["queue_p50_s"] is not None
-                                                       else None, 0, " ms"),
-                     fmt(figures["queue_p99_s"] * 1e3 if figures["queue_p99_s"] is not None else None, 0, " ms")])
-        targets.append({"target": f"service / in-process wall time ≤ {OVERHEAD_TARGET} for a ~{base:.0f} s job "
-                                  f"({MODE_LABELS[mode]})",
-                        "measured": f"{figures['ratio']:.2f}", "met": figures["ratio"] <= OVERHEAD_TARGET})
+        rows.append(
+            [
+                f"through the service, {MODE_LABELS[mode]}",
+                fmt(figures["wall_s"], 2, " s"),
+                fmt(figures["ratio"], 2, "×"),
+                fmt(figures["queue_p50_s"] * 1e3 if figures["queue_p50_s"] is not None else None, 0, " ms"),
+                fmt(figures["queue_p99_s"] * 1e3 if figures["queue_p99_s"] is not None else None, 0, " ms"),
+            ]
+        )
+        targets.append(
+            {
+                "target": f"service / in-process wall time ≤ {OVERHEAD_TARGET} for a ~{base:.0f} s job "
+                f"({MODE_LABELS[mode]})",
+                "measured": f"{figures['ratio']:.2f}",
+                "met": figures["ratio"] <= OVERHEAD_TARGET,
+            }
+        )
         if figures["queue_p50_s"] is not None:
             p50_ms, p99_ms = figures["queue_p50_s"] * 1e3, figures["queue_p99_s"] * 1e3
-            targets.append({"target": f"queue latency p50 ≤ {QUEUE_P50_TARGET_MS:.0f} ms, submit to running "
-                                      f"({MODE_LABELS[mode]})",
-                            "measured": f"p50 {p50_ms:.0f} ms, p99 {p99_ms:.0f} ms over {figures['queue_jobs']} jobs",
-                            "met": p50_ms <= QUEUE_P50_TARGET_MS})
-    queue_rows = [[MODE_LABELS[mode], f["queue_jobs"], fmt(f["queue_p50_s"] * 1e3, 0, " ms"),
-                   fmt(f["queue_p99_s"] * 1e3, 0, " ms"), fmt(f["client_to_running_p50_s"] * 1e3, 0, " ms"),
-                   fmt(f["client_to_running_p99_s"] * 1e3, 0, " ms"), fmt(f["small_job_wall_p50_s"], 2, " s")]
-                  for mode, f in per_mode.items() if f["queue_p50_s"] is not None]
+            targets.append(
+                {
+                    "target": f"queue latency p50 ≤ {QUEUE_P50_TARGET_MS:.0f} ms, submit to running "
+                    f"({MODE_LABELS[mode]})",
+                    "measured": f"p50 {p50_ms:.0f} ms, p99 {p99_ms:.0f} ms over {figures['queue_jobs']} jobs",
+                    "met": p50_ms <= QUEUE_P50_TARGET_MS,
+                }
+            )
+    queue_rows = [
+        [
+            MODE_LABELS[mode],
+            f["queue_jobs"],
+            fmt(f["queue_p50_s"] * 1e3, 0, " ms"),
+            fmt(f["queue_p99_s"] * 1e3, 0, " ms"),
+            fmt(f["client_to_running_p50_s"] * 1e3, 0, " ms"),
+            fmt(f["client_to_running_p99_s"] * 1e3, 0, " ms"),
+            fmt(f["small_job_wall_p50_s"], 2, " s"),
+        ]
+        for mode, f in per_mode.items()
+        if f["queue_p50_s"] is not None
+    ]
     notes = [f"{mode} mode left out: {why}" for mode, why in skipped.items()]
     spreads = [("in-process", in_process), ("cold child", sandboxed), ("warm child", warm_sandboxed)] + [
-        (MODE_LABELS[mode].split(" (")[0], figures["overhead_job_client_wall_s"]) for mode, figures in per_mode.items()]
-    notes.append("Round to round in this run (min–max): " + "; ".join(
-        f"{name} {min(values):.1f}–{max(values):.1f} s" for name, values in spreads if values)
+        (MODE_LABELS[mode].split(" (")[0], figures["overhead_job_client_wall_s"]) for mode, figures in per_mode.items()
+    ]
+    notes.append(
+        "Round to round in this run (min–max): "
+        + "; ".join(f"{name} {min(values):.1f}–{max(values):.1f} s" for name, values in spreads if values)
         + ". A ratio is only as good as that spread: where it is wider than the gap between two variants, the "
-          "run does not tell them apart.")
+        "run does not tell them apart."
+    )
     for mode, figures in per_mode.items():
         for incident in figures.get("worker_incidents", []):
-            notes.append(f"**The {MODE_LABELS[mode]} worker process died** at {incident['at']} (exit code "
-                         f"{incident['exit_code']}): `{incident['log'][:300]}`. The benchmark started it again; "
-                         f"{figures['jobs_left_out_after_worker_restart']} job(s) that waited for that are left out "
-                         "of the figures.")
+            notes.append(
+                f"**The {MODE_LABELS[mode]} worker process died** at {incident['at']} (exit code "
+                f"{incident['exit_code']}): `{incident['log'][:300]}`. The benchmark started it again; "
+                f"{figures['jobs_left_out_after_worker_restart']} job(s) that waited for that are left out "
+                "of the figures."
+            )
     notes += [
         f"The {size.overhead_repeats} rounds are interleaved (in-process, cold and warm sandboxed child, then each "
         "service mode, "
@@ -281,27 +358,48 @@ def _section(size: Size, in_process: list[float], sandboxed: list[float], warm_s
         "intro": (
             f"The job: `distill:hinton` of the {MODELS[MODEL]['label']} on digits with "
             f"{epochs} training epochs"
-            + (f" (chosen by a {calibration['probe_epochs']}-epoch probe so the job takes about "
-               f"{size.overhead_target_s:.0f} s in this process on this box)" if calibration else "")
+            + (
+                f" (chosen by a {calibration['probe_epochs']}-epoch probe so the job takes about "
+                f"{size.overhead_target_s:.0f} s in this process on this box)"
+                if calibration
+                else ""
+            )
             + f", one thread, example batch {EXAMPLE_BATCH}. "
             "Through the service it is submitted over HTTP to a uvicorn API process and run by a real Celery worker "
             "process (the command `modelpress worker` runs), and followed until it succeeds; the wall time is "
             "from sending the submit to reading the finished job. The queue-latency jobs are `dynamic_int8` jobs "
-            "on the same model, each sent when the worker is idle."),
+            "on the same model, each sent when the worker is idle."
+        ),
         "command": command_for("service", size.name),
         "tables": [
-            {"title": "Wall time of the same job, and queue latency",
-             "columns": ["how the job runs", "wall time (median)", "ratio to in-process", "queue p50", "queue p99"],
-             "rows": rows},
-            {"title": f"Queue latency, submit to running, over {size.queue_jobs} jobs",
-             "columns": ["mode", "jobs", "server p50", "server p99", "client p50", "client p99",
-                         "small job, submit to done (p50)"],
-             "rows": queue_rows},
+            {
+                "title": "Wall time of the same job, and queue latency",
+                "columns": ["how the job runs", "wall time (median)", "ratio to in-process", "queue p50", "queue p99"],
+                "rows": rows,
+            },
+            {
+                "title": f"Queue latency, submit to running, over {size.queue_jobs} jobs",
+                "columns": [
+                    "mode",
+                    "jobs",
+                    "server p50",
+                    "server p99",
+                    "client p50",
+                    "client p99",
+                    "small job, submit to done (p50)",
+                ],
+                "rows": queue_rows,
+            },
         ],
         "targets": targets,
         "notes": notes,
-        "data": {"in_process_wall_s": in_process, "sandboxed_wall_s": [round(v, 3) for v in sandboxed],
-                 "warm_sandboxed_wall_s": [round(v, 3) for v in warm_sandboxed],
-                 "modes": per_mode, "skipped_modes": skipped, "overhead_epochs": epochs,
-                 "calibration": calibration},
+        "data": {
+            "in_process_wall_s": in_process,
+            "sandboxed_wall_s": [round(v, 3) for v in sandboxed],
+            "warm_sandboxed_wall_s": [round(v, 3) for v in warm_sandboxed],
+            "modes": per_mode,
+            "skipped_modes": skipped,
+            "overhead_epochs": epochs,
+            "calibration": calibration,
+        },
     }

@@ -5,6 +5,7 @@ Every row is a job run by the engine (`worker.compression.pipeline.run_job`) at 
 batch 1, so the figures are the ones a job reports: artifact size, p50 latency measured in the
 runtime that serves it, SQNR of its hidden states against the float PyTorch model.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -33,11 +34,17 @@ VARIANTS: tuple[tuple[str, str, list[dict[str, Any]]], ...] = (
     ("torch int8 (dynamic_int8)", "torch", [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}]),
     ("ORT fp32", "onnxruntime", []),
     ("ORT int8 (dynamic_int8)", "onnxruntime", [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}]),
-    ("ORT int8 (static_int8 QDQ)", "onnxruntime",
-     [{"method": "quantize", "scheme": "static_int8", "options": {"calibration_batches": 4}}]),
+    (
+        "ORT int8 (static_int8 QDQ)",
+        "onnxruntime",
+        [{"method": "quantize", "scheme": "static_int8", "options": {"calibration_batches": 4}}],
+    ),
     ("ExecuTorch fp32 (XNNPACK)", "executorch", []),
-    ("ExecuTorch int8 (XNNPACK dynamic)", "executorch",
-     [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}]),
+    (
+        "ExecuTorch int8 (XNNPACK dynamic)",
+        "executorch",
+        [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+    ),
 )
 
 
@@ -52,8 +59,9 @@ def run(size: Any, assets: Any) -> dict[str, Any]:
         folder = Path(scratch)
         model_path = folder / "bert.pt2"
         batch = torch.export.Dim("batch", min=1, max=512)
-        torch.export.save(torch.export.export(model, (torch.randn(2, TOKENS, WIDTH),), dynamic_shapes=({0: batch},)),
-                          str(model_path))
+        torch.export.save(
+            torch.export.export(model, (torch.randn(2, TOKENS, WIDTH),), dynamic_shapes=({0: batch},)), str(model_path)
+        )
         data = folder / "data.npz"
         np.savez(data, inputs=torch.randn(128, TOKENS, WIDTH, generator=torch.Generator().manual_seed(1)).numpy())
         for label, runtime, stages in VARIANTS:
@@ -62,11 +70,20 @@ def run(size: Any, assets: Any) -> dict[str, Any]:
                 continue
             suffix = {"torch": "pt", "onnxruntime": "onnx", "executorch": "pte"}[runtime]
             try:
-                result = run_job(JobRequest.from_dict({
-                    "model": {"path": str(model_path), "format": "exported_program"}, "stages": stages,
-                    "artifact_path": str(folder / f"{len(figures)}.{suffix}"),
-                    "example_input_shape": [1, TOKENS, WIDTH],
-                    "dataset_path": str(data), "eval_dataset_path": str(data), "runtime": runtime, "threads": 1}))
+                result = run_job(
+                    JobRequest.from_dict(
+                        {
+                            "model": {"path": str(model_path), "format": "exported_program"},
+                            "stages": stages,
+                            "artifact_path": str(folder / f"{len(figures)}.{suffix}"),
+                            "example_input_shape": [1, TOKENS, WIDTH],
+                            "dataset_path": str(data),
+                            "eval_dataset_path": str(data),
+                            "runtime": runtime,
+                            "threads": 1,
+                        }
+                    )
+                )
             except Exception as error:  # a scheme that fails on this model is a row, not a crash
                 rows.append([label, None, None, None, f"job failed: {str(error).splitlines()[0][:160]}"])
                 if runtime == "torch":
@@ -75,28 +92,53 @@ def run(size: Any, assets: Any) -> dict[str, Any]:
             metrics = result["metrics"]
             if not figures:  # the float PyTorch original, as every job measures it
                 torch_fp32 = metrics["original"] if runtime == "torch" else metrics["original_in_torch"]
-                figures["torch fp32"] = {"size_bytes": torch_fp32["size_bytes"],
-                                         "latency_ms_p50": torch_fp32["latency_ms_p50"], "sqnr_db": None}
-                rows.append(["torch fp32 (.pt2)", torch_fp32["size_bytes"], torch_fp32["latency_ms_p50"], None,
-                             "reference"])
+                figures["torch fp32"] = {
+                    "size_bytes": torch_fp32["size_bytes"],
+                    "latency_ms_p50": torch_fp32["latency_ms_p50"],
+                    "sqnr_db": None,
+                }
+                rows.append(
+                    ["torch fp32 (.pt2)", torch_fp32["size_bytes"], torch_fp32["latency_ms_p50"], None, "reference"]
+                )
             compressed = metrics["compressed"]
-            figures[label] = {"size_bytes": compressed["size_bytes"], "latency_ms_p50": compressed["latency_ms_p50"],
-                              "sqnr_db": metrics["fidelity"]["sqnr_db"]}
-            rows.append([label, compressed["size_bytes"], compressed["latency_ms_p50"], metrics["fidelity"]["sqnr_db"],
-                         "; ".join(metrics["warnings"]) or ""])
+            figures[label] = {
+                "size_bytes": compressed["size_bytes"],
+                "latency_ms_p50": compressed["latency_ms_p50"],
+                "sqnr_db": metrics["fidelity"]["sqnr_db"],
+            }
+            rows.append(
+                [
+                    label,
+                    compressed["size_bytes"],
+                    compressed["latency_ms_p50"],
+                    metrics["fidelity"]["sqnr_db"],
+                    "; ".join(metrics["warnings"]) or "",
+                ]
+            )
     base = figures["torch fp32"]["latency_ms_p50"]
     ort_int8 = figures["ORT int8 (dynamic_int8)"]["latency_ms_p50"]
     speedup = base / ort_int8 if ort_int8 else None
     return {
         "title": "Deployment targets",
-        "intro": (f"A {LAYERS}-layer BERT-like encoder (width {WIDTH}, {TOKENS} tokens), batch 1, one thread: each "
-                  "row is an engine job whose artifact was loaded back and measured in its own runtime."),
+        "intro": (
+            f"A {LAYERS}-layer BERT-like encoder (width {WIDTH}, {TOKENS} tokens), batch 1, one thread: each "
+            "row is an engine job whose artifact was loaded back and measured in its own runtime."
+        ),
         "command": ".venv/bin/python -m bench.run --only targets",
-        "tables": [{"title": "Size, p50 latency and SQNR per runtime",
-                    "columns": ["artifact", "size (bytes)", "p50 (ms)", "SQNR (dB)", "warnings"], "rows": rows}],
-        "targets": [{"target": "ORT int8 of the BERT >= 2x faster than torch fp32 at batch 1",
-                     "measured": f"{speedup:.2f}x" if speedup else "n/a",
-                     "met": bool(speedup and speedup >= 2.0)}],
+        "tables": [
+            {
+                "title": "Size, p50 latency and SQNR per runtime",
+                "columns": ["artifact", "size (bytes)", "p50 (ms)", "SQNR (dB)", "warnings"],
+                "rows": rows,
+            }
+        ],
+        "targets": [
+            {
+                "target": "ORT int8 of the BERT >= 2x faster than torch fp32 at batch 1",
+                "measured": f"{speedup:.2f}x" if speedup else "n/a",
+                "met": bool(speedup and speedup >= 2.0),
+            }
+        ],
         "figures": figures,
     }
 
@@ -116,8 +158,13 @@ def _torch_int8_eager(model: nn.Module, data: Path) -> list[Any]:
     torch.save(quantized.state_dict(), buffer)
     latency = measure.measure_latency(quantized, inputs[:1], threads=1)["latency_ms_p50"]
     sqnr = measure.fidelity(measure.predict(model, inputs), measure.predict(quantized, inputs))["sqnr_db"]
-    return ["torch int8 (quantize_dynamic on the eager module, outside a job)", len(buffer.getvalue()), latency, sqnr,
-            "state_dict size"]
+    return [
+        "torch int8 (quantize_dynamic on the eager module, outside a job)",
+        len(buffer.getvalue()),
+        latency,
+        sqnr,
+        "state_dict size",
+    ]
 
 
 def _has_executorch() -> bool:

@@ -1,4 +1,5 @@
 """Names of registered architectures, torch-free (the API checks uploads against them)."""
+
 from __future__ import annotations
 
 from importlib.metadata import entry_points

@@ -1,4 +1,5 @@
 """The `modelpress` command: serve, worker, migrate, keys, and client commands."""
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,9 @@ def _cmd_keys(args: argparse.Namespace) -> int:
             print(f"created key {record.id} for tenant {args.tenant!r}; it is shown once:")
             print(plain)
         elif args.keys_command == "list":
-            rows = session.execute(select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
-                                   .order_by(ApiKey.created_at)).all()
+            rows = session.execute(
+                select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.created_at)
+            ).all()
             for key, tenant_name in rows:
                 state = "revoked" if key.revoked_at else "active"
                 print(f"{key.id}\t{tenant_name}\t{key.prefix}…\t{state}\t{key.created_at:%Y-%m-%d %H:%M}")
@@ -50,9 +52,25 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def worker_command(queues: str, concurrency: int, pool: str = "prefork") -> list[str]:
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
-            "--concurrency", str(concurrency), "--pool", pool, "--loglevel", "INFO", "-E",
-            "--without-mingle", "--without-gossip"]
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "-Q",
+        queues,
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+        "--loglevel",
+        "INFO",
+        "-E",
+        "--without-mingle",
+        "--without-gossip",
+    ]
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -95,8 +113,11 @@ class EmbeddedWorker:
         while not self.stopping.wait(self.CHECK_S):
             if self.process is not None and self.process.poll() is not None and not self.stopping.is_set():
                 self.restarts += 1
-                print(f"embedded worker exited with {self.process.returncode}; restarting "
-                      f"(restart {self.restarts})", file=sys.stderr, flush=True)
+                print(
+                    f"embedded worker exited with {self.process.returncode}; restarting (restart {self.restarts})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 self._spawn()
 
     def stop(self) -> None:
@@ -122,8 +143,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.embedded_worker:
         supervisor = EmbeddedWorker()
         supervisor.start()
-    print(f"ModelPress API on http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port} "
-          f"(docs at /docs, dashboard at /ui)", flush=True)
+    print(
+        f"ModelPress API on http://{args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{args.port} "
+        f"(docs at /docs, dashboard at /ui)",
+        flush=True,
+    )
     try:
         uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="warning", workers=args.workers)
     finally:

@@ -2,6 +2,7 @@
 
 The spec is validated as the API would validate it; torch and the engine are imported only once it is valid.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,9 +47,13 @@ def local_request(args: argparse.Namespace, spec: dict[str, Any], artifact_path:
         raise SpecError(str(error)) from error
     target = spec.get("target") or {}
     device = target.get("device", "cpu")
-    facts = JobFacts(model_format=model_format, device=device, has_dataset="dataset" in datasets,
-                     dataset_has_labels="labels" in datasets.get("dataset", (None, {}))[1].get("arrays", []),
-                     eval_has_labels="labels" in datasets.get("eval_dataset", (None, {}))[1].get("arrays", []))
+    facts = JobFacts(
+        model_format=model_format,
+        device=device,
+        has_dataset="dataset" in datasets,
+        dataset_has_labels="labels" in datasets.get("dataset", (None, {}))[1].get("arrays", []),
+        eval_has_labels="labels" in datasets.get("eval_dataset", (None, {}))[1].get("arrays", []),
+    )
     validated = validate_stages(stages, facts)
     for stage in validated:
         student = stage.options.get("student")
@@ -63,10 +68,15 @@ def local_request(args: argparse.Namespace, spec: dict[str, Any], artifact_path:
     return JobRequest(
         model=ModelRef(path=str(model_path), format=model_format, architecture=architecture),
         stages=[StageSpec(v.spec.method, v.spec.name, dict(v.options)) for v in validated],
-        artifact_path=str(artifact_path), example_input_shape=shape,
-        dataset_path=datasets.get("dataset", (None,))[0], eval_dataset_path=datasets.get("eval_dataset", (None,))[0],
-        device=device, output_format=spec.get("output_format"), seed=int(spec.get("seed", 0)),
-        threads=int(target.get("threads", 1)))
+        artifact_path=str(artifact_path),
+        example_input_shape=shape,
+        dataset_path=datasets.get("dataset", (None,))[0],
+        eval_dataset_path=datasets.get("eval_dataset", (None,))[0],
+        device=device,
+        output_format=spec.get("output_format"),
+        seed=int(spec.get("seed", 0)),
+        threads=int(target.get("threads", 1)),
+    )
 
 
 def _compress_local(args: argparse.Namespace, spec: dict[str, Any]) -> int:
@@ -93,22 +103,35 @@ def _compress_local(args: argparse.Namespace, spec: dict[str, Any]) -> int:
     metrics = result["metrics"]
     report = _local_report(args, spec, result, events)
     if args.json:
-        _print_json({"metrics": metrics, "artifact_format": result["artifact_format"],
-                     "artifact": str(target), "requires": result.get("requires", []), "report": str(report)})
+        _print_json(
+            {
+                "metrics": metrics,
+                "artifact_format": result["artifact_format"],
+                "artifact": str(target),
+                "requires": result.get("requires", []),
+                "report": str(report),
+            }
+        )
     else:
         print_result(metrics, target, f"{Path(args.model).name}: local run ({result['artifact_format']})")
         out.print(f"report: {report}", soft_wrap=True)
     return 0
 
 
-def _local_report(args: argparse.Namespace, spec: dict[str, Any], result: dict[str, Any],
-                  events: list[tuple[str, dict[str, Any]]]) -> Path:
+def _local_report(
+    args: argparse.Namespace, spec: dict[str, Any], result: dict[str, Any], events: list[tuple[str, dict[str, Any]]]
+) -> Path:
     """The same HTML report the server writes, from this run's metrics and events."""
     from app.report import report_html
 
     target = Path(args.report or default_report_path(args.out))
-    job = {"id": "local run", "status": "succeeded", "spec": spec, "metrics": result["metrics"],
-           "artifact": {"format": result["artifact_format"], "requires": result.get("requires", [])}}
+    job = {
+        "id": "local run",
+        "status": "succeeded",
+        "spec": spec,
+        "metrics": result["metrics"],
+        "artifact": {"format": result["artifact_format"], "requires": result.get("requires", [])},
+    }
     target.write_text(report_html(job, events), encoding="utf-8")
     return target
 
@@ -127,9 +150,16 @@ def _run_local_child(request: Any, scratch: Path, events: list[tuple[str, dict[s
 
     unlimited = resource.RLIM_INFINITY
     # the CPU limit's hard cap is soft + 5 s, so "unlimited" is a very large number there
-    limits = Limits(memory_bytes=unlimited, cpu_seconds=10**9, file_bytes=unlimited, open_files=4096,
-                    wall_seconds=7 * 24 * 3600.0, threads=max(1, request.threads))
+    limits = Limits(
+        memory_bytes=unlimited,
+        cpu_seconds=10**9,
+        file_bytes=unlimited,
+        open_files=4096,
+        wall_seconds=7 * 24 * 3600.0,
+        threads=max(1, request.threads),
+    )
     with progress_bar("local") as update:
+
         def on_message(message: dict[str, Any]) -> None:
             if message.get("type") == "progress":
                 update(float(message["fraction"]), str(message["stage"]))
@@ -138,8 +168,9 @@ def _run_local_child(request: Any, scratch: Path, events: list[tuple[str, dict[s
                 update.log(f"{message.get('kind')}: {json.dumps(message.get('data'))}")
 
         # no namespaces here: it is the user's own model on the user's own machine (which may lack bubblewrap)
-        outcome = run_sandboxed("job", dataclasses.asdict(request), scratch, limits, on_message=on_message,
-                                isolation="none")
+        outcome = run_sandboxed(
+            "job", dataclasses.asdict(request), scratch, limits, on_message=on_message, isolation="none"
+        )
         if outcome.ok:
             update(1.0, "done")
     return outcome

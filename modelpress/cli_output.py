@@ -1,4 +1,5 @@
 """What the client CLI prints: the before/after metrics table, job rows, progress bars, JSON and errors."""
+
 from __future__ import annotations
 
 import json
@@ -53,27 +54,48 @@ def metrics_table(metrics: dict[str, Any], title: str = "before / after") -> Tab
     table.add_column("compressed", justify="right")
     table.add_column("change", justify="right")
     ratio = metrics.get("compression_ratio") or _ratio(original.get("size_bytes"), compressed.get("size_bytes"))
-    table.add_row("size", human_bytes(original.get("size_bytes")), human_bytes(compressed.get("size_bytes")),
-                  f"{ratio:.2f}x smaller" if ratio else "")
+    table.add_row(
+        "size",
+        human_bytes(original.get("size_bytes")),
+        human_bytes(compressed.get("size_bytes")),
+        f"{ratio:.2f}x smaller" if ratio else "",
+    )
     table.add_row("size (bytes)", _int(original.get("size_bytes")), _int(compressed.get("size_bytes")), "")
-    table.add_row("parameters", _int(original.get("parameters")), _int(compressed.get("parameters")),
-                  f"{compressed['parameters'] / original['parameters']:.2f}x"
-                  if original.get("parameters") and compressed.get("parameters") else "")
-    table.add_row("nonzero parameters", _int(original.get("nonzero_parameters")),
-                  _int(compressed.get("nonzero_parameters")), "")
+    table.add_row(
+        "parameters",
+        _int(original.get("parameters")),
+        _int(compressed.get("parameters")),
+        f"{compressed['parameters'] / original['parameters']:.2f}x"
+        if original.get("parameters") and compressed.get("parameters")
+        else "",
+    )
+    table.add_row(
+        "nonzero parameters", _int(original.get("nonzero_parameters")), _int(compressed.get("nonzero_parameters")), ""
+    )
     table.add_row("sparsity", _pct(original.get("sparsity")), _pct(compressed.get("sparsity")), "")
     speedup = metrics.get("speedup")
     where = f"batch {metrics.get('batch_size', '?')}, {metrics.get('device', '?')}"
-    table.add_row(f"latency p50 ({where})", _ms(original.get("latency_ms_p50")), _ms(compressed.get("latency_ms_p50")),
-                  f"{speedup:.2f}x faster" if speedup and speedup >= 1 else
-                  (f"{1 / speedup:.2f}x slower" if speedup else ""))
+    table.add_row(
+        f"latency p50 ({where})",
+        _ms(original.get("latency_ms_p50")),
+        _ms(compressed.get("latency_ms_p50")),
+        f"{speedup:.2f}x faster" if speedup and speedup >= 1 else (f"{1 / speedup:.2f}x slower" if speedup else ""),
+    )
     table.add_row("latency p95", _ms(original.get("latency_ms_p95")), _ms(compressed.get("latency_ms_p95")), "")
     acc_o, acc_c = original.get("accuracy"), compressed.get("accuracy")
-    table.add_row("accuracy", _pct(acc_o), _pct(acc_c),
-                  f"{(acc_c - acc_o) * 100:+.2f} pt" if acc_o is not None and acc_c is not None else "")
+    table.add_row(
+        "accuracy",
+        _pct(acc_o),
+        _pct(acc_c),
+        f"{(acc_c - acc_o) * 100:+.2f} pt" if acc_o is not None and acc_c is not None else "",
+    )
     sqnr = fidelity.get("sqnr_db")
-    table.add_row("fidelity: SQNR", "", "∞ dB" if sqnr is None and fidelity.get("output_mse") == 0 else
-                  ("–" if sqnr is None else f"{sqnr:.1f} dB"), "")
+    table.add_row(
+        "fidelity: SQNR",
+        "",
+        "∞ dB" if sqnr is None and fidelity.get("output_mse") == 0 else ("–" if sqnr is None else f"{sqnr:.1f} dB"),
+        "",
+    )
     table.add_row("fidelity: top-1 agreement", "", _pct(fidelity.get("top1_agreement")), "")
     return table
 
@@ -101,8 +123,15 @@ class _Bar:
 
 @contextmanager
 def progress_bar(label: str) -> Iterator[_Bar]:
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[stage]}"), console=err, transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[stage]}"),
+        console=err,
+        transient=False,
+    ) as progress:
         yield _Bar(progress, label)
 
 
@@ -110,8 +139,14 @@ def _job_row(job: Job) -> list[str]:
     metrics = job.metrics or {}
     method = ",".join(f"{s.get('method')}:{s.get('scheme')}" for s in job.spec.get("stages", []))
     ratio = metrics.get("compression_ratio")
-    return [job.id, job.status, method, f"{job.progress:.0%}", f"{ratio:.2f}x" if ratio else "",
-            (job.created_at or "")[:19]]
+    return [
+        job.id,
+        job.status,
+        method,
+        f"{job.progress:.0%}",
+        f"{ratio:.2f}x" if ratio else "",
+        (job.created_at or "")[:19],
+    ]
 
 
 def _print_json(data: Any) -> None:

@@ -14,6 +14,7 @@ exponential backoff and jitter. Every `submit` carries an `Idempotency-Key` (one
 per call, the same on each of its retries), so a retried submit never makes a second job.
 A 4xx answer raises `ClientError(status, error, detail)`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,8 +31,18 @@ from typing import Any, TypeVar
 
 import httpx
 
-__all__ = ["Client", "ClientError", "ServerError", "ConnectionFailed", "Model", "Dataset", "Job", "Artifact",
-           "Event", "TERMINAL"]
+__all__ = [
+    "Client",
+    "ClientError",
+    "ServerError",
+    "ConnectionFailed",
+    "Model",
+    "Dataset",
+    "Job",
+    "Artifact",
+    "Event",
+    "TERMINAL",
+]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 RETRY_STATUSES = (429, 503)
@@ -164,19 +175,30 @@ def _error_of(response: httpx.Response) -> tuple[str, str]:
 class Client:
     """A ModelPress API client. `url` and `api_key` default to MODELPRESS_URL and MODELPRESS_API_KEY."""
 
-    def __init__(self, url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0,
-                 max_retries: int = 5, backoff_s: float = 0.5, max_backoff_s: float = 30.0,
-                 transport: httpx.BaseTransport | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.url = (url or os.environ.get("MODELPRESS_URL") or DEFAULT_URL).rstrip("/")
         key = api_key or os.environ.get("MODELPRESS_API_KEY")
         if not key:
             raise ValueError("an API key is needed: pass api_key or set MODELPRESS_API_KEY")
         self.max_retries, self.backoff_s, self.max_backoff_s = max_retries, backoff_s, max_backoff_s
         self._sleep = sleep
-        self._http = httpx.Client(base_url=self.url, timeout=timeout, transport=transport,
-                                  headers={"Authorization": f"Bearer {key}",
-                                           "User-Agent": "modelpress-client/1"})
+        self._http = httpx.Client(
+            base_url=self.url,
+            timeout=timeout,
+            transport=transport,
+            headers={"Authorization": f"Bearer {key}", "User-Agent": "modelpress-client/1"},
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -193,11 +215,18 @@ class Client:
         hinted = _retry_after(response) if response is not None else None
         if hinted is not None:
             return min(hinted, self.max_backoff_s * 4)
-        ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
+        ceiling = min(self.max_backoff_s, self.backoff_s * 2**attempt)
         return random.uniform(ceiling / 2, ceiling)  # "equal jitter"
 
-    def _request(self, method: str, path: str, *, safe_to_resend: bool = True,
-                 files: Callable[[], dict[str, Any]] | None = None, **kwargs: Any) -> httpx.Response:
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        safe_to_resend: bool = True,
+        files: Callable[[], dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> httpx.Response:
         """Send with retries. `safe_to_resend` is false for requests that might have been acted on
         before the connection broke and have no idempotency key: those retry only on a refused connect.
         `files` is a factory so that a retry re-opens the upload from its start."""
@@ -226,15 +255,23 @@ class Client:
                 continue
             if response.status_code >= 400:
                 error_name, detail = _error_of(response)
-                cls = ServerError if response.status_code >= 500 or response.status_code in RETRY_STATUSES \
+                cls = (
+                    ServerError
+                    if response.status_code >= 500 or response.status_code in RETRY_STATUSES
                     else ClientError
+                )
                 raise cls(response.status_code, error_name, detail)
             return response
 
     # ------------------------------------------------------------------ models and datasets
 
-    def upload_model(self, path: str | os.PathLike[str], name: str | None = None, format: str | None = None,
-                     architecture: dict[str, Any] | str | None = None) -> Model:
+    def upload_model(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None = None,
+        format: str | None = None,
+        architecture: dict[str, Any] | str | None = None,
+    ) -> Model:
         """Upload a model file (TorchScript, state_dict, safetensors or exported program).
         Weight-only formats need `architecture`: {"name": ..., "kwargs": {...}}."""
         source = Path(path)
@@ -243,8 +280,13 @@ class Client:
             data["format"] = format
         if architecture is not None:
             data["architecture"] = architecture if isinstance(architecture, str) else json.dumps(architecture)
-        response = self._request("POST", "/v1/models", data=data, safe_to_resend=False,
-                                 files=lambda: {"file": (source.name, open(source, "rb"))})
+        response = self._request(
+            "POST",
+            "/v1/models",
+            data=data,
+            safe_to_resend=False,
+            files=lambda: {"file": (source.name, open(source, "rb"))},
+        )
         return Model.from_dict(response.json())
 
     def get_model(self, model_id: str) -> Model:
@@ -256,8 +298,13 @@ class Client:
     def upload_dataset(self, path: str | os.PathLike[str], name: str | None = None) -> Dataset:
         """Upload an .npz (no pickles) or .safetensors dataset with `inputs` and optional `labels`."""
         source = Path(path)
-        response = self._request("POST", "/v1/datasets", data={"name": name or source.name}, safe_to_resend=False,
-                                 files=lambda: {"file": (source.name, open(source, "rb"))})
+        response = self._request(
+            "POST",
+            "/v1/datasets",
+            data={"name": name or source.name},
+            safe_to_resend=False,
+            files=lambda: {"file": (source.name, open(source, "rb"))},
+        )
         return Dataset.from_dict(response.json())
 
     def get_dataset(self, dataset_id: str) -> Dataset:
@@ -282,11 +329,18 @@ class Client:
     def get_job(self, job_id: str) -> Job:
         return Job.from_dict(self._request("GET", f"/v1/jobs/{job_id}").json())
 
-    def jobs(self, status: str | None = None, model_id: str | None = None, method: str | None = None,
-             page_size: int = 50, limit: int | None = None) -> Iterator[Job]:
+    def jobs(
+        self,
+        status: str | None = None,
+        model_id: str | None = None,
+        method: str | None = None,
+        page_size: int = 50,
+        limit: int | None = None,
+    ) -> Iterator[Job]:
         """Every matching job, newest first, following the cursor from page to page."""
-        params: dict[str, Any] = {k: v for k, v in (("status", status), ("model_id", model_id),
-                                                    ("method", method)) if v}
+        params: dict[str, Any] = {
+            k: v for k, v in (("status", status), ("model_id", model_id), ("method", method)) if v
+        }
         params["limit"] = page_size
         seen = 0
         while True:
@@ -314,8 +368,9 @@ class Client:
                 headers["Last-Event-ID"] = last_id
             try:
                 read_timeout = 60.0 if deadline is None else max(1.0, min(60.0, deadline - time.monotonic()))
-                with self._http.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers,
-                                       timeout=httpx.Timeout(10.0, read=read_timeout)) as response:
+                with self._http.stream(
+                    "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=httpx.Timeout(10.0, read=read_timeout)
+                ) as response:
                     if response.status_code in RETRY_STATUSES and failures < self.max_retries:
                         response.read()
                         self._sleep(self._delay(failures, response))
@@ -341,8 +396,14 @@ class Client:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still running after {timeout}s")
 
-    def wait(self, job_id: str, progress: Callable[[Job], None] | None = None, poll_s: float = 1.0,
-             timeout: float | None = None, use_events: bool = True) -> Job:
+    def wait(
+        self,
+        job_id: str,
+        progress: Callable[[Job], None] | None = None,
+        poll_s: float = 1.0,
+        timeout: float | None = None,
+        use_events: bool = True,
+    ) -> Job:
         """Block until the job ends and return it. `progress(job)` is called on every change.
         Follows the event stream; falls back to polling every `poll_s` when streaming is unavailable."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -417,7 +478,8 @@ class Client:
                         response.read()
                         error, detail = _error_of(response)
                         raise (ServerError if response.status_code >= 500 else ClientError)(
-                            response.status_code, error, detail)
+                            response.status_code, error, detail
+                        )
                     etag = response.headers.get("ETag", "").strip('"')
                     with open(partial, "wb") as handle:
                         for chunk in response.iter_bytes(1024 * 1024):

@@ -4,6 +4,7 @@
 or with `--local` runs the same spec with the engine in a child process, no server at all
 (modelpress/cli_local.py; tables and printing are in modelpress/cli_output.py).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,17 @@ from typing import Any
 
 from rich.table import Table
 
-from modelpress.cli_output import (_fail, _job_row, _print_json, err, human_bytes, metrics_table, out, print_result,
-                                  progress_bar)
+from modelpress.cli_output import (
+    _fail,
+    _job_row,
+    _print_json,
+    err,
+    human_bytes,
+    metrics_table,
+    out,
+    print_result,
+    progress_bar,
+)
 from modelpress.client import Client, ClientError, Job
 
 SPEC_ID_KEYS = ("model_id", "dataset_id", "eval_dataset_id")
@@ -28,8 +38,10 @@ SPEC_ID_KEYS = ("model_id", "dataset_id", "eval_dataset_id")
 def _client(args: argparse.Namespace) -> Client:
     key = args.api_key or os.environ.get("MODELPRESS_API_KEY")
     if not key:
-        raise SystemExit("error: no API key: pass --api-key or set MODELPRESS_API_KEY "
-                         "(create one with `modelpress keys create --tenant NAME`)")
+        raise SystemExit(
+            "error: no API key: pass --api-key or set MODELPRESS_API_KEY "
+            "(create one with `modelpress keys create --tenant NAME`)"
+        )
     return Client(args.url or os.environ.get("MODELPRESS_URL"), key)
 
 
@@ -59,8 +71,9 @@ def _json_arg(value: str | None) -> Any:
 
 def _cmd_models_upload(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        model = client.upload_model(args.file, name=args.name, format=args.format,
-                                    architecture=_json_arg(args.architecture))
+        model = client.upload_model(
+            args.file, name=args.name, format=args.format, architecture=_json_arg(args.architecture)
+        )
     if args.json:
         _print_json(model.raw)
     else:
@@ -199,8 +212,9 @@ def _dataset_id(client: Client, value: str) -> str:
 def _compress_server(args: argparse.Namespace, spec: dict[str, Any]) -> int:
     with _client(args) as client:
         if Path(args.model).is_file():
-            model = client.upload_model(args.model, name=args.name, format=args.format,
-                                        architecture=_json_arg(args.architecture))
+            model = client.upload_model(
+                args.model, name=args.name, format=args.format, architecture=_json_arg(args.architecture)
+            )
             err.print(f"uploaded {args.model} as {model.id} ({model.format}, {model.size_bytes:,} bytes)")
             spec["model_id"] = model.id
         else:
@@ -281,14 +295,19 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     conn.add_argument("--api-key", default=None, help="API key (env MODELPRESS_API_KEY)")
     conn.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
-    def command(parent: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], int],  # type: ignore[type-arg]
-                help: str) -> argparse.ArgumentParser:
+    def command(
+        parent: argparse._SubParsersAction,  # type: ignore[type-arg]
+        name: str,
+        func: Callable[[argparse.Namespace], int],
+        help: str,
+    ) -> argparse.ArgumentParser:
         parser = parent.add_parser(name, help=help, parents=[conn])
         parser.set_defaults(func=_guard(func))
         return parser
 
-    models = sub.add_parser("models", help="upload and list models").add_subparsers(dest="models_command",
-                                                                                    required=True)
+    models = sub.add_parser("models", help="upload and list models").add_subparsers(
+        dest="models_command", required=True
+    )
     p = command(models, "upload", _cmd_models_upload, "upload a model file")
     p.add_argument("file")
     p.add_argument("--name")
@@ -297,8 +316,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p = command(models, "list", _cmd_models_list, "list models")
     p.add_argument("--limit", type=int, default=50)
 
-    datasets = sub.add_parser("datasets", help="upload and list datasets").add_subparsers(dest="datasets_command",
-                                                                                          required=True)
+    datasets = sub.add_parser("datasets", help="upload and list datasets").add_subparsers(
+        dest="datasets_command", required=True
+    )
     p = command(datasets, "upload", _cmd_datasets_upload, "upload an .npz or .safetensors dataset")
     p.add_argument("file")
     p.add_argument("--name")
@@ -306,7 +326,8 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--limit", type=int, default=50)
 
     jobs = sub.add_parser("jobs", help="submit, list, show, cancel and watch jobs").add_subparsers(
-        dest="jobs_command", required=True)
+        dest="jobs_command", required=True
+    )
     p = command(jobs, "submit", _cmd_jobs_submit, "submit a job from a YAML or JSON spec")
     p.add_argument("--spec", required=True, help="JobSpec body in YAML or JSON")
     p.add_argument("--model", help="model id (overrides model_id in the spec)")
@@ -330,8 +351,12 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("-o", "--output", help="where to write it (default: JOB-report.html)")
     p.add_argument("--open", action="store_true", help="open it in the web browser")
 
-    p = command(sub, "compress", _cmd_compress,
-                "one shot: upload, compress, download, and print a before/after table (--local: no server)")
+    p = command(
+        sub,
+        "compress",
+        _cmd_compress,
+        "one shot: upload, compress, download, and print a before/after table (--local: no server)",
+    )
     p.add_argument("model", metavar="MODEL", help="model file (or, without --local, an uploaded model id)")
     p.add_argument("--spec", required=True, help="JobSpec body in YAML or JSON, without model/dataset ids")
     p.add_argument("--out", required=True, help="where to write the compressed model")
@@ -340,6 +365,9 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--eval-dataset", help="held-out data for accuracy: a file (or a dataset id)")
     p.add_argument("--local", action="store_true", help="run the engine in this process; no server")
     p.add_argument("--name", help="name of the uploaded model")
-    p.add_argument("--format", choices=["torchscript", "state_dict", "safetensors", "exported_program"],
-                   help="model format (detected when absent)")
+    p.add_argument(
+        "--format",
+        choices=["torchscript", "state_dict", "safetensors", "exported_program"],
+        help="model format (detected when absent)",
+    )
     p.add_argument("--architecture", help="for weight-only formats: JSON or a JSON file")

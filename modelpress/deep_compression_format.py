@@ -31,6 +31,7 @@ another in the payload in entry order:
   Huffman table: the code length (0 = unused) of each symbol, 4 bits each, low
   nibble first. Streams are read most significant bit first.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -53,6 +54,7 @@ INDEX_SPAN_BITS = range(2, 9)  # spans 3 .. 255 are tried; the smallest encoding
 
 # ---------------------------------------------------------------- decoding (what users need)
 
+
 def load_state_dict(path: str | Path) -> dict[str, Any]:
     """Read a deep_compression file into torch tensors for `model.load_state_dict`."""
     import torch
@@ -67,13 +69,13 @@ def decode(data: bytes) -> dict[str, np.ndarray]:
     if data[:4] != MAGIC or data[4] != VERSION:
         raise ValueError("not a deep_compression (MPDC version 1) file")
     (header_length,) = struct.unpack_from("<I", data, 5)
-    header = json.loads(data[9:9 + header_length].decode("utf-8"))
+    header = json.loads(data[9 : 9 + header_length].decode("utf-8"))
     offset = 9 + header_length
     arrays: dict[str, np.ndarray] = {}
     for entry in header["tensors"]:
         blobs = []
         for length in entry["blobs"]:
-            blobs.append(data[offset:offset + length])
+            blobs.append(data[offset : offset + length])
             offset += length
         shape = tuple(entry["shape"])
         if entry["kind"] == "raw":
@@ -113,13 +115,13 @@ def huffman_decode(table: bytes, stream: bytes, alphabet: int, count: int) -> np
     for symbol in np.nonzero(lengths)[0]:
         length = int(lengths[symbol])
         start = int(codes[symbol]) << (width - length)
-        lookup_symbol[start:start + (1 << (width - length))] = symbol
-        lookup_length[start:start + (1 << (width - length))] = length
+        lookup_symbol[start : start + (1 << (width - length))] = symbol
+        lookup_length[start : start + (1 << (width - length))] = length
     bits = np.concatenate([np.unpackbits(np.frombuffer(stream, dtype=np.uint8)), np.zeros(width, dtype=np.uint8)])
     # the `width`-bit window starting at every bit position, computed at once
     windows = np.zeros(len(bits) - width, dtype=np.int64)
     for shift in range(width):
-        windows = (windows << 1) | bits[shift:shift + len(windows)]
+        windows = (windows << 1) | bits[shift : shift + len(windows)]
     window_list, symbol_list, length_list = windows.tolist(), lookup_symbol.tolist(), lookup_length.tolist()
     out = [0] * count
     position = 0
@@ -150,6 +152,7 @@ def _unpack_nibbles(table: bytes, count: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- encoding
+
 
 def encode(state: Mapping[str, np.ndarray]) -> tuple[bytes, list[dict[str, Any]]]:
     """Encode name -> array losslessly; returns (file bytes, one figures dict per tensor).
@@ -203,10 +206,20 @@ def _encode_codebook(array: np.ndarray) -> tuple[dict[str, Any], list[bytes]] | 
             best = (span, len(index), index, table, stream)
     assert best is not None
     span, index_count, _, index_table, index_stream = best
-    entry = {"kind": "codebook", "codebook_dtype": codebook_dtype.str[1:], "nnz": int(len(positions)),
-             "span": span, "index_count": index_count}
-    blobs = [codebook.astype(codebook_dtype).astype(codebook_dtype.newbyteorder("<")).tobytes(),
-             code_table, code_stream, index_table, index_stream]
+    entry = {
+        "kind": "codebook",
+        "codebook_dtype": codebook_dtype.str[1:],
+        "nnz": int(len(positions)),
+        "span": span,
+        "index_count": index_count,
+    }
+    blobs = [
+        codebook.astype(codebook_dtype).astype(codebook_dtype.newbyteorder("<")).tobytes(),
+        code_table,
+        code_stream,
+        index_table,
+        index_stream,
+    ]
     return entry, blobs
 
 
@@ -265,27 +278,34 @@ def describe(data: bytes) -> dict[str, Any]:
     if data[:4] != MAGIC or data[4] != VERSION:
         raise ValueError("not a deep_compression (MPDC version 1) file")
     (header_length,) = struct.unpack_from("<I", data, 5)
-    rows = [_figures(entry) for entry in json.loads(data[9:9 + header_length].decode("utf-8"))["tensors"]]
+    rows = [_figures(entry) for entry in json.loads(data[9 : 9 + header_length].decode("utf-8"))["tensors"]]
     elements = sum(row["elements"] for row in rows)
     coded = [row for row in rows if row["kind"] == "codebook"]
     nnz = sum(row["nnz"] for row in coded)
-    return {"bytes": len(data), "header_bytes": 9 + header_length, "elements": elements,
-            "bits_per_weight": round(8 * len(data) / max(1, elements), 4),
-            "coded_bits_per_nonzero": round(8 * sum(row["bytes"] for row in coded) / max(1, nnz), 4),
-            "tensors": rows}
+    return {
+        "bytes": len(data),
+        "header_bytes": 9 + header_length,
+        "elements": elements,
+        "bits_per_weight": round(8 * len(data) / max(1, elements), 4),
+        "coded_bits_per_nonzero": round(8 * sum(row["bytes"] for row in coded) / max(1, nnz), 4),
+        "tensors": rows,
+    }
 
 
 def _figures(entry: dict[str, Any]) -> dict[str, Any]:
     blobs = entry["blobs"]
     size = int(np.prod(entry["shape"], dtype=np.int64))
-    row: dict[str, Any] = {"name": entry["name"], "kind": entry["kind"], "elements": size,
-                           "bytes": int(sum(blobs))}
+    row: dict[str, Any] = {"name": entry["name"], "kind": entry["kind"], "elements": size, "bytes": int(sum(blobs))}
     if entry["kind"] == "codebook":
         nnz = max(1, entry["nnz"])
-        row.update(nnz=entry["nnz"], clusters=blobs[0] // np.dtype(entry["codebook_dtype"]).itemsize,
-                   index_span=entry["span"], code_bits_per_nonzero=round(8 * blobs[2] / nnz, 3),
-                   index_bits_per_nonzero=round(8 * blobs[4] / nnz, 3),
-                   bits_per_weight=round(8 * sum(blobs) / max(1, size), 4))
+        row.update(
+            nnz=entry["nnz"],
+            clusters=blobs[0] // np.dtype(entry["codebook_dtype"]).itemsize,
+            index_span=entry["span"],
+            code_bits_per_nonzero=round(8 * blobs[2] / nnz, 3),
+            index_bits_per_nonzero=round(8 * blobs[4] / nnz, 3),
+            bits_per_weight=round(8 * sum(blobs) / max(1, size), 4),
+        )
     else:
         row["dtype"] = entry["dtype"]
     return row

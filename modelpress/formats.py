@@ -3,6 +3,7 @@
 The API uses these to reject garbage at once and to guess a format; the
 worker's sandboxed child does the real loading.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,23 @@ from typing import Any
 ZIP_MAX_MEMBERS = 10_000
 ZIP_MAX_RATIO = 200  # declared uncompressed size / compressed size
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
-SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+SAFETENSORS_ITEMSIZE = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 class FormatError(ValueError):
@@ -36,8 +52,11 @@ def check_zip(path: Path, max_total_bytes: int) -> list[str]:
     if total > max_total_bytes:
         raise FormatError(f"archive declares {total} uncompressed bytes (limit {max_total_bytes})")
     for info in infos:
-        if info.compress_type != zipfile.ZIP_STORED and info.compress_size and \
-                info.file_size / info.compress_size > ZIP_MAX_RATIO:
+        if (
+            info.compress_type != zipfile.ZIP_STORED
+            and info.compress_size
+            and info.file_size / info.compress_size > ZIP_MAX_RATIO
+        ):
             raise FormatError(f"member {info.filename!r} has a compression ratio above {ZIP_MAX_RATIO}")
         if info.filename.startswith("/") or ".." in Path(info.filename).parts:
             raise FormatError(f"member {info.filename!r} has an unsafe path")
@@ -65,8 +84,12 @@ def check_safetensors(path: Path) -> dict[str, Any]:
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1] <= data_len):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
             raise FormatError(f"safetensors tensor {name!r} has offsets outside the file")
         shape = entry.get("shape")
         itemsize = SAFETENSORS_ITEMSIZE.get(str(entry.get("dtype")))
@@ -74,8 +97,9 @@ def check_safetensors(path: Path) -> dict[str, Any]:
             raise FormatError(f"safetensors tensor {name!r} has an unknown dtype or a bad shape")
         # a tensor must occupy exactly its bytes: no huge shapes backed by a few bytes
         if math.prod(shape) * itemsize != offsets[1] - offsets[0]:
-            raise FormatError(f"safetensors tensor {name!r} declares shape {shape} but holds "
-                              f"{offsets[1] - offsets[0]} bytes")
+            raise FormatError(
+                f"safetensors tensor {name!r} declares shape {shape} but holds {offsets[1] - offsets[0]} bytes"
+            )
     return header
 
 
@@ -85,8 +109,13 @@ def sniff_model_format(path: Path, max_total_bytes: int) -> str:
         magic = handle.read(8)
     if magic[:2] == b"PK":
         names = check_zip(path, max_total_bytes)
-        if any(n.endswith("serialized_exported_program.json") or "/models/" in n and n.endswith(".json")
-               or n.endswith("archive_format") for n in names):
+        if any(
+            n.endswith("serialized_exported_program.json")
+            or "/models/" in n
+            and n.endswith(".json")
+            or n.endswith("archive_format")
+            for n in names
+        ):
             return "exported_program"
         if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
             return "torchscript"
@@ -119,8 +148,11 @@ def _npz_headers(path: Path, names: list[str]) -> dict[str, tuple[list[int], str
             with archive.open(name) as member:
                 try:
                     version = np.lib.format.read_magic(member)
-                    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
-                        np.lib.format.read_array_header_2_0
+                    reader = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
                     shape, _, dtype = reader(member)
                 except ValueError as error:
                     raise FormatError(f"array {name} is not a valid .npy: {error}") from error
@@ -148,8 +180,18 @@ def _label_range(path: Path, kind: str) -> list[int] | None:
     return [int(labels.min()), int(labels.max())]
 
 
-SAFETENSORS_TO_NUMPY = {"F16": "<f2", "BF16": "bf16", "F32": "<f4", "F64": "<f8", "I8": "|i1", "U8": "|u1",
-                        "I16": "<i2", "I32": "<i4", "I64": "<i8", "BOOL": "|b1"}
+SAFETENSORS_TO_NUMPY = {
+    "F16": "<f2",
+    "BF16": "bf16",
+    "F32": "<f4",
+    "F64": "<f8",
+    "I8": "|i1",
+    "U8": "|u1",
+    "I16": "<i2",
+    "I32": "<i4",
+    "I64": "<i8",
+    "BOOL": "|b1",
+}
 
 
 def sniff_dataset(path: Path, max_total_bytes: int) -> dict[str, Any]:
@@ -163,8 +205,11 @@ def sniff_dataset(path: Path, max_total_bytes: int) -> dict[str, Any]:
         kind = "npz"
     else:
         header = check_safetensors(path)
-        headers = {k: (v["shape"], SAFETENSORS_TO_NUMPY.get(v["dtype"], v["dtype"]))
-                   for k, v in header.items() if k != "__metadata__"}
+        headers = {
+            k: (v["shape"], SAFETENSORS_TO_NUMPY.get(v["dtype"], v["dtype"]))
+            for k, v in header.items()
+            if k != "__metadata__"
+        }
         kind = "safetensors"
     # one `inputs` array, or several named like the model's declared inputs (plus labels / targets)
     input_names = ["inputs"] if "inputs" in headers else sorted(k for k in headers if k not in ("labels", "targets"))
@@ -178,8 +223,13 @@ def sniff_dataset(path: Path, max_total_bytes: int) -> dict[str, Any]:
     for name in input_names + ["labels", "targets"]:
         if name in shapes and (not shapes[name] or shapes[name][0] != samples):
             raise FormatError(f"dataset has {samples} samples but '{name}' has shape {shapes[name]}")
-    info = {"format": kind, "arrays": sorted(headers), "shapes": shapes,
-            "dtypes": {k: v[1] for k, v in headers.items()}, "samples": samples}
+    info = {
+        "format": kind,
+        "arrays": sorted(headers),
+        "shapes": shapes,
+        "dtypes": {k: v[1] for k, v in headers.items()},
+        "samples": samples,
+    }
     if "labels" in headers:
         info["label_range"] = _label_range(path, kind)
     return info

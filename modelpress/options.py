@@ -7,6 +7,7 @@ answers 422 at submit instead of failing (or running for ever) on a worker. The 
 are generous for real training and tight enough that no value can exhaust a worker.
 The engine's own checks (worker/compression/training.py) still run on top.
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -101,13 +102,21 @@ class AmountRange(_Strict):
 
 
 class SearchCandidates(_Strict):
-    recipes: Annotated[list[Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_STAGES)]],
-                       Field(max_length=MAX_STAGES)] | None = None
+    recipes: (
+        Annotated[
+            list[Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_STAGES)]],
+            Field(max_length=MAX_STAGES),
+        ]
+        | None
+    ) = None
     amount: AmountRange | None = None
 
 
 OPTION_MODELS: dict[str, type[BaseModel]] = {
-    "train": TrainOptions, "schedule": PruneSchedule, "layers": LayerSelection, "candidates": SearchCandidates,
+    "train": TrainOptions,
+    "schedule": PruneSchedule,
+    "layers": LayerSelection,
+    "candidates": SearchCandidates,
 }
 
 

@@ -1,4 +1,5 @@
 """Shared fixtures: real Postgres and Redis (required in CI), settings wiring, model builders."""
+
 from __future__ import annotations
 
 import os
@@ -25,14 +26,21 @@ def reset_caches() -> None:
     """Settings, engines, stores and the Celery app are cached per process; tests rewire them."""
     from app.config import get_settings
     from app.db import get_engine, get_read_engine, get_read_session_factory, get_session_factory
-    from app.storage import get_store
     from app.queue import get_celery
+    from app.storage import get_store
 
     for engine_cache in (get_engine, get_read_engine):
         if engine_cache.cache_info().currsize:
             engine_cache().dispose()
-    for cached in (get_settings, get_engine, get_read_engine, get_session_factory, get_read_session_factory,
-                   get_store, get_celery):
+    for cached in (
+        get_settings,
+        get_engine,
+        get_read_engine,
+        get_session_factory,
+        get_read_session_factory,
+        get_store,
+        get_celery,
+    ):
         cached.cache_clear()
     from app.auth import verified_keys
 
@@ -105,8 +113,11 @@ def service_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator:
     applied: dict[str, str] = {}
 
     def apply(**overrides: str) -> dict[str, str]:
-        env = {"MODELPRESS_DATA_DIR": str(tmp_path / "data"), "MODELPRESS_RATE_LIMIT_PER_MINUTE": "100000",
-               "MODELPRESS_RATE_LIMIT_INVALID_KEYS_PER_MINUTE": "100000"}
+        env = {
+            "MODELPRESS_DATA_DIR": str(tmp_path / "data"),
+            "MODELPRESS_RATE_LIMIT_PER_MINUTE": "100000",
+            "MODELPRESS_RATE_LIMIT_INVALID_KEYS_PER_MINUTE": "100000",
+        }
         env.update({f"MODELPRESS_{k.upper()}": v for k, v in overrides.items()})
         for key, value in env.items():
             monkeypatch.setenv(key, value)

@@ -1,4 +1,5 @@
 """Models and data the tests build themselves (nothing is downloaded)."""
+
 from __future__ import annotations
 
 import io
@@ -7,8 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,7 +60,7 @@ def train(model: nn.Module, inputs: np.ndarray, labels: np.ndarray, epochs: int 
     for _ in range(epochs):
         order = torch.randperm(len(x))
         for start in range(0, len(x), 64):
-            batch = order[start:start + 64]
+            batch = order[start : start + 64]
             loss = F.cross_entropy(model(x[batch]), y[batch])
             optimizer.zero_grad()
             loss.backward()
@@ -131,10 +133,30 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", self.queues,
-             "--concurrency", "1", "--pool", "prefork", "--loglevel", "INFO", "--without-mingle",
-             "--without-gossip"], cwd=PROJECT_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "-Q",
+                self.queues,
+                "--concurrency",
+                "1",
+                "--pool",
+                "prefork",
+                "--loglevel",
+                "INFO",
+                "--without-mingle",
+                "--without-gossip",
+            ],
+            cwd=PROJECT_ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

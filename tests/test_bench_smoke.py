@@ -4,6 +4,7 @@ The figures are not checked against targets (benchmarks are not tests); only tha
 section runs, writes its tables and keys, and that its numbers are positive and finite.
 Results go to tmp_path: the committed BENCHMARKS.md and bench/results.json are left alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,9 +53,19 @@ def test_quality_peers_and_gpu_sections_run_in_process(tmp_path: Path) -> None:
 
     rows = sections["quality"]["data"]["rows"]
     recipes = {row["recipe"] for row in rows}
-    for scheme in ("prune:l1_unstructured", "prune:ln_structured", "prune:nm_semi_structured",
-                   "quantize:dynamic_int8", "quantize:static_int8", "quantize:fp16", "quantize:bf16",
-                   "distill:hinton", "preset cpu-int8", "preset deep-compression", "preset distill-small"):
+    for scheme in (
+        "prune:l1_unstructured",
+        "prune:ln_structured",
+        "prune:nm_semi_structured",
+        "quantize:dynamic_int8",
+        "quantize:static_int8",
+        "quantize:fp16",
+        "quantize:bf16",
+        "distill:hinton",
+        "preset cpu-int8",
+        "preset deep-compression",
+        "preset distill-small",
+    ):
         assert scheme in recipes
     for row in rows:
         assert "error" not in row, row
@@ -76,8 +87,16 @@ def test_quality_peers_and_gpu_sections_run_in_process(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         assert "no CUDA device" in gpu["skipped"]
 
-    for needle in ("LeNet-300-100", "Han", "torch.ao", "torchao", "torch-pruning", "make bench",
-                   "python -m bench.run --only quality --size tiny", "| model |"):
+    for needle in (
+        "LeNet-300-100",
+        "Han",
+        "torch.ao",
+        "torchao",
+        "torch-pruning",
+        "make bench",
+        "python -m bench.run --only quality --size tiny",
+        "| model |",
+    ):
         assert needle in markdown, needle
 
 
@@ -109,8 +128,14 @@ def test_service_and_api_sections_embedded(tmp_path: Path) -> None:
 @pytest.mark.postgres
 @pytest.mark.redis
 def test_service_section_with_postgres_and_redis(tmp_path: Path, postgres_server: str, redis_server: str) -> None:
-    results, _ = _run(tmp_path, ["service"], postgres_url=postgres_server, redis_url=redis_server,
-                      require_services=True, modes=("postgres",))
+    results, _ = _run(
+        tmp_path,
+        ["service"],
+        postgres_url=postgres_server,
+        redis_url=redis_server,
+        require_services=True,
+        modes=("postgres",),
+    )
     modes = results["sections"]["service"]["data"]["modes"]
     assert set(modes) == {"postgres"}
     _positive(modes["postgres"]["ratio"], "ratio")
@@ -137,8 +162,9 @@ def test_gpu_script_skips_cleanly_or_runs_its_code_path_on_cpu() -> None:
 def test_make_bench_target_and_committed_report() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "\nbench:" in makefile and "-m bench.run" in makefile
-    help_text = subprocess.run([sys.executable, "-m", "bench.run", "--help"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=120).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    ).stdout
     assert "--size" in help_text and "--only" in help_text
     report = ROOT / "BENCHMARKS.md"
     if report.exists():
@@ -181,8 +207,14 @@ def test_readpath_section_with_postgres_and_redis(tmp_path: Path, postgres_serve
 
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
-    results, markdown = _run(tmp_path, ["readpath"], postgres_url=postgres_server, redis_url=redis_server,
-                             require_services=True, modes=("postgres",))
+    results, markdown = _run(
+        tmp_path,
+        ["readpath"],
+        postgres_url=postgres_server,
+        redis_url=redis_server,
+        require_services=True,
+        modes=("postgres",),
+    )
     section = results["sections"]["readpath"]
     _all_numbers_finite(results)
     for name in ("bare", "job", "list"):

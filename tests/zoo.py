@@ -18,6 +18,7 @@ Example:
     >>> entry = build("resnet"); entry.model(*entry.inputs).shape
     torch.Size([2, 10])
 """
+
 from __future__ import annotations
 
 import io
@@ -59,8 +60,9 @@ class ZooEntry:
         batch = torch.export.Dim("batch", min=1, max=1024)
         shapes = tuple({0: batch} for _ in self.inputs)
         inputs = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in self.inputs)
-        program = torch.export.export(self.model, inputs + self.constants,
-                                      dynamic_shapes=shapes + tuple(None for _ in self.constants))
+        program = torch.export.export(
+            self.model, inputs + self.constants, dynamic_shapes=shapes + tuple(None for _ in self.constants)
+        )
         with open(path, "wb") as handle:
             torch.export.save(program, handle)
         return path
@@ -120,9 +122,14 @@ class InvertedResidual(nn.Module):
 
     def __init__(self, fan_in: int, expanded: int, fan_out: int, stride: int) -> None:
         super().__init__()
-        self.expand = nn.Sequential(nn.Conv2d(fan_in, expanded, 1, bias=False), nn.BatchNorm2d(expanded), nn.Hardswish())
-        self.depthwise = nn.Sequential(nn.Conv2d(expanded, expanded, 3, stride, 1, groups=expanded, bias=False),
-                                       nn.BatchNorm2d(expanded), nn.Hardswish())
+        self.expand = nn.Sequential(
+            nn.Conv2d(fan_in, expanded, 1, bias=False), nn.BatchNorm2d(expanded), nn.Hardswish()
+        )
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(expanded, expanded, 3, stride, 1, groups=expanded, bias=False),
+            nn.BatchNorm2d(expanded),
+            nn.Hardswish(),
+        )
         self.se = SqueezeExcite(expanded, max(8, expanded // 4))
         self.project = nn.Sequential(nn.Conv2d(expanded, fan_out, 1, bias=False), nn.BatchNorm2d(fan_out))
         self.residual = stride == 1 and fan_in == fan_out
@@ -136,8 +143,9 @@ class TinyMobileNetV3(nn.Module):
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.Hardswish())
-        self.blocks = nn.Sequential(InvertedResidual(16, 32, 16, 1), InvertedResidual(16, 48, 24, 2),
-                                    InvertedResidual(24, 64, 24, 1))
+        self.blocks = nn.Sequential(
+            InvertedResidual(16, 32, 16, 1), InvertedResidual(16, 48, 24, 2), InvertedResidual(24, 64, 24, 1)
+        )
         self.head = nn.Sequential(nn.Linear(24, 64), nn.Hardswish(), nn.Dropout(0.2), nn.Linear(64, classes))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -161,8 +169,9 @@ class ViTBlock(nn.Module):
 class TinyViT(nn.Module):
     """timm's VisionTransformer layout: conv patch embedding, class token, learned positions, pre-norm blocks."""
 
-    def __init__(self, image: int = 32, patch: int = 8, dim: int = 48, depth: int = 2, heads: int = 3,
-                 classes: int = 10) -> None:
+    def __init__(
+        self, image: int = 32, patch: int = 8, dim: int = 48, depth: int = 2, heads: int = 3, classes: int = 10
+    ) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -211,8 +220,15 @@ class AudioModel(nn.Module):
 def _bert() -> ZooEntry:
     from transformers import BertConfig, BertModel
 
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, torchscript=True)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        torchscript=True,
+    )
     ids = torch.randint(0, VOCAB, (2, SEQUENCE), generator=torch.Generator().manual_seed(SEED))
     mask = torch.ones_like(ids)
     return ZooEntry("bert", BertModel(config).eval(), (ids, mask), float_input=False)
@@ -221,12 +237,24 @@ def _bert() -> ZooEntry:
 def _gpt2() -> ZooEntry:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=64, torchscript=True,
-                        use_cache=False, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        torchscript=True,
+        use_cache=False,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config).eval()
     assert model.lm_head.weight is model.transformer.wte.weight, "GPT-2's LM head must be tied"
     ids = torch.randint(0, VOCAB, (2, SEQUENCE), generator=torch.Generator().manual_seed(SEED))
-    return ZooEntry("gpt2", model, (ids,), float_input=False, notes={"tied": ("lm_head.weight", "transformer.wte.weight")})
+    return ZooEntry(
+        "gpt2", model, (ids,), float_input=False, notes={"tied": ("lm_head.weight", "transformer.wte.weight")}
+    )
 
 
 def _image(batch: int = 2) -> Tensor:
@@ -235,19 +263,29 @@ def _image(batch: int = 2) -> Tensor:
 
 BUILDERS: dict[str, Callable[[], ZooEntry]] = {
     # so small that a container's fixed overhead outweighs any saving on its 108 weights
-    "tiny_mlp": lambda: ZooEntry("tiny_mlp", nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval(),
-                                 (torch.randn(2, 8, generator=torch.Generator().manual_seed(SEED)),)),
+    "tiny_mlp": lambda: ZooEntry(
+        "tiny_mlp",
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval(),
+        (torch.randn(2, 8, generator=torch.Generator().manual_seed(SEED)),),
+    ),
     "resnet": lambda: ZooEntry("resnet", TinyResNet().eval(), (_image(),)),
     "mobilenet_v3": lambda: ZooEntry("mobilenet_v3", TinyMobileNetV3().eval(), (_image(),)),
     "vit": lambda: ZooEntry("vit", TinyViT().eval(), (_image(),)),
     "bert": _bert,
     "gpt2": _gpt2,
     "lstm": lambda: ZooEntry(
-        "lstm", LSTMClassifier().eval(),
-        (torch.randint(0, VOCAB, (2, SEQUENCE), generator=torch.Generator().manual_seed(SEED)),), float_input=False),
-    "audio": lambda: ZooEntry("audio", AudioModel().eval(),
-                              (torch.randn(2, 800, generator=torch.Generator().manual_seed(SEED)),),
-                              constants=(16000,), float_input=False),
+        "lstm",
+        LSTMClassifier().eval(),
+        (torch.randint(0, VOCAB, (2, SEQUENCE), generator=torch.Generator().manual_seed(SEED)),),
+        float_input=False,
+    ),
+    "audio": lambda: ZooEntry(
+        "audio",
+        AudioModel().eval(),
+        (torch.randn(2, 800, generator=torch.Generator().manual_seed(SEED)),),
+        constants=(16000,),
+        float_input=False,
+    ),
 }
 NAMES = tuple(BUILDERS)
 
@@ -273,11 +311,10 @@ def readme_loader() -> dict[str, Any]:
     """
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     start = readme.index("## Loading an artifact")
-    block = readme[readme.index("```python", start) + len("```python"):]
-    block = block[:block.index("```")]
+    block = readme[readme.index("```python", start) + len("```python") :]
+    block = block[: block.index("```")]
     namespace: dict[str, Any] = {"state": {}}  # the sparse one-liner's input, as a real file would give
-    runnable = "\n".join(line for line in block.splitlines()
-                         if "artifact.pt" not in line and "my_model" not in line)
+    runnable = "\n".join(line for line in block.splitlines() if "artifact.pt" not in line and "my_model" not in line)
     exec(compile(runnable, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     one_liner = next(line for line in block.splitlines() if line.startswith("state = {"))
     expression = one_liner.split("=", 1)[1].strip()

@@ -2,6 +2,7 @@
 
 Task names and configuration live in `app.queue`, so the API never imports the worker package.
 """
+
 from __future__ import annotations
 
 from app.queue import INSPECT_MODEL, RUN_JOB, celery_app, get_celery, make_celery

@@ -1,4 +1,5 @@
 """Workers register their capabilities and heartbeat; /v1/workers lists the live ones."""
+
 from __future__ import annotations
 
 import logging
@@ -22,9 +23,8 @@ _stop = threading.Event()
 def capabilities() -> dict[str, Any]:
     import torch
 
-    from worker.sandbox import describe_isolation
-
     from modelpress.catalog import SCHEMES
+    from worker.sandbox import describe_isolation
 
     devices = ["cpu"]
     info: dict[str, Any] = {"torch": torch.__version__, "cpu_count": os.cpu_count()}
@@ -37,9 +37,12 @@ def capabilities() -> dict[str, Any]:
     if torch.cuda.is_available():
         devices.append("cuda")
         props = torch.cuda.get_device_properties(0)
-        info["cuda"] = {"name": props.name, "memory_bytes": props.total_memory,
-                        "compute_capability": float(f"{props.major}.{props.minor}"),
-                        "count": torch.cuda.device_count()}
+        info["cuda"] = {
+            "name": props.name,
+            "memory_bytes": props.total_memory,
+            "compute_capability": float(f"{props.major}.{props.minor}"),
+            "count": torch.cuda.device_count(),
+        }
     info["devices"] = devices
     info["isolation"] = describe_isolation(get_settings().sandbox_isolation)
     info["schemes"] = sorted(f"{s.method}:{s.name}" for s in SCHEMES if any(d in devices for d in s.devices))
@@ -76,13 +79,20 @@ def require_isolation() -> None:
     isolation = get_settings().sandbox_isolation
     problem = check_isolation(isolation)
     if problem:
-        log.critical("refusing to start: %s. To accept the risk on a development machine only, set "
-                     "MODELPRESS_SANDBOX_ISOLATION=none.", problem)
-        raise SystemExit(f"modelpress worker: {problem} (or set MODELPRESS_SANDBOX_ISOLATION=none on a "
-                         "development machine to accept the risk)")
+        log.critical(
+            "refusing to start: %s. To accept the risk on a development machine only, set "
+            "MODELPRESS_SANDBOX_ISOLATION=none.",
+            problem,
+        )
+        raise SystemExit(
+            f"modelpress worker: {problem} (or set MODELPRESS_SANDBOX_ISOLATION=none on a "
+            "development machine to accept the risk)"
+        )
     if isolation == "none":
-        log.warning("sandbox isolation is OFF (MODELPRESS_SANDBOX_ISOLATION=none): users' model files run with "
-                    "this worker's user, files and network. Development only.")
+        log.warning(
+            "sandbox isolation is OFF (MODELPRESS_SANDBOX_ISOLATION=none): users' model files run with "
+            "this worker's user, files and network. Development only."
+        )
 
 
 def sweep_leftovers() -> None:

@@ -3,6 +3,7 @@
 Every write after the claim is fenced by the attempt number: a stale run whose
 lease was taken over can no longer change the job.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -32,8 +33,16 @@ from worker.sandbox import Limits, WarmSandbox, run_sandboxed
 log = logging.getLogger("modelpress.runner")
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 PROGRESS_WRITE_INTERVAL_S = 0.5
-EXTENSIONS = {"torchscript": "pt", "exported_program": "pt2", "state_dict": "pt", "sparse_state_dict": "pt",
-              "onnx": "onnx", "executorch": "pte", "compact_state_dict": "pt", "deep_compression": "mpdc"}
+EXTENSIONS = {
+    "torchscript": "pt",
+    "exported_program": "pt2",
+    "state_dict": "pt",
+    "sparse_state_dict": "pt",
+    "onnx": "onnx",
+    "executorch": "pte",
+    "compact_state_dict": "pt",
+    "deep_compression": "mpdc",
+}
 LOCK_FILE = ".in-use"
 T = TypeVar("T")
 
@@ -57,8 +66,12 @@ def with_database_retry(write: Callable[[], T], what: str, *, tolerance_s: float
         except Exception as error:
             if not _is_connection_problem(error) or time.monotonic() + delay > deadline:
                 raise
-            log.warning("database unavailable while writing %s; retrying in %.1f s: %s", what, delay,
-                        str(error).splitlines()[0][:200])
+            log.warning(
+                "database unavailable while writing %s; retrying in %.1f s: %s",
+                what,
+                delay,
+                str(error).splitlines()[0][:200],
+            )
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
 
@@ -80,10 +93,14 @@ _warm: WarmSandbox | None = None  # this worker slot's next sandbox, started ahe
 
 def slot_limits(threads: int | None = None, wall_seconds: float | None = None) -> Limits:
     settings = get_settings()
-    return Limits(memory_bytes=settings.sandbox_memory_bytes, cpu_seconds=settings.sandbox_cpu_seconds,
-                  file_bytes=settings.sandbox_file_bytes, open_files=settings.sandbox_open_files,
-                  wall_seconds=wall_seconds or settings.job_soft_time_limit_s,
-                  threads=max(1, threads or settings.worker_threads))
+    return Limits(
+        memory_bytes=settings.sandbox_memory_bytes,
+        cpu_seconds=settings.sandbox_cpu_seconds,
+        file_bytes=settings.sandbox_file_bytes,
+        open_files=settings.sandbox_open_files,
+        wall_seconds=wall_seconds or settings.job_soft_time_limit_s,
+        threads=max(1, threads or settings.worker_threads),
+    )
 
 
 def prestart_sandbox() -> None:
@@ -93,8 +110,11 @@ def prestart_sandbox() -> None:
     if not settings.warm_sandbox or (_warm is not None and _warm.child.poll() is None):
         return
     try:
-        _warm = WarmSandbox(settings.scratch_dir / f"warm-{os.getpid()}-{time.monotonic_ns()}", slot_limits(),
-                            settings.sandbox_isolation)
+        _warm = WarmSandbox(
+            settings.scratch_dir / f"warm-{os.getpid()}-{time.monotonic_ns()}",
+            slot_limits(),
+            settings.sandbox_isolation,
+        )
     except Exception as error:  # a cold start still works; say why the warm one did not
         log.warning("could not pre-start a sandbox: %s", error)
         _warm = None
@@ -169,10 +189,17 @@ def claim_job(job_id: str) -> int | None:
             return None
         attempt = job.attempt + 1
         result = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued", Job.attempt == job.attempt)
-            .values(status="running", attempt=attempt, worker_name=WORKER_NAME, stage="starting",
-                    lease_expires_at=utcnow() + timedelta(seconds=settings.lease_seconds),
-                    started_at=job.started_at or utcnow()))
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued", Job.attempt == job.attempt)
+            .values(
+                status="running",
+                attempt=attempt,
+                worker_name=WORKER_NAME,
+                stage="starting",
+                lease_expires_at=utcnow() + timedelta(seconds=settings.lease_seconds),
+                started_at=job.started_at or utcnow(),
+            )
+        )
         if result.rowcount != 1:  # type: ignore[attr-defined]
             return None
         session.add(JobEvent(job_id=job_id, kind="state", data={"status": "running", "attempt": attempt}))
@@ -180,8 +207,9 @@ def claim_job(job_id: str) -> int | None:
 
 
 def _fenced(session: Any, job_id: str, attempt: int, **values: Any) -> bool:
-    result = session.execute(update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "running")
-                             .values(**values))
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "running").values(**values)
+    )
     return bool(result.rowcount == 1)
 
 
@@ -191,8 +219,16 @@ def finish_failed(job_id: str, attempt: int, error: dict[str, str]) -> None:
 
     def write() -> None:
         with session_scope() as session:
-            if _fenced(session, job_id, attempt, status="failed", error=summary, finished_at=utcnow(),
-                       lease_expires_at=None, stage="failed"):
+            if _fenced(
+                session,
+                job_id,
+                attempt,
+                status="failed",
+                error=summary,
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                stage="failed",
+            ):
                 session.add(JobEvent(job_id=job_id, kind="state", data={"status": "failed", "error": error}))
 
     with_database_retry(write, f"job {job_id} failure")
@@ -201,8 +237,15 @@ def finish_failed(job_id: str, attempt: int, error: dict[str, str]) -> None:
 def _finish_cancelled(job_id: str, attempt: int) -> None:
     def write() -> None:
         with session_scope() as session:
-            if _fenced(session, job_id, attempt, status="cancelled", finished_at=utcnow(), lease_expires_at=None,
-                       stage="cancelled"):
+            if _fenced(
+                session,
+                job_id,
+                attempt,
+                status="cancelled",
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                stage="cancelled",
+            ):
                 session.add(JobEvent(job_id=job_id, kind="state", data={"status": "cancelled"}))
 
     with_database_retry(write, f"job {job_id} cancellation")
@@ -260,8 +303,11 @@ class JobMonitor:
                 raise
             if self.outage_started is None:
                 self.outage_started = time.monotonic()
-                log.warning("database unavailable during job %s; keeping progress until it is back: %s",
-                            self.job_id, str(error).splitlines()[0][:200])
+                log.warning(
+                    "database unavailable during job %s; keeping progress until it is back: %s",
+                    self.job_id,
+                    str(error).splitlines()[0][:200],
+                )
             if time.monotonic() - self.outage_started > self.settings.database_outage_tolerance_s:
                 raise
             return
@@ -277,8 +323,13 @@ class JobMonitor:
                 self.fenced = True
                 return
             if progress:
-                session.add(JobEvent(job_id=self.job_id, kind="progress",
-                                     data={"progress": values["progress"], "stage": values["stage"]}))
+                session.add(
+                    JobEvent(
+                        job_id=self.job_id,
+                        kind="progress",
+                        data={"progress": values["progress"], "stage": values["stage"]},
+                    )
+                )
             for kind, data in events:
                 session.add(JobEvent(job_id=self.job_id, kind=kind, data=data))
             cancelled = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
@@ -286,7 +337,7 @@ class JobMonitor:
         self.cancelled = cancelled
         if self.pending_progress == progress:
             self.pending_progress = None
-        self.pending_events = self.pending_events[len(events):]
+        self.pending_events = self.pending_events[len(events) :]
 
     def should_stop(self) -> bool:
         self.flush()  # doubles as the heartbeat
@@ -303,9 +354,14 @@ def run_job(job_id: str) -> str:
         status = _run_claimed(job_id, attempt)
     except SoftTimeLimitExceeded:  # the sandboxed child is already killed (run_sandboxed's finally)
         log.warning("job %s ran past its time limit", job_id)
-        finish_failed(job_id, attempt, {"error": "TimeLimitExceeded",
-                                        "detail": f"the job ran past its {settings.job_soft_time_limit_s} s limit; "
-                                                  "its process was stopped"})
+        finish_failed(
+            job_id,
+            attempt,
+            {
+                "error": "TimeLimitExceeded",
+                "detail": f"the job ran past its {settings.job_soft_time_limit_s} s limit; its process was stopped",
+            },
+        )
         status = "failed"
     except Exception as error:  # the worker lives on; the job says what happened
         log.exception("job %s failed", job_id)
@@ -329,11 +385,15 @@ def notify_webhook(job_id: str) -> None:
             return
         url = job.spec["webhook_url"]
         metrics = session.get(JobMetrics, job_id)
-        body = {"id": job.id, "status": job.status, "error": job.error,
-                "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-                "compression_ratio": metrics.compression_ratio if metrics else None,
-                "speedup": metrics.speedup if metrics else None,
-                "speed_verdict": (metrics.document or {}).get("speed_verdict") if metrics else None}
+        body = {
+            "id": job.id,
+            "status": job.status,
+            "error": job.error,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "compression_ratio": metrics.compression_ratio if metrics else None,
+            "speedup": metrics.speedup if metrics else None,
+            "speed_verdict": (metrics.document or {}).get("speed_verdict") if metrics else None,
+        }
     outcome: dict[str, Any] = {"url": url}
     for attempt in range(1, WEBHOOK_ATTEMPTS + 1):
         # the SSRF guard: resolves the host, refuses internal addresses, pins the vetted one
@@ -361,8 +421,14 @@ def _run_claimed(job_id: str, attempt: int) -> str:
         threads = job.spec.get("target", {}).get("threads", settings.worker_threads)
     with sandbox_slot(f"{job_id}-{attempt}", slot_limits(threads)) as (scratch, warm):
         # which child serves the job (host pid) and in which folder: one job per child and folder, checkable
-        log.info("job %s attempt %s runs in a %s sandbox, folder %s, pid %s", job_id, attempt,
-                 "warm" if warm else "cold", scratch.name, warm.child.pid if warm else "started for it")
+        log.info(
+            "job %s attempt %s runs in a %s sandbox, folder %s, pid %s",
+            job_id,
+            attempt,
+            "warm" if warm else "cold",
+            scratch.name,
+            warm.child.pid if warm else "started for it",
+        )
         return _run_in_slot(job_id, attempt, scratch, warm)
 
 
@@ -385,9 +451,14 @@ def _run_in_slot(job_id: str, attempt: int, scratch: Path, warm: WarmSandbox | N
     artifact_path = scratch / "artifact.bin"
     request = {
         "model": model_ref,
-        "stages": [{"method": s["method"], "scheme": s["scheme"],
-                    "options": {k: v for k, v in s.items() if k not in ("method", "scheme")}}
-                   for s in spec["stages"]],
+        "stages": [
+            {
+                "method": s["method"],
+                "scheme": s["scheme"],
+                "options": {k: v for k, v in s.items() if k not in ("method", "scheme")},
+            }
+            for s in spec["stages"]
+        ],
         "artifact_path": str(artifact_path),
         "example_input_shape": spec.get("example_input_shape"),
         "dataset_path": _dataset_path(spec.get("dataset_id"), inputs),
@@ -403,8 +474,16 @@ def _run_in_slot(job_id: str, attempt: int, scratch: Path, warm: WarmSandbox | N
         "output": spec.get("output"),
     }
     monitor = JobMonitor(job_id, attempt)
-    outcome = run_sandboxed("job", request, scratch, slot_limits(request["threads"]), on_message=monitor.on_message,
-                            should_stop=monitor.should_stop, isolation=settings.sandbox_isolation, warm=warm)
+    outcome = run_sandboxed(
+        "job",
+        request,
+        scratch,
+        slot_limits(request["threads"]),
+        on_message=monitor.on_message,
+        should_stop=monitor.should_stop,
+        isolation=settings.sandbox_isolation,
+        warm=warm,
+    )
     # the child is gone: start the next job's sandbox now, so its start overlaps storing this job's result
     # (and the worker is ready for its next message sooner); it gets a folder of its own, never this one
     prestart_sandbox()
@@ -444,20 +523,46 @@ def _store_result(job_id: str, attempt: int, tenant_id: str, artifact_path: Path
     def record() -> str:
         with session_scope() as session:
             fidelity = metrics.get("fidelity") or {}
-            if not _fenced(session, job_id, attempt, status="succeeded", progress=1.0, stage="done",
-                           finished_at=utcnow(), lease_expires_at=None, error=None):
+            if not _fenced(
+                session,
+                job_id,
+                attempt,
+                status="succeeded",
+                progress=1.0,
+                stage="done",
+                finished_at=utcnow(),
+                lease_expires_at=None,
+                error=None,
+            ):
                 return "fenced"
-            session.add(Artifact(job_id=job_id, tenant_id=tenant_id, storage_key=key, size_bytes=size,
-                                 sha256=digest, format=artifact_format, requires=result.get("requires", [])))
-            session.add(JobMetrics(
-                job_id=job_id, original_size_bytes=metrics["original"]["size_bytes"], compressed_size_bytes=size,
-                compression_ratio=metrics["compression_ratio"], speedup=metrics.get("speedup"),
-                original_accuracy=metrics["original"].get("accuracy"),
-                compressed_accuracy=metrics["compressed"].get("accuracy"),
-                sparsity=metrics["compressed"].get("sparsity"), sqnr_db=fidelity.get("sqnr_db"),
-                top1_agreement=fidelity.get("top1_agreement"),
-                latency_ms_p50=metrics["compressed"].get("latency_ms_p50"),
-                device=metrics.get("device", "cpu"), document=metrics))
+            session.add(
+                Artifact(
+                    job_id=job_id,
+                    tenant_id=tenant_id,
+                    storage_key=key,
+                    size_bytes=size,
+                    sha256=digest,
+                    format=artifact_format,
+                    requires=result.get("requires", []),
+                )
+            )
+            session.add(
+                JobMetrics(
+                    job_id=job_id,
+                    original_size_bytes=metrics["original"]["size_bytes"],
+                    compressed_size_bytes=size,
+                    compression_ratio=metrics["compression_ratio"],
+                    speedup=metrics.get("speedup"),
+                    original_accuracy=metrics["original"].get("accuracy"),
+                    compressed_accuracy=metrics["compressed"].get("accuracy"),
+                    sparsity=metrics["compressed"].get("sparsity"),
+                    sqnr_db=fidelity.get("sqnr_db"),
+                    top1_agreement=fidelity.get("top1_agreement"),
+                    latency_ms_p50=metrics["compressed"].get("latency_ms_p50"),
+                    device=metrics.get("device", "cpu"),
+                    document=metrics,
+                )
+            )
             session.add(JobEvent(job_id=job_id, kind="state", data={"status": "succeeded"}))
         return "succeeded"
 

@@ -19,6 +19,7 @@ bound read-only on purpose).
 machines without bubblewrap and must be chosen explicitly
 (MODELPRESS_SANDBOX_ISOLATION=none).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -33,10 +34,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PR_SET_PDEATHSIG = 1
@@ -81,10 +82,17 @@ SANDBOX_UID = 65534  # "nobody" inside the user namespace
 
 def _clean_environment(scratch: Path, threads: int) -> dict[str, str]:
     # Nothing from the worker's environment: no database URLs, no cloud credentials.
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(scratch), "TMPDIR": str(scratch),
-            "LANG": "C.UTF-8", "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
-            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-            "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(scratch),
+        "TMPDIR": str(scratch),
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"),
+    }
 
 
 def _python_roots() -> list[Path]:
@@ -116,9 +124,28 @@ def bubblewrap_command(scratch: Path, environment: dict[str, str], read_only: Se
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise SandboxUnavailable(f"bubblewrap (bwrap) is not installed: {BWRAP_INSTALL_HINT}")
-    args = [bwrap, "--unshare-all", "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
-            "--clearenv", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+    args = [
+        bwrap,
+        "--unshare-all",
+        "--unshare-user",
+        "--uid",
+        str(SANDBOX_UID),
+        "--gid",
+        str(SANDBOX_UID),
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        "sandbox",
+        "--clearenv",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--tmpfs",
+        "/tmp",
+    ]
     args += _readonly_system_binds()
     for root in _python_roots():
         args += ["--ro-bind", str(root), str(root)]
@@ -156,8 +183,10 @@ def check_isolation(isolation: str) -> str | None:
         return f"bubblewrap could not start a sandbox: {error}"
     if probe.returncode != 0:
         reason = probe.stderr.decode(errors="replace").strip()[-300:]
-        return (f"bubblewrap could not start a sandbox ({reason}); it needs user namespaces "
-                "(in a container: --security-opt seccomp=unconfined, or a seccomp profile that allows clone/unshare)")
+        return (
+            f"bubblewrap could not start a sandbox ({reason}); it needs user namespaces "
+            "(in a container: --security-opt seccomp=unconfined, or a seccomp profile that allows clone/unshare)"
+        )
     return None
 
 
@@ -172,17 +201,25 @@ def describe_isolation(isolation: str) -> dict[str, Any]:
             version = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             version = ""
-    return {"kind": "bubblewrap", "version": version, "namespaces": ["user", "pid", "net", "ipc", "uts", "cgroup"],
-            "network": False, "uid": SANDBOX_UID, "writable": ["scratch"]}
+    return {
+        "kind": "bubblewrap",
+        "version": version,
+        "namespaces": ["user", "pid", "net", "ipc", "uts", "cgroup"],
+        "network": False,
+        "uid": SANDBOX_UID,
+        "writable": ["scratch"],
+    }
 
 
 def _describe_exit(code: int, limits: Limits) -> str:
     if code < 0:
         name = signal.Signals(-code).name
-        hints = {"SIGKILL": f"killed (out of memory: the limit is {limits.memory_bytes} bytes, or the time limit)",
-                 "SIGXCPU": f"CPU time limit of {limits.cpu_seconds} s exceeded",
-                 "SIGXFSZ": f"file size limit of {limits.file_bytes} bytes exceeded",
-                 "SIGSEGV": "the model code crashed (segmentation fault)"}
+        hints = {
+            "SIGKILL": f"killed (out of memory: the limit is {limits.memory_bytes} bytes, or the time limit)",
+            "SIGXCPU": f"CPU time limit of {limits.cpu_seconds} s exceeded",
+            "SIGXFSZ": f"file size limit of {limits.file_bytes} bytes exceeded",
+            "SIGSEGV": "the model code crashed (segmentation fault)",
+        }
         return hints.get(name, f"terminated by {name}")
     if code > 128 and code - 128 in signal.valid_signals():  # bwrap reports its child's signal as 128 + n
         return _describe_exit(-(code - 128), limits)
@@ -209,8 +246,15 @@ class WarmSandbox:
         if isolation == "bubblewrap":
             command = bubblewrap_command(self.folder, environment) + command
         with open(self.folder / "stderr.log", "wb") as stderr:
-            self.child = subprocess.Popen(command, cwd=self.folder, env=environment, stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=stderr, preexec_fn=_apply_limits(limits))
+            self.child = subprocess.Popen(
+                command,
+                cwd=self.folder,
+                env=environment,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                preexec_fn=_apply_limits(limits),
+            )
 
     def fits(self, limits: Limits, isolation: str) -> bool:
         """Alive, and started with the same process limits (the wall clock is the supervisor's, not the child's)."""
@@ -226,11 +270,19 @@ class WarmSandbox:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def run_sandboxed(mode: str, request: dict[str, Any], scratch: Path, limits: Limits, *,
-                  on_message: Callable[[dict[str, Any]], None] = lambda m: None,
-                  should_stop: Callable[[], bool] = lambda: False, poll_s: float = 1.0,
-                  isolation: str = "bubblewrap", read_only: Sequence[Path] = (),
-                  warm: WarmSandbox | None = None) -> SandboxOutcome:
+def run_sandboxed(
+    mode: str,
+    request: dict[str, Any],
+    scratch: Path,
+    limits: Limits,
+    *,
+    on_message: Callable[[dict[str, Any]], None] = lambda m: None,
+    should_stop: Callable[[], bool] = lambda: False,
+    poll_s: float = 1.0,
+    isolation: str = "bubblewrap",
+    read_only: Sequence[Path] = (),
+    warm: WarmSandbox | None = None,
+) -> SandboxOutcome:
     """Run `worker.sandbox` in an isolated, limited child; `should_stop` is polled and kills the child when true.
 
     `scratch` is the child's only writable folder and its working directory; input files must be inside it
@@ -262,8 +314,15 @@ def run_sandboxed(mode: str, request: dict[str, Any], scratch: Path, limits: Lim
         elif isolation != "none":
             raise SandboxUnavailable(f"unknown sandbox isolation {isolation!r}")
         with open(stderr_path, "wb") as stderr:
-            child = subprocess.Popen(command, cwd=scratch, env=environment, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=stderr, preexec_fn=_apply_limits(limits))
+            child = subprocess.Popen(
+                command,
+                cwd=scratch,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                preexec_fn=_apply_limits(limits),
+            )
     try:
         return _supervise(child, limits, result_path, stderr_path, on_message, should_stop, poll_s)
     finally:
@@ -273,9 +332,15 @@ def run_sandboxed(mode: str, request: dict[str, Any], scratch: Path, limits: Lim
             child.wait()
 
 
-def _supervise(child: subprocess.Popen[bytes], limits: Limits, result_path: Path, stderr_path: Path,
-               on_message: Callable[[dict[str, Any]], None], should_stop: Callable[[], bool],
-               poll_s: float) -> SandboxOutcome:
+def _supervise(
+    child: subprocess.Popen[bytes],
+    limits: Limits,
+    result_path: Path,
+    stderr_path: Path,
+    on_message: Callable[[dict[str, Any]], None],
+    should_stop: Callable[[], bool],
+    poll_s: float,
+) -> SandboxOutcome:
     lines: queue.Queue[bytes | None] = queue.Queue()
 
     def pump() -> None:
@@ -315,8 +380,11 @@ def _supervise(child: subprocess.Popen[bytes], limits: Limits, result_path: Path
     if stopped:
         return SandboxOutcome(False, None, None, stopped=True)
     if timed_out:
-        return SandboxOutcome(False, None, {"error": "TimeLimitExceeded",
-                                            "detail": f"the job ran past its {limits.wall_seconds:.0f} s limit"})
+        return SandboxOutcome(
+            False,
+            None,
+            {"error": "TimeLimitExceeded", "detail": f"the job ran past its {limits.wall_seconds:.0f} s limit"},
+        )
     payload: dict[str, Any] | None = None
     if result_path.exists():
         try:
@@ -345,6 +413,7 @@ def _kill_group(child: subprocess.Popen[bytes]) -> None:
 
 # ---------------------------------------------------------------- child side
 
+
 def _emit(message: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(message, default=str) + "\n")
     sys.stdout.flush()
@@ -358,13 +427,15 @@ def _child_main(mode: str, request_path: str, result_path: str) -> int:
 
             reporter = Reporter(
                 progress=lambda fraction, stage: _emit({"type": "progress", "fraction": fraction, "stage": stage}),
-                event=lambda kind, data: _emit({"type": "event", "kind": kind, "data": data}))
+                event=lambda kind, data: _emit({"type": "event", "kind": kind, "data": data}),
+            )
             result = run_job(JobRequest.from_dict(request), reporter)
         elif mode == "inspect":
             from worker.compression.inspect import inspect_model
 
-            result = inspect_model(Path(request["path"]), request["format"], request.get("architecture"),
-                                   request.get("inputs"))
+            result = inspect_model(
+                Path(request["path"]), request["format"], request.get("architecture"), request.get("inputs")
+            )
         else:
             raise ValueError(f"unknown sandbox mode {mode!r}")
     except Exception as error:
@@ -401,6 +472,7 @@ def _prewarm_steps() -> list[Callable[[], None]]:
                 importlib.import_module(name)
             except Exception:  # an optional library missing here: the job reports it if it needs it
                 pass
+
         return step
 
     return [load(name) for name in PREWARM_MODULES] + [_first_calls]
@@ -417,11 +489,12 @@ def _first_calls() -> None:
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     optimizer = torch.optim.AdamW(model.parameters())
     inputs = torch.randn(4, 8)
-    nn.functional.cross_entropy(model(inputs), torch.zeros(4, dtype=torch.long)).backward()
+    loss = nn.functional.cross_entropy(model(inputs), torch.zeros(4, dtype=torch.long))
+    loss.backward()  # type: ignore[no-untyped-call]  # torch's backward has no annotations
     optimizer.step()
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")  # deprecation notes of this trace, not of any job
-        traced = torch.jit.trace(model.eval(), inputs)
+        traced = torch.jit.trace(model.eval(), inputs)  # type: ignore[no-untyped-call]  # untyped in torch
         for _ in range(3):
             traced(inputs)
 

@@ -1,4 +1,5 @@
 """Thin, named Celery tasks that take ids only; the runner does the work."""
+
 from __future__ import annotations
 
 from app.observability import job_id_var

@@ -2,6 +2,7 @@
 
 Imports matplotlib and numpy, never torch: it runs in the API process.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -14,14 +14,24 @@ stages' `info`); nothing here computes a new measurement. Keys the report reads:
 - a search stage's `trials`, `chosen`, `constraints`, `baseline_accuracy`, `original_size_bytes`.
 - `epoch` events (`epoch`, `loss`, `val_loss`, `val_accuracy`, `lr`, optional `run`) and `trial` events.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
 # Bits per stored weight of each quantization scheme's quantized layers (the scheme's definition).
-SCHEME_WEIGHT_BITS = {"dynamic_int8": 8, "static_int8": 8, "int8_weight_only": 8, "int8_dynamic": 8,
-                      "qat_int8": 8, "int4_weight_only": 4, "float8": 8, "fp16": 16, "bf16": 16}
+SCHEME_WEIGHT_BITS = {
+    "dynamic_int8": 8,
+    "static_int8": 8,
+    "int8_weight_only": 8,
+    "int8_dynamic": 8,
+    "qat_int8": 8,
+    "int4_weight_only": 4,
+    "float8": 8,
+    "fp16": 16,
+    "bf16": 16,
+}
 FLOAT_BITS = 32  # layers a quantize stage leaves alone keep the float32 weights the engine works in
 
 
@@ -89,15 +99,22 @@ def search_view(metrics: dict[str, Any] | None) -> SearchView | None:
         constraints = info.get("constraints") or {}
         baseline = info.get("baseline_accuracy")
         by_accuracy = constraints.get("max_accuracy_drop") is not None and any(
-            t.get("accuracy") is not None for t in info["trials"])
+            t.get("accuracy") is not None for t in info["trials"]
+        )
         if by_accuracy:
             bar = baseline - constraints["max_accuracy_drop"] if baseline is not None else None
         else:
             bar = constraints.get("min_sqnr_db")
-        return SearchView(objective=str(info.get("objective", "size")), result=str(info.get("result", "")),
-                          y_key="accuracy" if by_accuracy else "sqnr_db", bar=bar, baseline_accuracy=baseline,
-                          original_size_bytes=info.get("original_size_bytes"), trials=list(info["trials"]),
-                          chosen=info.get("chosen"))
+        return SearchView(
+            objective=str(info.get("objective", "size")),
+            result=str(info.get("result", "")),
+            y_key="accuracy" if by_accuracy else "sqnr_db",
+            bar=bar,
+            baseline_accuracy=baseline,
+            original_size_bytes=info.get("original_size_bytes"),
+            trials=list(info["trials"]),
+            chosen=info.get("chosen"),
+        )
     return None
 
 
@@ -107,13 +124,20 @@ def sparsity_tables(metrics: dict[str, Any] | None) -> list[SparsityTable]:
     for index, stage in enumerate((metrics or {}).get("stages") or []):
         rows = (stage.get("info") or {}).get("layers")
         if isinstance(rows, list) and rows and all("sparsity" in r and "layer" in r for r in rows):
-            tables.append(SparsityTable(f"Stage {index + 1} ({stage_label(stage)}): zeros per layer",
-                                        [LayerSparsity(str(r["layer"]), float(r["sparsity"]), r.get("targeted"))
-                                         for r in rows]))
+            tables.append(
+                SparsityTable(
+                    f"Stage {index + 1} ({stage_label(stage)}): zeros per layer",
+                    [LayerSparsity(str(r["layer"]), float(r["sparsity"]), r.get("targeted")) for r in rows],
+                )
+            )
     final = (metrics or {}).get("layers")
     if not tables and isinstance(final, list) and any(float(r.get("sparsity") or 0) > 0 for r in final):
-        tables.append(SparsityTable("Delivered model: zeros per layer",
-                                    [LayerSparsity(str(r["layer"]), float(r["sparsity"])) for r in final]))
+        tables.append(
+            SparsityTable(
+                "Delivered model: zeros per layer",
+                [LayerSparsity(str(r["layer"]), float(r["sparsity"])) for r in final],
+            )
+        )
     return tables
 
 
@@ -126,17 +150,24 @@ def layer_bits(metrics: dict[str, Any] | None) -> tuple[str, list[LayerBits]] | 
         if stage.get("method") == "quantize" and scheme in SCHEME_WEIGHT_BITS and "quantized_layers" in info:
             bits = SCHEME_WEIGHT_BITS[scheme]
             rows = [LayerBits(name, bits, False, scheme) for name in info.get("quantized_layers") or []]
-            rows += [LayerBits(name, FLOAT_BITS, True, "skipped (skip_layers)")
-                     for name in info.get("skipped_layers") or []]
-            rows += [LayerBits(name, FLOAT_BITS, True, f"left float: {why}")
-                     for name, why in (info.get("left_float") or {}).items()]
+            rows += [
+                LayerBits(name, FLOAT_BITS, True, "skipped (skip_layers)") for name in info.get("skipped_layers") or []
+            ]
+            rows += [
+                LayerBits(name, FLOAT_BITS, True, f"left float: {why}")
+                for name, why in (info.get("left_float") or {}).items()
+            ]
             if rows:
                 return title, rows
         if stage.get("method") == "encode" and isinstance(info.get("layers"), list) and info.get("bits"):
-            rows = [LayerBits(str(r["layer"]), float(r.get("bits_per_weight") or info["bits"]), False,
-                              "codebook index") for r in info["layers"]]
-            rows += [LayerBits(str(s["layer"]), FLOAT_BITS, True, str(s.get("reason", "not encoded")))
-                     for s in info.get("skipped") or []]
+            rows = [
+                LayerBits(str(r["layer"]), float(r.get("bits_per_weight") or info["bits"]), False, "codebook index")
+                for r in info["layers"]
+            ]
+            rows += [
+                LayerBits(str(s["layer"]), FLOAT_BITS, True, str(s.get("reason", "not encoded")))
+                for s in info.get("skipped") or []
+            ]
             if rows:
                 return title, rows
     return None
@@ -168,8 +199,11 @@ def training_runs(events: list[tuple[str, dict[str, Any]]]) -> list[TrainingRun]
         if kind != "epoch" or not isinstance(data.get("epoch"), int | float):
             continue
         label = str(data["run"]) if data.get("run") is not None else None
-        restart = current is None or data["epoch"] <= current.epochs[-1]["epoch"] or (
-            label is not None and label != current.label)
+        restart = (
+            current is None
+            or data["epoch"] <= current.epochs[-1]["epoch"]
+            or (label is not None and label != current.label)
+        )
         if restart:
             current = TrainingRun(label or f"fit {len(runs) + 1}")
             runs.append(current)
@@ -202,13 +236,23 @@ def before_after(metrics: dict[str, Any]) -> list[tuple[str, str, Any, Any, str]
     if o.get("accuracy") is not None and c.get("accuracy") is not None:
         accuracy_change = f"{(c['accuracy'] - o['accuracy']) * 100:+.2f} points"
     return [
-        ("size (bytes)", "size_bytes", o.get("size_bytes"), c.get("size_bytes"),
-         f"{ratio:.2f}× smaller" if ratio else ""),
+        (
+            "size (bytes)",
+            "size_bytes",
+            o.get("size_bytes"),
+            c.get("size_bytes"),
+            f"{ratio:.2f}× smaller" if ratio else "",
+        ),
         ("parameters", "parameters", o.get("parameters"), c.get("parameters"), ""),
         ("nonzero parameters", "nonzero_parameters", o.get("nonzero_parameters"), c.get("nonzero_parameters"), ""),
         ("sparsity", "sparsity", o.get("sparsity"), c.get("sparsity"), ""),
-        (f"latency p50 (batch {metrics.get('batch_size')}, {metrics.get('device')})", "latency_ms_p50",
-         o.get("latency_ms_p50"), c.get("latency_ms_p50"), speed),
+        (
+            f"latency p50 (batch {metrics.get('batch_size')}, {metrics.get('device')})",
+            "latency_ms_p50",
+            o.get("latency_ms_p50"),
+            c.get("latency_ms_p50"),
+            speed,
+        ),
         ("latency p95", "latency_ms_p95", o.get("latency_ms_p95"), c.get("latency_ms_p95"), ""),
         ("accuracy", "accuracy", o.get("accuracy"), c.get("accuracy"), accuracy_change),
         ("fidelity: SQNR (dB)", "sqnr_db", None, f.get("sqnr_db"), ""),
@@ -223,12 +267,22 @@ def compare_row(job_id: str, status: str, spec: dict[str, Any], metrics: dict[st
     accuracy_drop = None
     if o.get("accuracy") is not None and c.get("accuracy") is not None:
         accuracy_drop = round(o["accuracy"] - c["accuracy"], 6)
-    return {"job_id": job_id, "status": status,
-            "stages": " → ".join(stage_label(s) for s in spec.get("stages") or []),
-            "size_bytes": c.get("size_bytes"), "original_size_bytes": o.get("size_bytes"),
-            "compression_ratio": m.get("compression_ratio"), "latency_ms_p50": c.get("latency_ms_p50"),
-            "original_latency_ms_p50": o.get("latency_ms_p50"), "speedup": m.get("speedup"),
-            "speed_verdict": m.get("speed_verdict"),
-            "sqnr_db": f.get("sqnr_db"), "top1_agreement": f.get("top1_agreement"),
-            "accuracy": c.get("accuracy"), "original_accuracy": o.get("accuracy"), "accuracy_drop": accuracy_drop,
-            "sparsity": c.get("sparsity"), "warnings": list(m.get("warnings") or [])}
+    return {
+        "job_id": job_id,
+        "status": status,
+        "stages": " → ".join(stage_label(s) for s in spec.get("stages") or []),
+        "size_bytes": c.get("size_bytes"),
+        "original_size_bytes": o.get("size_bytes"),
+        "compression_ratio": m.get("compression_ratio"),
+        "latency_ms_p50": c.get("latency_ms_p50"),
+        "original_latency_ms_p50": o.get("latency_ms_p50"),
+        "speedup": m.get("speedup"),
+        "speed_verdict": m.get("speed_verdict"),
+        "sqnr_db": f.get("sqnr_db"),
+        "top1_agreement": f.get("top1_agreement"),
+        "accuracy": c.get("accuracy"),
+        "original_accuracy": o.get("accuracy"),
+        "accuracy_drop": accuracy_drop,
+        "sparsity": c.get("sparsity"),
+        "warnings": list(m.get("warnings") or []),
+    }

@@ -1,4 +1,5 @@
 """The self-contained HTML job report: inline CSS, inline SVG charts, no external URL of any kind."""
+
 from __future__ import annotations
 
 import json
@@ -53,21 +54,31 @@ def _cell(value: Any, key: str) -> str:
 
 def _headline(metrics: dict[str, Any]) -> str:
     fidelity = metrics.get("fidelity") or {}
-    items = [("smaller", "compression_ratio", f"{metrics['compression_ratio']:.2f}×"),
-             ("speed (p50)", "speedup", speed_text(metrics)),
-             ("SQNR", "sqnr_db", _number(fidelity.get("sqnr_db"), "sqnr_db")),
-             ("top-1 agreement", "top1_agreement", _number(fidelity.get("top1_agreement"), "top1_agreement"))]
-    return '<dl class="headline">' + "".join(
-        f'<div><dt>{label}</dt><dd id="{key.replace("_", "-")}">{text}</dd></div>' for label, key, text in items) + "</dl>"
+    items = [
+        ("smaller", "compression_ratio", f"{metrics['compression_ratio']:.2f}×"),
+        ("speed (p50)", "speedup", speed_text(metrics)),
+        ("SQNR", "sqnr_db", _number(fidelity.get("sqnr_db"), "sqnr_db")),
+        ("top-1 agreement", "top1_agreement", _number(fidelity.get("top1_agreement"), "top1_agreement")),
+    ]
+    return (
+        '<dl class="headline">'
+        + "".join(
+            f'<div><dt>{label}</dt><dd id="{key.replace("_", "-")}">{text}</dd></div>' for label, key, text in items
+        )
+        + "</dl>"
+    )
 
 
 def _before_after_table(metrics: dict[str, Any]) -> str:
     rows = "".join(
         f'<tr data-metric="{key}"><th>{escape(label)}</th>{_cell(original, key)}{_cell(compressed, key)}'
         f"<td>{escape(change)}</td></tr>"
-        for label, key, original, compressed, change in before_after(metrics))
-    return ('<table id="before-after"><thead><tr><th></th><th>original</th><th>compressed</th><th>change</th></tr>'
-            f"</thead><tbody>{rows}</tbody></table>")
+        for label, key, original, compressed, change in before_after(metrics)
+    )
+    return (
+        '<table id="before-after"><thead><tr><th></th><th>original</th><th>compressed</th><th>change</th></tr>'
+        f"</thead><tbody>{rows}</tbody></table>"
+    )
 
 
 def _trials_table(metrics: dict[str, Any]) -> str:
@@ -77,29 +88,39 @@ def _trials_table(metrics: dict[str, Any]) -> str:
     chosen = (search.chosen or {}).get("candidate")
     body = "".join(
         f'<tr class="{escape(str(t.get("status")))}{" chosen" if t.get("candidate") == chosen else ""}">'
-        f'<td>{escape(str(t.get("candidate")))}</td><td>{escape(str(t.get("status")))}</td>'
-        f'{_cell(t.get("size_bytes"), "size_bytes")}{_cell(t.get("accuracy"), "accuracy")}'
-        f'{_cell(t.get("sqnr_db"), "sqnr_db")}{_cell(t.get("seconds"), "seconds")}'
-        f'<td>{escape(str(t.get("reason") or ""))}</td></tr>' for t in search.trials)
-    return (f'<p>Result: <b>{escape(search.result)}</b>; objective {escape(search.objective)}; '
-            f'chosen: <b>{escape(str(chosen))}</b>.</p>'
-            '<table id="trials"><thead><tr><th>candidate</th><th>status</th><th>size (bytes)</th><th>accuracy</th>'
-            f"<th>SQNR</th><th>seconds</th><th>note</th></tr></thead><tbody>{body}</tbody></table>")
+        f"<td>{escape(str(t.get('candidate')))}</td><td>{escape(str(t.get('status')))}</td>"
+        f"{_cell(t.get('size_bytes'), 'size_bytes')}{_cell(t.get('accuracy'), 'accuracy')}"
+        f"{_cell(t.get('sqnr_db'), 'sqnr_db')}{_cell(t.get('seconds'), 'seconds')}"
+        f"<td>{escape(str(t.get('reason') or ''))}</td></tr>"
+        for t in search.trials
+    )
+    return (
+        f"<p>Result: <b>{escape(search.result)}</b>; objective {escape(search.objective)}; "
+        f"chosen: <b>{escape(str(chosen))}</b>.</p>"
+        '<table id="trials"><thead><tr><th>candidate</th><th>status</th><th>size (bytes)</th><th>accuracy</th>'
+        f"<th>SQNR</th><th>seconds</th><th>note</th></tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
 def _environment(job: dict[str, Any], metrics: dict[str, Any] | None) -> str:
     m = metrics or {}
     env = m.get("environment") or {}
     rows: list[tuple[str, Any]] = [
-        ("device", m.get("device")), ("threads (latency)", m.get("threads")),
-        ("batch size (latency)", m.get("batch_size")), ("eval batch size", m.get("eval_batch_size")),
-        ("CPU", env.get("cpu")), ("logical CPUs", env.get("cpu_count")), ("GPU", env.get("gpu")),
-        ("python", env.get("python")), ("platform", env.get("platform")),
+        ("device", m.get("device")),
+        ("threads (latency)", m.get("threads")),
+        ("batch size (latency)", m.get("batch_size")),
+        ("eval batch size", m.get("eval_batch_size")),
+        ("CPU", env.get("cpu")),
+        ("logical CPUs", env.get("cpu_count")),
+        ("GPU", env.get("gpu")),
+        ("python", env.get("python")),
+        ("platform", env.get("platform")),
         ("torch", (env.get("versions") or {}).get("torch") or m.get("torch_version")),
         *[(name, version) for name, version in (env.get("versions") or {}).items() if name != "torch"],
         ("artifact format (runtime)", (job.get("artifact") or {}).get("format")),
         ("artifact needs", ", ".join((job.get("artifact") or {}).get("requires") or []) or None),
-        ("worker", job.get("worker_name")), ("wall time", _wall_time(job)),
+        ("worker", job.get("worker_name")),
+        ("wall time", _wall_time(job)),
     ]
     body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows if v is not None)
     return f'<table id="environment"><tbody>{body}</tbody></table>'
@@ -113,8 +134,10 @@ def _wall_time(job: dict[str, Any]) -> str | None:
 
 
 def _figure(chart: Chart) -> str:
-    return (f'<figure class="chart" data-chart="{escape(chart.name)}"><figcaption>{escape(chart.title)}'
-            f"</figcaption>{chart.svg}</figure>")
+    return (
+        f'<figure class="chart" data-chart="{escape(chart.name)}"><figcaption>{escape(chart.title)}'
+        f"</figcaption>{chart.svg}</figure>"
+    )
 
 
 def render(job: dict[str, Any], charts: list[Chart]) -> str:
@@ -122,10 +145,12 @@ def render(job: dict[str, Any], charts: list[Chart]) -> str:
     artifact (format, requires, size_bytes, sha256) and metrics (the document, or None)."""
     metrics = job.get("metrics")
     stages = " → ".join(stage_label(s) for s in job["spec"].get("stages") or [])
-    parts = [f"<h1>ModelPress job report: <code>{escape(job['id'])}</code></h1>",
-             f'<p class="muted">{escape(stages)} on model <code>{escape(job["spec"].get("model_id", ""))}</code>'
-             f' · status <b id="status">{escape(job["status"])}</b>'
-             f' · created {escape(str(job.get("created_at")))}</p>']
+    parts = [
+        f"<h1>ModelPress job report: <code>{escape(job['id'])}</code></h1>",
+        f'<p class="muted">{escape(stages)} on model <code>{escape(job["spec"].get("model_id", ""))}</code>'
+        f' · status <b id="status">{escape(job["status"])}</b>'
+        f" · created {escape(str(job.get('created_at')))}</p>",
+    ]
     if job.get("error"):
         error = job["error"]
         parts.append(f'<p class="error">{escape(str(error.get("error")))}: {escape(str(error.get("detail")))}</p>')
@@ -144,15 +169,21 @@ def render(job: dict[str, Any], charts: list[Chart]) -> str:
     if charts:
         parts.append("<h2>Charts</h2>")
         parts += [_figure(chart) for chart in charts]
-    parts += ["<h2>Environment</h2>", _environment(job, metrics),
-              "<h2>Spec</h2>", f'<pre id="spec">{escape(json.dumps(job["spec"], indent=2))}</pre>']
+    parts += [
+        "<h2>Environment</h2>",
+        _environment(job, metrics),
+        "<h2>Spec</h2>",
+        f'<pre id="spec">{escape(json.dumps(job["spec"], indent=2))}</pre>',
+    ]
     if metrics:
         # the measured document itself, for anyone who wants the exact numbers; "<" escaped so it cannot end the tag
         document = json.dumps(metrics, indent=1, default=str).replace("<", "\\u003c")
         parts.append(f'<script type="application/json" id="metrics">{document}</script>')
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>ModelPress report {escape(job['id'])}</title>"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<style>{CSS}</style></head><body><main>{''.join(parts)}"
-            '<p class="muted">Every number above was measured by the worker that ran the job; '
-            "this page loads nothing from anywhere.</p></main></body></html>\n")
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>ModelPress report {escape(job['id'])}</title>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<style>{CSS}</style></head><body><main>{''.join(parts)}"
+        '<p class="muted">Every number above was measured by the worker that ran the job; '
+        "this page loads nothing from anywhere.</p></main></body></html>\n"
+    )

@@ -1,4 +1,5 @@
 """HTTP only: jobs, their events and artifacts."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,11 +26,21 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code i
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
-@router.post("/jobs", status_code=202, response_model=JobRead, summary="Submit a compression job",
-             description="Validated at once against the catalogue (422 with the reason when it cannot run). "
-                         "An `Idempotency-Key` header replays the first answer for the same body.")
-def submit_job(job_in: JobCreate, session: SessionDep, tenant: TenantDep, response: Response,
-               idempotency_key: Annotated[str | None, Header(max_length=200)] = None) -> JobRead:
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobRead,
+    summary="Submit a compression job",
+    description="Validated at once against the catalogue (422 with the reason when it cannot run). "
+    "An `Idempotency-Key` header replays the first answer for the same body.",
+)
+def submit_job(
+    job_in: JobCreate,
+    session: SessionDep,
+    tenant: TenantDep,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JobRead:
     job, outbox_id = service.create_job(session, tenant=tenant, job_in=job_in, idempotency_key=idempotency_key)
     session.commit()  # the job and its outbox row, together; publish only after the commit
     if outbox_id is not None:
@@ -46,16 +57,27 @@ def submit_job(job_in: JobCreate, session: SessionDep, tenant: TenantDep, respon
 AuthorizationHeader = Annotated[str | None, Header()]
 
 
-@router.get("/jobs", response_model=JobList, summary="List jobs",
-            description="Newest first; filter by status, model_id and method; page with limit and cursor.")
-async def list_jobs(request: Request, status: JobStatus | None = None, model_id: str | None = None,
-                    method: str | None = None, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                    cursor: str | None = None, authorization: AuthorizationHeader = None) -> Response:
+@router.get(
+    "/jobs",
+    response_model=JobList,
+    summary="List jobs",
+    description="Newest first; filter by status, model_id and method; page with limit and cursor.",
+)
+async def list_jobs(
+    request: Request,
+    status: JobStatus | None = None,
+    model_id: str | None = None,
+    method: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: str | None = None,
+    authorization: AuthorizationHeader = None,
+) -> Response:
     def read() -> Response:
         with session_scope(read_only=True) as session:
             tenant = get_tenant(request, session, authorization)
-            items, next_cursor = service.list_job_reads(session, tenant, status=status, model_id=model_id,
-                                                        method=method, limit=limit, cursor=cursor)
+            items, next_cursor = service.list_job_reads(
+                session, tenant, status=status, model_id=model_id, method=method, limit=limit, cursor=cursor
+            )
         return _json(JobList(items=items, next_cursor=next_cursor))
 
     return await run_in_threadpool(read)
@@ -78,17 +100,26 @@ def _json(model: JobRead | JobList) -> Response:
     return Response(content=model.model_dump_json(), media_type="application/json")
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobRead, summary="Cancel a job",
-             description="A queued job ends cancelled at once; a running one within one epoch. 409 when finished.")
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=JobRead,
+    summary="Cancel a job",
+    description="A queued job ends cancelled at once; a running one within one epoch. 409 when finished.",
+)
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobRead:
     job = service.cancel_job(session, tenant, job_id)
     return service.job_read(session, job)
 
 
-@router.get("/jobs/{job_id}/artifact", summary="Download the compressed model", response_class=StreamingResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "not modified"}})
-def download_artifact(job_id: str, session: SessionDep, tenant: TenantDep,
-                      if_none_match: Annotated[str | None, Header()] = None) -> Response:
+@router.get(
+    "/jobs/{job_id}/artifact",
+    summary="Download the compressed model",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 304: {"description": "not modified"}},
+)
+def download_artifact(
+    job_id: str, session: SessionDep, tenant: TenantDep, if_none_match: Annotated[str | None, Header()] = None
+) -> Response:
     job = service.get_job(session, tenant, job_id)
     artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
     if artifact is None:
@@ -99,10 +130,16 @@ def download_artifact(job_id: str, session: SessionDep, tenant: TenantDep,
         return Response(status_code=304, headers={"ETag": etag})
     verify_stored_digest(artifact.storage_key, artifact.sha256)
     extension = {"torchscript": "pt", "exported_program": "pt2"}.get(artifact.format, "pt")
-    return StreamingResponse(get_store().iter_bytes(artifact.storage_key), media_type="application/octet-stream",
-                             headers={"ETag": etag, "Content-Length": str(artifact.size_bytes),
-                                      "X-Artifact-Format": artifact.format,
-                                      "Content-Disposition": f'attachment; filename="{job.id}.{extension}"'})
+    return StreamingResponse(
+        get_store().iter_bytes(artifact.storage_key),
+        media_type="application/octet-stream",
+        headers={
+            "ETag": etag,
+            "Content-Length": str(artifact.size_bytes),
+            "X-Artifact-Format": artifact.format,
+            "Content-Disposition": f'attachment; filename="{job.id}.{extension}"',
+        },
+    )
 
 
 def verify_stored_digest(key: str, expected: str) -> None:
@@ -111,26 +148,43 @@ def verify_stored_digest(key: str, expected: str) -> None:
     for chunk in get_store().iter_bytes(key):
         digest.update(chunk)
     if digest.hexdigest() != expected:
-        raise ArtifactCorrupted(f"the stored artifact's sha256 is {digest.hexdigest()}, not the {expected} "
-                                "recorded when it was made; it will not be served")
+        raise ArtifactCorrupted(
+            f"the stored artifact's sha256 is {digest.hexdigest()}, not the {expected} "
+            "recorded when it was made; it will not be served"
+        )
 
 
-@router.get("/jobs/{job_id}/events", summary="Server-Sent Events of a job",
-            description="State changes, progress, per-epoch training figures and log lines; ends with the job.",
-            response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(job_id: str, request: Request, session: SessionDep, tenant: TenantDep,
-                     last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
+@router.get(
+    "/jobs/{job_id}/events",
+    summary="Server-Sent Events of a job",
+    description="State changes, progress, per-epoch training figures and log lines; ends with the job.",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+async def job_events(
+    job_id: str,
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
     service.get_job(session, tenant, job_id)
     session.commit()  # the stream reads with short sessions of its own
     start = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
-    return StreamingResponse(_event_stream(job_id, start, request), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        _event_stream(job_id, start, request),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def _read_events(job_id: str, after: int) -> tuple[list[JobEvent], str, float, str | None]:
     with get_read_session_factory()() as session:
-        events = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
-                                      .order_by(JobEvent.id).limit(500)))
+        events = list(
+            session.scalars(
+                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(500)
+            )
+        )
         job = session.get(Job, job_id)
         assert job is not None
         return events, job.status, job.progress, job.stage

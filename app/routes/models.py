@@ -1,4 +1,5 @@
 """HTTP only: models and datasets."""
+
 from __future__ import annotations
 
 from typing import Annotated, Any
@@ -19,29 +20,49 @@ ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code i
 router = APIRouter(prefix="/v1", responses=ERRORS)
 
 
-@router.post("/models", status_code=201, response_model=ModelRead, summary="Upload a model",
-             description="Multipart upload. `format` is detected when absent; weight-only formats "
-                         "(state_dict, safetensors) need `architecture` JSON naming a registered architecture.")
-def upload_model(session: SessionDep, tenant: TenantDep, file: Annotated[UploadFile, File()],
-                 name: Annotated[str | None, Form()] = None, format: Annotated[str | None, Form()] = None,
-                 architecture: Annotated[str | None, Form()] = None,
-                 inputs: Annotated[str | None, Form(description="JSON list of the forward's inputs (API.md)")] = None,
-                 ) -> StoredModel:
+@router.post(
+    "/models",
+    status_code=201,
+    response_model=ModelRead,
+    summary="Upload a model",
+    description="Multipart upload. `format` is detected when absent; weight-only formats "
+    "(state_dict, safetensors) need `architecture` JSON naming a registered architecture.",
+)
+def upload_model(
+    session: SessionDep,
+    tenant: TenantDep,
+    file: Annotated[UploadFile, File()],
+    name: Annotated[str | None, Form()] = None,
+    format: Annotated[str | None, Form()] = None,
+    architecture: Annotated[str | None, Form()] = None,
+    inputs: Annotated[str | None, Form(description="JSON list of the forward's inputs (API.md)")] = None,
+) -> StoredModel:
     declared_inputs = resources.parse_inputs(inputs)  # before the upload is read: a bad one costs nothing
     with receive_upload(file) as received:
-        record, inspection = resources.create_model(session, tenant=tenant, upload=received, name=name,
-                                                    declared_format=format, architecture_json=architecture,
-                                                    inputs=declared_inputs)
+        record, inspection = resources.create_model(
+            session,
+            tenant=tenant,
+            upload=received,
+            name=name,
+            declared_format=format,
+            architecture_json=architecture,
+            inputs=declared_inputs,
+        )
         session.commit()
     publish_now(inspection)  # after the commit, as for jobs; the relay retries a failed publish
     return record
 
 
 @router.get("/models", response_model=ModelList, summary="List models")
-def list_models(session: SessionDep, tenant: TenantDep,
-                limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
-    items = session.scalars(select(StoredModel).where(StoredModel.tenant_id == tenant.id)
-                            .order_by(StoredModel.created_at.desc()).limit(limit)).all()
+def list_models(
+    session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
+) -> dict[str, Any]:
+    items = session.scalars(
+        select(StoredModel)
+        .where(StoredModel.tenant_id == tenant.id)
+        .order_by(StoredModel.created_at.desc())
+        .limit(limit)
+    ).all()
     return {"items": items, "next_cursor": None}
 
 
@@ -50,14 +71,19 @@ def read_model(model_id: str, session: SessionDep, tenant: TenantDep) -> StoredM
     return resources.get_model(session, tenant, model_id)
 
 
-@router.get("/models/{model_id}/download", summary="Download the uploaded model file",
-            response_class=StreamingResponse)
+@router.get("/models/{model_id}/download", summary="Download the uploaded model file", response_class=StreamingResponse)
 def download_model(model_id: str, session: SessionDep, tenant: TenantDep) -> StreamingResponse:
     record = resources.get_model(session, tenant, model_id)
     session.commit()  # no transaction stays open while the file streams
-    return StreamingResponse(get_store().iter_bytes(record.storage_key), media_type="application/octet-stream",
-                             headers={"ETag": f'"{record.sha256}"', "Content-Length": str(record.size_bytes),
-                                      "Content-Disposition": f'attachment; filename="{record.id}"'})
+    return StreamingResponse(
+        get_store().iter_bytes(record.storage_key),
+        media_type="application/octet-stream",
+        headers={
+            "ETag": f'"{record.sha256}"',
+            "Content-Length": str(record.size_bytes),
+            "Content-Disposition": f'attachment; filename="{record.id}"',
+        },
+    )
 
 
 @router.delete("/models/{model_id}", status_code=204, summary="Delete a model")
@@ -65,10 +91,19 @@ def delete_model(model_id: str, session: SessionDep, tenant: TenantDep) -> None:
     resources.delete_model(session, tenant, model_id)
 
 
-@router.post("/datasets", status_code=201, response_model=DatasetRead, summary="Upload a dataset",
-             description="`.npz` (no pickles) or `.safetensors` with `inputs` and optional `labels`.")
-def upload_dataset(session: SessionDep, tenant: TenantDep, file: Annotated[UploadFile, File()],
-                   name: Annotated[str | None, Form()] = None) -> StoredDataset:
+@router.post(
+    "/datasets",
+    status_code=201,
+    response_model=DatasetRead,
+    summary="Upload a dataset",
+    description="`.npz` (no pickles) or `.safetensors` with `inputs` and optional `labels`.",
+)
+def upload_dataset(
+    session: SessionDep,
+    tenant: TenantDep,
+    file: Annotated[UploadFile, File()],
+    name: Annotated[str | None, Form()] = None,
+) -> StoredDataset:
     with receive_upload(file) as received:
         record = resources.create_dataset(session, tenant=tenant, upload=received, name=name)
         session.commit()
@@ -76,10 +111,15 @@ def upload_dataset(session: SessionDep, tenant: TenantDep, file: Annotated[Uploa
 
 
 @router.get("/datasets", response_model=DatasetList, summary="List datasets")
-def list_datasets(session: SessionDep, tenant: TenantDep,
-                  limit: Annotated[int, Query(ge=1, le=200)] = 50) -> dict[str, Any]:
-    items = session.scalars(select(StoredDataset).where(StoredDataset.tenant_id == tenant.id)
-                            .order_by(StoredDataset.created_at.desc()).limit(limit)).all()
+def list_datasets(
+    session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
+) -> dict[str, Any]:
+    items = session.scalars(
+        select(StoredDataset)
+        .where(StoredDataset.tenant_id == tenant.id)
+        .order_by(StoredDataset.created_at.desc())
+        .limit(limit)
+    ).all()
     return {"items": items, "next_cursor": None}
 
 

@@ -1,4 +1,5 @@
 """HTTP only: health, readiness, Prometheus metrics, the method catalogue, live workers."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +12,8 @@ from app.db import get_engine
 from app.deps import SessionDep, TenantDep
 from app.observability import render_metrics
 from app.storage import get_store
-from app.workers import live_devices as _live_devices, live_workers, stale_after_s
+from app.workers import live_devices as _live_devices
+from app.workers import live_workers, stale_after_s
 from modelpress.catalog import describe_methods
 
 router = APIRouter()
@@ -47,8 +49,11 @@ def readyz() -> JSONResponse:
     ready = all(v == "ok" for v in checks.values())
     if ready:
         return JSONResponse({"status": "ready", "checks": checks})
-    return JSONResponse({"error": "ServiceUnavailable", "detail": f"not ready: {checks}", "checks": checks},
-                        status_code=503, headers={"Retry-After": "5"})
+    return JSONResponse(
+        {"error": "ServiceUnavailable", "detail": f"not ready: {checks}", "checks": checks},
+        status_code=503,
+        headers={"Retry-After": "5"},
+    )
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -71,7 +76,16 @@ def methods(session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
 
 @router.get("/v1/workers", summary="Live workers and their capabilities")
 def workers(session: SessionDep, tenant: TenantDep) -> dict[str, Any]:
-    return {"items": [{"name": w.name, "queues": w.queues, "capabilities": w.capabilities,
-                       "started_at": w.started_at, "last_heartbeat": w.last_heartbeat}
-                      for w in live_workers(session)],
-            "stale_after_s": stale_after_s()}
+    return {
+        "items": [
+            {
+                "name": w.name,
+                "queues": w.queues,
+                "capabilities": w.capabilities,
+                "started_at": w.started_at,
+                "last_heartbeat": w.last_heartbeat,
+            }
+            for w in live_workers(session)
+        ],
+        "stale_after_s": stale_after_s(),
+    }

@@ -1,4 +1,5 @@
 """HTTP only: a job's report (HTML), its charts (SVG in JSON) and the comparison of a model's jobs."""
+
 from __future__ import annotations
 
 import threading
@@ -25,8 +26,9 @@ CACHED_JOBS = 64
 
 
 class ChartRead(BaseModel):
-    name: str = Field(examples=["trials"], description="trials, layer-sparsity, layer-bits, sensitivity, "
-                                                       "training or compare")
+    name: str = Field(
+        examples=["trials"], description="trials, layer-sparsity, layer-bits, sensitivity, training or compare"
+    )
     title: str
     svg: str = Field(description="a standalone <svg> element (matplotlib), no external references")
 
@@ -38,12 +40,15 @@ class JobCharts(BaseModel):
 
 class CompareRead(BaseModel):
     model_id: str
-    rows: list[dict[str, Any]] = Field(description="one per job, in the order asked: job_id, status, stages, "
-                                                   "size_bytes, compression_ratio, latency_ms_p50, speedup, speed_verdict, "
-                                                   "sqnr_db, top1_agreement, accuracy, accuracy_drop, sparsity, "
-                                                   "warnings and the original's size, latency and accuracy")
-    charts: list[ChartRead] = Field(default_factory=list, description="with chart=true: one size / latency "
-                                                                       "vs accuracy (or SQNR) scatter")
+    rows: list[dict[str, Any]] = Field(
+        description="one per job, in the order asked: job_id, status, stages, "
+        "size_bytes, compression_ratio, latency_ms_p50, speedup, speed_verdict, "
+        "sqnr_db, top1_agreement, accuracy, accuracy_drop, sparsity, "
+        "warnings and the original's size, latency and accuracy"
+    )
+    charts: list[ChartRead] = Field(
+        default_factory=list, description="with chart=true: one size / latency vs accuracy (or SQNR) scatter"
+    )
 
 
 class _ChartCache:
@@ -70,8 +75,11 @@ _cache = _ChartCache(CACHED_JOBS)
 
 
 def _events(session: Session, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-    rows = session.execute(select(JobEvent.kind, JobEvent.data).where(
-        JobEvent.job_id == job_id, JobEvent.kind.in_(("epoch", "trial"))).order_by(JobEvent.id))
+    rows = session.execute(
+        select(JobEvent.kind, JobEvent.data)
+        .where(JobEvent.job_id == job_id, JobEvent.kind.in_(("epoch", "trial")))
+        .order_by(JobEvent.id)
+    )
     return [(kind, data or {}) for kind, data in rows]
 
 
@@ -88,15 +96,26 @@ def _charts(session: Session, job: Job, metrics: dict[str, Any] | None) -> list[
     return charts
 
 
-@router.get("/jobs/{job_id}/report", response_class=HTMLResponse, summary="A job's report as one HTML page",
-            description="Self-contained (inline CSS and SVG charts, no external URL): before/after table, "
-                        "warnings, per-layer sparsity and bit widths, sensitivity, search trials with the "
-                        "Pareto front, training curves, environment and spec. `download=true` adds "
-                        "Content-Disposition: attachment.",
-            responses={200: {"content": {"text/html": {}}},
-                       # errors stay JSON bodies even on this HTML route
-                       **{code: {"model": ErrorBody, "content": {"application/json": {
-                           "schema": {"$ref": "#/components/schemas/ErrorBody"}}}} for code in ERRORS}})
+@router.get(
+    "/jobs/{job_id}/report",
+    response_class=HTMLResponse,
+    summary="A job's report as one HTML page",
+    description="Self-contained (inline CSS and SVG charts, no external URL): before/after table, "
+    "warnings, per-layer sparsity and bit widths, sensitivity, search trials with the "
+    "Pareto front, training curves, environment and spec. `download=true` adds "
+    "Content-Disposition: attachment.",
+    responses={
+        200: {"content": {"text/html": {}}},
+        # errors stay JSON bodies even on this HTML route
+        **{
+            code: {
+                "model": ErrorBody,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+            }
+            for code in ERRORS
+        },
+    },
+)
 def job_report(job_id: str, session: SessionDep, tenant: TenantDep, download: bool = False) -> HTMLResponse:
     from app.report.page import render
 
@@ -111,8 +130,12 @@ def job_report(job_id: str, session: SessionDep, tenant: TenantDep, download: bo
     return HTMLResponse(render(read, charts), headers=headers)
 
 
-@router.get("/jobs/{job_id}/charts", response_model=JobCharts, summary="A job's report charts as SVG",
-            description="The charts of the job report, for the dashboard: each a standalone <svg> element.")
+@router.get(
+    "/jobs/{job_id}/charts",
+    response_model=JobCharts,
+    summary="A job's report charts as SVG",
+    description="The charts of the job report, for the dashboard: each a standalone <svg> element.",
+)
 def job_charts_route(job_id: str, session: SessionDep, tenant: TenantDep) -> JobCharts:
     job = service.get_job(session, tenant, job_id)
     metrics = session.get(JobMetrics, job.id)
@@ -120,11 +143,20 @@ def job_charts_route(job_id: str, session: SessionDep, tenant: TenantDep) -> Job
     return JobCharts(job_id=job.id, charts=[ChartRead(**c.as_dict()) for c in charts])
 
 
-@router.get("/models/{model_id}/jobs/compare", response_model=CompareRead, summary="Compare jobs of one model",
-            description=f"`ids`: comma-separated job ids (at most {MAX_COMPARED}), all of this model; without "
-                        f"it, the model's {MAX_COMPARED} newest succeeded jobs. `chart=true` adds a scatter.")
-def compare_jobs(model_id: str, session: SessionDep, tenant: TenantDep,
-                 ids: Annotated[str | None, Query(max_length=2000)] = None, chart: bool = False) -> CompareRead:
+@router.get(
+    "/models/{model_id}/jobs/compare",
+    response_model=CompareRead,
+    summary="Compare jobs of one model",
+    description=f"`ids`: comma-separated job ids (at most {MAX_COMPARED}), all of this model; without "
+    f"it, the model's {MAX_COMPARED} newest succeeded jobs. `chart=true` adds a scatter.",
+)
+def compare_jobs(
+    model_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    ids: Annotated[str | None, Query(max_length=2000)] = None,
+    chart: bool = False,
+) -> CompareRead:
     from app.report.content import compare_row
 
     model = get_model(session, tenant, model_id)
@@ -137,10 +169,17 @@ def compare_jobs(model_id: str, session: SessionDep, tenant: TenantDep,
         if others:
             raise Invalid(f"jobs {others} are not jobs of model {model.id}")
     else:
-        jobs, _ = service.list_jobs(session, tenant, status="succeeded", model_id=model.id, method=None,
-                                    limit=MAX_COMPARED, cursor=None)
-    documents = {m.job_id: m.document for m in session.scalars(
-        select(JobMetrics).where(JobMetrics.job_id.in_([j.id for j in jobs])))} if jobs else {}
+        jobs, _ = service.list_jobs(
+            session, tenant, status="succeeded", model_id=model.id, method=None, limit=MAX_COMPARED, cursor=None
+        )
+    documents = (
+        {
+            m.job_id: m.document
+            for m in session.scalars(select(JobMetrics).where(JobMetrics.job_id.in_([j.id for j in jobs])))
+        }
+        if jobs
+        else {}
+    )
     rows = [compare_row(j.id, j.status, j.spec, documents.get(j.id)) for j in jobs]
     charts: list[ChartRead] = []
     if chart and any(r["size_bytes"] is not None for r in rows):

@@ -1,4 +1,5 @@
 """Checking a declared forward call: named inputs, their shapes, dtypes and ranges, forward kwargs, the output."""
+
 from __future__ import annotations
 
 import math
@@ -15,11 +16,15 @@ MAX_INPUT_RANK = 8
 MAX_FORWARD_KWARGS = 16
 # elements of all example inputs together (8 GiB as float32), as for example_input_shape
 MAX_INPUT_ELEMENTS = 2**31
-_INT_BOUNDS = {"int32": (-2**31, 2**31), "int64": (-2**63, 2**63)}
+_INT_BOUNDS = {"int32": (-(2**31), 2**31), "int64": (-(2**63), 2**63)}
 
 
-def validate_forward_call(inputs: list[dict[str, Any]] | None, forward_kwargs: dict[str, Any] | None,
-                          output: int | str | None, where: str = "") -> None:
+def validate_forward_call(
+    inputs: list[dict[str, Any]] | None,
+    forward_kwargs: dict[str, Any] | None,
+    output: int | str | None,
+    where: str = "",
+) -> None:
     """Check a declared forward call (see API.md, "Inputs and outputs as the model takes them").
 
     `inputs` entries have passed the API's shape model (name, shape, dtype, low, high, dynamic);
@@ -52,8 +57,9 @@ def validate_forward_call(inputs: list[dict[str, Any]] | None, forward_kwargs: d
             low_value = 0 if low is None else low
             high_value = low_value + 2 if high is None else high
             if not lowest <= low_value < high_value <= highest:
-                raise SpecError(f"{label}: low must be < high (high exclusive) within {dtype}, got "
-                                f"low={low}, high={high}")
+                raise SpecError(
+                    f"{label}: low must be < high (high exclusive) within {dtype}, got low={low}, high={high}"
+                )
         elif low is not None or high is not None:
             raise SpecError(f"{label}: low / high bound random integers; {dtype} inputs take neither")
     if total > MAX_INPUT_ELEMENTS:
@@ -67,8 +73,9 @@ def validate_forward_call(inputs: list[dict[str, Any]] | None, forward_kwargs: d
         if key in names:
             raise SpecError(f"{prefix}forward_kwargs: {key!r} is also a declared input")
         if value is not None and not isinstance(value, (bool, int, float, str)):
-            raise SpecError(f"{prefix}forward_kwargs.{key} must be a number, string, bool or null; tensors go "
-                            "in inputs")
+            raise SpecError(
+                f"{prefix}forward_kwargs.{key} must be a number, string, bool or null; tensors go in inputs"
+            )
         if isinstance(value, str) and len(value) > 256:
             raise SpecError(f"{prefix}forward_kwargs.{key}: strings hold at most 256 characters")
         if isinstance(value, float) and not math.isfinite(value):

@@ -1,4 +1,5 @@
 """The catalogue's types: model and output formats, an option, a scheme, and the error a spec that cannot run raises."""
+
 from __future__ import annotations
 
 import math
@@ -16,8 +17,16 @@ Device = Literal["cpu", "cuda"]
 # modules (a registered architecture), exported programs become graph modules.
 MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program")
 EAGER_FORMATS = ("state_dict", "safetensors", "exported_program")
-OUTPUT_FORMATS = ("torchscript", "exported_program", "state_dict", "sparse_state_dict", "compact_state_dict",
-                  "deep_compression", "onnx", "executorch")
+OUTPUT_FORMATS = (
+    "torchscript",
+    "exported_program",
+    "state_dict",
+    "sparse_state_dict",
+    "compact_state_dict",
+    "deep_compression",
+    "onnx",
+    "executorch",
+)
 
 
 class SpecError(ValueError):

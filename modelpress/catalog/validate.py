@@ -1,4 +1,5 @@
 """Submit-time validation of a job's stages: each against the catalogue and against the stages before it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,36 +56,47 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
             if key in ("method", "scheme"):
                 continue
             if key not in known:
-                raise SpecError(f"{where}: unknown option {key!r} for {spec.method}/{spec.name}; "
-                                f"options: {sorted(known)}")
+                raise SpecError(
+                    f"{where}: unknown option {key!r} for {spec.method}/{spec.name}; options: {sorted(known)}"
+                )
             if value is not None:
                 known[key].validate(value, where)
             elif known[key].default is not None:
-                raise SpecError(f"{where}.{key} must not be null (leave it out for the default "
-                                f"{known[key].default!r})")
+                raise SpecError(f"{where}.{key} must not be null (leave it out for the default {known[key].default!r})")
             options[key] = value
         for option in spec.options:
             options.setdefault(option.name, option.default)
         if facts.device not in spec.devices:
             raise SpecError(f"{where}: scheme {spec.name!r} runs on {list(spec.devices)}, not on {facts.device!r}")
-        if (spec.min_compute_capability and facts.compute_capability is not None
-                and facts.compute_capability < spec.min_compute_capability):
+        if (
+            spec.min_compute_capability
+            and facts.compute_capability is not None
+            and facts.compute_capability < spec.min_compute_capability
+        ):
             raise SpecError(f"{where}: scheme {spec.name!r} needs compute capability >= {spec.min_compute_capability}")
         if quantized_by is not None and spec.method in ("prune", "distill", "analyze"):
-            raise SpecError(f"{where}: {spec.method} needs float weights, but stage {quantized_by} already quantized them")
+            raise SpecError(
+                f"{where}: {spec.method} needs float weights, but stage {quantized_by} already quantized them"
+            )
         if spec.needs_dataset and not facts.has_dataset:
             raise SpecError(f"{where}: scheme {spec.name!r} needs a dataset_id (calibration or training data)")
-        if (current_format == "torchscript" and "torchscript" not in spec.input_formats
-                and "exported_program" in spec.input_formats):
+        if (
+            current_format == "torchscript"
+            and "torchscript" not in spec.input_formats
+            and "exported_program" in spec.input_formats
+        ):
             # the worker converts the TorchScript model with torch's TS2EPConverter first
             if facts.graph_conversion_error:
-                raise SpecError(f"{where}: scheme {spec.name!r} runs on an exported program, and this TorchScript "
-                                f"model could not be converted to one: {facts.graph_conversion_error}")
+                raise SpecError(
+                    f"{where}: scheme {spec.name!r} runs on an exported program, and this TorchScript "
+                    f"model could not be converted to one: {facts.graph_conversion_error}"
+                )
             current_format = "exported_program"
         if current_format not in spec.input_formats:
             raise SpecError(
                 f"{where}: scheme {spec.name!r} needs an eager model (state_dict + architecture, or an "
-                f"exported program); a {current_format} model cannot be changed that way")
+                f"exported program); a {current_format} model cannot be changed that way"
+            )
         if spec.needs_labels and not facts.dataset_has_labels:
             raise SpecError(f"{where}: scheme {spec.name!r} needs a dataset with labels")
         _validate_nested(spec, options, facts, where)
@@ -100,8 +112,10 @@ def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts,
         raise SpecError(f"{where}.schedule: gradual pruning fine-tunes, so it needs a dataset_id with labels")
     devices = (options.get("train") or {}).get("devices")
     if isinstance(devices, int) and facts.max_train_devices is not None and devices > facts.max_train_devices:
-        raise SpecError(f"{where}.train.devices is {devices}, but the largest live worker runs at most "
-                        f"{facts.max_train_devices} training processes on {facts.device!r}")
+        raise SpecError(
+            f"{where}.train.devices is {devices}, but the largest live worker runs at most "
+            f"{facts.max_train_devices} training processes on {facts.device!r}"
+        )
     recipes = (options.get("candidates") or {}).get("recipes") or []
     for number, recipe in enumerate(recipes):
         if any(isinstance(stage, dict) and stage.get("method") == "search" for stage in recipe):
@@ -121,18 +135,26 @@ def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts,
     if options.get("smoothquant") and not facts.has_dataset:
         raise SpecError(f"{where}.smoothquant measures activation ranges, so it needs a dataset_id (calibration data)")
     if (options.get("smoothquant") or options.get("quantize_embeddings")) and facts.model_format == "torchscript":
-        raise SpecError(f"{where}: smoothquant and quantize_embeddings rewrite an eager model; upload a state_dict "
-                        "with its architecture or an exported program, not TorchScript")
+        raise SpecError(
+            f"{where}: smoothquant and quantize_embeddings rewrite an eager model; upload a state_dict "
+            "with its architecture or an exported program, not TorchScript"
+        )
     if spec.method == "analyze" and options.get("quantization") == "static_int8":
         if not facts.has_dataset:
             raise SpecError(f"{where}: probing static_int8 needs a dataset_id (calibration data)")
         if facts.model_format == "torchscript":
-            raise SpecError(f"{where}: static_int8 needs an eager model (state_dict + architecture, or an "
-                            "exported program); probe dynamic_int8 on a TorchScript model")
+            raise SpecError(
+                f"{where}: static_int8 needs an eager model (state_dict + architecture, or an "
+                "exported program); probe dynamic_int8 on a TorchScript model"
+            )
     if spec.method == "distill":
         student = options.get("student")
-        if student != "auto" and not (isinstance(student, dict) and ("model_id" in student or "architecture" in student)):
+        if student != "auto" and not (
+            isinstance(student, dict) and ("model_id" in student or "architecture" in student)
+        ):
             raise SpecError(f'{where}.student must be "auto", {{"model_id": ...}} or {{"architecture": ...}}')
         if student == "auto" and facts.model_format == "torchscript":
-            raise SpecError(f'{where}: student "auto" is derived from an eager teacher; a TorchScript teacher '
-                            'needs an explicit student (model_id or architecture)')
+            raise SpecError(
+                f'{where}: student "auto" is derived from an eager teacher; a TorchScript teacher '
+                "needs an explicit student (model_id or architecture)"
+            )

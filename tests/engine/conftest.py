@@ -1,4 +1,5 @@
 """Engine fixtures: digits as tensors, and one thread for tiny models on a shared CPU."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -25,6 +26,9 @@ def digits() -> tuple[Dataset, Dataset]:
 
     bunch = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        bunch.data / 16.0, bunch.target, test_size=0.3, stratify=bunch.target, random_state=0)
-    return (Dataset(torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train)),
-            Dataset(torch.tensor(x_test, dtype=torch.float32), torch.tensor(y_test)))
+        bunch.data / 16.0, bunch.target, test_size=0.3, stratify=bunch.target, random_state=0
+    )
+    return (
+        Dataset(torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train)),
+        Dataset(torch.tensor(x_test, dtype=torch.float32), torch.tensor(y_test)),
+    )

@@ -1,4 +1,5 @@
 """Encode stage, scheme codebook: exact weight sharing, sparse storage, a TorchScript artifact stock torch runs."""
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,11 @@ def _pruned(amount: float = 0.9) -> MLP:
 
 def _ctx() -> StageContext:
     # these tests cover the TorchScript artifact, which an eager model gets on output_format torchscript
-    return StageContext(kind="eager", example_input=torch.randn(8, 64, generator=torch.Generator().manual_seed(1)),
-                        output_format="torchscript")
+    return StageContext(
+        kind="eager",
+        example_input=torch.randn(8, 64, generator=torch.Generator().manual_seed(1)),
+        output_format="torchscript",
+    )
 
 
 def _options(**overrides: object) -> dict:
@@ -53,8 +57,8 @@ def test_encoding_is_exact_zeros_stay_zero_and_codebook_has_2_to_bits_values(bit
     weight = layer.weight.detach()
     assert torch.equal(module.weight, shared)  # decoded == k-means-shared weights, bit for bit
     assert torch.equal(shared == 0, weight == 0)  # pruned zeros stay zero, nonzeros stay nonzero
-    codebook = module.floats[:module.header[2]]
-    assert codebook.numel() == 2 ** bits == figures["clusters"]
+    codebook = module.floats[: module.header[2]]
+    assert codebook.numel() == 2**bits == figures["clusters"]
     assert set(shared[weight != 0].unique().tolist()) <= set(codebook.tolist())
     assert torch.equal(module.bias, layer.bias.detach())
     # the nearest centroid: no nonzero weight is closer to another codebook entry than to its own
@@ -116,8 +120,12 @@ def test_no_layer_encoded_is_an_error_not_a_silent_no_op() -> None:
     with pytest.raises(EngineError, match="no layer was encoded"):
         run_stage(_pruned(), "codebook", _options(layers={"include": ["nothing*"]}), _ctx())
     with pytest.raises(EngineError, match="TorchScript"):
-        run_stage(torch.jit.script(_pruned()), "codebook", _options(),
-                  StageContext(kind="torchscript", example_input=torch.randn(2, 64)))
+        run_stage(
+            torch.jit.script(_pruned()),
+            "codebook",
+            _options(),
+            StageContext(kind="torchscript", example_input=torch.randn(2, 64)),
+        )
 
 
 def test_classifier_can_stay_float_and_min_sparsity_skips_dense_layers() -> None:
@@ -132,8 +140,7 @@ def test_classifier_can_stay_float_and_min_sparsity_skips_dense_layers() -> None
 
 def test_deep_compression_preset_validates_and_needs_an_eager_model() -> None:
     stages = expand_preset("deep-compression")
-    assert [(s["method"], s["scheme"]) for s in stages] == [("prune", "global_l1_unstructured"),
-                                                            ("encode", "codebook")]
+    assert [(s["method"], s["scheme"]) for s in stages] == [("prune", "global_l1_unstructured"), ("encode", "codebook")]
     facts = JobFacts(model_format="state_dict", has_dataset=True, dataset_has_labels=True, eval_has_labels=True)
     validated = validate_stages(stages, facts)
     assert validated[1].options["bits"] == 5 and validated[1].spec.quantizes
@@ -141,11 +148,19 @@ def test_deep_compression_preset_validates_and_needs_an_eager_model() -> None:
         validate_stages(list(reversed(expand_preset("deep-compression"))), facts)
     # TorchScript reaches eager-only schemes through a conversion to an exported program, unless
     # inspection found that the conversion fails: then the 422 names why
-    validate_stages(expand_preset("deep-compression"), JobFacts(model_format="torchscript", has_dataset=True,
-                                                               dataset_has_labels=True))
+    validate_stages(
+        expand_preset("deep-compression"),
+        JobFacts(model_format="torchscript", has_dataset=True, dataset_has_labels=True),
+    )
     with pytest.raises(SpecError, match="could not be converted.*aten::foo"):
-        validate_stages(expand_preset("deep-compression"), JobFacts(
-            model_format="torchscript", has_dataset=True, dataset_has_labels=True,
-            graph_conversion_error="unsupported node aten::foo"))
+        validate_stages(
+            expand_preset("deep-compression"),
+            JobFacts(
+                model_format="torchscript",
+                has_dataset=True,
+                dataset_has_labels=True,
+                graph_conversion_error="unsupported node aten::foo",
+            ),
+        )
     with pytest.raises(SpecError, match="bits"):
         validate_stages([{"method": "encode", "scheme": "codebook", "bits": 9}], facts)

@@ -1,5 +1,6 @@
 """The deep_compression container: lossless round trip, and the digits MLP >= 20x smaller within 1 point of top-1,
 measured by loading the file with the documented loader."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,16 +34,25 @@ def test_container_is_lossless_for_every_tensor_kind() -> None:
     codebook = np.linspace(-1, 1, 16).astype(np.float16).astype(np.float32)
     sparse = np.where(rng.random((300, 64)) < 0.1, codebook[rng.integers(0, 16, (300, 64))], 0).astype(np.float32)
     sparse[0, :] = 0  # long runs of zeros need filler entries in the relative index
-    state = {"a.weight": sparse, "a.bias": rng.normal(size=300).astype(np.float32),
-             "b.weight": rng.normal(size=(10, 10)).astype(np.float32), "steps": np.arange(3),
-             "half.bias": np.array([0.5, -2.0], dtype=np.float32)}
+    state = {
+        "a.weight": sparse,
+        "a.bias": rng.normal(size=300).astype(np.float32),
+        "b.weight": rng.normal(size=(10, 10)).astype(np.float32),
+        "steps": np.arange(3),
+        "half.bias": np.array([0.5, -2.0], dtype=np.float32),
+    }
     data, _ = encode(state)
     decoded = decode(data)
     for name, array in state.items():
         assert decoded[name].shape == array.shape and np.array_equal(decoded[name].astype(array.dtype), array), name
     kinds = {row["name"]: (row["kind"], row.get("dtype")) for row in describe(data)["tensors"]}
-    assert kinds == {"a.weight": ("codebook", None), "a.bias": ("raw", "f4"), "b.weight": ("raw", "f4"),
-                     "steps": ("raw", "i8"), "half.bias": ("raw", "f2")}
+    assert kinds == {
+        "a.weight": ("codebook", None),
+        "a.bias": ("raw", "f4"),
+        "b.weight": ("raw", "f4"),
+        "steps": ("raw", "i8"),
+        "half.bias": ("raw", "f2"),
+    }
     with pytest.raises(ValueError, match="trailing"):
         decode(data + b"x")
 
@@ -57,12 +67,21 @@ def test_deep_compression_preset_on_digits_is_20x_smaller_within_one_point(tmp_p
     facts = JobFacts(model_format="safetensors", has_dataset=True, dataset_has_labels=True, eval_has_labels=True)
     stages = validate_stages(expand_preset("deep-compression"), facts)
     artifact = tmp_path / "model.mpdc"
-    result = run_job(JobRequest.from_dict({
-        "model": {"path": str(float_path), "format": "safetensors",
-                  "architecture": {"name": "mlp", "kwargs": {"widths": [64, 300, 100, 10]}}},
-        "stages": [{"method": s.spec.method, "scheme": s.spec.name, "options": s.options} for s in stages],
-        "artifact_path": str(artifact), "dataset_path": str(tmp_path / "train.npz"),
-        "eval_dataset_path": str(tmp_path / "test.npz")}))
+    result = run_job(
+        JobRequest.from_dict(
+            {
+                "model": {
+                    "path": str(float_path),
+                    "format": "safetensors",
+                    "architecture": {"name": "mlp", "kwargs": {"widths": [64, 300, 100, 10]}},
+                },
+                "stages": [{"method": s.spec.method, "scheme": s.spec.name, "options": s.options} for s in stages],
+                "artifact_path": str(artifact),
+                "dataset_path": str(tmp_path / "train.npz"),
+                "eval_dataset_path": str(tmp_path / "test.npz"),
+            }
+        )
+    )
     assert result["artifact_format"] == "deep_compression"
     assert artifact.read_bytes()[:4] == b"MPDC"
 
@@ -99,12 +118,21 @@ def test_torchscript_output_stays_available_on_request(tmp_path: Path) -> None:
     float_path = tmp_path / "mlp.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(float_path))
     np.savez(tmp_path / "test.npz", inputs=x_test, labels=y_test)
-    result = run_job(JobRequest.from_dict({
-        "model": {"path": str(float_path), "format": "safetensors",
-                  "architecture": {"name": "mlp", "kwargs": {"widths": [64, 300, 100, 10]}}},
-        "stages": [{"method": "encode", "scheme": "codebook", "options": {"bits": 5}}],
-        "artifact_path": str(tmp_path / "model.pt"), "eval_dataset_path": str(tmp_path / "test.npz"),
-        "output_format": "torchscript"}))
+    result = run_job(
+        JobRequest.from_dict(
+            {
+                "model": {
+                    "path": str(float_path),
+                    "format": "safetensors",
+                    "architecture": {"name": "mlp", "kwargs": {"widths": [64, 300, 100, 10]}},
+                },
+                "stages": [{"method": "encode", "scheme": "codebook", "options": {"bits": 5}}],
+                "artifact_path": str(tmp_path / "model.pt"),
+                "eval_dataset_path": str(tmp_path / "test.npz"),
+                "output_format": "torchscript",
+            }
+        )
+    )
     assert result["artifact_format"] == "torchscript"
     loaded = torch.jit.load(str(tmp_path / "model.pt"))
     assert getattr(loaded.net, "0").original_name == "CodebookLinear"

@@ -1,4 +1,5 @@
 """Distillation never ships worse than its baseline: baseline + (temperature, alpha) sweep, best delivered."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,10 +18,10 @@ def test_delivered_student_is_never_below_the_baseline(seed: int) -> None:
     teacher = train(mlp(), x_train, y_train, epochs=40, seed=seed)  # trained longer than the student
     train_data = Dataset(torch.tensor(x_train), torch.tensor(y_train))
     eval_data = Dataset(torch.tensor(x_test), torch.tensor(y_test))
-    ctx = StageContext(kind="eager", example_input=train_data.inputs[:8], train_data=train_data,
-                       eval_data=eval_data, seed=seed)
-    result = run_stage(teacher, "hinton", {"student": "auto", "width_multiplier": 0.1,
-                                           "train": {"epochs": 20}}, ctx)
+    ctx = StageContext(
+        kind="eager", example_input=train_data.inputs[:8], train_data=train_data, eval_data=eval_data, seed=seed
+    )
+    result = run_stage(teacher, "hinton", {"student": "auto", "width_multiplier": 0.1, "train": {"epochs": 20}}, ctx)
     info = result.info
     runs = {run["run"]: run for run in info["runs"]}
     assert "baseline" in runs and len(runs) >= 3  # the baseline and at least two distilled settings

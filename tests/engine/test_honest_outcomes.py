@@ -3,6 +3,7 @@
 Search never delivers a bigger file as met, long errors keep their cause, near-no-ops and
 collapses are warned about, ties stay tied, and the README's loading code runs.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,14 +17,25 @@ from tests import zoo
 from worker.compression.pipeline import JobRequest, run_job
 
 
-def compress(source: Path, model_format: str, stages: list[dict[str, Any]], tmp_path: Path,
-             shape: list[int], **extra: Any) -> tuple[dict[str, Any], Path]:
+def compress(
+    source: Path, model_format: str, stages: list[dict[str, Any]], tmp_path: Path, shape: list[int], **extra: Any
+) -> tuple[dict[str, Any], Path]:
     artifact = tmp_path / "artifact"
-    stages = [{"method": s["method"], "scheme": s["scheme"],
-               "options": s.get("options") or {k: v for k, v in s.items() if k not in ("method", "scheme")}}
-              for s in stages]
-    request = {"model": {"path": str(source), "format": model_format}, "stages": stages,
-               "artifact_path": str(artifact), "example_input_shape": shape, **extra}
+    stages = [
+        {
+            "method": s["method"],
+            "scheme": s["scheme"],
+            "options": s.get("options") or {k: v for k, v in s.items() if k not in ("method", "scheme")},
+        }
+        for s in stages
+    ]
+    request = {
+        "model": {"path": str(source), "format": model_format},
+        "stages": stages,
+        "artifact_path": str(artifact),
+        "example_input_shape": shape,
+        **extra,
+    }
     return run_job(JobRequest.from_dict(request)), artifact
 
 
@@ -65,8 +77,7 @@ def test_search_spends_the_trials_it_is_given_while_amounts_remain(tmp_path: Pat
     entry = zoo.build("resnet")
     source = entry.save_torchscript(tmp_path / "resnet.pt")
     # an unreachable bar: every candidate misses, so only the budget or the candidates end the search
-    result, _ = compress(source, "torchscript", search_stage(min_sqnr_db=150, max_trials=4), tmp_path,
-                         [1, 3, 32, 32])
+    result, _ = compress(source, "torchscript", search_stage(min_sqnr_db=150, max_trials=4), tmp_path, [1, 3, 32, 32])
     info = result["metrics"]["stages"][0]["info"]
     assert info["trials_run"] == 4
     amounts = [t["stages"][0]["amount"] for t in info["trials"] if t["stages"][0]["method"] == "prune"]
@@ -80,9 +91,12 @@ def test_a_long_torchscript_error_keeps_its_cause_and_a_dtype_hint(tmp_path: Pat
     from worker.sandbox import Limits, run_sandboxed
 
     source = zoo.build("lstm").save_torchscript(tmp_path / "lstm.pt")
-    request = {"model": {"path": str(source), "format": "torchscript"},
-               "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
-               "artifact_path": str(tmp_path / "out.pt"), "example_input_shape": [1, zoo.SEQUENCE]}
+    request = {
+        "model": {"path": str(source), "format": "torchscript"},
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+        "artifact_path": str(tmp_path / "out.pt"),
+        "example_input_shape": [1, zoo.SEQUENCE],
+    }
     limits = Limits(memory_bytes=4 * 1024**3, cpu_seconds=120, file_bytes=1024**3, open_files=128, wall_seconds=120)
     outcome = run_sandboxed("job", request, tmp_path, limits)  # the scratch folder holds the model
     assert not outcome.ok and outcome.error is not None
@@ -118,8 +132,9 @@ def test_int8_leaving_the_lstm_float_is_warned(one_thread) -> None:  # type: ign
     entry = zoo.build("lstm")
     scripted = entry.scripted()
     before = outcome.weight_fingerprints(scripted)
-    result = run_stage(scripted, "dynamic_int8", {"skip_layers": []},
-                       StageContext(kind="torchscript", example_input=entry.inputs[0]))
+    result = run_stage(
+        scripted, "dynamic_int8", {"skip_layers": []}, StageContext(kind="torchscript", example_input=entry.inputs[0])
+    )
     untouched = outcome.untouched_majority(before, result.model, frozenset(result.info["left_float"]))
     assert untouched is not None and untouched[0] == "LSTM"
     # independent: the LSTM's share of the float model's weights
@@ -131,8 +146,9 @@ def test_int8_leaving_the_lstm_float_is_warned(one_thread) -> None:  # type: ign
 
 def test_codebook_leaving_the_convolutions_alone_is_warned(tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
     source = zoo.build("resnet").save_exported(tmp_path / "resnet.pt2")
-    result, artifact = compress(source, "exported_program", [{"method": "encode", "scheme": "codebook", "bits": 5}],
-                                tmp_path, [1, 3, 32, 32])
+    result, artifact = compress(
+        source, "exported_program", [{"method": "encode", "scheme": "codebook", "bits": 5}], tmp_path, [1, 3, 32, 32]
+    )
     metrics = result["metrics"]
     assert metrics["compression_ratio"] == pytest.approx(source.stat().st_size / artifact.stat().st_size, rel=1e-3)
     assert any(w.startswith("Conv2d layers hold") for w in metrics["warnings"]), metrics["warnings"]
@@ -151,8 +167,9 @@ def test_collapsed_fidelity_is_warned(tmp_path: Path, one_thread) -> None:  # ty
 
 def test_a_real_int8_gain_gets_no_warning(tmp_path: Path, one_thread) -> None:  # type: ignore[no-untyped-def]
     source = zoo.build("vit").save_torchscript(tmp_path / "vit.pt")
-    result, artifact = compress(source, "torchscript", [{"method": "quantize", "scheme": "dynamic_int8"}],
-                                tmp_path, [1, 3, 32, 32])
+    result, artifact = compress(
+        source, "torchscript", [{"method": "quantize", "scheme": "dynamic_int8"}], tmp_path, [1, 3, 32, 32]
+    )
     metrics = result["metrics"]
     assert source.stat().st_size / artifact.stat().st_size > 2.0
     assert metrics["fidelity"]["sqnr_db"] > 20
@@ -167,10 +184,16 @@ def test_default_pruning_that_gains_little_is_warned_and_names_the_compact_forma
     source = tmp_path / "mlp.pt"
     torch.save(build_architecture(architecture["name"], architecture["kwargs"]).state_dict(), source)
     artifact = tmp_path / "artifact"
-    result = run_job(JobRequest.from_dict({
-        "model": {"path": str(source), "format": "state_dict", "architecture": architecture},
-        "stages": [{"method": "prune", "scheme": "l1_unstructured", "options": {"amount": 0.5}}],
-        "artifact_path": str(artifact), "example_input_shape": [1, 64]}))
+    result = run_job(
+        JobRequest.from_dict(
+            {
+                "model": {"path": str(source), "format": "state_dict", "architecture": architecture},
+                "stages": [{"method": "prune", "scheme": "l1_unstructured", "options": {"amount": 0.5}}],
+                "artifact_path": str(artifact),
+                "example_input_shape": [1, 64],
+            }
+        )
+    )
     assert result["artifact_format"] == "sparse_state_dict"
     ratio = source.stat().st_size / artifact.stat().st_size
     assert ratio < 1.1  # CSR breaks even near 50% zeros
@@ -183,8 +206,9 @@ def test_compact_downloads_shrink_from_modest_sparsity_on(tmp_path: Path, amount
     entry = zoo.build("resnet")
     source = entry.save_torchscript(tmp_path / "resnet.pt")
     stages = [{"method": "prune", "scheme": "global_l1_unstructured", "amount": amount, "prune_classifier": True}]
-    result, artifact = compress(source, "torchscript", stages, tmp_path, [1, 3, 32, 32],
-                                output_format="compact_state_dict")
+    result, artifact = compress(
+        source, "torchscript", stages, tmp_path, [1, 3, 32, 32], output_format="compact_state_dict"
+    )
     assert result["artifact_format"] == "compact_state_dict"
     dense_bytes = tmp_path / "dense.pt"
     state = zoo.readme_loader()["decode_sparse_state_dict"](torch.load(artifact, weights_only=True))
@@ -218,7 +242,9 @@ def test_gpt2_ties_survive_export_pruning_and_the_state_dict_file(tmp_path: Path
     options = {"amount": 0.5, "layers": None, "prune_classifier": True, "schedule": None, "train": None}
     working = copy.deepcopy(model)  # as the pipeline does; the copy must keep the tie
     assert working.get_submodule("lm_head").weight is working.get_submodule("transformer.wte").weight
-    result = run_stage(working, "global_l1_unstructured", options, StageContext(kind=kind, example_input=entry.inputs[0]))
+    result = run_stage(
+        working, "global_l1_unstructured", options, StageContext(kind=kind, example_input=entry.inputs[0])
+    )
     dense, sparse = tmp_path / "dense.pt", tmp_path / "sparse.pt"
     save_artifact(result.model, result.kind, "state_dict", dense, entry.inputs[0])
     save_artifact(result.model, result.kind, "compact_state_dict", sparse, entry.inputs[0])
@@ -245,7 +271,9 @@ def test_gpt2_dynamic_int8_is_smaller_than_float(tmp_path: Path, one_thread) -> 
     entry = zoo.build("gpt2")
     source = entry.save_torchscript(tmp_path / "gpt2.pt")
     model, kind = load_model(source, "torchscript", None)
-    result = run_stage(model, "dynamic_int8", {"skip_layers": []}, StageContext(kind=kind, example_input=entry.inputs[0]))
+    result = run_stage(
+        model, "dynamic_int8", {"skip_layers": []}, StageContext(kind=kind, example_input=entry.inputs[0])
+    )
     artifact = tmp_path / "int8.pt"
     save_artifact(result.model, result.kind, "torchscript", artifact, entry.inputs[0])
     assert artifact.stat().st_size < source.stat().st_size
@@ -283,11 +311,27 @@ def test_local_compress_reports_a_crash_of_the_model_code_and_exits_non_zero(tmp
     model = tmp_path / "slow.pt"
     torch.jit.save(torch.jit.script(SlowForward(iterations=5_000_000)), str(model))
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"example_input_shape": [1, 8], "stages": [{"method": "quantize",
-                                                                          "scheme": "dynamic_int8"}]}))
-    cli = subprocess.Popen([sys.executable, "-m", "modelpress.cli", "compress", str(model), "--spec", str(spec),
-                            "--out", str(tmp_path / "out.pt"), "--local"], cwd=PROJECT_ROOT,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    spec.write_text(
+        json.dumps({"example_input_shape": [1, 8], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]})
+    )
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "modelpress.cli",
+            "compress",
+            str(model),
+            "--spec",
+            str(spec),
+            "--out",
+            str(tmp_path / "out.pt"),
+            "--local",
+        ],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         child = None
@@ -319,15 +363,19 @@ def _first_tensor(output: Any) -> torch.Tensor:
 
 @pytest.mark.parametrize("upload", ["torchscript", "exported_program"])
 @pytest.mark.parametrize("name", zoo.NAMES)
-def test_readme_loads_pruned_zoo_artifacts_into_the_users_own_model(name: str, upload: str, tmp_path: Path,
-                                                                    one_thread) -> None:  # type: ignore[no-untyped-def]
-    from worker.compression.io import load_model, save_artifact
+def test_readme_loads_pruned_zoo_artifacts_into_the_users_own_model(
+    name: str, upload: str, tmp_path: Path, one_thread
+) -> None:  # type: ignore[no-untyped-def]
     from worker.compression.base import StageContext
+    from worker.compression.io import load_model, save_artifact
     from worker.compression.pruning import run_stage
 
     entry = zoo.build(name)
-    source = (entry.save_torchscript(tmp_path / "model.pt") if upload == "torchscript"
-              else entry.save_exported(tmp_path / "model.pt2"))
+    source = (
+        entry.save_torchscript(tmp_path / "model.pt")
+        if upload == "torchscript"
+        else entry.save_exported(tmp_path / "model.pt2")
+    )
     model, kind = load_model(source, upload, None)
     working = model if kind == "torchscript" else copy.deepcopy(model)
     options = {"amount": 0.5, "layers": None, "prune_classifier": True, "schedule": None, "train": None}
@@ -335,8 +383,10 @@ def test_readme_loads_pruned_zoo_artifacts_into_the_users_own_model(name: str, u
     readme = zoo.readme_loader()
     with torch.no_grad():
         expected = _first_tensor(result.model(*entry.inputs, *entry.constants))
-    for output_format, loader in (("sparse_state_dict", readme["sparse_one_liner"]),
-                                  ("compact_state_dict", readme["decode_sparse_state_dict"])):
+    for output_format, loader in (
+        ("sparse_state_dict", readme["sparse_one_liner"]),
+        ("compact_state_dict", readme["decode_sparse_state_dict"]),
+    ):
         artifact = tmp_path / f"{output_format}.pt"
         save_artifact(result.model, result.kind, output_format, artifact, entry.inputs[0])
         # the README, verbatim: decode and load_state_dict (strict) into the architecture the user has

@@ -1,4 +1,5 @@
 """Inspection: what the API learns about an upload, from the sandboxed child."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Pruning stage: exact sparsity, real channel removal, a sparse artifact that stock torch loads."""
+
 from __future__ import annotations
 
 import copy
@@ -11,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.zoo import readme_loader
 from worker.compression.base import Dataset, EngineError, ModelKind, StageContext
 from worker.compression.pruning import cubic_sparsity, magnitude_masks, nm_mask, run_stage
-from tests.zoo import readme_loader
 from worker.compression.sparse_format import decode_sparse_state_dict, encode_sparse_state_dict, encoded_bytes
 
 BATCH = torch.export.Dim("batch", min=1, max=4096)
@@ -50,7 +51,7 @@ def _train(model: nn.Module, data: Dataset, epochs: int) -> nn.Module:
     for _ in range(epochs):
         order = torch.randperm(len(data), generator=generator)
         for start in range(0, len(data), 64):
-            index = order[start:start + 64]
+            index = order[start : start + 64]
             loss = F.cross_entropy(model(data.inputs[index]), data.labels[index])
             optimizer.zero_grad()
             loss.backward()
@@ -97,8 +98,15 @@ def _as_kind(model: nn.Module, kind: ModelKind, example: Tensor) -> nn.Module:
 
 
 def _options(**changes: Any) -> dict[str, Any]:
-    return {"amount": 0.8, "layers": None, "prune_classifier": False, "schedule": None, "train": None,
-            "norm": 2.0, **changes}
+    return {
+        "amount": 0.8,
+        "layers": None,
+        "prune_classifier": False,
+        "schedule": None,
+        "train": None,
+        "norm": 2.0,
+        **changes,
+    }
 
 
 def _weights(model: nn.Module) -> dict[str, Tensor]:
@@ -149,8 +157,9 @@ def test_eager_result_has_no_pruning_hooks(trained_mlp: nn.Module) -> None:
 def test_magnitude_masks_are_monotone_with_previous() -> None:
     weight = torch.randn(50, 40, generator=torch.Generator().manual_seed(0))
     first = magnitude_masks([weight], 0.5)[0]
-    second = magnitude_masks([weight], 0.7, random=True, previous=[first],
-                             generator=torch.Generator().manual_seed(1))[0]
+    second = magnitude_masks([weight], 0.7, random=True, previous=[first], generator=torch.Generator().manual_seed(1))[
+        0
+    ]
     assert int((~first).sum()) == 1000 and int((~second).sum()) == 1400
     assert not (second & ~first).any()  # nothing pruned comes back
 
@@ -181,7 +190,8 @@ def test_nm_on_conv_skips_layers_that_do_not_divide() -> None:
     for w in (model.c2.weight, model.f1.weight):
         assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
     assert nm_mask(torch.tensor([[4.0, -1.0, 3.0, 0.5, 0.0, 0.0, -2.0, 1.0]]), 1, 4).tolist() == [
-        [True, False, False, False, False, False, True, False]]
+        [True, False, False, False, False, False, True, False]
+    ]
 
 
 def _parameter_count(model: nn.Module) -> int:
@@ -217,8 +227,12 @@ def test_ln_structured_keeps_surviving_channels_exactly() -> None:
     torch.manual_seed(0)
     original = CNN().eval()
     model = copy.deepcopy(original)
-    run_stage(model, "ln_structured", _options(amount=0.5, layers={"include": ["f1"]}),
-              StageContext(kind="eager", example_input=EXAMPLE))
+    run_stage(
+        model,
+        "ln_structured",
+        _options(amount=0.5, layers={"include": ["f1"]}),
+        StageContext(kind="eager", example_input=EXAMPLE),
+    )
     assert model.f1.weight.shape == (64, 256) and model.c2.weight.shape == (64, 32, 3, 3)
     rows = original.f1.weight.detach()
     kept = [int((rows == row).all(dim=1).nonzero()) for row in model.f1.weight.detach()]
@@ -268,14 +282,23 @@ def test_ln_structured_on_graph_with_batch_norm_and_fixed_reshape() -> None:
 def test_bad_requests_say_what_to_change(trained_mlp: nn.Module) -> None:
     script = _as_kind(trained_mlp, "torchscript", EXAMPLE)
     with pytest.raises(EngineError, match="TorchScript"):
-        run_stage(script, "ln_structured", _options(amount=0.5), StageContext(kind="torchscript", example_input=EXAMPLE))
+        run_stage(
+            script, "ln_structured", _options(amount=0.5), StageContext(kind="torchscript", example_input=EXAMPLE)
+        )
     with pytest.raises(EngineError, match="match no prunable layer"):
-        run_stage(copy.deepcopy(trained_mlp), "l1_unstructured", _options(layers={"include": ["encoder.*"]}),
-                  StageContext(kind="eager", example_input=EXAMPLE))
+        run_stage(
+            copy.deepcopy(trained_mlp),
+            "l1_unstructured",
+            _options(layers={"include": ["encoder.*"]}),
+            StageContext(kind="eager", example_input=EXAMPLE),
+        )
     with pytest.raises(EngineError, match="dataset_id with labels"):
-        run_stage(copy.deepcopy(trained_mlp), "l1_unstructured",
-                  _options(schedule={"steps": 2, "finetune_epochs": 1}),
-                  StageContext(kind="eager", example_input=EXAMPLE))
+        run_stage(
+            copy.deepcopy(trained_mlp),
+            "l1_unstructured",
+            _options(schedule={"steps": 2, "finetune_epochs": 1}),
+            StageContext(kind="eager", example_input=EXAMPLE),
+        )
 
 
 def test_sparse_state_dict_roundtrip_and_weights_only_load(tmp_path: Path) -> None:
@@ -286,9 +309,14 @@ def test_sparse_state_dict_roundtrip_and_weights_only_load(tmp_path: Path) -> No
     conv[torch.rand(16, 8, generator=generator) < 0.9] = 0  # whole kernels gone
     unstructured_conv = torch.randn(16, 8, 3, 3, generator=generator)
     unstructured_conv[unstructured_conv.abs() < 1.0] = 0
-    state = {"a.weight": linear, "a.bias": torch.randn(30, generator=generator), "b.weight": conv,
-             "c.weight": unstructured_conv, "d.weight": torch.randn(5, 5, generator=generator),
-             "bn.num_batches_tracked": torch.tensor(3)}
+    state = {
+        "a.weight": linear,
+        "a.bias": torch.randn(30, generator=generator),
+        "b.weight": conv,
+        "c.weight": unstructured_conv,
+        "d.weight": torch.randn(5, 5, generator=generator),
+        "bn.num_batches_tracked": torch.tensor(3),
+    }
 
     encoded = encode_sparse_state_dict(state)
     assert encoded["a.weight"].layout == torch.sparse_csr
@@ -319,7 +347,9 @@ def test_sparse_artifact_is_small_for_pruned_torchscript_mlp(trained_mlp: nn.Mod
     script_path = tmp_path / "mlp.ts"
     torch.jit.save(torch.jit.script(copy.deepcopy(trained_mlp)), str(script_path))
     model = torch.jit.load(str(script_path))
-    result = run_stage(model, "l1_unstructured", _options(amount=0.8), StageContext(kind="torchscript", example_input=EXAMPLE))
+    result = run_stage(
+        model, "l1_unstructured", _options(amount=0.8), StageContext(kind="torchscript", example_input=EXAMPLE)
+    )
     artifact = tmp_path / "mlp_sparse.pt"
     torch.save(encode_sparse_state_dict({k: v.detach() for k, v in result.model.state_dict().items()}), artifact)
 
@@ -339,16 +369,21 @@ def test_gradual_pruning_keeps_digits_accuracy(trained_mlp: nn.Module, digits: t
     train, test = digits
     baseline = _accuracy(trained_mlp, test)
     model = copy.deepcopy(trained_mlp)
-    options = _options(amount=0.9, schedule={"steps": 3, "finetune_epochs": 2},
-                       train={"optimizer": "adam", "lr": 1e-3, "batch_size": 64})
+    options = _options(
+        amount=0.9,
+        schedule={"steps": 3, "finetune_epochs": 2},
+        train={"optimizer": "adam", "lr": 1e-3, "batch_size": 64},
+    )
     seen: list[float] = []
-    ctx = StageContext(kind="eager", example_input=EXAMPLE, train_data=train,
-                       progress=lambda fraction, message: seen.append(fraction))
+    ctx = StageContext(
+        kind="eager", example_input=EXAMPLE, train_data=train, progress=lambda fraction, message: seen.append(fraction)
+    )
     result = run_stage(model, "l1_unstructured", options, ctx)
 
     assert result.info["sparsity"] == pytest.approx(0.9, abs=0.01)  # masks held through fine-tuning
     assert [step["target_sparsity"] for step in result.info["schedule"]] == [
-        round(cubic_sparsity(t, 3, 0.9), 6) for t in (1, 2, 3)]
+        round(cubic_sparsity(t, 3, 0.9), 6) for t in (1, 2, 3)
+    ]
     assert all(step["epochs_run"] == 2 for step in result.info["schedule"])
     gradual = _accuracy(model, test)
     assert gradual >= baseline - 0.03
@@ -360,13 +395,15 @@ def test_gradual_pruning_keeps_digits_accuracy(trained_mlp: nn.Module, digits: t
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "graph"])
-def test_finetuning_holds_masks_on_every_kind(trained_mlp: nn.Module, digits: tuple[Dataset, Dataset],
-                                              kind: ModelKind) -> None:
+def test_finetuning_holds_masks_on_every_kind(
+    trained_mlp: nn.Module, digits: tuple[Dataset, Dataset], kind: ModelKind
+) -> None:
     train, test = digits
     model = _as_kind(trained_mlp, kind, EXAMPLE)
     options = _options(amount=0.8, train={"epochs": 1, "lr": 1e-3})
-    result = run_stage(model, "global_l1_unstructured", options,
-                       StageContext(kind=kind, example_input=EXAMPLE, train_data=train))
+    result = run_stage(
+        model, "global_l1_unstructured", options, StageContext(kind=kind, example_input=EXAMPLE, train_data=train)
+    )
     weights = _weights(result.model)
     zeros = sum(int((weights[k] == 0).sum()) for k in ("net.0.weight", "net.2.weight"))
     assert zeros / (64 * 300 + 300 * 100) == pytest.approx(0.8, abs=0.01)
@@ -381,8 +418,9 @@ def test_gradual_structured_pruning_finetunes(digits: tuple[Dataset, Dataset]) -
     original = _train(CNN(), train, epochs=4)
     model = copy.deepcopy(original)
     options = _options(amount=0.5, schedule={"steps": 2, "finetune_epochs": 1}, train={"lr": 1e-3})
-    result = run_stage(model, "ln_structured", options, StageContext(kind="eager", example_input=EXAMPLE,
-                                                                     train_data=train))
+    result = run_stage(
+        model, "ln_structured", options, StageContext(kind="eager", example_input=EXAMPLE, train_data=train)
+    )
     assert model.c2.weight.shape == (32, 16, 3, 3)
     assert [step["target_channel_ratio"] for step in result.info["schedule"]] == [0.4375, 0.5]
     assert _accuracy(model, test) >= _accuracy(original, test) - 0.05

@@ -1,4 +1,5 @@
 """Quantization-aware training (qat_int8) on the digits CNN, judged on the loaded TorchScript artifact."""
+
 from __future__ import annotations
 
 import io
@@ -46,5 +47,7 @@ def test_catalog_qat_needs_labelled_data_and_an_eager_model() -> None:
     with pytest.raises(SpecError, match="with labels"):
         validate_stages([{"method": "quantize", "scheme": "qat_int8"}], JobFacts("state_dict", has_dataset=True))
     # TorchScript uploads are converted to an exported program for graph-only stages, so they are accepted
-    validate_stages([{"method": "quantize", "scheme": "qat_int8"}],
-                    JobFacts("torchscript", has_dataset=True, dataset_has_labels=True))
+    validate_stages(
+        [{"method": "quantize", "scheme": "qat_int8"}],
+        JobFacts("torchscript", has_dataset=True, dataset_has_labels=True),
+    )

@@ -1,4 +1,5 @@
 """Quantization stage: representation changes, accuracy (SQNR / top-1), artifact size and loadability."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.compression.base import Dataset, EngineError, ModelKind, StageContext
-from worker.compression.quantization import (BACKENDS, backend_for, count_quantized_ops, plan_layers, run_stage,
-                                             sqnr_db, torch_level_module)
+from worker.compression.quantization import (
+    BACKENDS,
+    backend_for,
+    count_quantized_ops,
+    plan_layers,
+    run_stage,
+    sqnr_db,
+    torch_level_module,
+)
 
 DYNAMIC = {"skip_layers": [], "keep_first_last_float": False}
 STATIC = {"skip_layers": [], "keep_first_last_float": False, "calibration_batches": 16}
@@ -143,8 +151,9 @@ def test_dynamic_int8_eager_swaps_linears_and_shrinks(mlp: tuple[nn.Module, torc
 
     assert result.kind == "eager" and result.preferred_output_format == "torchscript"
     assert result.info["quantized_layers"] == ["fc1", "fc2", "fc3"]
-    assert all(isinstance(result.model.get_submodule(n), torch.ao.nn.quantized.dynamic.Linear)
-               for n in ("fc1", "fc2", "fc3"))
+    assert all(
+        isinstance(result.model.get_submodule(n), torch.ao.nn.quantized.dynamic.Linear) for n in ("fc1", "fc2", "fc3")
+    )
     assert type(model.fc1) is nn.Linear  # the input model is left alone
     loaded, size = script_roundtrip(torch.jit.trace(result.model, x))
     _, float_size = script_roundtrip(torch.jit.trace(reference, x))
@@ -208,12 +217,16 @@ def test_dynamic_int8_exported_graph(mlp: tuple[nn.Module, torch.Tensor]) -> Non
 
 
 @pytest.mark.parametrize("kind", ["eager", "torchscript"])
-@pytest.mark.parametrize(("options", "quantized", "skipped"), [
-    ({"skip_layers": ["fc2"], "keep_first_last_float": False}, ["fc1", "fc3"], ["fc2"]),
-    ({"skip_layers": [], "keep_first_last_float": True}, ["fc2"], ["fc1", "fc3"]),
-])
-def test_dynamic_int8_respects_skips(kind: ModelKind, options: dict[str, Any], quantized: list[str],
-                                     skipped: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("options", "quantized", "skipped"),
+    [
+        ({"skip_layers": ["fc2"], "keep_first_last_float": False}, ["fc1", "fc3"], ["fc2"]),
+        ({"skip_layers": [], "keep_first_last_float": True}, ["fc2"], ["fc1", "fc3"]),
+    ],
+)
+def test_dynamic_int8_respects_skips(
+    kind: ModelKind, options: dict[str, Any], quantized: list[str], skipped: list[str]
+) -> None:
     torch.manual_seed(0)
     model = MLP(32, 64).eval()
     x = torch.randn(4, 32)
@@ -243,8 +256,9 @@ def test_dynamic_int8_with_every_layer_skipped_is_an_error(kind: ModelKind) -> N
     x = torch.randn(4, 32)
     upload = torch.jit.script(model) if kind == "torchscript" else model
     with pytest.raises(EngineError, match="excluded by skip_layers"):
-        run_stage(upload, "dynamic_int8", {"skip_layers": ["fc*"], "keep_first_last_float": False},
-                  StageContext(kind, x))
+        run_stage(
+            upload, "dynamic_int8", {"skip_layers": ["fc*"], "keep_first_last_float": False}, StageContext(kind, x)
+        )
 
 
 # --------------------------------------------------------------------------- static int8
@@ -264,13 +278,18 @@ def digits() -> dict[str, Any]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(5):
         for start in range(0, len(train), 128):
-            batch = train[start:start + 128]
+            batch = train[start : start + 128]
             optimizer.zero_grad()
             F.cross_entropy(model(inputs[batch]), labels[batch]).backward()
             optimizer.step()
     model.eval()
-    return {"model": model, "train": Dataset(inputs[train[:128]], labels[train[:128]]),
-            "test_x": inputs[test], "test_y": labels[test], "example": inputs[train[:4]]}
+    return {
+        "model": model,
+        "train": Dataset(inputs[train[:128]], labels[train[:128]]),
+        "test_x": inputs[test],
+        "test_y": labels[test],
+        "example": inputs[train[:4]],
+    }
 
 
 LOAD_AND_SCORE = textwrap.dedent("""
@@ -300,8 +319,13 @@ def test_static_int8_exported_cnn_keeps_accuracy_and_shrinks(digits: dict[str, A
 
     # a fresh interpreter with nothing but torch loads the artifact and scores it at another batch size
     torch.save((digits["test_x"], digits["test_y"]), tmp_path / "test.pt")
-    run = subprocess.run([sys.executable, "-c", LOAD_AND_SCORE, str(artifact), str(tmp_path / "test.pt")],
-                         capture_output=True, text=True, timeout=120, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_AND_SCORE, str(artifact), str(tmp_path / "test.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     assert float(run.stdout.strip().splitlines()[-1]) >= float_accuracy - 0.02
 
 
@@ -373,7 +397,11 @@ def test_torch_level_module_names_layers_like_the_source() -> None:
     lifted = torch_level_module(exported(model, x))
 
     assert {n for n, m in lifted.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))} == {
-        "conv1", "conv2", "fc1", "fc2"}
+        "conv1",
+        "conv2",
+        "fc1",
+        "fc2",
+    }
     other_batch = torch.randn(5, 64)
     with torch.no_grad():
         assert torch.allclose(lifted(other_batch), model(other_batch), atol=1e-5)
@@ -382,8 +410,14 @@ def test_torch_level_module_names_layers_like_the_source() -> None:
 class ConvBnNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.Conv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.GELU())
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2),
+            nn.BatchNorm2d(16),
+            nn.GELU(),
+        )
         self.head = nn.Linear(16, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ TorchScript reaching eager methods through torch's TorchScript -> exported progr
 Small, seeded, random-init models; every figure the engine reports is checked against the
 test's own run of the artifact it wrote.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,9 @@ class TinyEncoder(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, hidden)
         self.position = nn.Embedding(SEQ * 4, hidden)
-        self.blocks = nn.ModuleList(nn.TransformerEncoderLayer(hidden, 4, 4 * hidden, dropout=0.0, batch_first=True)
-                                    for _ in range(layers))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(hidden, 4, 4 * hidden, dropout=0.0, batch_first=True) for _ in range(layers)
+        )
         self.pool = nn.Linear(hidden, hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,15 +93,17 @@ def _resnet() -> nn.Module:
     return model.eval()
 
 
-TOKEN_INPUTS = [{"name": "input_ids", "shape": [1, SEQ], "dtype": "int64", "low": 0, "high": VOCAB, "dynamic": [0, 1]},
-                {"name": "attention_mask", "shape": [1, SEQ], "dtype": "int64", "low": 1, "high": 2,
-                 "dynamic": [0, 1]}]
+TOKEN_INPUTS = [
+    {"name": "input_ids", "shape": [1, SEQ], "dtype": "int64", "low": 0, "high": VOCAB, "dynamic": [0, 1]},
+    {"name": "attention_mask", "shape": [1, SEQ], "dtype": "int64", "low": 1, "high": 2, "dynamic": [0, 1]},
+]
 
 
 def _job(tmp_path: Path, model_path: Path, model_format: str, stages: list[StageSpec], **fields) -> tuple[dict, Path]:
     artifact = tmp_path / "artifact.bin"
-    request = JobRequest(model=ModelRef(str(model_path), model_format), stages=stages, artifact_path=str(artifact),
-                         **fields)
+    request = JobRequest(
+        model=ModelRef(str(model_path), model_format), stages=stages, artifact_path=str(artifact), **fields
+    )
     return run_job(request), artifact
 
 
@@ -123,8 +127,7 @@ def test_export_keeps_declared_dimensions_dynamic() -> None:
     signature = Signature.from_request(TOKEN_INPUTS, None)
     assert signature is not None
     program = export_program(model, signature, make_example(signature, seed=0))
-    other = make_example(Signature.from_request(
-        [dict(spec, shape=[5, 9]) for spec in TOKEN_INPUTS], None), seed=3)  # type: ignore[arg-type]
+    other = make_example(Signature.from_request([dict(spec, shape=[5, 9]) for spec in TOKEN_INPUTS], None), seed=3)  # type: ignore[arg-type]
     with torch.no_grad():
         expected, got = call_model(model, other), call_model(program.module(), other)
     assert got[0].shape == (5, 9, 64)
@@ -139,10 +142,19 @@ def test_token_model_dynamic_int8_scores_every_output(tmp_path: Path) -> None:
     mask = torch.ones(2, SEQ, dtype=torch.long)
     path = tmp_path / "encoder.pt"
     torch.jit.save(torch.jit.trace(model, (ids, mask), check_trace=False), str(path))
-    np.savez(tmp_path / "tokens.npz", input_ids=torch.randint(0, VOCAB, (48, SEQ)).numpy(),
-             attention_mask=np.ones((48, SEQ), dtype=np.int64))
-    result, artifact = _job(tmp_path, path, "torchscript", [StageSpec("quantize", "dynamic_int8")],
-                            inputs=TOKEN_INPUTS, dataset_path=str(tmp_path / "tokens.npz"))
+    np.savez(
+        tmp_path / "tokens.npz",
+        input_ids=torch.randint(0, VOCAB, (48, SEQ)).numpy(),
+        attention_mask=np.ones((48, SEQ), dtype=np.int64),
+    )
+    result, artifact = _job(
+        tmp_path,
+        path,
+        "torchscript",
+        [StageSpec("quantize", "dynamic_int8")],
+        inputs=TOKEN_INPUTS,
+        dataset_path=str(tmp_path / "tokens.npz"),
+    )
     metrics = result["metrics"]
     fidelity = metrics["fidelity"]
     assert [row["output"] for row in fidelity["outputs"]] == ["0", "1"]
@@ -162,8 +174,14 @@ def test_torchscript_resnet_static_int8_through_the_converter(tmp_path: Path) ->
     path = tmp_path / "resnet.pt"
     torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), str(path))
     np.savez(tmp_path / "images.npz", inputs=torch.randn(64, 3, 32, 32).numpy())
-    result, artifact = _job(tmp_path, path, "torchscript", [StageSpec("quantize", "static_int8")],
-                            example_input_shape=[1, 3, 32, 32], dataset_path=str(tmp_path / "images.npz"))
+    result, artifact = _job(
+        tmp_path,
+        path,
+        "torchscript",
+        [StageSpec("quantize", "static_int8")],
+        example_input_shape=[1, 3, 32, 32],
+        dataset_path=str(tmp_path / "images.npz"),
+    )
     quantized = load_artifact(artifact, result["artifact_format"])
     x = torch.randn(16, 3, 32, 32)
     with torch.no_grad():
@@ -177,8 +195,13 @@ def test_torchscript_resnet_loses_channels_with_ln_structured(tmp_path: Path) ->
     model = _resnet()
     path = tmp_path / "resnet.pt"
     torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), str(path))
-    result, artifact = _job(tmp_path, path, "torchscript", [StageSpec("prune", "ln_structured", {"amount": 0.3})],
-                            example_input_shape=[1, 3, 32, 32])
+    result, artifact = _job(
+        tmp_path,
+        path,
+        "torchscript",
+        [StageSpec("prune", "ln_structured", {"amount": 0.3})],
+        example_input_shape=[1, 3, 32, 32],
+    )
     pruned = load_artifact(artifact, result["artifact_format"])
     assert isinstance(pruned, nn.Module)
     before = sum(v.numel() for v in model.state_dict().values())
@@ -193,10 +216,15 @@ def test_constant_arguments_reach_every_call(tmp_path: Path) -> None:
     model = Audio().eval()
     path = tmp_path / "audio.pt"
     torch.jit.save(torch.jit.script(model), str(path))
-    result, artifact = _job(tmp_path, path, "torchscript",
-                            [StageSpec("prune", "l1_unstructured", {"amount": 0.3})],
-                            inputs=[{"name": "x", "shape": [1, 64], "dtype": "float32", "dynamic": [0]}],
-                            forward_kwargs={"sr": 16000}, output_format="torchscript")
+    result, artifact = _job(
+        tmp_path,
+        path,
+        "torchscript",
+        [StageSpec("prune", "l1_unstructured", {"amount": 0.3})],
+        inputs=[{"name": "x", "shape": [1, 64], "dtype": "float32", "dynamic": [0]}],
+        forward_kwargs={"sr": 16000},
+        output_format="torchscript",
+    )
     pruned = load_artifact(artifact, "torchscript")
     x = torch.randn(8, 64)
     with torch.no_grad():

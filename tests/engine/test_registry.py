@@ -1,4 +1,5 @@
 """Registered architectures: built-ins, and teams' own classes through the entry-point group."""
+
 from __future__ import annotations
 
 import sys
@@ -35,7 +36,8 @@ def test_a_team_registers_its_own_class_through_an_entry_point(tmp_path: Path, m
         "        super().__init__()\n"
         "        self.fc = torch.nn.Linear(features, 2)\n"
         "    def forward(self, x):\n"
-        "        return self.fc(x)\n")
+        "        return self.fc(x)\n"
+    )
     info = tmp_path / "team_models-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: team-models\nVersion: 0.1\n")

@@ -1,12 +1,13 @@
 """Accuracy-aware search on scikit-learn's digits: the smallest candidate that meets the bar."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
+from tests.helpers import accuracy, digits_split, mlp, train
 from worker.compression.base import Dataset, StageContext
 from worker.compression.search import linear_widths, run_stage
-from tests.helpers import accuracy, digits_split, mlp, train
 
 
 @pytest.fixture(scope="module")
@@ -18,16 +19,23 @@ def digits_mlp():  # type: ignore[no-untyped-def]
 
 def context(data, kind="eager") -> StageContext:  # type: ignore[no-untyped-def]
     x_train, x_test, y_train, y_test = data
-    return StageContext(kind=kind, example_input=torch.tensor(x_test[:32]),
-                        train_data=Dataset(torch.tensor(x_train), torch.tensor(y_train)),
-                        eval_data=Dataset(torch.tensor(x_test), torch.tensor(y_test)))
+    return StageContext(
+        kind=kind,
+        example_input=torch.tensor(x_test[:32]),
+        train_data=Dataset(torch.tensor(x_train), torch.tensor(y_train)),
+        eval_data=Dataset(torch.tensor(x_test), torch.tensor(y_test)),
+    )
 
 
 def test_search_returns_the_smallest_candidate_within_the_bar(digits_mlp) -> None:  # type: ignore[no-untyped-def]
     model, data = digits_mlp
     original = accuracy(model, data[1], data[3])
-    result = run_stage(model, "accuracy_aware", {"max_accuracy_drop": 0.01, "objective": "size", "max_trials": 8,
-                                                 "train": {"epochs": 2}}, context(data))
+    result = run_stage(
+        model,
+        "accuracy_aware",
+        {"max_accuracy_drop": 0.01, "objective": "size", "max_trials": 8, "train": {"epochs": 2}},
+        context(data),
+    )
     info = result.info
     assert info["result"] == "met"
     trials = [t for t in info["trials"] if t["status"] in ("met", "missed")]
@@ -43,11 +51,21 @@ def test_search_returns_the_smallest_candidate_within_the_bar(digits_mlp) -> Non
 
 def test_impossible_bar_returns_the_original_and_names_the_closest(digits_mlp) -> None:  # type: ignore[no-untyped-def]
     model, data = digits_mlp
-    result = run_stage(model, "accuracy_aware", {"min_sqnr_db": 199.0, "max_trials": 3,
-                                                 "candidates": {"recipes": [
-                                                     [{"method": "quantize", "scheme": "dynamic_int8"}],
-                                                     [{"method": "prune", "scheme": "l1_unstructured",
-                                                       "amount": 0.5}]]}}, context(data))
+    result = run_stage(
+        model,
+        "accuracy_aware",
+        {
+            "min_sqnr_db": 199.0,
+            "max_trials": 3,
+            "candidates": {
+                "recipes": [
+                    [{"method": "quantize", "scheme": "dynamic_int8"}],
+                    [{"method": "prune", "scheme": "l1_unstructured", "amount": 0.5}],
+                ]
+            },
+        },
+        context(data),
+    )
     assert result.info["result"] == "no_candidate_met_constraints"
     assert len(result.info["trials"]) == 2
     best_sqnr = max(t["sqnr_db"] for t in result.info["trials"])

@@ -2,6 +2,7 @@
 
 Every figure a stage reports is measured again here, on the model it delivers, with the test's own SQNR.
 """
+
 from __future__ import annotations
 
 import io
@@ -41,7 +42,8 @@ def whole_model_sqnr(model: nn.Module, variant: nn.Module, inputs: torch.Tensor)
 
 
 def test_analyze_lists_every_linear_most_harmful_first_and_delivers_the_model(
-        bert: tuple[nn.Module, Dataset], one_thread: None) -> None:
+    bert: tuple[nn.Module, Dataset], one_thread: None
+) -> None:
     model, data = bert
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = sensitivity.run_stage(model, "sensitivity", {"quantization": "dynamic_int8"}, context("eager", data))
@@ -53,14 +55,16 @@ def test_analyze_lists_every_linear_most_harmful_first_and_delivers_the_model(
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))  # swapped back
     # the worst row, rebuilt here: quantize only that layer and measure the whole model's output
     worst = rows[0]["layer"]
-    alone = quantize(model, "dynamic_int8", {"skip_layers": [n for n in linear_names(model) if n != worst]},
-                     context("eager", data)).model
+    alone = quantize(
+        model, "dynamic_int8", {"skip_layers": [n for n in linear_names(model) if n != worst]}, context("eager", data)
+    ).model
     assert whole_model_sqnr(model, alone, data.inputs) == pytest.approx(rows[0]["sqnr_db"], abs=0.01)
     # the planted outliers make the layers reading them the worst
     assert worst.startswith(("layers.0.", "layers.1.", "layers.2."))
     everything = quantize(model, "dynamic_int8", {"skip_layers": []}, context("eager", data)).model
     assert whole_model_sqnr(model, everything, data.inputs) == pytest.approx(
-        result.info["all_quantized"]["sqnr_db"], abs=0.01)
+        result.info["all_quantized"]["sqnr_db"], abs=0.01
+    )
 
 
 def test_analyze_reports_accuracy_drop_with_labels(one_thread: None) -> None:
@@ -68,19 +72,20 @@ def test_analyze_reports_accuracy_drop_with_labels(one_thread: None) -> None:
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     inputs = torch.randn(64, 16)
     labels = model(inputs).argmax(1)
-    ctx = StageContext(kind="eager", example_input=inputs[:4], train_data=Dataset(inputs, labels),
-                       eval_data=Dataset(inputs, labels))
+    ctx = StageContext(
+        kind="eager", example_input=inputs[:4], train_data=Dataset(inputs, labels), eval_data=Dataset(inputs, labels)
+    )
     rows = sensitivity.run_stage(model, "sensitivity", {}, ctx).info["sensitivity"]
     assert {r["layer"] for r in rows} == {"0", "2"}
     for row in rows:
-        alone = quantize(model, "dynamic_int8", {"skip_layers": [n for n in ("0", "2") if n != row["layer"]]},
-                         ctx).model
+        alone = quantize(
+            model, "dynamic_int8", {"skip_layers": [n for n in ("0", "2") if n != row["layer"]]}, ctx
+        ).model
         accuracy = float((measure.predict(alone, inputs).primary.argmax(1) == labels).float().mean())
         assert row["accuracy_drop"] == pytest.approx(1.0 - accuracy, abs=1e-6)
 
 
-def test_analyze_a_torchscript_model_matches_the_eager_table(bert: tuple[nn.Module, Dataset],
-                                                             one_thread: None) -> None:
+def test_analyze_a_torchscript_model_matches_the_eager_table(bert: tuple[nn.Module, Dataset], one_thread: None) -> None:
     model, data = bert
     scripted = torch.jit.trace(model, data.inputs[:2])
     eager_rows = sensitivity.run_stage(model, "sensitivity", {}, context("eager", data)).info["sensitivity"]
@@ -89,13 +94,18 @@ def test_analyze_a_torchscript_model_matches_the_eager_table(bert: tuple[nn.Modu
     assert [r["layer"] for r in script_rows][:3] == [r["layer"] for r in eager_rows][:3]
     # the JIT path (quantize_dynamic_jit) rounds a little differently from the eager one: measure it on its own
     worst = script_rows[0]["layer"]
-    alone = quantize(scripted, "dynamic_int8", {"skip_layers": [n for n in linear_names(model) if n != worst]},
-                     context("torchscript", data)).model
+    alone = quantize(
+        scripted,
+        "dynamic_int8",
+        {"skip_layers": [n for n in linear_names(model) if n != worst]},
+        context("torchscript", data),
+    ).model
     assert whole_model_sqnr(model, alone, data.inputs) == pytest.approx(script_rows[0]["sqnr_db"], abs=0.01)
 
 
 def test_mixed_precision_meets_plain_int8_plus_5_db_with_few_float_layers(
-        bert: tuple[nn.Module, Dataset], one_thread: None) -> None:
+    bert: tuple[nn.Module, Dataset], one_thread: None
+) -> None:
     model, data = bert
     ctx = context("eager", data)
     plain = quantize(model, "dynamic_int8", {"skip_layers": []}, ctx).model
@@ -123,8 +133,9 @@ def test_mixed_precision_meets_plain_int8_plus_5_db_with_few_float_layers(
     assert all(s["sqnr_db"] < goal for s in steps[:-1]) and steps[-1]["sqnr_db"] >= goal
 
 
-def test_mixed_precision_fails_plainly_when_no_mix_meets_the_bar(bert: tuple[nn.Module, Dataset],
-                                                                 one_thread: None) -> None:
+def test_mixed_precision_fails_plainly_when_no_mix_meets_the_bar(
+    bert: tuple[nn.Module, Dataset], one_thread: None
+) -> None:
     model, data = bert
     small = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
     inputs = torch.randn(32, 8)
@@ -142,14 +153,17 @@ def test_mixed_precision_static_int8_by_accuracy(digits: Any, one_thread: None) 
     optimizer = torch.optim.Adam(model.parameters(), 1e-2)
     for _ in range(3):
         for start in range(0, len(train), 64):
-            loss = nn.functional.cross_entropy(model(train.inputs[start:start + 64]), train.labels[start:start + 64])
+            loss = nn.functional.cross_entropy(
+                model(train.inputs[start : start + 64]), train.labels[start : start + 64]
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     model.eval()
     ctx = StageContext(kind="eager", example_input=train.inputs[:8], train_data=train, eval_data=test)
-    result = quantize(model, "static_int8", {"skip_layers": [], "max_accuracy_drop": 0.0,
-                                             "calibration_batches": 2}, ctx)
+    result = quantize(
+        model, "static_int8", {"skip_layers": [], "max_accuracy_drop": 0.0, "calibration_batches": 2}, ctx
+    )
     reference = measure.accuracy(measure.predict(model, test.inputs), test.labels)
     delivered = measure.accuracy(measure.predict(result.model, test.inputs), test.labels)
     assert reference is not None and delivered is not None
@@ -168,8 +182,12 @@ def test_analyze_static_int8_probes_convs_too_with_one_calibration(digits: Any, 
     rows = sensitivity.run_stage(model, "sensitivity", options, ctx).info["sensitivity"]
     assert {r["layer"] for r in rows} == {"c1", "c2", "f1", "f2"}
     worst = rows[0]["layer"]
-    alone = quantize(model, "static_int8", {"skip_layers": [n for n in ("c1", "c2", "f1", "f2") if n != worst],
-                                            "calibration_batches": 2}, ctx).model
+    alone = quantize(
+        model,
+        "static_int8",
+        {"skip_layers": [n for n in ("c1", "c2", "f1", "f2") if n != worst], "calibration_batches": 2},
+        ctx,
+    ).model
     inputs = test.inputs[:128]
     # the table converts one shared calibration (every layer observed once); the backend observes only
     # the layer it quantizes, so the neighbours' output observers differ and the figures agree within a few 0.1 dB
@@ -180,11 +198,17 @@ def test_catalog_refuses_what_cannot_run() -> None:
     from modelpress.catalog import JobFacts, SpecError, validate_stages
 
     with pytest.raises(SpecError, match="already quantized"):
-        validate_stages([{"method": "quantize", "scheme": "dynamic_int8"},
-                         {"method": "analyze", "scheme": "sensitivity"}], JobFacts("torchscript"))
+        validate_stages(
+            [{"method": "quantize", "scheme": "dynamic_int8"}, {"method": "analyze", "scheme": "sensitivity"}],
+            JobFacts("torchscript"),
+        )
     with pytest.raises(SpecError, match="eval_dataset_id with labels"):
-        validate_stages([{"method": "quantize", "scheme": "dynamic_int8", "max_accuracy_drop": 0.01}],
-                        JobFacts("torchscript", has_dataset=True))
+        validate_stages(
+            [{"method": "quantize", "scheme": "dynamic_int8", "max_accuracy_drop": 0.01}],
+            JobFacts("torchscript", has_dataset=True),
+        )
     with pytest.raises(SpecError, match="eager model"):
-        validate_stages([{"method": "analyze", "scheme": "sensitivity", "quantization": "static_int8"}],
-                        JobFacts("torchscript", has_dataset=True))
+        validate_stages(
+            [{"method": "analyze", "scheme": "sensitivity", "quantization": "static_int8"}],
+            JobFacts("torchscript", has_dataset=True),
+        )

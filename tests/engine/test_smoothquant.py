@@ -1,4 +1,5 @@
 """Outlier-aware dynamic int8: SmoothQuant on planted activation outliers, int8 embeddings; measured on artifacts."""
+
 from __future__ import annotations
 
 import io
@@ -123,11 +124,14 @@ def test_quantize_embeddings_shrinks_a_transformer_file_close_to_4x() -> None:
 
 def test_catalog_rejects_smoothquant_it_cannot_run() -> None:
     with pytest.raises(SpecError, match="needs a dataset_id"):
-        validate_stages([{"method": "quantize", "scheme": "dynamic_int8", "smoothquant": True}],
-                        JobFacts("state_dict"))
+        validate_stages([{"method": "quantize", "scheme": "dynamic_int8", "smoothquant": True}], JobFacts("state_dict"))
     with pytest.raises(SpecError, match="not TorchScript"):
-        validate_stages([{"method": "quantize", "scheme": "dynamic_int8", "quantize_embeddings": True}],
-                        JobFacts("torchscript", has_dataset=True))
+        validate_stages(
+            [{"method": "quantize", "scheme": "dynamic_int8", "quantize_embeddings": True}],
+            JobFacts("torchscript", has_dataset=True),
+        )
     with pytest.raises(SpecError, match="alpha must be <= 1"):
-        validate_stages([{"method": "quantize", "scheme": "dynamic_int8", "smoothquant": True, "alpha": 1.5}],
-                        JobFacts("state_dict", has_dataset=True))
+        validate_stages(
+            [{"method": "quantize", "scheme": "dynamic_int8", "smoothquant": True, "alpha": 1.5}],
+            JobFacts("state_dict", has_dataset=True),
+        )

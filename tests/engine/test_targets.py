@@ -4,6 +4,7 @@ Each artifact is built by the engine's `run_job`, then loaded here with the READ
 compared with the float PyTorch model on the job's fidelity inputs (the eval set the test gives):
 the test's SQNR must match the reported one within 0.5 dB and meet the issue's floors.
 """
+
 from __future__ import annotations
 
 import math
@@ -95,21 +96,34 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path, Pat
     return (model, *_write_job(tmp_path_factory.mktemp("bert"), model, (16, 64), 2))
 
 
-def _run(job: tuple[nn.Module, Path, Path, Path], tmp_path: Path, runtime: str, stages: list[dict[str, Any]],
-         example_shape: list[int]) -> tuple[dict[str, Any], Path]:
+def _run(
+    job: tuple[nn.Module, Path, Path, Path],
+    tmp_path: Path,
+    runtime: str,
+    stages: list[dict[str, Any]],
+    example_shape: list[int],
+) -> tuple[dict[str, Any], Path]:
     _, model_path, train, evaluation = job
     suffix = "onnx" if runtime == "onnxruntime" else "pte"
     artifact = tmp_path / f"artifact.{suffix}"
-    request = JobRequest.from_dict({
-        "model": {"path": str(model_path), "format": "exported_program"}, "stages": stages,
-        "artifact_path": str(artifact), "example_input_shape": example_shape, "dataset_path": str(train),
-        "eval_dataset_path": str(evaluation), "runtime": runtime, "threads": 1})
+    request = JobRequest.from_dict(
+        {
+            "model": {"path": str(model_path), "format": "exported_program"},
+            "stages": stages,
+            "artifact_path": str(artifact),
+            "example_input_shape": example_shape,
+            "dataset_path": str(train),
+            "eval_dataset_path": str(evaluation),
+            "runtime": runtime,
+            "threads": 1,
+        }
+    )
     return run_job(request), artifact
 
 
 def _readme_loading_code() -> str:
     text = README.read_text()
-    section = text[text.index("### ONNX Runtime and ExecuTorch artifacts"):]
+    section = text[text.index("### ONNX Runtime and ExecuTorch artifacts") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
 
 
@@ -196,8 +210,11 @@ def test_ort_dynamic_int8_bert_hidden_states(bert: Any, tmp_path: Path, one_thre
     print(f"ORT dynamic int8 BERT: {measured:.1f} dB")
 
 
-@pytest.mark.parametrize("stages", [[], [{"method": "quantize", "scheme": "static_int8",
-                                          "options": {"calibration_batches": 2}}]], ids=["fp32", "int8"])
+@pytest.mark.parametrize(
+    "stages",
+    [[], [{"method": "quantize", "scheme": "static_int8", "options": {"calibration_batches": 2}}]],
+    ids=["fp32", "int8"],
+)
 def test_executorch_cnn(cnn: Any, tmp_path: Path, one_thread: None, stages: list[dict[str, Any]]) -> None:
     pytest.importorskip("executorch")
     result, artifact = _run(cnn, tmp_path, "executorch", stages, [4, 3, 32, 32])
@@ -209,8 +226,9 @@ def test_executorch_cnn(cnn: Any, tmp_path: Path, one_thread: None, stages: list
     floor = 60.0 if not stages else 20.0
     assert _sqnr(reference, outputs) >= floor
     # the reported figure covers all 48 eval inputs; recompute it on them the way the README runs the program
-    chunks = [torch.from_numpy(_load_with_readme_code(artifact, chunk.numpy(), "pte"))
-              for chunk in _eval_inputs(cnn).split(4)]
+    chunks = [
+        torch.from_numpy(_load_with_readme_code(artifact, chunk.numpy(), "pte")) for chunk in _eval_inputs(cnn).split(4)
+    ]
     with torch.no_grad():
         full_reference = cnn[0](_eval_inputs(cnn))
     _check_reported(result, _sqnr(full_reference, torch.cat(chunks)), floor, "executorch")

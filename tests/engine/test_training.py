@@ -1,4 +1,5 @@
 """The training loop: optimizers, schedules, regularization, early stopping, cancellation, DDP."""
+
 from __future__ import annotations
 
 import copy
@@ -38,10 +39,14 @@ class Recorder:
         self.cancel_after_checks = cancel_after_checks
 
     def context(self, example: Tensor, seed: int = 0) -> StageContext:
-        return StageContext(kind="eager", example_input=example, seed=seed,
-                            progress=lambda fraction, message: self.progress.append(fraction),
-                            event=lambda kind, data: self.events.append((kind, data)),
-                            check_cancelled=self.check)
+        return StageContext(
+            kind="eager",
+            example_input=example,
+            seed=seed,
+            progress=lambda fraction, message: self.progress.append(fraction),
+            event=lambda kind, data: self.events.append((kind, data)),
+            check_cancelled=self.check,
+        )
 
     def check(self) -> None:
         self.checks += 1
@@ -56,12 +61,15 @@ def ctx_for(data: Dataset, seed: int = 0) -> StageContext:
     return StageContext(kind="eager", example_input=data.inputs[:1], seed=seed)
 
 
-@pytest.mark.parametrize("options", [
-    {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
-    {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0},
-    {"optimizer": "adam", "lr": 3e-3},
-    {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "label_smoothing": 0.1, "grad_clip": 1.0},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+        {"optimizer": "sgd", "lr": 0.5, "momentum": 0.0},
+        {"optimizer": "adam", "lr": 3e-3},
+        {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.01, "label_smoothing": 0.1, "grad_clip": 1.0},
+    ],
+)
 def test_each_optimizer_learns_digits(digits: tuple[Dataset, Dataset], options: dict[str, Any]) -> None:
     train, test = digits
     model = small_mlp()
@@ -74,44 +82,57 @@ def test_each_optimizer_learns_digits(digits: tuple[Dataset, Dataset], options: 
 
 def lr_history(options: dict[str, Any], loss_fn: Any = None) -> list[float]:
     data = tiny_data(40)  # batch 10 -> 4 steps per epoch
-    summary = fit(small_mlp(hidden=4), data, {"batch_size": 10, "optimizer": "sgd", **options},
-                  ctx_for(data), loss_fn=loss_fn)
+    summary = fit(
+        small_mlp(hidden=4), data, {"batch_size": 10, "optimizer": "sgd", **options}, ctx_for(data), loss_fn=loss_fn
+    )
     history: list[float] = summary["lr_history"]
     return history
 
 
-@pytest.mark.parametrize("options, expected", [
-    ({"lr": 0.1, "epochs": 6, "schedule": "none"}, [0.1] * 6),
-    ({"lr": 0.1, "epochs": 6, "schedule": "step", "step_size": 2, "gamma": 0.5},
-     [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]),
-    ({"lr": 0.1, "epochs": 6, "schedule": "multistep", "milestones": [1, 4], "gamma": 0.1},
-     [0.1, 0.01, 0.01, 0.01, 0.001, 0.001]),
-    ({"lr": 0.1, "epochs": 5, "schedule": "exponential", "gamma": 0.5}, [0.1 * 0.5 ** e for e in range(5)]),
-    ({"lr": 0.1, "epochs": 4, "schedule": "cosine", "min_lr": 0.01},
-     [0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)]),
-    ({"lr": 0.1, "epochs": 4, "schedule": {"name": "step", "step_size": 1, "gamma": 0.5}},
-     [0.1, 0.05, 0.025, 0.0125]),
-])
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"lr": 0.1, "epochs": 6, "schedule": "none"}, [0.1] * 6),
+        (
+            {"lr": 0.1, "epochs": 6, "schedule": "step", "step_size": 2, "gamma": 0.5},
+            [0.1, 0.1, 0.05, 0.05, 0.025, 0.025],
+        ),
+        (
+            {"lr": 0.1, "epochs": 6, "schedule": "multistep", "milestones": [1, 4], "gamma": 0.1},
+            [0.1, 0.01, 0.01, 0.01, 0.001, 0.001],
+        ),
+        ({"lr": 0.1, "epochs": 5, "schedule": "exponential", "gamma": 0.5}, [0.1 * 0.5**e for e in range(5)]),
+        (
+            {"lr": 0.1, "epochs": 4, "schedule": "cosine", "min_lr": 0.01},
+            [0.01 + 0.09 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in range(4)],
+        ),
+        (
+            {"lr": 0.1, "epochs": 4, "schedule": {"name": "step", "step_size": 1, "gamma": 0.5}},
+            [0.1, 0.05, 0.025, 0.0125],
+        ),
+    ],
+)
 def test_schedule_follows_formula(options: dict[str, Any], expected: list[float]) -> None:
     assert lr_history(options) == pytest.approx(expected, rel=1e-9)
 
 
 def test_plateau_reduces_after_patience() -> None:
-    history = lr_history({"lr": 0.1, "epochs": 6, "schedule": "plateau", "plateau_patience": 1, "gamma": 0.5},
-                         loss_fn=constant_loss)
+    history = lr_history(
+        {"lr": 0.1, "epochs": 6, "schedule": "plateau", "plateau_patience": 1, "gamma": 0.5}, loss_fn=constant_loss
+    )
     assert history == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.025])
 
 
 def test_warmup_is_linear_per_step_then_schedule() -> None:
-    config = TrainConfig.from_options({"lr": 0.2, "epochs": 6, "warmup_epochs": 2, "schedule": "step",
-                                       "step_size": 2, "gamma": 0.5})
+    config = TrainConfig.from_options(
+        {"lr": 0.2, "epochs": 6, "warmup_epochs": 2, "schedule": "step", "step_size": 2, "gamma": 0.5}
+    )
     per_step = [learning_rate(config, step, 4) for step in range(24)]
     assert per_step[:8] == pytest.approx([0.2 * (s + 1) / 8 for s in range(8)])
     assert per_step[8:16] == pytest.approx([0.2] * 8)
     assert per_step[16:24] == pytest.approx([0.1] * 8)
     # the loop uses the same function: first step of each epoch
-    history = lr_history({"lr": 0.2, "epochs": 6, "warmup_epochs": 2, "schedule": "step",
-                          "step_size": 2, "gamma": 0.5})
+    history = lr_history({"lr": 0.2, "epochs": 6, "warmup_epochs": 2, "schedule": "step", "step_size": 2, "gamma": 0.5})
     assert history == pytest.approx([0.2 / 8, 0.2 * 5 / 8, 0.2, 0.2, 0.1, 0.1])
 
 
@@ -125,8 +146,13 @@ def test_cosine_per_step_reaches_min_lr() -> None:
 def test_early_stopping_stops_and_reports() -> None:
     data = tiny_data(60)
     recorder = Recorder()
-    summary = fit(small_mlp(hidden=4), data, {"epochs": 30, "early_stopping_patience": 2, "val_split": 0.25},
-                  recorder.context(data.inputs[:1]), loss_fn=constant_loss)
+    summary = fit(
+        small_mlp(hidden=4),
+        data,
+        {"epochs": 30, "early_stopping_patience": 2, "val_split": 0.25},
+        recorder.context(data.inputs[:1]),
+        loss_fn=constant_loss,
+    )
     assert summary["stopped_early"] is True
     assert summary["epochs_run"] == 3
     assert summary["val_samples"] == 15 and summary["train_samples"] == 45
@@ -140,8 +166,12 @@ def test_early_stopping_stops_and_reports() -> None:
 def test_early_stopping_restores_best_weights(digits: tuple[Dataset, Dataset]) -> None:
     train, _ = digits
     model = small_mlp()
-    summary = fit(model, train, {"epochs": 6, "lr": 0.5, "optimizer": "sgd", "early_stopping_patience": 2,
-                                 "val_split": 0.2}, ctx_for(train))
+    summary = fit(
+        model,
+        train,
+        {"epochs": 6, "lr": 0.5, "optimizer": "sgd", "early_stopping_patience": 2, "val_split": 0.2},
+        ctx_for(train),
+    )
     assert summary["restored_best"] is True
     assert summary["best_val_accuracy"] == max(summary["val_accuracy_history"])
 
@@ -187,30 +217,38 @@ def test_cancellation_within_an_epoch() -> None:
     recorder = Recorder(cancel_after_checks=2)
     steps: list[int] = []
     with pytest.raises(JobCancelled):
-        fit(small_mlp(hidden=4), data, {"epochs": 5, "batch_size": 1}, recorder.context(data.inputs[:1]),
-            after_step=lambda: steps.append(1))
+        fit(
+            small_mlp(hidden=4),
+            data,
+            {"epochs": 5, "batch_size": 1},
+            recorder.context(data.inputs[:1]),
+            after_step=lambda: steps.append(1),
+        )
     assert len(steps) == 40
     assert recorder.epochs() == []
 
 
-@pytest.mark.parametrize("options, words", [
-    ({"optimizer": "lion"}, "train.optimizer"),
-    ({"schedule": "triangular"}, "train.schedule"),
-    ({"lr": -0.1}, "train.lr"),
-    ({"lr": "fast"}, "train.lr"),
-    ({"epochs": 0}, "train.epochs"),
-    ({"batch_size": 2.5}, "train.batch_size"),
-    ({"schedule": "multistep"}, "milestones"),
-    ({"milestones": [3, -1], "schedule": "multistep"}, "milestones"),
-    ({"val_split": 1.5}, "train.val_split"),
-    ({"label_smoothing": 1.0}, "train.label_smoothing"),
-    ({"amp": "int8"}, "train.amp"),
-    ({"optimizer": "adam", "nesterov": True}, "nesterov"),
-    ({"warmup_epochs": 5, "epochs": 5}, "warmup_epochs"),
-    ({"devices": 0}, "train.devices"),
-    ({"learning_rate": 0.1}, "unknown train option"),
-    ({"schedule": {"step_size": 3}}, "name"),
-])
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"optimizer": "lion"}, "train.optimizer"),
+        ({"schedule": "triangular"}, "train.schedule"),
+        ({"lr": -0.1}, "train.lr"),
+        ({"lr": "fast"}, "train.lr"),
+        ({"epochs": 0}, "train.epochs"),
+        ({"batch_size": 2.5}, "train.batch_size"),
+        ({"schedule": "multistep"}, "milestones"),
+        ({"milestones": [3, -1], "schedule": "multistep"}, "milestones"),
+        ({"val_split": 1.5}, "train.val_split"),
+        ({"label_smoothing": 1.0}, "train.label_smoothing"),
+        ({"amp": "int8"}, "train.amp"),
+        ({"optimizer": "adam", "nesterov": True}, "nesterov"),
+        ({"warmup_epochs": 5, "epochs": 5}, "warmup_epochs"),
+        ({"devices": 0}, "train.devices"),
+        ({"learning_rate": 0.1}, "unknown train option"),
+        ({"schedule": {"step_size": 3}}, "name"),
+    ],
+)
 def test_bad_options_raise_engine_error(options: dict[str, Any], words: str) -> None:
     data = tiny_data(20)
     with pytest.raises(EngineError, match=words):
@@ -256,8 +294,14 @@ def test_custom_loss_and_targets_reach_loss_fn() -> None:
         seen.append(targets)
         return -(targets * torch.log_softmax(model(inputs), dim=1)).sum(dim=1).mean()
 
-    fit(small_mlp(hidden=4), Dataset(data.inputs), {"epochs": 1, "batch_size": 30, "shuffle": False},
-        ctx_for(data), loss_fn=soft_loss, targets=soft)
+    fit(
+        small_mlp(hidden=4),
+        Dataset(data.inputs),
+        {"epochs": 1, "batch_size": 30, "shuffle": False},
+        ctx_for(data),
+        loss_fn=soft_loss,
+        targets=soft,
+    )
     assert torch.equal(seen[0], soft)
 
 
@@ -308,5 +352,10 @@ def test_data_parallel_rank_failure_is_an_engine_error() -> None:
         raise RuntimeError("mask shape mismatch")
 
     with pytest.raises(EngineError, match="data-parallel training failed: .*mask shape mismatch"):
-        fit(small_mlp(hidden=4), data, {"epochs": 1, "batch_size": 10, "devices": 2}, ctx_for(data),
-            after_step=broken_step)
+        fit(
+            small_mlp(hidden=4),
+            data,
+            {"epochs": 1, "batch_size": 10, "devices": 2},
+            ctx_for(data),
+            after_step=broken_step,
+        )

@@ -1,4 +1,5 @@
 """A BERT-shaped encoder written out by hand (no download, no transformers needed), for int8 tests."""
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,9 @@ class EncoderLayer(nn.Module):
 class TinyBert(nn.Module):
     """Token ids (batch, length) -> hidden states (batch, length, hidden)."""
 
-    def __init__(self, vocab: int = 500, hidden: int = 128, layers: int = 4, heads: int = 4,
-                 max_length: int = 64) -> None:
+    def __init__(
+        self, vocab: int = 500, hidden: int = 128, layers: int = 4, heads: int = 4, max_length: int = 64
+    ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab, hidden)
         self.positions = nn.Embedding(max_length, hidden)

@@ -1,4 +1,5 @@
 """API fixtures: a real Postgres built by `alembic upgrade head`, an in-process client per test."""
+
 from __future__ import annotations
 
 import secrets
@@ -33,8 +34,12 @@ class Api:
 def _truncate(url: str) -> None:
     engine = create_engine(url)
     with engine.begin() as connection:
-        tables = [r[0] for r in connection.execute(text(
-            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename != 'alembic_version'"))]
+        tables = [
+            r[0]
+            for r in connection.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename != 'alembic_version'")
+            )
+        ]
         connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
     engine.dispose()
 
@@ -58,11 +63,17 @@ def api(migrated_postgres: str, service_env) -> Iterator[Api]:  # type: ignore[n
 
 # ---------------------------------------------------------------- S3 (moto server on loopback)
 
-AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1"}
-CLEARED_AWS_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
-                   "AWS_SHARED_CREDENTIALS_FILE", "MODELPRESS_S3_ENDPOINT_URL", "MODELPRESS_S3_CREATE_BUCKET",
-                   "MODELPRESS_S3_ADDRESSING_STYLE")
+AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+CLEARED_AWS_ENV = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "MODELPRESS_S3_ENDPOINT_URL",
+    "MODELPRESS_S3_CREATE_BUCKET",
+    "MODELPRESS_S3_ADDRESSING_STYLE",
+)
 
 
 @pytest.fixture(scope="session")

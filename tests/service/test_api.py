@@ -1,4 +1,5 @@
 """The v1 API against a real Postgres: contract shapes, clear 4xx, nothing half-written."""
+
 from __future__ import annotations
 
 import json
@@ -19,17 +20,20 @@ pytestmark = pytest.mark.postgres
 
 
 def upload_ts(api: Api, key: str | None = None) -> dict:
-    response = api.client.post("/v1/models", headers=api.headers(key),
-                               files={"file": ("mlp.pt", torchscript_bytes(mlp((8, 16, 4))))})
+    response = api.client.post(
+        "/v1/models", headers=api.headers(key), files={"file": ("mlp.pt", torchscript_bytes(mlp((8, 16, 4))))}
+    )
     assert response.status_code == 201, response.text
     return response.json()
 
 
 def counts() -> tuple[int, int, int]:
     with session_scope() as session:
-        return (session.scalar(select(func.count()).select_from(StoredModel)) or 0,
-                session.scalar(select(func.count()).select_from(StoredDataset)) or 0,
-                session.scalar(select(func.count()).select_from(Job)) or 0)
+        return (
+            session.scalar(select(func.count()).select_from(StoredModel)) or 0,
+            session.scalar(select(func.count()).select_from(StoredDataset)) or 0,
+            session.scalar(select(func.count()).select_from(Job)) or 0,
+        )
 
 
 def stored_files(api: Api) -> list[str]:
@@ -107,12 +111,20 @@ def test_weight_only_upload_needs_a_known_architecture(api: Api) -> None:
     torch.save(mlp((8, 16, 4)).state_dict(), buffer)
     blob = buffer.getvalue()
     assert_error(api.client.post("/v1/models", headers=api.headers(), files={"file": ("w.pt", blob)}), 422)
-    bad = api.client.post("/v1/models", headers=api.headers(), files={"file": ("w.pt", blob)},
-                          data={"architecture": json.dumps({"name": "os.system"})})
+    bad = api.client.post(
+        "/v1/models",
+        headers=api.headers(),
+        files={"file": ("w.pt", blob)},
+        data={"architecture": json.dumps({"name": "os.system"})},
+    )
     assert "unknown architecture" in assert_error(bad, 422)["detail"]
     assert counts() == (0, 0, 0) and stored_files(api) == []
-    good = api.client.post("/v1/models", headers=api.headers(), files={"file": ("w.pt", blob)},
-                           data={"architecture": json.dumps({"name": "mlp", "kwargs": {"widths": [8, 16, 4]}})})
+    good = api.client.post(
+        "/v1/models",
+        headers=api.headers(),
+        files={"file": ("w.pt", blob)},
+        data={"architecture": json.dumps({"name": "mlp", "kwargs": {"widths": [8, 16, 4]}})},
+    )
     assert good.status_code == 201 and good.json()["format"] == "state_dict"
 
 
@@ -123,51 +135,74 @@ def test_model_upload_read_list_and_tenant_isolation(api: Api) -> None:
     assert [m["id"] for m in api.client.get("/v1/models", headers=api.headers()).json()["items"]] == [model["id"]]
     assert_error(api.client.get(f"/v1/models/{model['id']}", headers=api.headers(api.other_key)), 404, "NotFound")
     assert api.client.get("/v1/models", headers=api.headers(api.other_key)).json()["items"] == []
-    spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-            "example_input_shape": [1, 8]}
+    spec = {
+        "model_id": model["id"],
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [1, 8],
+    }
     assert_error(api.client.post("/v1/jobs", headers=api.headers(api.other_key), json=spec), 404)
     download = api.client.get(f"/v1/models/{model['id']}/download", headers=api.headers())
     assert download.status_code == 200 and len(download.content) == model["size_bytes"]
 
 
-@pytest.mark.parametrize("stage, fragment", [
-    ({"method": "shrink"}, "unknown method"),
-    ({"method": "quantize", "scheme": "no_such_scheme"}, "unknown scheme"),
-    ({"method": "prune", "scheme": "l1_unstructured", "amount": 1.5}, "amount"),
-    ({"method": "prune", "scheme": "l1_unstructured", "amount": "lots"}, "amount"),
-    ({"method": "prune", "scheme": "l1_unstructured", "colour": "red"}, "unknown option"),
-    ({"method": "quantize", "scheme": "static_int8"}, "dataset"),
-    ({"method": "quantize", "scheme": "float8"}, "cpu"),
-    ({"method": "prune", "scheme": "nm_semi_structured", "n": 4, "m": 4}, "n must be smaller"),
-])
+@pytest.mark.parametrize(
+    ("stage", "fragment"),
+    [
+        ({"method": "shrink"}, "unknown method"),
+        ({"method": "quantize", "scheme": "no_such_scheme"}, "unknown scheme"),
+        ({"method": "prune", "scheme": "l1_unstructured", "amount": 1.5}, "amount"),
+        ({"method": "prune", "scheme": "l1_unstructured", "amount": "lots"}, "amount"),
+        ({"method": "prune", "scheme": "l1_unstructured", "colour": "red"}, "unknown option"),
+        ({"method": "quantize", "scheme": "static_int8"}, "dataset"),
+        ({"method": "quantize", "scheme": "float8"}, "cpu"),
+        ({"method": "prune", "scheme": "nm_semi_structured", "n": 4, "m": 4}, "n must be smaller"),
+    ],
+)
 def test_jobs_that_cannot_run_answer_422_at_submit(api: Api, stage: dict, fragment: str) -> None:
     model = upload_ts(api)
-    response = api.client.post("/v1/jobs", headers=api.headers(),
-                               json={"model_id": model["id"], "stages": [stage], "example_input_shape": [1, 8]})
+    response = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={"model_id": model["id"], "stages": [stage], "example_input_shape": [1, 8]},
+    )
     assert fragment in assert_error(response, 422)["detail"]
     assert counts()[2] == 0
 
 
 def test_quantize_then_prune_is_refused(api: Api) -> None:
     model = upload_ts(api)
-    response = api.client.post("/v1/jobs", headers=api.headers(), json={
-        "model_id": model["id"], "example_input_shape": [1, 8],
-        "stages": [{"method": "quantize", "scheme": "dynamic_int8"},
-                   {"method": "prune", "scheme": "l1_unstructured", "amount": 0.5}]})
+    response = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={
+            "model_id": model["id"],
+            "example_input_shape": [1, 8],
+            "stages": [
+                {"method": "quantize", "scheme": "dynamic_int8"},
+                {"method": "prune", "scheme": "l1_unstructured", "amount": 0.5},
+            ],
+        },
+    )
     assert "float weights" in assert_error(response, 422)["detail"]
 
 
 def test_input_shape_is_required_without_a_dataset(api: Api) -> None:
     model = upload_ts(api)
-    response = api.client.post("/v1/jobs", headers=api.headers(), json={
-        "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]})
+    response = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]},
+    )
     assert "example_input_shape" in assert_error(response, 422)["detail"]
 
 
 def test_job_lifecycle_listing_paging_and_cancel(api: Api) -> None:
     model = upload_ts(api)
-    spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-            "example_input_shape": [1, 8]}
+    spec = {
+        "model_id": model["id"],
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [1, 8],
+    }
     ids = []
     for _ in range(5):
         response = api.client.post("/v1/jobs", headers=api.headers(), json=spec)
@@ -189,8 +224,14 @@ def test_job_lifecycle_listing_paging_and_cancel(api: Api) -> None:
             break
     assert seen == list(reversed(ids))
     assert len(api.client.get("/v1/jobs", headers=api.headers(), params={"method": "prune"}).json()["items"]) == 0
-    assert len(api.client.get("/v1/jobs", headers=api.headers(),
-                              params={"model_id": model["id"], "status": "queued"}).json()["items"]) == 5
+    assert (
+        len(
+            api.client.get(
+                "/v1/jobs", headers=api.headers(), params={"model_id": model["id"], "status": "queued"}
+            ).json()["items"]
+        )
+        == 5
+    )
 
     cancelled = api.client.post(f"/v1/jobs/{ids[0]}/cancel", headers=api.headers())
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
@@ -201,8 +242,11 @@ def test_job_lifecycle_listing_paging_and_cancel(api: Api) -> None:
 
 def test_idempotency_key_replays_and_rejects_other_bodies(api: Api) -> None:
     model = upload_ts(api)
-    spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-            "example_input_shape": [1, 8]}
+    spec = {
+        "model_id": model["id"],
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [1, 8],
+    }
     headers = {**api.headers(), "Idempotency-Key": "retrain-42"}
     first = api.client.post("/v1/jobs", headers=headers, json=spec)
     second = api.client.post("/v1/jobs", headers=headers, json=spec)
@@ -218,8 +262,11 @@ def test_queued_job_quota(api: Api, service_env, monkeypatch) -> None:  # type: 
 
     model = upload_ts(api)
     monkeypatch.setattr(get_settings(), "max_queued_jobs_per_tenant", 2)
-    spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-            "example_input_shape": [1, 8]}
+    spec = {
+        "model_id": model["id"],
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [1, 8],
+    }
     assert [api.client.post("/v1/jobs", headers=api.headers(), json=spec).status_code for _ in range(2)] == [202, 202]
     refused = api.client.post("/v1/jobs", headers=api.headers(), json=spec)
     assert_error(refused, 429, "QuotaExceeded")
@@ -239,8 +286,11 @@ def test_rate_limit_answers_429_with_retry_after(api: Api, monkeypatch) -> None:
 
 
 def test_datasets_upload_and_pickle_refusal(api: Api) -> None:
-    good = api.client.post("/v1/datasets", headers=api.headers(),
-                           files={"file": ("d.npz", npz_bytes(np.zeros((4, 8), np.float32), np.arange(4)))})
+    good = api.client.post(
+        "/v1/datasets",
+        headers=api.headers(),
+        files={"file": ("d.npz", npz_bytes(np.zeros((4, 8), np.float32), np.arange(4)))},
+    )
     assert good.status_code == 201 and good.json()["info"]["arrays"] == ["inputs", "labels"]
     import io
 
@@ -249,8 +299,11 @@ def test_datasets_upload_and_pickle_refusal(api: Api) -> None:
     bad = api.client.post("/v1/datasets", headers=api.headers(), files={"file": ("d.npz", buffer.getvalue())})
     assert "pickle" in assert_error(bad, 422)["detail"]
     # arrays named like a model's inputs are fine (named-input datasets); labels alone are not
-    no_inputs = api.client.post("/v1/datasets", headers=api.headers(),
-                                files={"file": ("d.npz", npz_bytes(np.zeros(3)).replace(b"inputs", b"labels"))})
+    no_inputs = api.client.post(
+        "/v1/datasets",
+        headers=api.headers(),
+        files={"file": ("d.npz", npz_bytes(np.zeros(3)).replace(b"inputs", b"labels"))},
+    )
     assert no_inputs.status_code == 422
     assert counts()[1] == 1
 
@@ -263,14 +316,15 @@ def test_upload_cap_answers_413_with_or_without_content_length(api: Api, monkeyp
     assert_error(api.client.post("/v1/models", headers=api.headers(), files={"file": ("big.pt", big)}), 413)
 
     def chunks():  # type: ignore[no-untyped-def]
-        boundary = b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.pt\"\r\n\r\n"
+        boundary = b'--x\r\nContent-Disposition: form-data; name="file"; filename="b.pt"\r\n\r\n'
         yield boundary
         for _ in range(50):
             yield b"\0" * 8192
         yield b"\r\n--x--\r\n"
 
-    streamed = api.client.post("/v1/models", headers={**api.headers(), "Content-Type": "multipart/form-data; boundary=x"},
-                               content=chunks())
+    streamed = api.client.post(
+        "/v1/models", headers={**api.headers(), "Content-Type": "multipart/form-data; boundary=x"}, content=chunks()
+    )
     assert_error(streamed, 413)
     assert counts() == (0, 0, 0)
 
@@ -308,8 +362,11 @@ def test_concurrent_posts_with_one_idempotency_key_make_one_job(api: Api) -> Non
     from concurrent.futures import ThreadPoolExecutor
 
     model = upload_ts(api)
-    spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-            "example_input_shape": [1, 8]}
+    spec = {
+        "model_id": model["id"],
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [1, 8],
+    }
     headers = {**api.headers(), "Idempotency-Key": "burst-1"}
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda _: api.client.post("/v1/jobs", headers=headers, json=spec), range(50)))
@@ -336,19 +393,29 @@ def test_datasets_that_do_not_fit_the_model_answer_422(api: Api) -> None:
     with session_scope() as session:  # what the sandboxed inspection records for an exported program
         record = session.get(StoredModel, model["id"])
         record.status = "ready"
-        record.inspection = {"kind": "graph", "output_shape": [2, 4],
-                             "input_signature": [{"name": "x", "shape": ["s0", "8"], "dtype": "torch.float32"}]}
+        record.inspection = {
+            "kind": "graph",
+            "output_shape": [2, 4],
+            "input_signature": [{"name": "x", "shape": ["s0", "8"], "dtype": "torch.float32"}],
+        }
 
     def dataset(inputs: np.ndarray, labels: np.ndarray) -> str:
-        response = api.client.post("/v1/datasets", headers=api.headers(),
-                                   files={"file": ("d.npz", npz_bytes(inputs, labels))})
+        response = api.client.post(
+            "/v1/datasets", headers=api.headers(), files={"file": ("d.npz", npz_bytes(inputs, labels))}
+        )
         assert response.status_code == 201, response.text
         return response.json()["id"]
 
     def submit(dataset_id: str) -> object:
-        return api.client.post("/v1/jobs", headers=api.headers(), json={
-            "model_id": model["id"], "dataset_id": dataset_id,
-            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]})
+        return api.client.post(
+            "/v1/jobs",
+            headers=api.headers(),
+            json={
+                "model_id": model["id"],
+                "dataset_id": dataset_id,
+                "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            },
+        )
 
     fits = dataset(np.zeros((6, 8), np.float32), np.array([0, 1, 2, 3, 0, 1]))
     wrong_shape = dataset(np.zeros((6, 7), np.float32), np.zeros(6, np.int64))
@@ -358,22 +425,38 @@ def test_datasets_that_do_not_fit_the_model_answer_422(api: Api) -> None:
     assert "per-sample shape [7]" in assert_error(submit(wrong_shape), 422)["detail"]
     assert "labels span 0..9" in assert_error(submit(wrong_labels), 422)["detail"]
     assert "integers" in assert_error(submit(wrong_dtype), 422)["detail"]
-    shape = api.client.post("/v1/jobs", headers=api.headers(), json={
-        "model_id": model["id"], "example_input_shape": [1, 9], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]})
+    shape = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={
+            "model_id": model["id"],
+            "example_input_shape": [1, 9],
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        },
+    )
     assert_error(shape, 422)
 
 
 def test_dataset_with_mismatched_label_count_is_refused(api: Api) -> None:
-    response = api.client.post("/v1/datasets", headers=api.headers(),
-                               files={"file": ("d.npz", npz_bytes(np.zeros((4, 8), np.float32), np.arange(3)))})
+    response = api.client.post(
+        "/v1/datasets",
+        headers=api.headers(),
+        files={"file": ("d.npz", npz_bytes(np.zeros((4, 8), np.float32), np.arange(3)))},
+    )
     assert "labels" in assert_error(response, 422)["detail"]
 
 
 def test_deleting_a_model_waits_for_its_jobs_and_removes_its_files(api: Api) -> None:
     model = upload_ts(api)
-    job = api.client.post("/v1/jobs", headers=api.headers(), json={
-        "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-        "example_input_shape": [1, 8]}).json()
+    job = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={
+            "model_id": model["id"],
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [1, 8],
+        },
+    ).json()
     assert_error(api.client.delete(f"/v1/models/{model['id']}", headers=api.headers()), 409)
     assert_error(api.client.delete(f"/v1/models/{model['id']}", headers=api.headers(api.other_key)), 404)
     api.client.post(f"/v1/jobs/{job['id']}/cancel", headers=api.headers())
@@ -395,16 +478,19 @@ def test_every_preset_validates_on_a_model_it_is_meant_for() -> None:
 TOKENS = {"name": "input_ids", "shape": [1, 16], "dtype": "int64", "low": 0, "high": 100, "dynamic": [0, 1]}
 
 
-@pytest.mark.parametrize("change, fragment", [
-    ({"inputs": [dict(TOKENS, dtype="complex64")]}, "dtype"),
-    ({"inputs": [dict(TOKENS, dynamic=[2])]}, "dynamic names dimension 2"),
-    ({"inputs": [dict(TOKENS, low=5, high=5)]}, "low must be < high"),
-    ({"inputs": [dict(TOKENS, dtype="float32")]}, "take neither"),
-    ({"inputs": [TOKENS, TOKENS]}, "declared twice"),
-    ({"inputs": [TOKENS], "example_input_shape": [1, 8]}, "not both"),
-    ({"inputs": [TOKENS], "forward_kwargs": {"sr": [1, 2]}}, "forward_kwargs"),
-    ({"inputs": [dict(TOKENS, shape=[2**20, 2**20])]}, "elements"),
-])
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"inputs": [dict(TOKENS, dtype="complex64")]}, "dtype"),
+        ({"inputs": [dict(TOKENS, dynamic=[2])]}, "dynamic names dimension 2"),
+        ({"inputs": [dict(TOKENS, low=5, high=5)]}, "low must be < high"),
+        ({"inputs": [dict(TOKENS, dtype="float32")]}, "take neither"),
+        ({"inputs": [TOKENS, TOKENS]}, "declared twice"),
+        ({"inputs": [TOKENS], "example_input_shape": [1, 8]}, "not both"),
+        ({"inputs": [TOKENS], "forward_kwargs": {"sr": [1, 2]}}, "forward_kwargs"),
+        ({"inputs": [dict(TOKENS, shape=[2**20, 2**20])]}, "elements"),
+    ],
+)
 def test_an_invalid_inputs_declaration_answers_422(api: Api, change: dict, fragment: str) -> None:
     model = upload_ts(api)
     spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}], **change}
@@ -413,18 +499,33 @@ def test_an_invalid_inputs_declaration_answers_422(api: Api, change: dict, fragm
 
 
 def test_model_upload_declares_inputs_that_jobs_default_to(api: Api) -> None:
-    bad = api.client.post("/v1/models", headers=api.headers(), data={"inputs": json.dumps([dict(TOKENS, dynamic=[5])])},
-                          files={"file": ("mlp.pt", torchscript_bytes(mlp((8, 16, 4))))})
+    bad = api.client.post(
+        "/v1/models",
+        headers=api.headers(),
+        data={"inputs": json.dumps([dict(TOKENS, dynamic=[5])])},
+        files={"file": ("mlp.pt", torchscript_bytes(mlp((8, 16, 4))))},
+    )
     assert "dynamic" in assert_error(bad, 422)["detail"] and counts()[0] == 0
     declared = [{"name": "x", "shape": [1, 8], "dtype": "float32", "dynamic": [0]}]
-    response = api.client.post("/v1/models", headers=api.headers(), data={"inputs": json.dumps(declared)},
-                               files={"file": ("mlp.pt", torchscript_bytes(mlp((8, 16, 4))))})
+    response = api.client.post(
+        "/v1/models",
+        headers=api.headers(),
+        data={"inputs": json.dumps(declared)},
+        files={"file": ("mlp.pt", torchscript_bytes(mlp((8, 16, 4))))},
+    )
     assert response.status_code == 201, response.text
     model = response.json()
     assert model["inputs"][0]["name"] == "x" and model["inputs"][0]["shape"] == [1, 8]
     # no example_input_shape and no dataset: the model's declared inputs are enough
-    job = api.client.post("/v1/jobs", headers=api.headers(), json={
-        "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-        "forward_kwargs": {}, "output": 0})
+    job = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={
+            "model_id": model["id"],
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "forward_kwargs": {},
+            "output": 0,
+        },
+    )
     assert job.status_code == 202, job.text
     assert job.json()["spec"]["inputs"][0]["name"] == "x"

@@ -3,6 +3,7 @@
 The test loads the downloaded .onnx in its own InferenceSession and compares it with the float
 PyTorch model on inputs the service never saw.
 """
+
 from __future__ import annotations
 
 import io
@@ -35,23 +36,40 @@ def test_onnxruntime_static_int8_job_end_to_end(embedded: Service, tmp_path: Pat
     uploaded = embedded.upload(buffer.getvalue(), name="resnet.pt2")
     data = io.BytesIO()
     np.savez(data, inputs=torch.randn(64, 3, 32, 32).numpy())
-    response = embedded.client.post("/v1/datasets", headers=embedded.headers, files={"file": ("calib.npz", data.getvalue())})
+    response = embedded.client.post(
+        "/v1/datasets", headers=embedded.headers, files={"file": ("calib.npz", data.getvalue())}
+    )
     assert response.status_code == 201, response.text
     dataset_id = response.json()["id"]
 
     methods = embedded.client.get("/v1/methods", headers=embedded.headers).json()
     ort_runtime = next(r for r in methods["runtimes"] if r["runtime"] == "onnxruntime")
     assert ort_runtime["schemes"]["quantize"] == ["dynamic_int8", "static_int8"]
-    refused = embedded.client.post("/v1/jobs", headers=embedded.headers, json={
-        "model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "fp16"}],
-        "example_input_shape": [1, 3, 32, 32], "target": {"runtime": "onnxruntime"}})
+    refused = embedded.client.post(
+        "/v1/jobs",
+        headers=embedded.headers,
+        json={
+            "model_id": uploaded["id"],
+            "stages": [{"method": "quantize", "scheme": "fp16"}],
+            "example_input_shape": [1, 3, 32, 32],
+            "target": {"runtime": "onnxruntime"},
+        },
+    )
     assert refused.status_code == 422 and "fp16" in refused.text and "onnxruntime" in refused.text
 
-    job = embedded.wait(embedded.submit({
-        "model_id": uploaded["id"], "dataset_id": dataset_id,
-        "stages": [{"method": "quantize", "scheme": "static_int8"}], "example_input_shape": [1, 3, 32, 32],
-        "target": {"runtime": "onnxruntime", "device": "cpu", "threads": 1}, "output_format": "onnx"})["id"],
-        timeout=600)
+    job = embedded.wait(
+        embedded.submit(
+            {
+                "model_id": uploaded["id"],
+                "dataset_id": dataset_id,
+                "stages": [{"method": "quantize", "scheme": "static_int8"}],
+                "example_input_shape": [1, 3, 32, 32],
+                "target": {"runtime": "onnxruntime", "device": "cpu", "threads": 1},
+                "output_format": "onnx",
+            }
+        )["id"],
+        timeout=600,
+    )
     assert job["status"] == "succeeded", job["error"]
     assert job["artifact"]["format"] == "onnx" and job["artifact"]["requires"] == ["onnxruntime"]
     blob = embedded.client.get(f"/v1/jobs/{job['id']}/artifact", headers=embedded.headers).content

@@ -1,4 +1,5 @@
 """docker-compose.yml and the Dockerfile, checked by reading (no Docker engine here)."""
+
 from __future__ import annotations
 
 import shutil
@@ -41,8 +42,15 @@ def test_compose_variables_are_real_settings() -> None:
 
 def test_dockerfile_installs_the_package_and_runs_as_non_root() -> None:
     text = (PROJECT_ROOT / "Dockerfile").read_text()
-    for needed in ("COPY app", "COPY worker", "COPY migrations", "pip install .", "USER modelpress", "EXPOSE 8000",
-                   "bubblewrap"):
+    for needed in (
+        "COPY app",
+        "COPY worker",
+        "COPY migrations",
+        "pip install .",
+        "USER modelpress",
+        "EXPOSE 8000",
+        "bubblewrap",
+    ):
         assert needed in text
 
 
@@ -61,6 +69,10 @@ def test_docker_compose_config_accepts_the_file() -> None:
     probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
     if probe.returncode != 0:
         pytest.skip("docker compose plugin not installed")
-    result = subprocess.run(["docker", "compose", "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "-q"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(PROJECT_ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr

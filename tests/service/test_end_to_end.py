@@ -2,6 +2,7 @@
 
 Production mode: Postgres + Redis. Embedded mode: SQLite + the file-system broker, as `make run`.
 """
+
 from __future__ import annotations
 
 import io
@@ -84,9 +85,17 @@ def check_dynamic_int8_round_trip(service: Service) -> dict:
     model = mlp((256, 1024, 256)).eval()
     source = torchscript_bytes(model)
     uploaded = service.upload(source)
-    job = service.wait(service.submit({
-        "model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-        "example_input_shape": [32, 256], "target": {"device": "cpu"}, "output_format": "torchscript"})["id"])
+    job = service.wait(
+        service.submit(
+            {
+                "model_id": uploaded["id"],
+                "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                "example_input_shape": [32, 256],
+                "target": {"device": "cpu"},
+                "output_format": "torchscript",
+            }
+        )["id"]
+    )
     assert job["status"] == "succeeded", job["error"]
     download = service.client.get(f"/v1/jobs/{job['id']}/artifact", headers=service.headers)
     assert download.status_code == 200
@@ -113,15 +122,27 @@ def check_dynamic_int8_round_trip(service: Service) -> dict:
 
 def check_failure_is_readable_and_worker_lives_on(service: Service) -> None:
     uploaded = service.upload(torchscript_bytes(mlp((16, 8, 4))))
-    failed = service.wait(service.submit({
-        "model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-        "example_input_shape": [2, 7]})["id"])
+    failed = service.wait(
+        service.submit(
+            {
+                "model_id": uploaded["id"],
+                "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                "example_input_shape": [2, 7],
+            }
+        )["id"]
+    )
     assert failed["status"] == "failed"
     assert failed["error"]["error"] == "EngineError" and "shape [2, 7]" in failed["error"]["detail"]
     assert failed["artifact"] is None
-    ok = service.wait(service.submit({
-        "model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-        "example_input_shape": [2, 16]})["id"])
+    ok = service.wait(
+        service.submit(
+            {
+                "model_id": uploaded["id"],
+                "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                "example_input_shape": [2, 16],
+            }
+        )["id"]
+    )
     assert ok["status"] == "succeeded", ok["error"]
 
 
@@ -142,9 +163,15 @@ def test_embedded_mode_sqlite_and_file_broker(embedded: Service) -> None:
     check_cancelling_a_running_job(embedded)
     model = mlp((16, 8, 4))
     uploaded = embedded.upload(torchscript_bytes(model))
-    inspected = wait_for(lambda: (m := embedded.client.get(f"/v1/models/{uploaded['id']}",
-                                                            headers=embedded.headers).json())["status"] != "pending"
-                         and m, 120, "model inspection")
+    inspected = wait_for(
+        lambda: (
+            (m := embedded.client.get(f"/v1/models/{uploaded['id']}", headers=embedded.headers).json())["status"]
+            != "pending"
+            and m
+        ),
+        120,
+        "model inspection",
+    )
     assert inspected["status"] == "ready"
     assert inspected["inspection"]["parameters"] == sum(p.numel() for p in model.parameters())
     assert inspected["inspection"]["layer_types"]["Linear"] == 2
@@ -170,9 +197,16 @@ def check_webhook_is_called(service: Service) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         uploaded = service.upload(torchscript_bytes(mlp((16, 8, 4))))
-        job = service.wait(service.submit({
-            "model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-            "example_input_shape": [2, 16], "webhook_url": f"http://127.0.0.1:{server.server_port}/hook"})["id"])
+        job = service.wait(
+            service.submit(
+                {
+                    "model_id": uploaded["id"],
+                    "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                    "example_input_shape": [2, 16],
+                    "webhook_url": f"http://127.0.0.1:{server.server_port}/hook",
+                }
+            )["id"]
+        )
         wait_for(lambda: received, 30, "webhook call")
         assert received[0]["id"] == job["id"] and received[0]["status"] == "succeeded"
         assert received[0]["compression_ratio"] == job["metrics"]["compression_ratio"]
@@ -182,10 +216,18 @@ def check_webhook_is_called(service: Service) -> None:
 
 def check_cancelling_a_running_job(service: Service) -> None:
     uploaded = service.upload(slow_torchscript_bytes(), name="slow.pt")
-    job_id = service.submit({"model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-                             "example_input_shape": [1, 8]})["id"]
-    wait_for(lambda: service.client.get(f"/v1/jobs/{job_id}", headers=service.headers).json()["status"] == "running",
-             120, "job running")
+    job_id = service.submit(
+        {
+            "model_id": uploaded["id"],
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [1, 8],
+        }
+    )["id"]
+    wait_for(
+        lambda: service.client.get(f"/v1/jobs/{job_id}", headers=service.headers).json()["status"] == "running",
+        120,
+        "job running",
+    )
     response = service.client.post(f"/v1/jobs/{job_id}/cancel", headers=service.headers)
     assert response.status_code == 200
     job = service.wait(job_id, timeout=60)
@@ -224,12 +266,19 @@ def check_pruned_accuracy_matches_an_independent_measurement(service: Service) -
     x_train, x_test, y_train, y_test = digits_split()
     model = train(mlp((64, 128, 10)), x_train, y_train, epochs=15)
     uploaded = service.upload(torchscript_bytes(model))
-    response = service.client.post("/v1/datasets", headers=service.headers,
-                                   files={"file": ("eval.npz", npz_bytes(x_test, y_test))})
+    response = service.client.post(
+        "/v1/datasets", headers=service.headers, files={"file": ("eval.npz", npz_bytes(x_test, y_test))}
+    )
     assert response.status_code == 201
-    job = service.wait(service.submit({
-        "model_id": uploaded["id"], "eval_dataset_id": response.json()["id"],
-        "stages": [{"method": "prune", "scheme": "l1_unstructured", "amount": 0.7}]})["id"])
+    job = service.wait(
+        service.submit(
+            {
+                "model_id": uploaded["id"],
+                "eval_dataset_id": response.json()["id"],
+                "stages": [{"method": "prune", "scheme": "l1_unstructured", "amount": 0.7}],
+            }
+        )["id"]
+    )
     assert job["status"] == "succeeded", job["error"]
     assert job["artifact"]["format"] == "sparse_state_dict"
     blob = service.client.get(f"/v1/jobs/{job['id']}/artifact", headers=service.headers).content
@@ -245,7 +294,8 @@ def check_pruned_accuracy_matches_an_independent_measurement(service: Service) -
     zeros = sum(int((v == 0).sum()) for k, v in state.items() if k.endswith("weight"))
     total = sum(v.numel() for k, v in state.items())
     assert metrics["compressed"]["nonzero_parameters"] == total - zeros - sum(
-        int((v == 0).sum()) for k, v in state.items() if k.endswith("bias"))
+        int((v == 0).sum()) for k, v in state.items() if k.endswith("bias")
+    )
     assert len(blob) == metrics["compressed"]["size_bytes"] < metrics["original"]["size_bytes"]
 
 
@@ -269,10 +319,17 @@ def test_serve_restarts_its_embedded_worker_when_it_dies(tmp_path: Path) -> None
         env.pop(name, None)
     cli = [sys.executable, "-m", "modelpress.cli"]
     subprocess.run([*cli, "migrate"], cwd=PROJECT_ROOT, env=env, check=True, capture_output=True)
-    key = subprocess.run([*cli, "keys", "create", "--tenant", "t"], cwd=PROJECT_ROOT, env=env, check=True,
-                         capture_output=True, text=True).stdout.split()[-1]
-    server = subprocess.Popen([*cli, "serve", "--port", str(port), "--embedded-worker"], cwd=PROJECT_ROOT, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    key = subprocess.run(
+        [*cli, "keys", "create", "--tenant", "t"], cwd=PROJECT_ROOT, env=env, check=True, capture_output=True, text=True
+    ).stdout.split()[-1]
+    server = subprocess.Popen(
+        [*cli, "serve", "--port", str(port), "--embedded-worker"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
 
     def worker_pids() -> list[int]:
@@ -286,13 +343,28 @@ def test_serve_restarts_its_embedded_worker_when_it_dies(tmp_path: Path) -> None
         [first] = wait_for(worker_pids, 120, "the embedded worker to register")
         os.kill(first, signal.SIGKILL)
         wait_for(lambda: any(pid != first for pid in worker_pids()), 120, "a restarted worker")
-        model = httpx.post(f"{base}/v1/models", headers=headers, timeout=30,
-                           files={"file": ("m.pt", torchscript_bytes(mlp((8, 4))))}).json()
-        job = httpx.post(f"{base}/v1/jobs", headers=headers, timeout=30, json={
-            "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-            "example_input_shape": [1, 8]}).json()
-        done = wait_for(lambda: (j := httpx.get(f"{base}/v1/jobs/{job['id']}", headers=headers).json())["status"]
-                        in ("succeeded", "failed") and j, 180, "a job on the restarted worker")
+        model = httpx.post(
+            f"{base}/v1/models", headers=headers, timeout=30, files={"file": ("m.pt", torchscript_bytes(mlp((8, 4))))}
+        ).json()
+        job = httpx.post(
+            f"{base}/v1/jobs",
+            headers=headers,
+            timeout=30,
+            json={
+                "model_id": model["id"],
+                "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                "example_input_shape": [1, 8],
+            },
+        ).json()
+        done = wait_for(
+            lambda: (
+                (j := httpx.get(f"{base}/v1/jobs/{job['id']}", headers=headers).json())["status"]
+                in ("succeeded", "failed")
+                and j
+            ),
+            180,
+            "a job on the restarted worker",
+        )
         assert done["status"] == "succeeded", done["error"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
@@ -317,11 +389,20 @@ def test_token_model_with_declared_inputs_through_the_service(embedded: Service,
     uploaded = embedded.upload(buffer.getvalue(), "encoder.pt")
     data = io.BytesIO()
     np.savez(data, input_ids=torch.randint(0, VOCAB, (32, SEQ)).numpy(), attention_mask=np.ones((32, SEQ), np.int64))
-    response = embedded.client.post("/v1/datasets", headers=embedded.headers, files={"file": ("tokens.npz", data.getvalue())})
+    response = embedded.client.post(
+        "/v1/datasets", headers=embedded.headers, files={"file": ("tokens.npz", data.getvalue())}
+    )
     assert response.status_code == 201, response.text
-    job = embedded.wait(embedded.submit({
-        "model_id": uploaded["id"], "dataset_id": response.json()["id"], "inputs": TOKEN_INPUTS,
-        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}]})["id"])
+    job = embedded.wait(
+        embedded.submit(
+            {
+                "model_id": uploaded["id"],
+                "dataset_id": response.json()["id"],
+                "inputs": TOKEN_INPUTS,
+                "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            }
+        )["id"]
+    )
     assert job["status"] == "succeeded", job["error"]
     blob = embedded.client.get(f"/v1/jobs/{job['id']}/artifact", headers=embedded.headers).content
     quantized = torch.jit.load(io.BytesIO(blob))

@@ -1,4 +1,5 @@
 """schemathesis against the OpenAPI schema: no 5xx, responses conform to the documented schemas."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,9 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
-    content_type_conformance, response_schema_conformance, status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
 )
 
 from tests.service.conftest import Api
@@ -24,8 +27,10 @@ def test_every_operation_answers_per_its_schema(api: Api) -> None:
     assert len(operations) >= 15
     failures: list[str] = []
     for operation in operations:
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(case=operation.as_strategy())
         def exercise(case: schemathesis.Case) -> None:
             case.call_and_validate(headers={"Authorization": f"Bearer {api.key}"}, checks=CHECKS)

@@ -1,4 +1,5 @@
 """Partial uploads left in incoming/ (an API process crashed mid-upload) are removed at start and on a timer."""
+
 from __future__ import annotations
 
 import io

@@ -1,5 +1,6 @@
 """The sandbox is an isolation boundary: hostile archives never run, and code that does run inside sees no
 secrets, no other tenant's files, no network, and dies with its job."""
+
 from __future__ import annotations
 
 import io
@@ -71,8 +72,9 @@ def test_crafted_pt2_archives_are_refused_without_running(tmp_path: Path) -> Non
         assert outcome.error is not None
         assert "allowlist" in outcome.error["detail"] or "weights" in outcome.error["detail"], (label, outcome.error)
         assert not marker.exists(), f"{label} ran code"
-    clean = run_sandboxed("inspect", {"path": str(tmp_path / "clean.pt2"), "format": "exported_program"},
-                          tmp_path, LIMITS)
+    clean = run_sandboxed(
+        "inspect", {"path": str(tmp_path / "clean.pt2"), "format": "exported_program"}, tmp_path, LIMITS
+    )
     assert clean.ok and clean.result is not None and clean.result["parameters"] == 8 * 4 + 4
 
 
@@ -137,12 +139,18 @@ def test_code_inside_the_boundary_sees_no_secrets_files_network_or_parent(tmp_pa
     listener.listen(1)
     port = listener.getsockname()[1]
     command = bubblewrap_command(scratch, _clean_environment(scratch, 1)) + [
-        sys.executable, "-c", PROBE, str(other_tenant), str(other_tenant / "model.pt"),
-        str(Path(__file__).resolve().parents[2] / "tests"), str(port),
-        str(Path(__file__).resolve().parents[2] / "worker" / "planted.py"), str(outside)]
+        sys.executable,
+        "-c",
+        PROBE,
+        str(other_tenant),
+        str(other_tenant / "model.pt"),
+        str(Path(__file__).resolve().parents[2] / "tests"),
+        str(port),
+        str(Path(__file__).resolve().parents[2] / "worker" / "planted.py"),
+        str(outside),
+    ]
     try:
-        done = subprocess.run(command, cwd=scratch, env=_clean_environment(scratch, 1), capture_output=True,
-                              timeout=60)
+        done = subprocess.run(command, cwd=scratch, env=_clean_environment(scratch, 1), capture_output=True, timeout=60)
     finally:
         listener.close()
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
@@ -185,9 +193,12 @@ def test_an_interrupted_supervisor_leaves_no_sandbox_process(tmp_path: Path) -> 
     scratch = tmp_path / "job-loop"
     scratch.mkdir()
     _looping_model(scratch / "loop.pt")
-    request = {"model": {"path": str(scratch / "loop.pt"), "format": "torchscript"},
-               "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
-               "artifact_path": str(scratch / "out.pt"), "example_input_shape": [1, 4]}
+    request = {
+        "model": {"path": str(scratch / "loop.pt"), "format": "torchscript"},
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+        "artifact_path": str(scratch / "out.pt"),
+        "example_input_shape": [1, 4],
+    }
     started = time.monotonic()
 
     class SoftTimeLimit(Exception):
@@ -223,9 +234,26 @@ def test_the_sweeper_removes_dead_attempts_and_keeps_live_ones(tmp_path: Path) -
 
 def test_a_worker_without_bubblewrap_refuses_to_start(tmp_path: Path) -> None:
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path), "MODELPRESS_DATA_DIR": str(tmp_path / "data")}
-    done = subprocess.run([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "cpu",
-                           "--concurrency", "1", "--without-mingle", "--without-gossip"],
-                          cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-Q",
+            "cpu",
+            "--concurrency",
+            "1",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     output = (done.stdout + done.stderr).decode(errors="replace")
     assert done.returncode != 0, output[-2000:]
     assert "apt-get install bubblewrap" in output
@@ -234,9 +262,12 @@ def test_a_worker_without_bubblewrap_refuses_to_start(tmp_path: Path) -> None:
 
 def _tiny_job(folder: Path) -> dict:
     torch.jit.save(torch.jit.script(nn.Sequential(nn.Linear(8, 4))), str(folder / "m.pt"))
-    return {"model": {"path": str(folder / "m.pt"), "format": "torchscript"},
-            "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
-            "artifact_path": str(folder / "artifact.bin"), "example_input_shape": [1, 8]}
+    return {
+        "model": {"path": str(folder / "m.pt"), "format": "torchscript"},
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+        "artifact_path": str(folder / "artifact.bin"),
+        "example_input_shape": [1, 8],
+    }
 
 
 def test_a_warm_sandbox_serves_one_job_and_the_next_job_gets_a_fresh_one(tmp_path: Path) -> None:
@@ -256,8 +287,10 @@ def test_a_warm_sandbox_serves_one_job_and_the_next_job_gets_a_fresh_one(tmp_pat
         assert second_outcome.ok, second_outcome.error
         assert not (second.folder / "left-by-job-1").exists()
         assert first_outcome.result is not None and second_outcome.result is not None
-        assert (second_outcome.result["metrics"]["compressed"]["size_bytes"]
-                == first_outcome.result["metrics"]["compressed"]["size_bytes"])
+        assert (
+            second_outcome.result["metrics"]["compressed"]["size_bytes"]
+            == first_outcome.result["metrics"]["compressed"]["size_bytes"]
+        )
     finally:
         second.discard()
 
@@ -269,12 +302,16 @@ def test_a_cancelled_job_in_a_warm_sandbox_and_an_unused_warm_sandbox_leave_no_p
     scratch = tmp_path / "job-loop"
     scratch.mkdir()
     _looping_model(warm.folder / "loop.pt")
-    request = {"model": {"path": str(warm.folder / "loop.pt"), "format": "torchscript"},
-               "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
-               "artifact_path": str(warm.folder / "out.pt"), "example_input_shape": [1, 4]}
+    request = {
+        "model": {"path": str(warm.folder / "loop.pt"), "format": "torchscript"},
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+        "artifact_path": str(warm.folder / "out.pt"),
+        "example_input_shape": [1, 4],
+    }
     started = time.monotonic()
-    outcome = run_sandboxed("job", request, warm.folder, LIMITS, warm=warm,
-                            should_stop=lambda: time.monotonic() - started > 5, poll_s=0.5)
+    outcome = run_sandboxed(
+        "job", request, warm.folder, LIMITS, warm=warm, should_stop=lambda: time.monotonic() - started > 5, poll_s=0.5
+    )
     assert outcome.stopped
     warm.discard()
     unused = WarmSandbox(tmp_path / "warm-unused", LIMITS, "bubblewrap")

@@ -1,4 +1,5 @@
 """Migrations are the only way the schema is made: upgrade, downgrade, upgrade again, on Postgres."""
+
 from __future__ import annotations
 
 import pytest

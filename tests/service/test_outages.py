@@ -1,4 +1,5 @@
 """Faults a running service meets: a database that goes away for a while, a job that runs past its limit."""
+
 from __future__ import annotations
 
 import shutil
@@ -54,8 +55,17 @@ class PrivatePostgres:
         return self
 
     def start(self) -> None:
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.folder / "log"),
-                          "-o", f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1", "start")
+        self._as_postgres(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-w",
+            "-l",
+            str(self.folder / "log"),
+            "-o",
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1",
+            "start",
+        )
 
     def stop(self) -> None:
         self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
@@ -85,8 +95,9 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def test_a_database_outage_costs_the_running_attempt_nothing(private_postgres: PrivatePostgres, redis_url: str,
-                                                              service_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_database_outage_costs_the_running_attempt_nothing(
+    private_postgres: PrivatePostgres, redis_url: str, service_env, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     """PostgreSQL stopped for 20 s mid-job: the API answers 503 meanwhile; the job finishes on attempt 1."""
     from fastapi.testclient import TestClient
 
@@ -103,11 +114,20 @@ def test_a_database_outage_costs_the_running_attempt_nothing(private_postgres: P
     try:
         with TestClient(create_app()) as client:
             model = client.post("/v1/models", headers=headers, files={"file": ("slow.pt", slow_torchscript_bytes())})
-            job_id = client.post("/v1/jobs", headers=headers, json={
-                "model_id": model.json()["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-                "example_input_shape": [1, 8]}).json()["id"]
-            wait_for(lambda: client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "running",
-                     180, "job running")
+            job_id = client.post(
+                "/v1/jobs",
+                headers=headers,
+                json={
+                    "model_id": model.json()["id"],
+                    "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                    "example_input_shape": [1, 8],
+                },
+            ).json()["id"]
+            wait_for(
+                lambda: client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "running",
+                180,
+                "job running",
+            )
             private_postgres.stop()
             stopped_at = time.monotonic()
             during = client.get(f"/v1/jobs/{job_id}", headers=headers)
@@ -145,8 +165,9 @@ def _processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def test_a_job_past_its_time_limit_fails_and_leaves_no_process(make_postgres_database, redis_url: str,
-                                                               service_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_past_its_time_limit_fails_and_leaves_no_process(
+    make_postgres_database, redis_url: str, service_env, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     """A looping model with a 10 s limit: the job fails with the reason, no process of it is left 2 s later,
     and the same worker slot then runs the next job."""
     import torch
@@ -165,8 +186,9 @@ def test_a_job_past_its_time_limit_fails_and_leaves_no_process(make_postgres_dat
 
     database_url = make_postgres_database()
     upgrade(database_url)
-    env = service_env(database_url=database_url, broker_url=redis_url, job_soft_time_limit_s="10",
-                      job_time_limit_s="60")
+    env = service_env(
+        database_url=database_url, broker_url=redis_url, job_soft_time_limit_s="10", job_time_limit_s="60"
+    )
     with session_scope() as session:
         _, key = create_key(session, tenant_name="time-limit")
     headers = {"Authorization": f"Bearer {key}"}
@@ -175,23 +197,51 @@ def test_a_job_past_its_time_limit_fails_and_leaves_no_process(make_postgres_dat
     try:
         with TestClient(create_app()) as client:
             looping = client.post("/v1/models", headers=headers, files={"file": ("loop.pt", torchscript_bytes(Loop()))})
-            job_id = client.post("/v1/jobs", headers=headers, json={
-                "model_id": looping.json()["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-                "example_input_shape": [1, 4]}).json()["id"]
-            job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}", headers=headers).json())["status"]
-                           in ("succeeded", "failed") and j, 180, "the looping job to end")
+            job_id = client.post(
+                "/v1/jobs",
+                headers=headers,
+                json={
+                    "model_id": looping.json()["id"],
+                    "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                    "example_input_shape": [1, 4],
+                },
+            ).json()["id"]
+            job = wait_for(
+                lambda: (
+                    (j := client.get(f"/v1/jobs/{job_id}", headers=headers).json())["status"] in ("succeeded", "failed")
+                    and j
+                ),
+                180,
+                "the looping job to end",
+            )
             assert job["status"] == "failed"
             assert job["error"]["error"] == "TimeLimitExceeded", job["error"]
             assert "10 s" in job["error"]["detail"]
             time.sleep(2)
             assert _processes_mentioning(f"{scratch_root}/{job_id}") == []
-            small = client.post("/v1/models", headers=headers,
-                                files={"file": ("m.pt", torchscript_bytes(nn.Sequential(nn.Linear(8, 4))))})
-            next_id = client.post("/v1/jobs", headers=headers, json={
-                "model_id": small.json()["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-                "example_input_shape": [1, 8]}).json()["id"]
-            after = wait_for(lambda: (j := client.get(f"/v1/jobs/{next_id}", headers=headers).json())["status"]
-                             in ("succeeded", "failed") and j, 180, "the next job on the same slot")
+            small = client.post(
+                "/v1/models",
+                headers=headers,
+                files={"file": ("m.pt", torchscript_bytes(nn.Sequential(nn.Linear(8, 4))))},
+            )
+            next_id = client.post(
+                "/v1/jobs",
+                headers=headers,
+                json={
+                    "model_id": small.json()["id"],
+                    "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                    "example_input_shape": [1, 8],
+                },
+            ).json()["id"]
+            after = wait_for(
+                lambda: (
+                    (j := client.get(f"/v1/jobs/{next_id}", headers=headers).json())["status"]
+                    in ("succeeded", "failed")
+                    and j
+                ),
+                180,
+                "the next job on the same slot",
+            )
             assert after["status"] == "succeeded", after["error"]
     finally:
         worker.stop()

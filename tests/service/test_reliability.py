@@ -1,4 +1,5 @@
 """No job lost, none run twice to harm: outbox, leases, fencing, reconciler, a killed worker."""
+
 from __future__ import annotations
 
 import signal
@@ -18,11 +19,18 @@ pytestmark = pytest.mark.postgres
 
 
 def submit_one(api: Api) -> str:
-    model = api.client.post("/v1/models", headers=api.headers(),
-                            files={"file": ("m.pt", torchscript_bytes(mlp((8, 16, 4))))}).json()
-    response = api.client.post("/v1/jobs", headers=api.headers(), json={
-        "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-        "example_input_shape": [1, 8]})
+    model = api.client.post(
+        "/v1/models", headers=api.headers(), files={"file": ("m.pt", torchscript_bytes(mlp((8, 16, 4))))}
+    ).json()
+    response = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={
+            "model_id": model["id"],
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [1, 8],
+        },
+    )
     assert response.status_code == 202, response.text
     return response.json()["id"]
 
@@ -54,9 +62,15 @@ def test_broker_down_keeps_the_job_and_the_relay_publishes_it_later(api: Api, mo
 
 
 def test_rolled_back_submit_leaves_no_outbox_row(api: Api) -> None:
-    response = api.client.post("/v1/jobs", headers=api.headers(), json={
-        "model_id": "mdl_missing", "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-        "example_input_shape": [1, 8]})
+    response = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={
+            "model_id": "mdl_missing",
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [1, 8],
+        },
+    )
     assert response.status_code == 404
     with session_scope() as session:
         assert session.scalars(select(OutboxMessage).where(OutboxMessage.task == "modelpress.run_job")).all() == []
@@ -128,15 +142,30 @@ def test_a_killed_worker_loses_no_job(make_postgres_database, redis_url, service
     try:
         with TestClient(create_app()) as client:
             model = client.post("/v1/models", headers=headers, files={"file": ("slow.pt", slow_model)}).json()
-            job_id = client.post("/v1/jobs", headers=headers, json={
-                "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-                "example_input_shape": [1, 8]}).json()["id"]
-            wait_for(lambda: client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "running",
-                     120, "job running")
+            job_id = client.post(
+                "/v1/jobs",
+                headers=headers,
+                json={
+                    "model_id": model["id"],
+                    "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                    "example_input_shape": [1, 8],
+                },
+            ).json()["id"]
+            wait_for(
+                lambda: client.get(f"/v1/jobs/{job_id}", headers=headers).json()["status"] == "running",
+                120,
+                "job running",
+            )
             first.stop(signal.SIGKILL)
             second = WorkerProcess(env, log_path=tmp_path / "w2.log").start()
-            job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}", headers=headers).json())["status"]
-                           in ("succeeded", "failed") and j, 240, "job finished after the worker was killed")
+            job = wait_for(
+                lambda: (
+                    (j := client.get(f"/v1/jobs/{job_id}", headers=headers).json())["status"] in ("succeeded", "failed")
+                    and j
+                ),
+                240,
+                "job finished after the worker was killed",
+            )
             assert job["status"] == "succeeded", (job["error"], second.log_tail())
             assert job["attempt"] >= 2
             time.sleep(0.1)
@@ -169,15 +198,22 @@ def test_redis_restart_loses_no_accepted_job(make_postgres_database, service_env
         port = probe.getsockname()[1]
 
     def start_redis() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(lambda: socket.socket().connect_ex(("127.0.0.1", port)) == 0, 20, "private redis up")
         return process
 
     database_url = make_postgres_database()
     upgrade(database_url)
-    env = service_env(database_url=database_url, broker_url=f"redis://127.0.0.1:{port}/0",
-                      requeue_queued_after_s="3", lease_seconds="6")
+    env = service_env(
+        database_url=database_url,
+        broker_url=f"redis://127.0.0.1:{port}/0",
+        requeue_queued_after_s="3",
+        lease_seconds="6",
+    )
     with session_scope() as session:
         _, key = create_key(session, tenant_name="redis-restart")
     headers = {"Authorization": f"Bearer {key}"}
@@ -185,10 +221,14 @@ def test_redis_restart_loses_no_accepted_job(make_postgres_database, service_env
     worker: WorkerProcess | None = None
     try:
         with TestClient(create_app()) as client:
-            model = client.post("/v1/models", headers=headers,
-                                files={"file": ("m.pt", torchscript_bytes(mlp((8, 16, 4))))}).json()
-            spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-                    "example_input_shape": [1, 8]}
+            model = client.post(
+                "/v1/models", headers=headers, files={"file": ("m.pt", torchscript_bytes(mlp((8, 16, 4))))}
+            ).json()
+            spec = {
+                "model_id": model["id"],
+                "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+                "example_input_shape": [1, 8],
+            }
             before = [client.post("/v1/jobs", headers=headers, json=spec) for _ in range(2)]
             redis.kill()  # the two messages on it are lost with it
             redis.wait(10)

@@ -5,6 +5,7 @@ test in the module. The report is parsed with html.parser; its numbers are compa
 metrics, and the delivered model's per-layer zeros with the downloaded artifact itself. Dashboard
 screenshots land in var/test-screenshots/ (git-ignored) for review.
 """
+
 from __future__ import annotations
 
 import json
@@ -101,8 +102,12 @@ def parse(html: str) -> Page:
 
 
 def external_urls(page: Page, html: str) -> list[str]:
-    found = [v for _, attrs in page.attributes for k, v in attrs.items()
-             if k in ("src", "href", "xlink:href", "action", "data") and re.match(r"\s*(https?:)?//", v)]
+    found = [
+        v
+        for _, attrs in page.attributes
+        for k, v in attrs.items()
+        if k in ("src", "href", "xlink:href", "action", "data") and re.match(r"\s*(https?:)?//", v)
+    ]
     return found + re.findall(r"url\(\s*['\"]?\s*(?:https?:)?//[^)]*\)|@import", html)
 
 
@@ -131,8 +136,14 @@ def check_common(html: str, metrics: dict) -> Page:
 
 def _modelpress(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The CLI of this checkout (`-m` from the project root, whichever checkout the venv points at)."""
-    return subprocess.run([sys.executable, "-m", "modelpress.cli", *args], cwd=PROJECT_ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "modelpress.cli", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 # ---------------------------------------------------------------- three real jobs
@@ -148,20 +159,37 @@ def jobs(live: Live, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]
     (folder / "test.npz").write_bytes(npz_bytes(x_test, y_test))
     with live.client() as client:
         uploaded = client.upload_model(folder / "mlp.pt", name="digits-mlp")
-        data = {"dataset_id": client.upload_dataset(folder / "train.npz").id,
-                "eval_dataset_id": client.upload_dataset(folder / "test.npz").id}
+        data = {
+            "dataset_id": client.upload_dataset(folder / "train.npz").id,
+            "eval_dataset_id": client.upload_dataset(folder / "test.npz").id,
+        }
         submitted = {
-            "search": client.submit({"model_id": uploaded.id, **data, "search": {
-                "max_accuracy_drop": 0.01, "max_trials": 6, "train": {"epochs": 2}}}),
-            "prune": client.submit({"model_id": uploaded.id, **data, "stages": [
-                {"method": "prune", "scheme": "l1_unstructured", "amount": 0.7, "train": {"epochs": 3}}]}),
-            "quantize": client.submit({"model_id": uploaded.id, **data, "stages": [
-                {"method": "quantize", "scheme": "dynamic_int8", "skip_layers": ["2"]}]}),
+            "search": client.submit(
+                {
+                    "model_id": uploaded.id,
+                    **data,
+                    "search": {"max_accuracy_drop": 0.01, "max_trials": 6, "train": {"epochs": 2}},
+                }
+            ),
+            "prune": client.submit(
+                {
+                    "model_id": uploaded.id,
+                    **data,
+                    "stages": [{"method": "prune", "scheme": "l1_unstructured", "amount": 0.7, "train": {"epochs": 3}}],
+                }
+            ),
+            "quantize": client.submit(
+                {
+                    "model_id": uploaded.id,
+                    **data,
+                    "stages": [{"method": "quantize", "scheme": "dynamic_int8", "skip_layers": ["2"]}],
+                }
+            ),
         }
         done = {name: client.wait(job.id, timeout=600) for name, job in submitted.items()}
     for name, job in done.items():
         assert job.status == "succeeded", (name, job.error, live.logs())
-    yield {"model_id": uploaded.id, "folder": folder, **done}
+    return {"model_id": uploaded.id, "folder": folder, **done}
 
 
 def test_search_report_shows_every_measured_trial_the_front_the_bar_and_the_choice(live: Live, jobs) -> None:  # noqa: F811
@@ -202,8 +230,11 @@ def test_pruning_report_matches_the_downloaded_artifact_and_the_epoch_events(liv
     # independent: the zeros in the artifact the user downloads, layer by layer
     assert job.artifact is not None and job.artifact.format == "sparse_state_dict"
     state = torch.load(str(artifact), weights_only=True)  # as the README loads it
-    weights = {name[: -len(".weight")]: t.to_dense() if t.layout != torch.strided else t
-               for name, t in state.items() if name.endswith("weight")}
+    weights = {
+        name[: -len(".weight")]: t.to_dense() if t.layout != torch.strided else t
+        for name, t in state.items()
+        if name.endswith("weight")
+    }
     text = " ".join(page.text)
     for row in table:
         measured = float((weights[row["layer"]] == 0).float().mean())
@@ -230,11 +261,20 @@ def test_quantization_report_shows_bits_per_layer(live: Live, jobs) -> None:  # 
 
 
 def test_reports_charts_and_compare_are_tenant_scoped_and_compare_rows_are_the_metrics(live: Live, jobs) -> None:  # noqa: F811
-    created = subprocess.run([sys.executable, "-m", "modelpress.cli", "keys", "create", "--tenant", "outsider"],
-                             cwd=PROJECT_ROOT, env=live.env, capture_output=True, text=True, timeout=120)
+    created = subprocess.run(
+        [sys.executable, "-m", "modelpress.cli", "keys", "create", "--tenant", "outsider"],
+        cwd=PROJECT_ROOT,
+        env=live.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     outsider = Client(live.url, created.stdout.strip().splitlines()[-1], timeout=30)
-    for path in (f"/v1/jobs/{jobs['prune'].id}/report", f"/v1/jobs/{jobs['prune'].id}/charts",
-                 f"/v1/models/{jobs['model_id']}/jobs/compare"):
+    for path in (
+        f"/v1/jobs/{jobs['prune'].id}/report",
+        f"/v1/jobs/{jobs['prune'].id}/charts",
+        f"/v1/models/{jobs['model_id']}/jobs/compare",
+    ):
         with pytest.raises(ClientError) as refused:
             outsider._request("GET", path)
         assert refused.value.status == 404, path
@@ -260,8 +300,9 @@ def test_cli_report_and_compress_write_the_report(live: Live, jobs, tmp_path: Pa
     opened = tmp_path / "opened.txt"
     browser = f"{sys.executable} -c \"import sys; open('{opened}', 'w').write(sys.argv[1])\" %s"
     target = tmp_path / "search.html"
-    result = _modelpress("jobs", "report", jobs["search"].id, "-o", str(target), "--open",
-                         env=dict(env, BROWSER=browser))
+    result = _modelpress(
+        "jobs", "report", jobs["search"].id, "-o", str(target), "--open", env=dict(env, BROWSER=browser)
+    )
     assert result.returncode == 0, result.stderr
     with live.client() as client:
         assert target.read_text() == client.report(jobs["search"].id)
@@ -269,8 +310,9 @@ def test_cli_report_and_compress_write_the_report(live: Live, jobs, tmp_path: Pa
 
     spec = tmp_path / "spec.yaml"
     spec.write_text("stages:\n  - method: quantize\n    scheme: dynamic_int8\nexample_input_shape: [1, 64]\n")
-    compressed = _modelpress("compress", str(jobs["folder"] / "mlp.pt"), "--spec", str(spec),
-                             "--out", str(tmp_path / "small.pt"), env=env)
+    compressed = _modelpress(
+        "compress", str(jobs["folder"] / "mlp.pt"), "--spec", str(spec), "--out", str(tmp_path / "small.pt"), env=env
+    )
     assert compressed.returncode == 0, compressed.stderr[-3000:]
     report = tmp_path / "small.report.html"
     assert f"report: {report}" in compressed.stdout.replace("\n", "")
@@ -290,8 +332,11 @@ def test_dashboard_search_trials_chart_and_compare_view(live: Live, jobs, tmp_pa
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     search = jobs["search"]
-    measured = [t for t in search.metrics["stages"][0]["info"]["trials"]
-                if t["size_bytes"] is not None and t["accuracy"] is not None]
+    measured = [
+        t
+        for t in search.metrics["stages"][0]["info"]["trials"]
+        if t["size_bytes"] is not None and t["accuracy"] is not None
+    ]
     browser = _browser(tmp_path)
     try:
         wait = WebDriverWait(browser, 120, poll_frequency=0.3)
@@ -318,8 +363,10 @@ def test_dashboard_search_trials_chart_and_compare_view(live: Live, jobs, tmp_pa
         assert shown == set(chosen)
         dots = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "[data-chart=compare] #compare-points use"))
         assert len(dots) == 3
-        size_cells = {r.get_attribute("data-job"): r.find_elements(By.CSS_SELECTOR, "td.num")[0].get_attribute(
-            "data-value") for r in rows}
+        size_cells = {
+            r.get_attribute("data-job"): r.find_elements(By.CSS_SELECTOR, "td.num")[0].get_attribute("data-value")
+            for r in rows
+        }
         for job_id in chosen:
             job = next(jobs[n] for n in ("search", "prune", "quantize") if jobs[n].id == job_id)
             assert size_cells[job_id] == str(job.metrics["compressed"]["size_bytes"])
@@ -333,14 +380,15 @@ def test_dashboard_search_trials_chart_and_compare_view(live: Live, jobs, tmp_pa
 
 
 def test_rendering_a_report_never_imports_torch() -> None:
-    code = ("import sys, json; from app.report import report_html; "
-            "m = {'original': {'size_bytes': 10}, 'compressed': {'size_bytes': 5}, 'compression_ratio': 2.0, "
-            "'fidelity': {}, 'stages': [{'method': 'prune', 'scheme': 'l1_unstructured', 'info': {'layers': "
-            "[{'layer': 'fc', 'sparsity': 0.5}]}}], 'warnings': []}; "
-            "html = report_html({'id': 'job_x', 'status': 'succeeded', 'spec': {'stages': []}, 'metrics': m}, "
-            "[('epoch', {'epoch': 1, 'loss': 1.0, 'lr': 0.1})]); "
-            "print(html.count('<svg'), 'torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                            timeout=120)
+    code = (
+        "import sys, json; from app.report import report_html; "
+        "m = {'original': {'size_bytes': 10}, 'compressed': {'size_bytes': 5}, 'compression_ratio': 2.0, "
+        "'fidelity': {}, 'stages': [{'method': 'prune', 'scheme': 'l1_unstructured', 'info': {'layers': "
+        "[{'layer': 'fc', 'sparsity': 0.5}]}}], 'warnings': []}; "
+        "html = report_html({'id': 'job_x', 'status': 'succeeded', 'spec': {'stages': []}, 'metrics': m}, "
+        "[('epoch', {'epoch': 1, 'loss': 1.0, 'lr': 0.1})]); "
+        "print(html.count('<svg'), 'torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["2", "False"]

@@ -1,4 +1,5 @@
 """Hostile files never run; a killed child ends with a readable reason and the parent lives on."""
+
 from __future__ import annotations
 
 import os
@@ -21,9 +22,12 @@ def test_pickle_payload_in_a_state_dict_never_runs(tmp_path: Path, monkeypatch) 
     monkeypatch.setenv("EXPLOIT_MARKER", str(marker))
     path = tmp_path / "evil.pt"
     torch.save({"weight": torch.zeros(2, 2), "payload": Exploit()}, path)
-    outcome = run_sandboxed("inspect", {"path": str(path), "format": "state_dict",
-                                        "architecture": {"name": "mlp", "kwargs": {"widths": [2, 2]}}},
-                            tmp_path, LIMITS)
+    outcome = run_sandboxed(
+        "inspect",
+        {"path": str(path), "format": "state_dict", "architecture": {"name": "mlp", "kwargs": {"widths": [2, 2]}}},
+        tmp_path,
+        LIMITS,
+    )
     assert not outcome.ok and outcome.error is not None
     assert "allowlist" in outcome.error["detail"] or "weights_only" in outcome.error["detail"]
     assert not marker.exists()
@@ -47,9 +51,12 @@ def test_memory_hungry_model_is_killed_with_a_reason(tmp_path: Path) -> None:
     path = tmp_path / "hog.pt"
     torch.jit.save(torch.jit.script(Hog()), str(path))
     limits = Limits(memory_bytes=3 * 1024**3, cpu_seconds=60, file_bytes=1024**3, open_files=128, wall_seconds=120)
-    request = {"model": {"path": str(path), "format": "torchscript"},
-               "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
-               "artifact_path": str(tmp_path / "out.pt"), "example_input_shape": [1, 4]}
+    request = {
+        "model": {"path": str(path), "format": "torchscript"},
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+        "artifact_path": str(tmp_path / "out.pt"),
+        "example_input_shape": [1, 4],
+    }
     outcome = run_sandboxed("job", request, tmp_path, limits)
     assert not outcome.ok and outcome.error is not None
     assert "memory" in outcome.error["detail"].lower() or "alloc" in outcome.error["detail"].lower()
@@ -65,12 +72,17 @@ def test_wall_clock_timeout_kills_the_child(tmp_path: Path) -> None:
     path = tmp_path / "slow.pt"
     torch.jit.save(torch.jit.script(Sleeper()), str(path))
     limits = Limits(memory_bytes=4 * 1024**3, cpu_seconds=60, file_bytes=1024**3, open_files=128, wall_seconds=8)
-    request = {"model": {"path": str(path), "format": "torchscript"},
-               "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
-               "artifact_path": str(tmp_path / "out.pt"), "example_input_shape": [1, 4]}
+    request = {
+        "model": {"path": str(path), "format": "torchscript"},
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": {}}],
+        "artifact_path": str(tmp_path / "out.pt"),
+        "example_input_shape": [1, 4],
+    }
     outcome = run_sandboxed("job", request, tmp_path, limits)
-    assert not outcome.ok and outcome.error == {"error": "TimeLimitExceeded",
-                                                "detail": "the job ran past its 8 s limit"}
+    assert not outcome.ok and outcome.error == {
+        "error": "TimeLimitExceeded",
+        "detail": "the job ran past its 8 s limit",
+    }
 
 
 def test_zip_bomb_and_bad_safetensors_are_refused_by_structure(tmp_path: Path) -> None:
@@ -144,9 +156,12 @@ def _hostile_files(tmp_path: Path, marker: Path) -> dict[str, tuple[Path, str]]:
 def test_malicious_corpus_never_runs_and_each_file_is_rejected_with_a_reason(tmp_path: Path) -> None:
     marker = tmp_path / "canary"
     for label, (path, fmt) in _hostile_files(tmp_path, marker).items():
-        outcome = run_sandboxed("inspect", {"path": str(path), "format": fmt,
-                                            "architecture": {"name": "mlp", "kwargs": {"widths": [2, 2]}}},
-                                tmp_path, LIMITS)
+        outcome = run_sandboxed(
+            "inspect",
+            {"path": str(path), "format": fmt, "architecture": {"name": "mlp", "kwargs": {"widths": [2, 2]}}},
+            tmp_path,
+            LIMITS,
+        )
         assert not outcome.ok, label
         assert outcome.error is not None and outcome.error["detail"], label
         assert not marker.exists(), f"{label} ran code"

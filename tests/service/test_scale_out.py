@@ -3,6 +3,7 @@ Postgres, Redis and an S3 endpoint (moto's server mode on loopback); the API run
 
 Also the submit-time check: a job no live worker can run answers 422 or is queued with a warning.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,13 +14,11 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
-from app.config import get_settings
 from fastapi.testclient import TestClient
 
+from app.config import get_settings
 from tests.helpers import WorkerProcess, mlp, torchscript_bytes, wait_for
-from tests.service.conftest import Api
-from tests.service.conftest import make_bucket
+from tests.service.conftest import Api, make_bucket
 
 STALE_AFTER_S = "15"  # workers beat every 10 s
 
@@ -46,13 +45,18 @@ def _register(name: str, devices: list[str], age_s: float = 0.0) -> None:
     from app.tables import WorkerRecord, utcnow
 
     with session_scope() as session:
-        session.merge(WorkerRecord(name=name, queues=["cpu"], capabilities={"devices": devices},
-                                   last_heartbeat=utcnow() - timedelta(seconds=age_s)))
+        session.merge(
+            WorkerRecord(
+                name=name,
+                queues=["cpu"],
+                capabilities={"devices": devices},
+                last_heartbeat=utcnow() - timedelta(seconds=age_s),
+            )
+        )
 
 
 @pytest.mark.postgres
-def test_submit_refuses_or_warns_when_no_live_worker_can_run_the_job(api: Api,
-                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submit_refuses_or_warns_when_no_live_worker_can_run_the_job(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELPRESS_REQUIRE_LIVE_WORKER", "true")
     get_settings.cache_clear()
     model_id = _upload(api.client, api.headers())
@@ -122,13 +126,20 @@ class Cluster:
         try:
             return wait_for(finished, timeout, f"job {job_id} to finish")
         except AssertionError:
-            raise AssertionError(f"job {job_id} did not finish\ncpu worker:\n{self.cpu.log_tail()}\n"
-                                 f"gpu worker:\n{self.gpu.log_tail()}") from None
+            raise AssertionError(
+                f"job {job_id} did not finish\ncpu worker:\n{self.cpu.log_tail()}\ngpu worker:\n{self.gpu.log_tail()}"
+            ) from None
 
 
 @pytest.fixture
-def cluster(make_postgres_database, redis_url, service_env, s3_env, tmp_path: Path,  # type: ignore[no-untyped-def]
-            monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
+def cluster(
+    make_postgres_database,
+    redis_url,
+    service_env,
+    s3_env,
+    tmp_path: Path,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Cluster]:
     from app.auth import create_key
     from app.db import session_scope
     from app.main import create_app
@@ -140,15 +151,21 @@ def cluster(make_postgres_database, redis_url, service_env, s3_env, tmp_path: Pa
     monkeypatch.setenv("MODELPRESS_WORKER_STALE_AFTER_S", STALE_AFTER_S)
     get_settings.cache_clear()
     monkeypatch.delenv("MODELPRESS_REQUIRE_LIVE_WORKER", raising=False)
-    env = service_env(database_url=database_url, broker_url=redis_url, storage_url=f"s3://{bucket}/mp",
-                      data_dir=str(tmp_path / "api-data"))
+    env = service_env(
+        database_url=database_url,
+        broker_url=redis_url,
+        storage_url=f"s3://{bucket}/mp",
+        data_dir=str(tmp_path / "api-data"),
+    )
     with session_scope() as session:
         _, key = create_key(session, tenant_name="scale")
     # the same shared URLs, but each "host" has its own scratch folder (and the AWS_* variables via os.environ)
-    cpu = WorkerProcess(dict(env, MODELPRESS_DATA_DIR=str(tmp_path / "host-cpu")), queues="cpu",
-                        log_path=tmp_path / "cpu.log").start()
-    gpu = WorkerProcess(dict(env, MODELPRESS_DATA_DIR=str(tmp_path / "host-gpu")), queues="gpu",
-                        log_path=tmp_path / "gpu.log").start()
+    cpu = WorkerProcess(
+        dict(env, MODELPRESS_DATA_DIR=str(tmp_path / "host-cpu")), queues="cpu", log_path=tmp_path / "cpu.log"
+    ).start()
+    gpu = WorkerProcess(
+        dict(env, MODELPRESS_DATA_DIR=str(tmp_path / "host-gpu")), queues="gpu", log_path=tmp_path / "gpu.log"
+    ).start()
     try:
         with TestClient(create_app()) as client:
             yield Cluster(client, {"Authorization": f"Bearer {key}"}, cpu, gpu, bucket, s3_env["AWS_ENDPOINT_URL"])
@@ -167,8 +184,9 @@ def _process_group(worker_name: str) -> int | None:
 @pytest.mark.slow
 @pytest.mark.postgres
 @pytest.mark.redis
-def test_two_worker_pools_share_postgres_redis_and_s3(cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
-                                                      tmp_path: Path) -> None:
+def test_two_worker_pools_share_postgres_redis_and_s3(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import boto3
 
     c = cluster
@@ -228,7 +246,10 @@ def test_two_worker_pools_share_postgres_redis_and_s3(cluster: Cluster, monkeypa
 
     # the gpu worker stops heartbeating (killed outright, no clean deregistration): it drops out
     c.gpu.stop(signal.SIGKILL)
-    wait_for(lambda: [w["queues"] for w in c.live()] == [["cpu"]], float(STALE_AFTER_S) + 15,
-             "the killed worker to drop out of /v1/workers")
+    wait_for(
+        lambda: [w["queues"] for w in c.live()] == [["cpu"]],
+        float(STALE_AFTER_S) + 15,
+        "the killed worker to drop out of /v1/workers",
+    )
     methods = c.client.get("/v1/methods", headers=c.headers).json()
     assert methods["live_devices"] == ["cpu"]

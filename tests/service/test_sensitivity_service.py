@@ -1,4 +1,5 @@
 """analyze/sensitivity through the service: a real worker measures the table, the model comes back unchanged."""
+
 from __future__ import annotations
 
 import io
@@ -31,11 +32,19 @@ def test_analyze_job_reports_the_sorted_table_and_delivers_the_model(embedded: S
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.trace(model, ids[:2]), buffer)
     uploaded = embedded.upload(buffer.getvalue())
-    data = embedded.client.post("/v1/datasets", headers=embedded.headers,
-                                files={"file": ("tokens.npz", npz_bytes(ids.numpy()))})
+    data = embedded.client.post(
+        "/v1/datasets", headers=embedded.headers, files={"file": ("tokens.npz", npz_bytes(ids.numpy()))}
+    )
     assert data.status_code == 201, data.text
-    job = embedded.wait(embedded.submit({"model_id": uploaded["id"], "dataset_id": data.json()["id"],
-                                         "stages": [{"method": "analyze", "scheme": "sensitivity"}]})["id"])
+    job = embedded.wait(
+        embedded.submit(
+            {
+                "model_id": uploaded["id"],
+                "dataset_id": data.json()["id"],
+                "stages": [{"method": "analyze", "scheme": "sensitivity"}],
+            }
+        )["id"]
+    )
     assert job["status"] == "succeeded", job["error"]
     rows = job["metrics"]["sensitivity"]
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
@@ -51,7 +60,11 @@ def test_analyze_job_reports_the_sorted_table_and_delivers_the_model(embedded: S
     from worker.compression.quantization import run_stage
 
     worst = rows[0]["layer"]
-    alone = run_stage(delivered, "dynamic_int8", {"skip_layers": [n for n in linears if n != worst]},
-                      StageContext(kind="torchscript", example_input=ids[:4])).model
+    alone = run_stage(
+        delivered,
+        "dynamic_int8",
+        {"skip_layers": [n for n in linears if n != worst]},
+        StageContext(kind="torchscript", example_input=ids[:4]),
+    ).model
     with torch.no_grad():
         assert sqnr_db(model(ids), alone(ids)) == pytest.approx(rows[0]["sqnr_db"], abs=0.01)

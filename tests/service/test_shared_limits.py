@@ -1,4 +1,5 @@
 """Limits that must hold across concurrent requests and API processes: the job quota, the rate limits."""
+
 from __future__ import annotations
 
 import os
@@ -20,13 +21,17 @@ pytestmark = pytest.mark.postgres
 
 
 def test_fifty_concurrent_submits_against_a_quota_of_ten_accept_exactly_ten(
-        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.config import get_settings
 
     model = upload_ts(api)
     monkeypatch.setattr(get_settings(), "max_queued_jobs_per_tenant", 10)
-    spec = {"model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-            "example_input_shape": [1, 8]}
+    spec = {
+        "model_id": model["id"],
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [1, 8],
+    }
     with ThreadPoolExecutor(25) as pool:
         responses = list(pool.map(lambda _: api.client.post("/v1/jobs", headers=api.headers(), json=spec), range(50)))
     statuses = sorted(r.status_code for r in responses)
@@ -46,7 +51,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def two_api_processes(make_postgres_database, redis_url, service_env, tmp_path: Path) -> Iterator[tuple[list[str], str]]:  # type: ignore[no-untyped-def]
+def two_api_processes(
+    make_postgres_database, redis_url, service_env, tmp_path: Path
+) -> Iterator[tuple[list[str], str]]:  # type: ignore[no-untyped-def]
     """Two uvicorn processes on one Postgres and one Redis; yields their URLs and an API key."""
     from app.auth import create_key
     from app.db import session_scope
@@ -54,8 +61,12 @@ def two_api_processes(make_postgres_database, redis_url, service_env, tmp_path: 
 
     database_url = make_postgres_database()
     upgrade(database_url)
-    env = service_env(database_url=database_url, broker_url=redis_url, rate_limit_per_minute="6",
-                      rate_limit_invalid_keys_per_minute="4")
+    env = service_env(
+        database_url=database_url,
+        broker_url=redis_url,
+        rate_limit_per_minute="6",
+        rate_limit_invalid_keys_per_minute="4",
+    )
     with session_scope() as session:
         _, key = create_key(session, tenant_name="limited")
     process_env = dict(os.environ, **env)
@@ -64,12 +75,30 @@ def two_api_processes(make_postgres_database, redis_url, service_env, tmp_path: 
         for number in range(2):
             port = _free_port()
             log = open(tmp_path / f"api{number}.log", "wb")
-            servers.append(subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-                 "--log-level", "warning"], cwd=PROJECT_ROOT, env=process_env, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True))
+            servers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "uvicorn",
+                        "app.main:app",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                        "--log-level",
+                        "warning",
+                    ],
+                    cwd=PROJECT_ROOT,
+                    env=process_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
             urls.append(f"http://127.0.0.1:{port}")
         for server, url in zip(servers, urls):
+
             def healthy(server: subprocess.Popen = server, url: str = url) -> bool:
                 assert server.poll() is None, (tmp_path / "api0.log").read_text() + (tmp_path / "api1.log").read_text()
                 try:
@@ -94,8 +123,10 @@ def test_rate_limits_are_shared_by_api_processes_through_redis(two_api_processes
     (first, second), key = two_api_processes
     headers = {"Authorization": f"Bearer {key}"}
     # 6 a minute for the tenant, counted across both processes: 3 + 3 pass, the 7th (either process) does not
-    statuses = [httpx.get(f"{url}/v1/jobs", headers=headers, timeout=10).status_code
-                for url in (first, second, first, second, first, second)]
+    statuses = [
+        httpx.get(f"{url}/v1/jobs", headers=headers, timeout=10).status_code
+        for url in (first, second, first, second, first, second)
+    ]
     assert statuses == [200] * 6
     limited = httpx.get(f"{second}/v1/jobs", headers=headers, timeout=10)
     assert_error(limited, 429, "RateLimited")
@@ -104,8 +135,9 @@ def test_rate_limits_are_shared_by_api_processes_through_redis(two_api_processes
 
     # bad keys: 4 a minute per client address, across both processes; then 429 before any key lookup
     bad = {"Authorization": "Bearer mpk_guessed"}
-    guesses = [httpx.get(f"{url}/v1/models", headers=bad, timeout=10).status_code
-               for url in (first, second, first, second)]
+    guesses = [
+        httpx.get(f"{url}/v1/models", headers=bad, timeout=10).status_code for url in (first, second, first, second)
+    ]
     assert guesses == [401] * 4
     for url in (first, second):
         refused = httpx.get(f"{url}/v1/models", headers=bad, timeout=10)

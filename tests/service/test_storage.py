@@ -1,4 +1,5 @@
 """One storage suite, run against file:// and against s3:// served by moto's server mode on loopback."""
+
 from __future__ import annotations
 
 import hashlib
@@ -13,6 +14,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from app.config import get_settings
 from app.storage import ArtifactStore, FileStore, store_from_url
 from tests.service.conftest import make_bucket
+
 
 @pytest.fixture(params=["file", "s3"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> ArtifactStore:
@@ -65,8 +67,9 @@ def test_failed_put_leaves_nothing_behind(store: ArtifactStore, tmp_path: Path) 
         assert not [p for p in store.root.rglob("*") if p.is_file()]
 
 
-def test_large_file_multipart_and_streamed(request: pytest.FixtureRequest, store: ArtifactStore,
-                                           tmp_path: Path) -> None:
+def test_large_file_multipart_and_streamed(
+    request: pytest.FixtureRequest, store: ArtifactStore, tmp_path: Path
+) -> None:
     size = 20 * 1024**2 + 12345
     data = os.urandom(size)
     source = write(tmp_path / "big.bin", data)
@@ -74,8 +77,7 @@ def test_large_file_multipart_and_streamed(request: pytest.FixtureRequest, store
         from app.storage_s3 import S3Store
 
         assert isinstance(store, S3Store)
-        store = S3Store(store.bucket, store.prefix, multipart_threshold=5 * 1024**2,
-                        multipart_chunksize=5 * 1024**2)
+        store = S3Store(store.bucket, store.prefix, multipart_threshold=5 * 1024**2, multipart_chunksize=5 * 1024**2)
     store.put_file("artifacts/big", source)
     if not isinstance(store, FileStore):
         head = store._client.head_object(Bucket=store.bucket, Key=f"{store.prefix}/artifacts/big")
@@ -113,9 +115,9 @@ def test_file_store_check_fails_when_not_writable(tmp_path: Path, monkeypatch: p
         store.check()
 
 
-def test_s3_check_fails_on_a_missing_bucket_unless_asked_to_create(s3_env: dict[str, str],
-                                                                   monkeypatch: pytest.MonkeyPatch,
-                                                                   tmp_path: Path) -> None:
+def test_s3_check_fails_on_a_missing_bucket_unless_asked_to_create(
+    s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     bucket = f"mp-new-{secrets.token_hex(4)}"
     with pytest.raises(ClientError):
         store_from_url(f"s3://{bucket}/p").check()

@@ -1,4 +1,5 @@
 """Every JobSpec field is bounded at submit: out-of-range values answer 422 naming the field, nothing is stored."""
+
 from __future__ import annotations
 
 import json
@@ -19,34 +20,40 @@ PRUNE = {"method": "prune", "scheme": "l1_unstructured", "amount": 0.5}
 
 def submit_raw(api: Api, body: dict):  # type: ignore[no-untyped-def]
     """POST with NaN / Infinity written as JSON allows them (Python's json module reads them)."""
-    return api.client.post("/v1/jobs", headers={**api.headers(), "Content-Type": "application/json"},
-                           content=json.dumps(body, allow_nan=True))
+    return api.client.post(
+        "/v1/jobs",
+        headers={**api.headers(), "Content-Type": "application/json"},
+        content=json.dumps(body, allow_nan=True),
+    )
 
 
-@pytest.mark.parametrize("stage, field", [
-    ({**PRUNE, "amount": float("nan")}, "stages[0].amount"),
-    ({**PRUNE, "amount": float("inf")}, "stages[0].amount"),
-    ({**PRUNE, "amount": None}, "stages[0].amount"),
-    ({**PRUNE, "train": {"epochs": -1}}, "stages[0].train.epochs"),
-    ({**PRUNE, "train": {"epochs": 10**12}}, "stages[0].train.epochs"),
-    ({**PRUNE, "train": {"epochs": 1e12}}, "stages[0].train.epochs"),
-    ({**PRUNE, "train": {"lr": float("nan")}}, "stages[0].train.lr"),
-    ({**PRUNE, "train": {"lr": 0}}, "stages[0].train.lr"),
-    ({**PRUNE, "train": {"lr": 1e9}}, "stages[0].train.lr"),
-    ({**PRUNE, "train": {"batch_size": 0}}, "stages[0].train.batch_size"),
-    ({**PRUNE, "train": {"batch_size": 10**9}}, "stages[0].train.batch_size"),
-    ({**PRUNE, "train": {"devices": 10000}}, "stages[0].train.devices"),
-    ({**PRUNE, "train": {"devices": 0}}, "stages[0].train.devices"),
-    ({**PRUNE, "train": {"seed": 2**70}}, "stages[0].train.seed"),
-    ({**PRUNE, "train": {"colour": "red"}}, "stages[0].train.colour"),
-    ({**PRUNE, "train": {"schedule": {"name": "step", "step_size": 0}}}, "stages[0].train.step_size"),
-    ({**PRUNE, "schedule": {"steps": 2, "finetune_epochs": -1}}, "stages[0].schedule.finetune_epochs"),
-    ({**PRUNE, "schedule": {"steps": 10**6}}, "stages[0].schedule.steps"),
-    ({**PRUNE, "layers": {"include": ["x"] * 10_000}}, "stages[0].layers"),
-    ({"method": "distill", "scheme": "hinton", "train": {"devices": 10000}}, "stages[0].train.devices"),
-    ({"method": "distill", "scheme": "hinton", "temperature": float("inf")}, "stages[0].temperature"),
-    ({"method": "prune", "scheme": "ln_structured", "norm": 1e300}, "stages[0].norm"),
-])
+@pytest.mark.parametrize(
+    ("stage", "field"),
+    [
+        ({**PRUNE, "amount": float("nan")}, "stages[0].amount"),
+        ({**PRUNE, "amount": float("inf")}, "stages[0].amount"),
+        ({**PRUNE, "amount": None}, "stages[0].amount"),
+        ({**PRUNE, "train": {"epochs": -1}}, "stages[0].train.epochs"),
+        ({**PRUNE, "train": {"epochs": 10**12}}, "stages[0].train.epochs"),
+        ({**PRUNE, "train": {"epochs": 1e12}}, "stages[0].train.epochs"),
+        ({**PRUNE, "train": {"lr": float("nan")}}, "stages[0].train.lr"),
+        ({**PRUNE, "train": {"lr": 0}}, "stages[0].train.lr"),
+        ({**PRUNE, "train": {"lr": 1e9}}, "stages[0].train.lr"),
+        ({**PRUNE, "train": {"batch_size": 0}}, "stages[0].train.batch_size"),
+        ({**PRUNE, "train": {"batch_size": 10**9}}, "stages[0].train.batch_size"),
+        ({**PRUNE, "train": {"devices": 10000}}, "stages[0].train.devices"),
+        ({**PRUNE, "train": {"devices": 0}}, "stages[0].train.devices"),
+        ({**PRUNE, "train": {"seed": 2**70}}, "stages[0].train.seed"),
+        ({**PRUNE, "train": {"colour": "red"}}, "stages[0].train.colour"),
+        ({**PRUNE, "train": {"schedule": {"name": "step", "step_size": 0}}}, "stages[0].train.step_size"),
+        ({**PRUNE, "schedule": {"steps": 2, "finetune_epochs": -1}}, "stages[0].schedule.finetune_epochs"),
+        ({**PRUNE, "schedule": {"steps": 10**6}}, "stages[0].schedule.steps"),
+        ({**PRUNE, "layers": {"include": ["x"] * 10_000}}, "stages[0].layers"),
+        ({"method": "distill", "scheme": "hinton", "train": {"devices": 10000}}, "stages[0].train.devices"),
+        ({"method": "distill", "scheme": "hinton", "temperature": float("inf")}, "stages[0].temperature"),
+        ({"method": "prune", "scheme": "ln_structured", "norm": 1e300}, "stages[0].norm"),
+    ],
+)
 def test_bad_stage_options_answer_422_naming_the_field(api: Api, stage: dict, field: str) -> None:
     model = upload_ts(api)
     response = submit_raw(api, {"model_id": model["id"], "stages": [stage], "example_input_shape": [1, 8]})
@@ -54,18 +61,21 @@ def test_bad_stage_options_answer_422_naming_the_field(api: Api, stage: dict, fi
     assert counts()[2] == 0
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"seed": 2**70}, "seed"),
-    ({"seed": -1}, "seed"),
-    ({"example_input_shape": [1, 2**80]}, "example_input_shape"),
-    ({"example_input_shape": [1, 2**40]}, "example_input_shape"),
-    ({"example_input_shape": [4096, 4096, 4096]}, "example_input_shape"),  # each fine, product 2^36
-    ({"example_input_shape": [1, 0]}, "example_input_shape"),
-    ({"priority": 10}, "priority"),
-    ({"model_id": "m" * 10_000}, "model_id"),
-    ({"search": {"min_sqnr_db": 20, "candidates": {"recipes": [[QUANTIZE]] * 5000}}}, "search"),
-    ({"stages": [QUANTIZE] * 17}, "stages"),
-])
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"seed": 2**70}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"example_input_shape": [1, 2**80]}, "example_input_shape"),
+        ({"example_input_shape": [1, 2**40]}, "example_input_shape"),
+        ({"example_input_shape": [4096, 4096, 4096]}, "example_input_shape"),  # each fine, product 2^36
+        ({"example_input_shape": [1, 0]}, "example_input_shape"),
+        ({"priority": 10}, "priority"),
+        ({"model_id": "m" * 10_000}, "model_id"),
+        ({"search": {"min_sqnr_db": 20, "candidates": {"recipes": [[QUANTIZE]] * 5000}}}, "search"),
+        ({"stages": [QUANTIZE] * 17}, "stages"),
+    ],
+)
 def test_bad_top_level_fields_answer_422_naming_the_field(api: Api, change: dict, field: str) -> None:
     model = upload_ts(api)
     body = {"model_id": model["id"], "stages": [QUANTIZE], "example_input_shape": [1, 8], **change}
@@ -107,9 +117,25 @@ def test_train_devices_are_held_to_the_largest_live_worker(api: Api) -> None:
 
 def test_in_range_values_are_accepted_unchanged(api: Api) -> None:
     model = upload_ts(api)
-    stage = {**PRUNE, "train": {"epochs": 3, "lr": 0.01, "batch_size": 32, "devices": 1, "seed": 2**63 - 1,
-                                "schedule": {"name": "cosine"}}}
-    response = submit_raw(api, {"model_id": model["id"], "stages": [stage] + [QUANTIZE] * 15, "seed": 2**63 - 1,
-                                "example_input_shape": [2, 8]})
+    stage = {
+        **PRUNE,
+        "train": {
+            "epochs": 3,
+            "lr": 0.01,
+            "batch_size": 32,
+            "devices": 1,
+            "seed": 2**63 - 1,
+            "schedule": {"name": "cosine"},
+        },
+    }
+    response = submit_raw(
+        api,
+        {
+            "model_id": model["id"],
+            "stages": [stage] + [QUANTIZE] * 15,
+            "seed": 2**63 - 1,
+            "example_input_shape": [2, 8],
+        },
+    )
     assert response.status_code == 202, response.text
     assert response.json()["spec"]["stages"][0]["train"] == stage["train"]

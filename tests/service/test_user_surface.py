@@ -4,6 +4,7 @@ One real server for the module: `python -m uvicorn app.main:app` in embedded mod
 plus a real Celery worker process, as `make run` starts them. Only the client's retry arithmetic is
 tested against a mock transport; everything else talks HTTP to the live server.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,12 +34,14 @@ DYNAMIC_INT8 = {"stages": [{"method": "quantize", "scheme": "dynamic_int8"}], "e
 
 def test_client_retries_503_and_429_with_one_idempotency_key() -> None:
     sent: list[httpx.Request] = []
-    answers = [httpx.Response(503, json={"error": "ServiceUnavailable", "detail": "broker down"},
-                              headers={"Retry-After": "2"}),
-               httpx.Response(429, json={"error": "RateLimited", "detail": "slow down"}),
-               "connect-error",
-               httpx.Response(202, json={"id": "job_1", "status": "queued", "progress": 0.0, "spec": {},
-                                         "artifact": None})]
+    answers = [
+        httpx.Response(
+            503, json={"error": "ServiceUnavailable", "detail": "broker down"}, headers={"Retry-After": "2"}
+        ),
+        httpx.Response(429, json={"error": "RateLimited", "detail": "slow down"}),
+        "connect-error",
+        httpx.Response(202, json={"id": "job_1", "status": "queued", "progress": 0.0, "spec": {}, "artifact": None}),
+    ]
 
     def handler(request: httpx.Request) -> httpx.Response:
         sent.append(request)
@@ -48,8 +51,14 @@ def test_client_retries_503_and_429_with_one_idempotency_key() -> None:
         return answer
 
     slept: list[float] = []
-    client = Client("http://mp.test", "k", transport=httpx.MockTransport(handler), sleep=slept.append,
-                    backoff_s=0.5, max_backoff_s=8)
+    client = Client(
+        "http://mp.test",
+        "k",
+        transport=httpx.MockTransport(handler),
+        sleep=slept.append,
+        backoff_s=0.5,
+        max_backoff_s=8,
+    )
     job = client.submit({"model_id": "mdl_1", **DYNAMIC_INT8})
     assert isinstance(job, Job) and job.id == "job_1" and job.status == "queued"
     assert len(sent) == 4 and all(r.method == "POST" and r.url.path == "/v1/jobs" for r in sent)
@@ -97,18 +106,41 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("live")
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}  # embedded mode
     env.update(MODELPRESS_DATA_DIR=str(root / "data"), MODELPRESS_RATE_LIMIT_PER_MINUTE="100000")
-    created = subprocess.run([sys.executable, "-m", "modelpress.cli", "keys", "create", "--tenant", "surface"],
-                             cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    created = subprocess.run(
+        [sys.executable, "-m", "modelpress.cli", "keys", "create", "--tenant", "surface"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
     port = _free_port()
     with open(root / "server.log", "wb") as log:
-        server = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
-                                   "--port", str(port), "--log-level", "warning"], cwd=PROJECT_ROOT, env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     worker = WorkerProcess(env, log_path=root / "worker.log").start()
     live = Live(f"http://127.0.0.1:{port}", key, env, root, worker)
     try:
+
         def healthy() -> bool:
             assert server.poll() is None, live.logs()
             try:
@@ -137,7 +169,6 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn
     return path, model
 
 
-
 @pytest.mark.slow
 def test_live_submit_survives_a_lost_answer_and_the_event_stream_runs_to_the_end(live: Live, model_file) -> None:
     """A 503 that replaces the server's real 202 (the job exists, the answer was lost) is retried with the
@@ -155,8 +186,11 @@ def test_live_submit_survives_a_lost_answer_and_the_event_stream_runs_to_the_end
                 if len(keys) == 1:
                     response.read()
                     response.close()
-                    return httpx.Response(503, json={"error": "ServiceUnavailable", "detail": "proxy hiccup"},
-                                          headers={"Retry-After": "0"})
+                    return httpx.Response(
+                        503,
+                        json={"error": "ServiceUnavailable", "detail": "proxy hiccup"},
+                        headers={"Retry-After": "0"},
+                    )
             return response
 
     with live.client(transport=LoseFirstAnswer()) as client:
@@ -184,8 +218,9 @@ def test_metrics_count_jobs_by_status_and_method(live: Live, model_file) -> None
         assert job.status == "succeeded", job.error
         succeeded = sum(1 for _ in client.jobs(status="succeeded", method="quantize"))
     text = httpx.get(f"{live.url}/metrics", timeout=10).text
-    line = re.search(r'^modelpress_jobs\{(?=[^}]*method="quantize")(?=[^}]*status="succeeded")[^}]*\} (\S+)$',
-                     text, re.M)
+    line = re.search(
+        r'^modelpress_jobs\{(?=[^}]*method="quantize")(?=[^}]*status="succeeded")[^}]*\} (\S+)$', text, re.M
+    )
     assert line, text[:2000]
     assert float(line.group(1)) == succeeded >= 1
     assert "modelpress_api_request_seconds_bucket" in text and "modelpress_queue_depth" in text
@@ -194,8 +229,7 @@ def test_metrics_count_jobs_by_status_and_method(live: Live, model_file) -> None
 def _modelpress(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     exe = Path(sys.executable).with_name("modelpress")
     command = [str(exe)] if exe.exists() else [sys.executable, "-m", "modelpress.cli"]
-    return subprocess.run(command + list(args), cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(command + list(args), cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _table_row(output: str, label: str) -> list[str]:
@@ -227,8 +261,16 @@ def test_cli_compress_on_the_server_and_local_agree(live: Live, model_file, tmp_
     assert _table_row(served.stdout, "fidelity: SQNR")[1] == f"{metrics['fidelity']['sqnr_db']:.1f} dB"
     assert (tmp_path / "served.pt").stat().st_size == job.artifact.size_bytes
 
-    local = _modelpress("compress", str(path), "--spec", str(spec), "--out", str(tmp_path / "local.pt"), "--local",
-                        env={k: v for k, v in env.items() if k not in ("MODELPRESS_URL", "MODELPRESS_API_KEY")})
+    local = _modelpress(
+        "compress",
+        str(path),
+        "--spec",
+        str(spec),
+        "--out",
+        str(tmp_path / "local.pt"),
+        "--local",
+        env={k: v for k, v in env.items() if k not in ("MODELPRESS_URL", "MODELPRESS_API_KEY")},
+    )
     assert local.returncode == 0, local.stderr[-3000:]
     local_sizes = _table_row(local.stdout, "size (bytes)")
     assert local_sizes[0] == sizes[0]
@@ -263,16 +305,29 @@ def _browser(tmp_path: Path):  # type: ignore[no-untyped-def]
     except ImportError as error:
         missing = f"selenium is not installed ({error})"
     else:
-        missing = "" if chromium and driver_path else "chromium / chromedriver not found (apt-get install chromium chromium-driver)"
+        missing = (
+            ""
+            if chromium and driver_path
+            else "chromium / chromedriver not found (apt-get install chromium chromium-driver)"
+        )
     if missing:
         if IN_CI:
             pytest.fail(missing)
         pytest.skip(missing)
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--no-first-run", "--window-size=1280,1400", f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--window-size=1280,1400",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(driver_path))
 
@@ -301,14 +356,22 @@ def test_dashboard_upload_submit_watch_and_read_the_numbers(live: Live, model_fi
         browser.find_element(By.ID, "shape").send_keys("1, 64")
         browser.find_element(By.ID, "submit-job").click()
 
-        wait.until(lambda b: re.search(r"#/jobs/job_\w+$", b.current_url)
-                   or b.find_elements(By.CSS_SELECTOR, "#submit-status .error"))
+        wait.until(
+            lambda b: (
+                re.search(r"#/jobs/job_\w+$", b.current_url)
+                or b.find_elements(By.CSS_SELECTOR, "#submit-status .error")
+            )
+        )
         errors = browser.find_elements(By.CSS_SELECTOR, "#submit-status .error")
         assert not errors, errors[0].text
         job_id = browser.current_url.rsplit("/", 1)[1]
         # the page follows the job over SSE and redraws with the metrics when it ends
-        wait.until(lambda b: b.find_elements(By.ID, "compression-ratio")
-                   or b.find_elements(By.CSS_SELECTOR, "#job-status [data-status=failed]"))
+        wait.until(
+            lambda b: (
+                b.find_elements(By.ID, "compression-ratio")
+                or b.find_elements(By.CSS_SELECTOR, "#job-status [data-status=failed]")
+            )
+        )
         status = browser.find_element(By.CSS_SELECTOR, "#job-status .badge").text
         events = browser.find_element(By.ID, "events").get_attribute("textContent")
         shown_ratio = browser.find_element(By.ID, "compression-ratio").text
@@ -328,10 +391,18 @@ def test_dashboard_upload_submit_watch_and_read_the_numbers(live: Live, model_fi
 
         # a pruning job on the same model: per-layer chart, then the model's size-vs-accuracy chart
         with live.client() as client:
-            pruned = client.wait(client.submit({"model_id": job.spec["model_id"], "example_input_shape": [1, 64],
-                                                "stages": [{"method": "prune", "scheme": "l1_unstructured",
-                                                            "amount": 0.5, "prune_classifier": True}]}).id,
-                                 timeout=240)
+            pruned = client.wait(
+                client.submit(
+                    {
+                        "model_id": job.spec["model_id"],
+                        "example_input_shape": [1, 64],
+                        "stages": [
+                            {"method": "prune", "scheme": "l1_unstructured", "amount": 0.5, "prune_classifier": True}
+                        ],
+                    }
+                ).id,
+                timeout=240,
+            )
         assert pruned.status == "succeeded", pruned.error
         browser.get(f"{live.url}/ui/#/jobs/{pruned.id}")
         bars = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "[data-chart=layer-sparsity] g[id^=layer-bar-]"))

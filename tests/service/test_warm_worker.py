@@ -1,5 +1,6 @@
 """Warm sandboxes through a real Celery worker: each job gets its own pre-started child and folder, never one a
 job used before, and a cancelled job leaves no process behind."""
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,11 @@ def _scratch() -> Path:
 
 def test_two_jobs_run_in_two_different_warm_children_and_folders(embedded: Service) -> None:
     uploaded = embedded.upload(torchscript_bytes(mlp((16, 8, 4))))
-    spec = {"model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-            "example_input_shape": [2, 16]}
+    spec = {
+        "model_id": uploaded["id"],
+        "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+        "example_input_shape": [2, 16],
+    }
     first = embedded.wait(embedded.submit(spec)["id"])
     assert first["status"] == "succeeded", first["error"]
     kind, first_folder, first_pid = _sandboxes(embedded)[first["id"]]
@@ -92,10 +96,21 @@ def test_two_jobs_run_in_two_different_warm_children_and_folders(embedded: Servi
 
 def test_a_job_cancelled_in_its_warm_sandbox_leaves_no_process_or_folder(embedded: Service) -> None:
     uploaded = embedded.upload(slow_torchscript_bytes(), name="slow.pt")
-    job_id = embedded.submit({"model_id": uploaded["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-                              "example_input_shape": [1, 8]})["id"]
-    wait_for(lambda: embedded.client.get(f"/v1/jobs/{job_id}", headers=embedded.headers).json()["status"] == "running"
-             and job_id in _sandboxes(embedded), 120, "job running in its sandbox")
+    job_id = embedded.submit(
+        {
+            "model_id": uploaded["id"],
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [1, 8],
+        }
+    )["id"]
+    wait_for(
+        lambda: (
+            embedded.client.get(f"/v1/jobs/{job_id}", headers=embedded.headers).json()["status"] == "running"
+            and job_id in _sandboxes(embedded)
+        ),
+        120,
+        "job running in its sandbox",
+    )
     kind, folder, pid = _sandboxes(embedded)[job_id]
     assert kind == "warm" and _alive(pid)
     assert embedded.client.post(f"/v1/jobs/{job_id}/cancel", headers=embedded.headers).status_code == 200

@@ -1,4 +1,5 @@
 """Webhooks cannot reach the service's own network: refused at submit and at send; a listener proves it."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -36,8 +37,13 @@ def listener() -> Iterator[Listener]:
     class Hook(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length") or 0)
-            state.received.append({"path": self.path, "host": self.headers.get("Host"),
-                                   "body": json.loads(self.rfile.read(length) or b"null")})
+            state.received.append(
+                {
+                    "path": self.path,
+                    "host": self.headers.get("Host"),
+                    "body": json.loads(self.rfile.read(length) or b"null"),
+                }
+            )
             if state.redirect_to and self.path != state.redirect_to:
                 self.send_response(302)
                 self.send_header("Location", state.redirect_to)
@@ -56,22 +62,50 @@ def listener() -> Iterator[Listener]:
     server.server_close()
 
 
-LOOPBACK_FORMS = ["http://127.0.0.1:{port}/a", "http://localhost:{port}/b", "http://LocalHost.:{port}/c",
-                  "http://[::1]:{port}/d", "http://0.0.0.0:{port}/e", "http://2130706433:{port}/f",
-                  "http://0x7f000001:{port}/g", "http://0177.0.0.1:{port}/h", "http://127.1:{port}/i",
-                  "http://[::ffff:127.0.0.1]:{port}/j", "http://[::ffff:7f00:1]:{port}/k",
-                  "http://[64:ff9b::7f00:1]:{port}/l", "http://api.localhost:{port}/m"]
-OTHER_INTERNAL = ["http://169.254.169.254/latest/meta-data", "http://[fd00:ec2::254]/", "http://[fc00::1]/",
-                  "http://[fe80::1]/", "http://10.1.2.3/", "http://172.16.0.1/", "http://192.168.1.1/",
-                  "http://100.64.0.1/", "http://224.0.0.1/", "http://[ff02::1]/", "http://[::]/",
-                  "http://metadata.google.internal/computeMetadata/v1/", "ftp://example.com/hook",
-                  "http://user:secret@example.com/hook"]
+LOOPBACK_FORMS = [
+    "http://127.0.0.1:{port}/a",
+    "http://localhost:{port}/b",
+    "http://LocalHost.:{port}/c",
+    "http://[::1]:{port}/d",
+    "http://0.0.0.0:{port}/e",
+    "http://2130706433:{port}/f",
+    "http://0x7f000001:{port}/g",
+    "http://0177.0.0.1:{port}/h",
+    "http://127.1:{port}/i",
+    "http://[::ffff:127.0.0.1]:{port}/j",
+    "http://[::ffff:7f00:1]:{port}/k",
+    "http://[64:ff9b::7f00:1]:{port}/l",
+    "http://api.localhost:{port}/m",
+]
+OTHER_INTERNAL = [
+    "http://169.254.169.254/latest/meta-data",
+    "http://[fd00:ec2::254]/",
+    "http://[fc00::1]/",
+    "http://[fe80::1]/",
+    "http://10.1.2.3/",
+    "http://172.16.0.1/",
+    "http://192.168.1.1/",
+    "http://100.64.0.1/",
+    "http://224.0.0.1/",
+    "http://[ff02::1]/",
+    "http://[::]/",
+    "http://metadata.google.internal/computeMetadata/v1/",
+    "ftp://example.com/hook",
+    "http://user:secret@example.com/hook",
+]
 
 
 def submit_with_webhook(api: Api, model_id: str, url: str):  # type: ignore[no-untyped-def]
-    return api.client.post("/v1/jobs", headers=api.headers(), json={
-        "model_id": model_id, "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-        "example_input_shape": [1, 8], "webhook_url": url})
+    return api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={
+            "model_id": model_id,
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [1, 8],
+            "webhook_url": url,
+        },
+    )
 
 
 def test_internal_webhook_urls_answer_422_at_submit(api: Api, listener: Listener) -> None:
@@ -88,9 +122,15 @@ def test_internal_webhook_urls_answer_422_at_submit(api: Api, listener: Listener
 def finished_job_with_webhook(api: Api, url: str) -> str:
     """A finished job whose stored webhook_url skipped the submit check (an old row, a changed DNS answer)."""
     model = upload_ts(api)
-    response = api.client.post("/v1/jobs", headers=api.headers(), json={
-        "model_id": model["id"], "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
-        "example_input_shape": [1, 8]})
+    response = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={
+            "model_id": model["id"],
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8"}],
+            "example_input_shape": [1, 8],
+        },
+    )
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     with session_scope() as session:
@@ -103,12 +143,21 @@ def finished_job_with_webhook(api: Api, url: str) -> str:
 
 def webhook_events(job_id: str) -> list[dict]:
     with session_scope() as session:
-        return [e.data for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
-                                                                       JobEvent.kind == "webhook"))]
+        return [
+            e.data
+            for e in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "webhook"))
+        ]
 
 
-@pytest.mark.parametrize("form", ["http://127.0.0.1:{port}/a", "http://localhost:{port}/b",
-                                  "http://[::ffff:7f00:1]:{port}/c", "http://0.0.0.0:{port}/d"])
+@pytest.mark.parametrize(
+    "form",
+    [
+        "http://127.0.0.1:{port}/a",
+        "http://localhost:{port}/b",
+        "http://[::ffff:7f00:1]:{port}/c",
+        "http://0.0.0.0:{port}/d",
+    ],
+)
 def test_internal_webhook_is_refused_at_send_and_recorded(api: Api, listener: Listener, form: str) -> None:
     from worker.runner import notify_webhook
 
@@ -130,8 +179,9 @@ def test_send_time_resolution_refuses_names_that_resolve_inward(api: Api) -> Non
             resolve_vetted(hostname, 80)
 
 
-def test_an_allowed_internal_host_receives_the_post(api: Api, listener: Listener,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_allowed_internal_host_receives_the_post(
+    api: Api, listener: Listener, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.config import get_settings
     from worker.runner import notify_webhook
 
@@ -139,8 +189,10 @@ def test_an_allowed_internal_host_receives_the_post(api: Api, listener: Listener
     model = upload_ts(api)
     url = f"http://localhost:{listener.port}/hook"
     assert submit_with_webhook(api, model["id"], url).status_code == 202
-    assert "webhook_url" in assert_error(submit_with_webhook(api, model["id"], f"http://127.0.0.1:{listener.port}/"),
-                                         422)["detail"]  # only the named host is allowed, not every loopback URL
+    assert (
+        "webhook_url"
+        in assert_error(submit_with_webhook(api, model["id"], f"http://127.0.0.1:{listener.port}/"), 422)["detail"]
+    )  # only the named host is allowed, not every loopback URL
     job_id = finished_job_with_webhook(api, url)
     notify_webhook(job_id)
     (event,) = webhook_events(job_id)

@@ -8,6 +8,7 @@ weights-only allowlist; then we load it with every `torch.load` forced to
 `weights_only=True` and the plain `pickle.loads` of the archive reader replaced
 by a restricted unpickler. Both layers run inside the sandbox as well.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +26,9 @@ from worker.compression.base import EngineError
 
 ZIP_MAGIC = b"PK\x03\x04"
 # plain pickles (the archive's own pickle.dumps members) may only name these; torch's allowlist covers the rest
-PLAIN_PICKLE_GLOBALS = frozenset({"collections.OrderedDict", "builtins.set", "builtins.frozenset",
-                                  "builtins.slice", "builtins.complex"})
+PLAIN_PICKLE_GLOBALS = frozenset(
+    {"collections.OrderedDict", "builtins.set", "builtins.frozenset", "builtins.slice", "builtins.complex"}
+)
 
 
 def _torch_safe_globals() -> set[str]:
@@ -93,7 +95,8 @@ def check_exported_program_archive(path: Path) -> None:
                 raise EngineError(
                     f"the exported program's member {info.filename!r} is a pickle that references globals outside "
                     f"the allowlist: {sorted(set(unsafe))[:5]}; re-save the program with torch.export.save from "
-                    "plain tensors")
+                    "plain tensors"
+                )
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -2,11 +2,13 @@
 
 The engine imports torch and nothing of the web, database or queue.
 """
+
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -92,8 +94,9 @@ class StageResult:
     requires: list[str] = field(default_factory=list)
 
 
-def select_layers(model: nn.Module, layers: dict[str, list[str]] | None, *,
-                  include_classifier: bool) -> list[tuple[str, nn.Module]]:
+def select_layers(
+    model: nn.Module, layers: dict[str, list[str]] | None, *, include_classifier: bool
+) -> list[tuple[str, nn.Module]]:
     """Modules that own a matrix-like `weight` (Linear, Conv, and their TorchScript or
     exported-graph counterparts), filtered by include/exclude globs on module names.
 
@@ -108,9 +111,12 @@ def select_layers(model: nn.Module, layers: dict[str, list[str]] | None, *,
     candidates = [(name, module) for name, module in model.named_modules() if _owns_matrix_weight(module)]
     if candidates and not include_classifier:
         candidates = candidates[:-1]
-    return [(name, module) for name, module in candidates
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
-            and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)]
+    return [
+        (name, module)
+        for name, module in candidates
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in include)
+        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
+    ]
 
 
 def _owns_matrix_weight(module: nn.Module) -> bool:

@@ -28,7 +28,7 @@ Conv layers are not encoded (left as they are); `info["skipped"]` lists them.
 
 import math
 import warnings
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -85,7 +85,7 @@ def _pack(values: Tensor, bits: int) -> Tensor:
 @torch.jit.script
 def _unpack(data: Tensor, bits: int, count: int) -> Tensor:
     stream = ((data.long().unsqueeze(1) >> torch.arange(8)) & 1).flatten()
-    return (stream[:count * bits].view(count, bits) << torch.arange(bits)).sum(1)
+    return (stream[: count * bits].view(count, bits) << torch.arange(bits)).sum(1)
 
 
 def _relative_index(positions: Tensor, index_bits: int) -> Tensor:
@@ -111,10 +111,10 @@ class CodebookLinear(nn.Module):
     `training`) are serialised; `weight` is decoded from them on load.
     """
 
-    bias: Optional[Tensor]
-    header: List[int]
+    bias: Tensor | None
+    header: list[int]
 
-    def __init__(self, floats: Tensor, data: Tensor, header: List[int]) -> None:
+    def __init__(self, floats: Tensor, data: Tensor, header: list[int]) -> None:
         super().__init__()
         self.floats = floats
         self.data = data
@@ -125,11 +125,11 @@ class CodebookLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def _bias(self) -> Optional[Tensor]:
+    def _bias(self) -> Tensor | None:
         h = self.header
         if h[3] == 0:
             return None
-        return self.floats[h[2]:]
+        return self.floats[h[2] :]
 
     @torch.jit.export
     def decode(self) -> Tensor:
@@ -145,15 +145,15 @@ class CodebookLinear(nn.Module):
         else:  # bitmask
             positions = torch.nonzero(_unpack(index, 1, out * inp)).flatten()
         weight = torch.zeros(out * inp)
-        weight[positions] = self.floats[:h[2]][codes]
+        weight[positions] = self.floats[: h[2]][codes]
         return weight.view(out, inp)
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[Tensor, Tensor, List[int], bool]:
+    def __getstate__(self) -> tuple[Tensor, Tensor, list[int], bool]:
         return (self.floats, self.data, self.header, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[Tensor, Tensor, List[int], bool]) -> None:
+    def __setstate__(self, state: tuple[Tensor, Tensor, list[int], bool]) -> None:
         self.floats = state[0]
         self.data = state[1]
         self.header = state[2]
@@ -189,10 +189,16 @@ def encode_layer(weight: Tensor, bias: Tensor | None, bits: int) -> tuple[Codebo
     module = CodebookLinear(floats, data, header)
     if not torch.equal(module.weight, shared.view(out, inp)):
         raise EngineError("codebook encoding is not exact (decoded weights differ from the shared weights)")
-    figures = {"bits": bits, "clusters": int(codebook.numel()), "sparsity": round(1 - nnz / (out * inp), 6),
-               "index": "bitmask" if kind == 1 else f"relative_{index_bits}bit", "index_bytes": index_bytes,
-               "bytes_dense": 4 * (out * inp + (out if bias is not None else 0)), "bytes_encoded": 4 * floats.numel() + data.numel(),
-               "sqnr_db": _sqnr_db(weight, shared.view(out, inp))}
+    figures = {
+        "bits": bits,
+        "clusters": int(codebook.numel()),
+        "sparsity": round(1 - nnz / (out * inp), 6),
+        "index": "bitmask" if kind == 1 else f"relative_{index_bits}bit",
+        "index_bytes": index_bytes,
+        "bytes_dense": 4 * (out * inp + (out if bias is not None else 0)),
+        "bytes_encoded": 4 * floats.numel() + data.numel(),
+        "sqnr_db": _sqnr_db(weight, shared.view(out, inp)),
+    }
     return module, shared.view(out, inp), figures
 
 
@@ -215,8 +221,10 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     if scheme != "codebook":
         raise EngineError(f"unknown encode scheme {scheme!r}; known schemes: ['codebook']")
     if ctx.kind == "torchscript":
-        raise EngineError("codebook encoding swaps layers for another module type, which a TorchScript model "
-                          "cannot take; upload a state_dict with an architecture or an exported program")
+        raise EngineError(
+            "codebook encoding swaps layers for another module type, which a TorchScript model "
+            "cannot take; upload a state_dict with an architecture or an exported program"
+        )
     bits = int(options.get("bits") or 5)
     if not 2 <= bits <= 8:
         raise EngineError(f"bits must be in [2, 8], got {bits}")
@@ -228,8 +236,10 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
 
         return run_weights_stage(model, options, ctx)
     if options.get("finetune_epochs"):
-        raise EngineError("finetune_epochs is available for the deep_compression container only "
-                          "(an eager model without output_format torchscript)")
+        raise EngineError(
+            "finetune_epochs is available for the deep_compression container only "
+            "(an eager model without output_format torchscript)"
+        )
     if ctx.kind == "graph":
         from worker.compression.quantization import torch_level_module
 
@@ -261,14 +271,20 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         _set_submodule(model, name, encoded)
         rows.append({"layer": name, **figures})
     if not rows:
-        raise EngineError("no layer was encoded: "
-                          + ("; ".join(f"{s['layer']}: {s['reason']}" for s in skipped) or "no Linear layer chosen"))
+        raise EngineError(
+            "no layer was encoded: "
+            + ("; ".join(f"{s['layer']}: {s['reason']}" for s in skipped) or "no Linear layer chosen")
+        )
     _pool_storage([m for m in model.modules() if isinstance(m, CodebookLinear)])
     ctx.progress(0.9, "scripting")
     scripted = _script(model, ctx.example_input)
     info: dict[str, Any] = {
-        "scheme": scheme, "bits": bits, "layers": rows, "skipped": skipped,
-        "bytes_dense": sum(r["bytes_dense"] for r in rows), "bytes_encoded": sum(r["bytes_encoded"] for r in rows),
+        "scheme": scheme,
+        "bits": bits,
+        "layers": rows,
+        "skipped": skipped,
+        "bytes_dense": sum(r["bytes_dense"] for r in rows),
+        "bytes_encoded": sum(r["bytes_encoded"] for r in rows),
         "weight_sqnr_db": 10 * math.log10(signal / noise) if noise > 0 else float("inf"),
     }
     info["encoded_ratio"] = round(info["bytes_dense"] / max(1, info["bytes_encoded"]), 3)
@@ -289,7 +305,7 @@ def _pool_storage(modules: list[CodebookLinear]) -> None:
     f_at = d_at = 0
     for m in modules:
         nf, nd = m.floats.numel(), m.data.numel()
-        m.floats, m.data = floats[f_at:f_at + nf], data[d_at:d_at + nd]
+        m.floats, m.data = floats[f_at : f_at + nf], data[d_at : d_at + nd]
         f_at, d_at = f_at + nf, d_at + nd
 
 
@@ -302,8 +318,10 @@ def _script(model: nn.Module, example: Batch) -> torch.jit.ScriptModule:
                 warnings.simplefilter("ignore")
                 return torch.jit.trace(model, example, check_trace=False)  # type: ignore[no-untyped-call, no-any-return]  # torch.jit.trace is unannotated
         except Exception as trace_error:
-            raise EngineError(f"the encoded model could be neither scripted ({_last_line(script_error)}) "
-                              f"nor traced ({_last_line(trace_error)})") from trace_error
+            raise EngineError(
+                f"the encoded model could be neither scripted ({_last_line(script_error)}) "
+                f"nor traced ({_last_line(trace_error)})"
+            ) from trace_error
 
 
 def _sqnr_db(reference: Tensor, approx: Tensor) -> float:

@@ -11,6 +11,7 @@ and the relative sparse index; the pipeline measures the model decoded back from
 that file. `codebook.run_stage` sends eager models here unless the job asks for
 output_format "torchscript".
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,9 @@ def share_weights(model: nn.Module, layers: list[tuple[str, nn.Linear]], bits: i
     return [_SharedLayer(name, module, bits) for name, module in layers]
 
 
-def finetune_centroids(model: nn.Module, shared: list[_SharedLayer], data: Dataset, epochs: int,
-                       ctx: StageContext) -> dict[str, Any]:
+def finetune_centroids(
+    model: nn.Module, shared: list[_SharedLayer], data: Dataset, epochs: int, ctx: StageContext
+) -> dict[str, Any]:
     """Han et al.'s centroid fine-tuning: cross-entropy on the training set, gradients flow into
     each codebook (and bias); pruned weights stay zero and every layer keeps 2^bits values.
     Keeps the fine-tuned codebooks only when training accuracy does not drop."""
@@ -67,8 +69,11 @@ def finetune_centroids(model: nn.Module, shared: list[_SharedLayer], data: Datas
         raise EngineError("finetune_epochs needs a training dataset with labels")
     generator = torch.Generator().manual_seed(ctx.seed)
     codebooks = [nn.Parameter(layer.codebook.clone()) for layer in shared]
-    biases = {f"{layer.name}.bias": nn.Parameter(layer.module.bias.detach().float().clone())
-              for layer in shared if layer.module.bias is not None}
+    biases = {
+        f"{layer.name}.bias": nn.Parameter(layer.module.bias.detach().float().clone())
+        for layer in shared
+        if layer.module.bias is not None
+    }
     optimizer = torch.optim.Adam(codebooks + list(biases.values()), lr=CENTROID_LR)
 
     def forward(inputs: Batch) -> Tensor:
@@ -90,7 +95,7 @@ def finetune_centroids(model: nn.Module, shared: list[_SharedLayer], data: Datas
         order = torch.randperm(len(data), generator=generator)
         total = 0.0
         for begin in range(0, len(data), BATCH_SIZE):
-            batch = order[begin:begin + BATCH_SIZE]
+            batch = order[begin : begin + BATCH_SIZE]
             loss = F.cross_entropy(forward(data.inputs[batch]), labels[batch])
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves this unannotated
@@ -115,8 +120,14 @@ def finetune_centroids(model: nn.Module, shared: list[_SharedLayer], data: Datas
     for layer in shared:
         if layer.module.bias is not None:
             layer.module.bias.data.copy_(biases[f"{layer.name}.bias"].detach())
-    return {"epochs": epochs, "lr": CENTROID_LR, "losses": losses, "train_accuracy_before": round(before, 6),
-            "train_accuracy_after": round(after, 6), "kept": kept}
+    return {
+        "epochs": epochs,
+        "lr": CENTROID_LR,
+        "losses": losses,
+        "train_accuracy_before": round(before, 6),
+        "train_accuracy_after": round(after, 6),
+        "kept": kept,
+    }
 
 
 def run_weights_stage(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> StageResult:
@@ -139,8 +150,10 @@ def run_weights_stage(model: nn.Module, options: dict[str, Any], ctx: StageConte
             continue
         chosen.append((name, module))
     if not chosen:
-        raise EngineError("no layer was encoded: "
-                          + ("; ".join(f"{s['layer']}: {s['reason']}" for s in skipped) or "no Linear layer chosen"))
+        raise EngineError(
+            "no layer was encoded: "
+            + ("; ".join(f"{s['layer']}: {s['reason']}" for s in skipped) or "no Linear layer chosen")
+        )
     ctx.progress(0.05, "k-means weight sharing")
     shared = share_weights(model, chosen, bits)
     finetune = None
@@ -158,11 +171,21 @@ def run_weights_stage(model: nn.Module, options: dict[str, Any], ctx: StageConte
             layer.module.weight.copy_(weight)
             if layer.module.bias is not None:  # the container stores biases as fp16
                 layer.module.bias.copy_(layer.module.bias.half().float())
-            rows.append({"layer": layer.name, "bits": bits, "clusters": int(layer.codebook.numel()),
-                         "sparsity": round(1 - layer.positions.numel() / layer.shape.numel(), 6),
-                         "sqnr_db": _sqnr_db(layer.original, weight)})
+            rows.append(
+                {
+                    "layer": layer.name,
+                    "bits": bits,
+                    "clusters": int(layer.codebook.numel()),
+                    "sparsity": round(1 - layer.positions.numel() / layer.shape.numel(), 6),
+                    "sqnr_db": _sqnr_db(layer.original, weight),
+                }
+            )
     info: dict[str, Any] = {
-        "scheme": "codebook", "bits": bits, "container": CONTAINER_FORMAT, "layers": rows, "skipped": skipped,
+        "scheme": "codebook",
+        "bits": bits,
+        "container": CONTAINER_FORMAT,
+        "layers": rows,
+        "skipped": skipped,
         "weight_sqnr_db": round(10 * math.log10(signal / noise), 3) if noise > 0 else float("inf"),
     }
     if finetune is not None:

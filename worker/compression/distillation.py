@@ -15,6 +15,7 @@ matches the 97.4-97.6% teacher, and neither view helped there (5 seeds, 3 teache
 mixup 0.2-0.6 points below plain KD, noise no better), so it is for students with
 room to learn more from the teacher than from the labels.
 """
+
 from __future__ import annotations
 
 import copy
@@ -47,8 +48,7 @@ SCHEMES = ("hinton",)
 # scratch needs more than a fine-tune: on digits (MLP 64-300-100-10 teacher, untrained
 # 64-32-10 student) this brings the student within a point of the teacher in about
 # 1.5 s of CPU per run; 20-40 epochs leave it 1.5-6 points short.
-DEFAULT_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-3, "epochs": 80, "batch_size": 64,
-                                 "schedule": "cosine"}
+DEFAULT_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-3, "epochs": 80, "batch_size": 64, "schedule": "cosine"}
 # Option defaults come from the catalogue, so the API and the engine never disagree.
 _DEFAULTS: dict[str, Any] = {option.name: option.default for option in find_scheme("distill", "hinton").options}
 # Share of the training data held out to report accuracies when there is no eval set.
@@ -85,17 +85,31 @@ class DistillConfig:
         Example:
             >>> DistillConfig.from_options({"student": "auto", "width_multiplier": 0.5})
         """
-        known = {"student", "width_multiplier", "temperature", "alpha", "baseline", "feature_layers",
-                 "transfer_augmentation", "sweep", "sweep_time_budget_s", "train"}
+        known = {
+            "student",
+            "width_multiplier",
+            "temperature",
+            "alpha",
+            "baseline",
+            "feature_layers",
+            "transfer_augmentation",
+            "sweep",
+            "sweep_time_budget_s",
+            "train",
+        }
         unknown = sorted(set(options) - known)
         if unknown:
             raise EngineError(f"unknown distill option(s) {unknown}; known: {sorted(known)}")
         given = {k: v for k, v in options.items() if v is not None}
         given = {**{k: v for k, v in _DEFAULTS.items() if v is not None}, **given}
         student = given["student"]
-        if student != "auto" and not (isinstance(student, dict) and (
-                isinstance(student.get("model_id"), str) or isinstance(student.get("architecture"), dict))):
-            raise EngineError('student must be "auto", {"model_id": "..."} or {"architecture": {"name": ..., "kwargs": {...}}}')
+        if student != "auto" and not (
+            isinstance(student, dict)
+            and (isinstance(student.get("model_id"), str) or isinstance(student.get("architecture"), dict))
+        ):
+            raise EngineError(
+                'student must be "auto", {"model_id": "..."} or {"architecture": {"name": ..., "kwargs": {...}}}'
+            )
         width, temperature, alpha = given["width_multiplier"], given["temperature"], given["alpha"]
         if not _is_number(width) or not 0 < width <= 1:
             raise EngineError(f"width_multiplier must be in (0, 1], got {width!r}")
@@ -107,17 +121,27 @@ class DistillConfig:
         if not isinstance(baseline, bool):
             raise EngineError("baseline must be true or false")
         features = given.get("feature_layers")
-        if features is not None and (not isinstance(features, dict) or not features or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in features.items())):
+        if features is not None and (
+            not isinstance(features, dict)
+            or not features
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in features.items())
+        ):
             raise EngineError('feature_layers must be a non-empty object {"teacher_module": "student_module"}')
         augmentation = given["transfer_augmentation"]
         if augmentation not in AUGMENTATIONS:
             raise EngineError(f"transfer_augmentation must be one of {list(AUGMENTATIONS)}, got {augmentation!r}")
-        return cls(student=student, width_multiplier=float(width), temperature=float(temperature),
-                   alpha=float(alpha), baseline=baseline, feature_layers=features,
-                   transfer_augmentation=augmentation, sweep=bool(given["sweep"]),
-                   sweep_time_budget_s=float(given["sweep_time_budget_s"]),
-                   train=TrainConfig.from_options(given.get("train"), DEFAULT_TRAIN))
+        return cls(
+            student=student,
+            width_multiplier=float(width),
+            temperature=float(temperature),
+            alpha=float(alpha),
+            baseline=baseline,
+            feature_layers=features,
+            transfer_augmentation=augmentation,
+            sweep=bool(given["sweep"]),
+            sweep_time_budget_s=float(given["sweep_time_budget_s"]),
+            train=TrainConfig.from_options(given.get("train"), DEFAULT_TRAIN),
+        )
 
 
 def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: StageContext) -> StageResult:
@@ -150,23 +174,28 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     if config.baseline and data.labels is None:
         raise EngineError("baseline trains the student on labels alone, so it needs a dataset with labels")
     if config.feature_layers and (ctx.kind != "eager" or student_kind != "eager"):
-        raise EngineError("feature_layers needs an eager teacher and an eager student "
-                          f"(here: teacher {ctx.kind}, student {student_kind}); hooks do not run inside "
-                          "TorchScript or exported graphs")
+        raise EngineError(
+            "feature_layers needs an eager teacher and an eager student "
+            f"(here: teacher {ctx.kind}, student {student_kind}); hooks do not run inside "
+            "TorchScript or exported graphs"
+        )
     ctx.progress(0.0, "computing teacher logits")
     teacher_logits = predict_logits(teacher, data.inputs, ctx.device)
     with_labels = data.labels is not None
     # One targets tensor, so the training loop slices labels and teacher logits together.
-    targets = teacher_logits if data.labels is None else torch.cat(
-        [data.labels.float().unsqueeze(1), teacher_logits], dim=1)
+    targets = (
+        teacher_logits if data.labels is None else torch.cat([data.labels.float().unsqueeze(1), teacher_logits], dim=1)
+    )
     train, train_targets, val, val_targets = _hold_out(data, targets, config, ctx)
     evaluation = ctx.eval_data if ctx.eval_data is not None else val
     train_config = config.train
 
     augmentation = config.transfer_augmentation
     if augmentation != "none" and not train.inputs.is_floating_point():
-        raise EngineError(f"transfer_augmentation {augmentation!r} needs floating-point inputs, "
-                          f"these are {train.inputs.dtype}: use \"none\"")
+        raise EngineError(
+            f"transfer_augmentation {augmentation!r} needs floating-point inputs, "
+            f'these are {train.inputs.dtype}: use "none"'
+        )
     teacher_device = module_device(teacher)
     # With labels: the baseline and a small sweep over (temperature, alpha), best one delivered (distillation_sweep)
     compare = with_labels and evaluation is not None and evaluation.labels is not None
@@ -182,15 +211,32 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         candidate = student if number == 0 else copy.deepcopy(initial_student)
         assert candidate is not None  # more than one candidate implies compare, so initial_student was kept
         trained, features = _attach_features(teacher, candidate, config, train.inputs[:2])
-        augment = TransferAugmentation(augmentation, teacher, float(train.inputs.float().std())) \
-            if augmentation != "none" else None
-        loss = HintonLoss(temperature, alpha, with_labels=with_labels,
-                          label_smoothing=train_config.label_smoothing, features=features, augment=augment)
+        augment = (
+            TransferAugmentation(augmentation, teacher, float(train.inputs.float().std()))
+            if augmentation != "none"
+            else None
+        )
+        loss = HintonLoss(
+            temperature,
+            alpha,
+            with_labels=with_labels,
+            label_smoothing=train_config.label_smoothing,
+            features=features,
+            augment=augment,
+        )
         name = "student" if number == 0 else f"sweep T={temperature:g},alpha={alpha:g}"
         run_started = time.monotonic()
         try:
-            summary = fit(trained, train, train_config, _scaled(ctx, number * share, share, name),
-                          loss_fn=loss, val_data=val, targets=train_targets, val_targets=val_targets)
+            summary = fit(
+                trained,
+                train,
+                train_config,
+                _scaled(ctx, number * share, share, name),
+                loss_fn=loss,
+                val_data=val,
+                targets=train_targets,
+                val_targets=val_targets,
+            )
         finally:
             if features is not None:
                 features.remove_hooks()
@@ -219,16 +265,20 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     delivered = student
     if initial_student is not None:
         baseline_started = time.monotonic()
-        info["baseline_training"] = fit(initial_student, train, train_config,
-                                        _scaled(ctx, 1.0 - share, share, "baseline"), val_data=val)
+        info["baseline_training"] = fit(
+            initial_student, train, train_config, _scaled(ctx, 1.0 - share, share, "baseline"), val_data=val
+        )
         baseline_seconds = time.monotonic() - baseline_started
     if evaluation is not None and evaluation.labels is not None:
         info["evaluated_on"] = "eval_data" if ctx.eval_data is not None else "validation_split"
         info["teacher_accuracy"] = evaluate_accuracy(teacher, evaluation)
-        info["baseline_accuracy"] = evaluate_accuracy(initial_student, evaluation) if initial_student is not None else None
+        info["baseline_accuracy"] = (
+            evaluate_accuracy(initial_student, evaluation) if initial_student is not None else None
+        )
         if compare and initial_student is not None:
-            baseline = kd_sweep.Run("baseline", None, None, info["baseline_accuracy"], baseline_seconds,
-                                 info["baseline_training"])
+            baseline = kd_sweep.Run(
+                "baseline", None, None, info["baseline_accuracy"], baseline_seconds, info["baseline_training"]
+            )
             chosen, warnings = kd_sweep.choose(baseline, runs)
             delivered = initial_student if chosen is baseline else students[runs.index(chosen)]
             info["runs"] = [baseline.describe()] + [run.describe() for run in runs]
@@ -249,9 +299,16 @@ class HintonLoss:
     are labels; without labels only the soft term is used (label-free distillation).
     """
 
-    def __init__(self, temperature: float, alpha: float, *, with_labels: bool,
-                 label_smoothing: float = 0.0, features: FeatureMatcher | None = None,
-                 augment: TransferAugmentation | None = None) -> None:
+    def __init__(
+        self,
+        temperature: float,
+        alpha: float,
+        *,
+        with_labels: bool,
+        label_smoothing: float = 0.0,
+        features: FeatureMatcher | None = None,
+        augment: TransferAugmentation | None = None,
+    ) -> None:
         self.temperature, self.alpha, self.with_labels = temperature, alpha, with_labels
         self.label_smoothing, self.features, self.augment = label_smoothing, features, augment
 
@@ -274,11 +331,14 @@ class HintonLoss:
                 teacher_logits = self.features.teacher_logits()
         student_logits = logits_of(model(inputs)).float()
         t = self.temperature
-        soft = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
-                        reduction="batchmean", log_target=True) * (t * t)
+        soft = F.kl_div(
+            F.log_softmax(student_logits / t, dim=1),
+            F.log_softmax(teacher_logits / t, dim=1),
+            reduction="batchmean",
+            log_target=True,
+        ) * (t * t)
         if self.with_labels:
-            hard = F.cross_entropy(student_logits[:batch], targets[:, 0].long(),
-                                   label_smoothing=self.label_smoothing)
+            hard = F.cross_entropy(student_logits[:batch], targets[:, 0].long(), label_smoothing=self.label_smoothing)
             loss = self.alpha * soft + (1 - self.alpha) * hard
         else:
             loss = soft
@@ -343,6 +403,7 @@ class FeatureMatcher:
     def _store(outputs: list[Tensor | None], index: int) -> Any:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             outputs[index] = logits_of(output)
+
         return hook
 
     def run_teacher(self, inputs: Tensor) -> None:
@@ -368,8 +429,9 @@ class FeatureMatcher:
         self.handles.clear()
 
 
-def predict_logits(model: nn.Module, inputs: Batch, device: torch.device | str = "cpu",
-                   batch_size: int = _PREDICT_BATCH) -> Tensor:
+def predict_logits(
+    model: nn.Module, inputs: Batch, device: torch.device | str = "cpu", batch_size: int = _PREDICT_BATCH
+) -> Tensor:
     """The model's logits for every input, computed in batches under no_grad, on the CPU.
 
     Example:
@@ -384,7 +446,7 @@ def predict_logits(model: nn.Module, inputs: Batch, device: torch.device | str =
     try:
         with torch.no_grad():
             for start in range(0, int(inputs.shape[0]), batch_size):
-                outputs.append(logits_of(model(inputs[start:start + batch_size].to(target))).float().cpu())
+                outputs.append(logits_of(model(inputs[start : start + batch_size].to(target))).float().cpu())
     finally:
         if original != target:
             model.to(original)
@@ -398,8 +460,10 @@ def _build_student(teacher: nn.Module, config: DistillConfig, ctx: StageContext)
     spec = config.student
     if spec == "auto":
         if ctx.kind != "eager":
-            raise EngineError(f'student "auto" is derived from an eager teacher; this teacher is {ctx.kind}: '
-                              'give a student as {"architecture": ...} or {"model_id": ...}')
+            raise EngineError(
+                f'student "auto" is derived from an eager teacher; this teacher is {ctx.kind}: '
+                'give a student as {"architecture": ...} or {"model_id": ...}'
+            )
         assert isinstance(ctx.example_input, Tensor)  # narrowing is traced on one input tensor
         return _shrink_width(teacher, config.width_multiplier, ctx.example_input), "eager", "auto"
     assert isinstance(spec, dict)
@@ -430,21 +494,27 @@ def _shrink_width(teacher: nn.Module, width_multiplier: float, example_input: Te
         return student
     layers = select_layers(student, None, include_classifier=True)
     if len(layers) < 2:
-        raise EngineError('student "auto" needs a teacher with hidden layers to narrow; '
-                          "this one has at most one weight layer")
+        raise EngineError(
+            'student "auto" needs a teacher with hidden layers to narrow; this one has at most one weight layer'
+        )
     classifier = layers[-1][1]
     try:
         pruner = tp.pruner.MetaPruner(
-            student, example_input.cpu(), importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=1.0 - width_multiplier, ignored_layers=[classifier])
+            student,
+            example_input.cpu(),
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=1.0 - width_multiplier,
+            ignored_layers=[classifier],
+        )
         pruner.step()
     except Exception as error:
         raise EngineError(f'student "auto" could not narrow this architecture: {error}') from error
     return student
 
 
-def _attach_features(teacher: nn.Module, student: nn.Module, config: DistillConfig,
-                     probe: Batch) -> tuple[nn.Module, FeatureMatcher | None]:
+def _attach_features(
+    teacher: nn.Module, student: nn.Module, config: DistillConfig, probe: Batch
+) -> tuple[nn.Module, FeatureMatcher | None]:
     """The module to train (the student, or the student with adapters) and the feature hooks."""
     if not config.feature_layers:
         return student, None
@@ -461,8 +531,9 @@ def _attach_features(teacher: nn.Module, student: nn.Module, config: DistillConf
         teacher(probe.to(module_device(teacher)))
         student(probe.to(module_device(student)))
     adapters = []
-    for (teacher_name, student_name), t_out, s_out in zip(config.feature_layers.items(), matcher.teacher_outputs,
-                                                          matcher.student_outputs):
+    for (teacher_name, student_name), t_out, s_out in zip(
+        config.feature_layers.items(), matcher.teacher_outputs, matcher.student_outputs
+    ):
         assert t_out is not None and s_out is not None
         adapters.append(_adapter(teacher_name, student_name, t_out, s_out))
     matcher.adapters = nn.ModuleList(adapters).to(module_device(student))
@@ -472,9 +543,11 @@ def _attach_features(teacher: nn.Module, student: nn.Module, config: DistillConf
 def _adapter(teacher_name: str, student_name: str, teacher_out: Tensor, student_out: Tensor) -> nn.Module:
     """Linear map from the student's feature width to the teacher's (1x1 conv for feature maps)."""
     if teacher_out.dim() != student_out.dim() or teacher_out.shape[2:] != student_out.shape[2:]:
-        raise EngineError(f"feature_layers: teacher {teacher_name!r} gives {list(teacher_out.shape[1:])} and "
-                          f"student {student_name!r} gives {list(student_out.shape[1:])}; they must match "
-                          "except in the channel/feature dimension")
+        raise EngineError(
+            f"feature_layers: teacher {teacher_name!r} gives {list(teacher_out.shape[1:])} and "
+            f"student {student_name!r} gives {list(student_out.shape[1:])}; they must match "
+            "except in the channel/feature dimension"
+        )
     if teacher_out.dim() == 2:
         return nn.Linear(student_out.shape[1], teacher_out.shape[1])
     if teacher_out.dim() in (3, 4, 5):
@@ -498,13 +571,17 @@ def _check_dataset(teacher: nn.Module, student: nn.Module, data: Dataset, which:
         raise EngineError(f"the teacher must output (batch, classes) logits, got shape {list(teacher_out.shape)}")
     num_classes = int(teacher_out.shape[1])
     if student_out.shape != teacher_out.shape:
-        raise EngineError(f"the student outputs shape {list(student_out.shape[1:])} but the teacher "
-                          f"{list(teacher_out.shape[1:])}: they must predict the same classes")
+        raise EngineError(
+            f"the student outputs shape {list(student_out.shape[1:])} but the teacher "
+            f"{list(teacher_out.shape[1:])}: they must predict the same classes"
+        )
     if data.labels is not None:
         low, high = int(data.labels.min()), int(data.labels.max())
         if low < 0 or high >= num_classes:
-            raise EngineError(f"the {which} labels span [{low}, {high}] but the teacher has {num_classes} "
-                              f"classes (labels must be in [0, {num_classes - 1}])")
+            raise EngineError(
+                f"the {which} labels span [{low}, {high}] but the teacher has {num_classes} "
+                f"classes (labels must be in [0, {num_classes - 1}])"
+            )
     return num_classes
 
 
@@ -518,8 +595,9 @@ def _probe(model: nn.Module, inputs: Batch, message: str) -> Tensor:
         raise EngineError(f"{message}: {str(error).strip().splitlines()[-1]}") from error
 
 
-def _hold_out(data: Dataset, targets: Tensor, config: DistillConfig,
-              ctx: StageContext) -> tuple[Dataset, Tensor, Dataset | None, Tensor | None]:
+def _hold_out(
+    data: Dataset, targets: Tensor, config: DistillConfig, ctx: StageContext
+) -> tuple[Dataset, Tensor, Dataset | None, Tensor | None]:
     """Train and validation parts: a validation split reports accuracies when there is no eval set."""
     fraction = config.train.val_split
     if fraction is None:
@@ -538,7 +616,8 @@ def _scaled(ctx: StageContext, offset: float, weight: float, label: str) -> Stag
     return dataclasses.replace(
         ctx,
         progress=lambda fraction, message: ctx.progress(offset + weight * fraction, f"{label}: {message}"),
-        event=lambda kind, data: ctx.event(kind, {**data, "run": label}))
+        event=lambda kind, data: ctx.event(kind, {**data, "run": label}),
+    )
 
 
 def _count_parameters(model: nn.Module) -> int:

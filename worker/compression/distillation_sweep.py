@@ -8,6 +8,7 @@ on the evaluation data (the eval set, else the held-out split); a tie goes to
 distillation, the method the user asked for. When no distilled run beats the baseline,
 the baseline is delivered and the job says so in metrics.warnings.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,9 +30,14 @@ class Run:
     training: dict[str, Any]
 
     def describe(self) -> dict[str, Any]:
-        return {"run": self.name, "temperature": self.temperature, "alpha": self.alpha,
-                "accuracy": self.accuracy, "seconds": round(self.seconds, 3),
-                "epochs_run": self.training.get("epochs_run")}
+        return {
+            "run": self.name,
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "accuracy": self.accuracy,
+            "seconds": round(self.seconds, 3),
+            "epochs_run": self.training.get("epochs_run"),
+        }
 
 
 def settings(temperature: float, alpha: float, sweep: bool) -> list[tuple[float, float]]:
@@ -53,10 +59,17 @@ def choose(baseline: Run, distilled: list[Run]) -> tuple[Run, list[str]]:
     best = max(distilled, key=lambda run: run.accuracy if run.accuracy is not None else -1.0)
     assert best.accuracy is not None and baseline.accuracy is not None
     if best.accuracy >= baseline.accuracy:
-        warnings = [] if best.accuracy > baseline.accuracy else [
-            f"distillation did not beat the baseline student: best distilled run {best.name} ties it at "
-            f"{best.accuracy:.4f} top-1; the distilled student is delivered"]
+        warnings = (
+            []
+            if best.accuracy > baseline.accuracy
+            else [
+                f"distillation did not beat the baseline student: best distilled run {best.name} ties it at "
+                f"{best.accuracy:.4f} top-1; the distilled student is delivered"
+            ]
+        )
         return best, warnings
-    return baseline, [f"distillation did not beat the baseline student ({best.accuracy:.4f} best distilled "
-                      f"vs {baseline.accuracy:.4f} top-1 over {len(distilled)} run(s)); the baseline student, "
-                      f"trained on labels alone with the same budget and seed, is delivered"]
+    return baseline, [
+        f"distillation did not beat the baseline student ({best.accuracy:.4f} best distilled "
+        f"vs {baseline.accuracy:.4f} top-1 over {len(distilled)} run(s)); the baseline student, "
+        f"trained on labels alone with the same budget and seed, is delivered"
+    ]

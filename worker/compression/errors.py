@@ -8,6 +8,7 @@ keeps the first line and the last lines, and puts a hint in front when the cause
 recognise. Pure string handling: no torch, no service imports, so both the sandboxed child
 and the worker parent can use it.
 """
+
 from __future__ import annotations
 
 import re
@@ -18,19 +19,32 @@ ELISION = "\n…\n"
 
 # (pattern in the error text, what the user should change), first match wins
 HINTS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"'indices' to have one of the following scalar types: Long, Int|"
-                r"scalar type Long.*but got .*Float|expected scalar type (Long|Int) but found Float", re.S),
-     "the model takes integer token ids, but it was fed random floats: declare the inputs' dtype "
-     "(int64 ids with a value range) instead of a float example_input_shape, or upload a dataset of token ids"),
-    (re.compile(r"forward\(\) is missing value for argument '(\w+)'|missing \d+ required positional "
-                r"arguments?: '(\w+)'"),
-     "the model's forward takes more than one input (it is missing {0!r}): describe every input the "
-     "model takes, not only example_input_shape"),
-    (re.compile(r"mat1 and mat2 shapes cannot be multiplied|size mismatch|shape '\[.*\]' is invalid for input"),
-     "the example input's shape does not fit the model: check example_input_shape (batch first) against "
-     "what the model's first layer expects"),
-    (re.compile(r"Expected \d+D \(unbatched\) or \d+D \(batched\) input"),
-     "the example input has the wrong number of dimensions for the model's first layer: check example_input_shape"),
+    (
+        re.compile(
+            r"'indices' to have one of the following scalar types: Long, Int|"
+            r"scalar type Long.*but got .*Float|expected scalar type (Long|Int) but found Float",
+            re.S,
+        ),
+        "the model takes integer token ids, but it was fed random floats: declare the inputs' dtype "
+        "(int64 ids with a value range) instead of a float example_input_shape, or upload a dataset of token ids",
+    ),
+    (
+        re.compile(
+            r"forward\(\) is missing value for argument '(\w+)'|missing \d+ required positional "
+            r"arguments?: '(\w+)'"
+        ),
+        "the model's forward takes more than one input (it is missing {0!r}): describe every input the "
+        "model takes, not only example_input_shape",
+    ),
+    (
+        re.compile(r"mat1 and mat2 shapes cannot be multiplied|size mismatch|shape '\[.*\]' is invalid for input"),
+        "the example input's shape does not fit the model: check example_input_shape (batch first) against "
+        "what the model's first layer expects",
+    ),
+    (
+        re.compile(r"Expected \d+D \(unbatched\) or \d+D \(batched\) input"),
+        "the example input has the wrong number of dimensions for the model's first layer: check example_input_shape",
+    ),
 )
 
 
@@ -59,7 +73,7 @@ def shorten(text: str, limit: int = MAX_DETAIL_CHARS, tail: int = TAIL_CHARS) ->
     end = text[-tail:]
     newline = end.find("\n")
     if 0 <= newline < tail // 4:
-        end = end[newline + 1:]
+        end = end[newline + 1 :]
     return first + ELISION + end
 
 

@@ -1,4 +1,5 @@
 """Facts a job report shows beside the measurements: where it ran, and the final model's layers."""
+
 from __future__ import annotations
 
 import os
@@ -63,6 +64,12 @@ def layer_sparsity(model: nn.Module) -> list[dict[str, Any]]:
         numel = tensor.numel()
         zeros = numel - int(torch.count_nonzero(tensor))
         layer = name[: -len(".weight")] if name.endswith(".weight") else name
-        rows.append({"layer": layer, "parameters": numel, "sparsity": round(zeros / max(1, numel), 6),
-                     "shape": list(tensor.shape)})
+        rows.append(
+            {
+                "layer": layer,
+                "parameters": numel,
+                "sparsity": round(zeros / max(1, numel), 6),
+                "shape": list(tensor.shape),
+            }
+        )
     return rows

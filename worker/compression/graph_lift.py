@@ -14,6 +14,7 @@ They are not merged yet: they differ in what they lift (layer_norm, shared param
 aten->torch translation) and in how (new graph vs in place), and merging them would change
 behaviour; issue 14 asks for one lifter, which is the next step here.
 """
+
 from __future__ import annotations
 
 import operator
@@ -82,22 +83,44 @@ _SIMPLE_CALLS: dict[Any, Callable[..., Any]] = {}
 
 def _aten_tables() -> None:
     aten = torch.ops.aten
-    _CONV_TYPES.update({aten.conv1d.default: nn.Conv1d, aten.conv2d.default: nn.Conv2d,
-                        aten.conv3d.default: nn.Conv3d, aten.conv1d.padding: nn.Conv1d,
-                        aten.conv2d.padding: nn.Conv2d, aten.conv3d.padding: nn.Conv3d})
-    _SIMPLE_CALLS.update({
-        aten.relu.default: F.relu, aten.relu_.default: F.relu,
-        aten.sigmoid.default: torch.sigmoid, aten.tanh.default: torch.tanh,
-        aten.flatten.using_ints: torch.flatten, aten.view.default: torch.reshape,
-        aten.reshape.default: torch.reshape, aten.cat.default: torch.cat,
-        aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d, aten.mean.dim: torch.mean,
-        aten.permute.default: torch.permute, aten.transpose.int: torch.transpose,
-        aten.add.Tensor: operator.add, aten.mul.Tensor: operator.mul,
-    })
+    _CONV_TYPES.update(
+        {
+            aten.conv1d.default: nn.Conv1d,
+            aten.conv2d.default: nn.Conv2d,
+            aten.conv3d.default: nn.Conv3d,
+            aten.conv1d.padding: nn.Conv1d,
+            aten.conv2d.padding: nn.Conv2d,
+            aten.conv3d.padding: nn.Conv3d,
+        }
+    )
+    _SIMPLE_CALLS.update(
+        {
+            aten.relu.default: F.relu,
+            aten.relu_.default: F.relu,
+            aten.sigmoid.default: torch.sigmoid,
+            aten.tanh.default: torch.tanh,
+            aten.flatten.using_ints: torch.flatten,
+            aten.view.default: torch.reshape,
+            aten.reshape.default: torch.reshape,
+            aten.cat.default: torch.cat,
+            aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+            aten.mean.dim: torch.mean,
+            aten.permute.default: torch.permute,
+            aten.transpose.int: torch.transpose,
+            aten.add.Tensor: operator.add,
+            aten.mul.Tensor: operator.mul,
+        }
+    )
 
 
-def _translate_call(source: fx.GraphModule, root: nn.Module, graph: fx.Graph, node: fx.Node,
-                    arg: Callable[[Any], Any], lifted: dict[tuple[str, ...], str]) -> Any:
+def _translate_call(
+    source: fx.GraphModule,
+    root: nn.Module,
+    graph: fx.Graph,
+    node: fx.Node,
+    arg: Callable[[Any], Any],
+    lifted: dict[tuple[str, ...], str],
+) -> Any:
     if not _SIMPLE_CALLS:
         _aten_tables()
     aten = torch.ops.aten
@@ -107,8 +130,7 @@ def _translate_call(source: fx.GraphModule, root: nn.Module, graph: fx.Graph, no
     if target in (aten.linear.default, *_CONV_TYPES) and _reads_attributes(node, (1,)) and not kwargs:
         name = _lift(source, root, node, lifted, (1, 2), _make_layer)
         return graph.call_module(name, (arg(node.args[0]),))
-    if (target is aten.batch_norm.default and _reads_attributes(node, (1, 2, 3, 4)) and not node.args[5]
-            and not kwargs):
+    if target is aten.batch_norm.default and _reads_attributes(node, (1, 2, 3, 4)) and not node.args[5] and not kwargs:
         name = _lift(source, root, node, lifted, (1, 2, 3, 4), _make_batch_norm)
         return graph.call_module(name, (arg(node.args[0]),))
     if target is aten.sym_size.int:
@@ -129,12 +151,21 @@ def _translate_call(source: fx.GraphModule, root: nn.Module, graph: fx.Graph, no
 
 def _reads_attributes(node: fx.Node, indices: tuple[int, ...]) -> bool:
     """Whether the node's arguments at `indices` are parameters or buffers (get_attr nodes)."""
-    return all(isinstance(node.args[i], fx.Node) and node.args[i].op == "get_attr"  # type: ignore[union-attr]
-               for i in indices if i < len(node.args))
+    return all(
+        isinstance(node.args[i], fx.Node) and node.args[i].op == "get_attr"  # type: ignore[union-attr]
+        for i in indices
+        if i < len(node.args)
+    )
 
 
-def _lift(source: fx.GraphModule, root: nn.Module, node: fx.Node, lifted: dict[tuple[str, ...], str],
-          indices: tuple[int, ...], make: Callable[[fx.Node, list[Any]], nn.Module]) -> str:
+def _lift(
+    source: fx.GraphModule,
+    root: nn.Module,
+    node: fx.Node,
+    lifted: dict[tuple[str, ...], str],
+    indices: tuple[int, ...],
+    make: Callable[[fx.Node, list[Any]], nn.Module],
+) -> str:
     """Put a module that owns the node's parameters (args at `indices`) on `root`; return its name."""
     attributes = [node.args[i] if i < len(node.args) else None for i in indices]
     for attribute in attributes:
@@ -175,9 +206,17 @@ def _make_layer(node: fx.Node, tensors: list[Any]) -> nn.Module:
     else:
         args = list(node.args) + [None] * 7
         stride, padding, dilation, groups = (args[3] or 1), (args[4] or 0), (args[5] or 1), (args[6] or 1)
-        layer = _CONV_TYPES[node.target](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                                         stride=stride, padding=padding, dilation=dilation, groups=groups,
-                                         bias=bias is not None, device="meta")
+        layer = _CONV_TYPES[node.target](
+            weight.shape[1] * groups,
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias is not None,
+            device="meta",
+        )
     layer.weight = _as_parameter(weight)
     if bias is not None:
         layer.bias = _as_parameter(bias)
@@ -190,8 +229,9 @@ def _make_batch_norm(node: fx.Node, tensors: list[Any]) -> nn.Module:
     value = node.meta.get("val")
     rank = value.dim() if isinstance(value, torch.Tensor) else 4
     norm_type = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, nn.BatchNorm2d)
-    norm = norm_type(running_mean.shape[0], eps=float(args[7]), momentum=float(args[6]),
-                     affine=weight is not None, device="meta")
+    norm = norm_type(
+        running_mean.shape[0], eps=float(args[7]), momentum=float(args[6]), affine=weight is not None, device="meta"
+    )
     if weight is not None:
         norm.weight = _as_parameter(weight)
         norm.bias = _as_parameter(bias)
@@ -268,8 +308,13 @@ def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
 _aten = torch.ops.aten
 # each class takes a kernel size of its own rank, which one static type cannot say
 _CONV_OPS: dict[Any, Callable[..., nn.Module]] = {
-    _aten.conv1d.default: nn.Conv1d, _aten.conv2d.default: nn.Conv2d, _aten.conv3d.default: nn.Conv3d,
-    _aten.conv1d.padding: nn.Conv1d, _aten.conv2d.padding: nn.Conv2d, _aten.conv3d.padding: nn.Conv3d}
+    _aten.conv1d.default: nn.Conv1d,
+    _aten.conv2d.default: nn.Conv2d,
+    _aten.conv3d.default: nn.Conv3d,
+    _aten.conv1d.padding: nn.Conv1d,
+    _aten.conv2d.padding: nn.Conv2d,
+    _aten.conv3d.padding: nn.Conv3d,
+}
 _BATCH_NORM_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _RESHAPE_OPS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
 
@@ -311,12 +356,20 @@ def lift_exported_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
         node.replace_all_uses_with(call)
         graph.erase_node(node)
     graph.eliminate_dead_code()
-    leftovers = sorted({f"{user.target} uses {node.target}" for node in graph.nodes if node.op == "get_attr"
-                        and isinstance(_attr(graph_module, node.target), nn.Parameter) for user in node.users})
+    leftovers = sorted(
+        {
+            f"{user.target} uses {node.target}"
+            for node in graph.nodes
+            if node.op == "get_attr" and isinstance(_attr(graph_module, node.target), nn.Parameter)
+            for user in node.users
+        }
+    )
     if leftovers:
-        raise EngineError("ln_structured on an exported program handles parameters of conv, linear, batch_norm "
-                          f"and layer_norm ops only; this graph also has {', '.join(leftovers[:3])}. Upload a "
-                          "state_dict with a registered architecture instead")
+        raise EngineError(
+            "ln_structured on an exported program handles parameters of conv, linear, batch_norm "
+            f"and layer_norm ops only; this graph also has {', '.join(leftovers[:3])}. Upload a "
+            "state_dict with a registered architecture instead"
+        )
     # A fresh GraphModule: the exported one refuses train()/eval(), which torch-pruning calls.
     return fx.GraphModule(graph_module, graph)
 
@@ -349,23 +402,32 @@ def _module_for(root: fx.GraphModule, node: fx.Node, uses: dict[str, int]) -> tu
         conv_args = {k: kwargs.get(k, v) for k, v in zip(names, args[3:7]) if kwargs.get(k, v) is not None}
         groups = int(conv_args.pop("groups", 1))
         conv_args = {k: v if isinstance(v, str) else tuple(v) for k, v in conv_args.items()}
-        module = _CONV_OPS[target](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                                   groups=groups, bias="bias" in values, device="meta", **conv_args)
+        module = _CONV_OPS[target](
+            weight.shape[1] * groups,
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            groups=groups,
+            bias="bias" in values,
+            device="meta",
+            **conv_args,
+        )
     elif target is _aten.batch_norm.default:
         if args[5]:
-            raise EngineError("the exported program's batch norm runs in training mode; call model.eval() "
-                              "before torch.export.export and upload it again")
+            raise EngineError(
+                "the exported program's batch norm runs in training mode; call model.eval() "
+                "before torch.export.export and upload it again"
+            )
         rank = _rank(node.args[0])
         if rank not in _BATCH_NORM_BY_RANK or "running_mean" not in values:
             return None
-        module = _BATCH_NORM_BY_RANK[rank](weight.shape[0], eps=float(args[7]), momentum=float(args[6]),
-                                           device="meta")
+        module = _BATCH_NORM_BY_RANK[rank](weight.shape[0], eps=float(args[7]), momentum=float(args[6]), device="meta")
         tracked = getattr(root.get_submodule(owner), "num_batches_tracked", None)
         if isinstance(tracked, Tensor):
             module.num_batches_tracked = tracked
     else:
-        module = nn.LayerNorm(list(args[1]), eps=float(args[4] if args[4] is not None else 1e-5),
-                              bias="bias" in values, device="meta")
+        module = nn.LayerNorm(
+            list(args[1]), eps=float(args[4] if args[4] is not None else 1e-5), bias="bias" in values, device="meta"
+        )
     for name, value in values.items():
         setattr(module, name, value)
     module.train(False)
@@ -378,8 +440,12 @@ def _common_owner(root: fx.GraphModule, tensors: dict[str, Any], uses: dict[str,
     for name, arg in tensors.items():
         if arg is None:
             continue
-        if (not isinstance(arg, fx.Node) or arg.op != "get_attr" or not isinstance(arg.target, str)
-                or uses.get(arg.target, 0) != 1):
+        if (
+            not isinstance(arg, fx.Node)
+            or arg.op != "get_attr"
+            or not isinstance(arg.target, str)
+            or uses.get(arg.target, 0) != 1
+        ):
             return None
         owner, _, attribute = arg.target.rpartition(".")
         if attribute != name or not owner:
@@ -391,8 +457,11 @@ def _common_owner(root: fx.GraphModule, tensors: dict[str, Any], uses: dict[str,
     container = root.get_submodule(owner)
     # Only plain containers holding nothing but these tensors are swapped for a real module.
     held = set(container._parameters) | set(container._buffers)
-    if (type(container) is not nn.Module or any(True for _ in container.children())
-            or not held <= set(tensors) | {"num_batches_tracked"}):
+    if (
+        type(container) is not nn.Module
+        or any(True for _ in container.children())
+        or not held <= set(tensors) | {"num_batches_tracked"}
+    ):
         return None
     return owner
 

@@ -11,11 +11,12 @@ the constant keyword arguments. `ModelInputs` slices, indexes and moves like a
 tensor along the batch dimension, so code that walks a dataset batch by batch does
 not care which one it holds.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,14 +24,19 @@ from torch import Tensor, nn
 from worker.compression.base import EngineError
 
 DTYPES: dict[str, torch.dtype] = {
-    "float16": torch.float16, "float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-    "int32": torch.int32, "int64": torch.int64, "bool": torch.bool,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
 }
 # torch.export specialises dimensions of size 0 and 1, so examples for an export use at least this
 MIN_DYNAMIC_SIZE = 2
 MAX_DYNAMIC_SIZE = 4096
 
-OutputSelector = Union[int, str, None]
+OutputSelector = int | str | None
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,14 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InputSpec:
-        return cls(name=str(data["name"]), shape=tuple(int(s) for s in data["shape"]),
-                   dtype=str(data.get("dtype") or "float32"), low=data.get("low"), high=data.get("high"),
-                   dynamic=tuple(int(d) for d in data.get("dynamic") or ()))
+        return cls(
+            name=str(data["name"]),
+            shape=tuple(int(s) for s in data["shape"]),
+            dtype=str(data.get("dtype") or "float32"),
+            low=data.get("low"),
+            high=data.get("high"),
+            dynamic=tuple(int(d) for d in data.get("dynamic") or ()),
+        )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -64,8 +75,13 @@ class Signature:
     output: OutputSelector = None
 
     @classmethod
-    def from_request(cls, inputs: list[dict[str, Any]] | None, example_input_shape: list[int] | None,
-                     forward_kwargs: dict[str, Any] | None = None, output: OutputSelector = None) -> Signature | None:
+    def from_request(
+        cls,
+        inputs: list[dict[str, Any]] | None,
+        example_input_shape: list[int] | None,
+        forward_kwargs: dict[str, Any] | None = None,
+        output: OutputSelector = None,
+    ) -> Signature | None:
         """The declared signature, the one-float-tensor shorthand, or None (the dataset gives the shape)."""
         if inputs:
             specs = tuple(InputSpec.from_dict(item) for item in inputs)
@@ -104,8 +120,9 @@ class ModelInputs:
         return ModelInputs([t[index] for t in self.tensors], self.names, self.kwargs)
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{n}{list(t.shape)}:{str(t.dtype).removeprefix('torch.')}"
-                           for n, t in zip(self.names, self.tensors))
+        shapes = ", ".join(
+            f"{n}{list(t.shape)}:{str(t.dtype).removeprefix('torch.')}" for n, t in zip(self.names, self.tensors)
+        )
         return f"ModelInputs({shapes}; {self.kwargs})"
 
     def to(self, *args: Any, **kwargs: Any) -> ModelInputs:
@@ -115,7 +132,7 @@ class ModelInputs:
         return ModelInputs([t.clone() for t in self.tensors], self.names, self.kwargs)
 
     def split(self, size: int) -> list[ModelInputs]:
-        return [self[start:start + size] for start in range(0, len(self), size)]
+        return [self[start : start + size] for start in range(0, len(self), size)]
 
     @property
     def shape(self) -> torch.Size:
@@ -143,7 +160,7 @@ class ModelInputs:
         return repr(self)
 
 
-Batch = Union[Tensor, ModelInputs]
+Batch = Tensor | ModelInputs
 
 
 def as_call(inputs: Batch) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -170,18 +187,17 @@ def positional_with_constants(model: nn.Module, inputs: Batch) -> tuple[Any, ...
         raise EngineError("constant arguments need a TorchScript forward with a schema to place them")
     names = [a.name for a in schema.arguments][1:]  # self first
     ordered: list[Any] = list(args)
-    for name in names[len(args):]:
+    for name in names[len(args) :]:
         if name not in kwargs:
             break
         ordered.append(kwargs[name])
-    missing = set(kwargs) - set(names[len(args):len(ordered)])
+    missing = set(kwargs) - set(names[len(args) : len(ordered)])
     if missing:
         raise EngineError(f"forward_kwargs {sorted(missing)} are not arguments of forward({', '.join(names)})")
     return tuple(ordered)
 
 
-def make_example(signature: Signature, batch: int | None = None, seed: int = 0,
-                 min_dynamic: int = 1) -> Batch:
+def make_example(signature: Signature, batch: int | None = None, seed: int = 0, min_dynamic: int = 1) -> Batch:
     """Seeded inputs of the declared shapes and dtypes (batch size overridden when given).
 
     Floats are standard normal; integers uniform in [low, high) (default [0, 2)); bools random.
@@ -217,8 +233,9 @@ def batch_of(inputs: Batch, size: int) -> Batch:
         return inputs[:size]
     repeats = -(-size // max(1, len(inputs)))
     if isinstance(inputs, ModelInputs):
-        return ModelInputs([t.repeat(repeats, *([1] * (t.dim() - 1)))[:size] for t in inputs.tensors],
-                           inputs.names, inputs.kwargs)
+        return ModelInputs(
+            [t.repeat(repeats, *([1] * (t.dim() - 1)))[:size] for t in inputs.tensors], inputs.names, inputs.kwargs
+        )
     return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:size]
 
 
@@ -262,12 +279,15 @@ def export_program(model: nn.Module, signature: Signature | None, inputs: Batch)
         example = _stretch_dynamic(example, signature)
     args, kwargs = as_call(example)
     try:
-        return torch.export.export(model, args, kwargs or None,
-                                   dynamic_shapes=_with_kwargs(export_dynamic_shapes(signature, example), kwargs))
+        return torch.export.export(
+            model, args, kwargs or None, dynamic_shapes=_with_kwargs(export_dynamic_shapes(signature, example), kwargs)
+        )
     except Exception as error:
-        raise EngineError(f"torch.export could not export the model with dynamic dimensions "
-                          f"{_dynamic_names(signature)}: {_last_line(error)}. Declare only the dimensions that "
-                          "really vary in `inputs[].dynamic`") from error
+        raise EngineError(
+            f"torch.export could not export the model with dynamic dimensions "
+            f"{_dynamic_names(signature)}: {_last_line(error)}. Declare only the dimensions that "
+            "really vary in `inputs[].dynamic`"
+        ) from error
 
 
 def _with_kwargs(shapes: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -309,9 +329,11 @@ def torchscript_to_graph(model: nn.Module, signature: Signature | None, inputs: 
     try:
         program = TS2EPConverter(model, args).convert()
     except Exception as error:
-        raise EngineError(f"this TorchScript model could not be converted to an exported program "
-                          f"(torch._export.converter.TS2EPConverter): {_last_line(error)}; upload it as an "
-                          "exported program (torch.export.save) or a state_dict with its architecture") from error
+        raise EngineError(
+            f"this TorchScript model could not be converted to an exported program "
+            f"(torch._export.converter.TS2EPConverter): {_last_line(error)}; upload it as an "
+            "exported program (torch.export.save) or a state_dict with its architecture"
+        ) from error
     graph = program.module()
     _name_convolutions(graph)
     _restore_parameters(graph, {name for name, _ in model.named_parameters()})
@@ -322,8 +344,9 @@ def torchscript_to_graph(model: nn.Module, signature: Signature | None, inputs: 
     except EngineError:
         raise
     except Exception as error:
-        raise EngineError(f"the exported program converted from this TorchScript model does not run like it: "
-                          f"{_last_line(error)}") from error
+        raise EngineError(
+            f"the exported program converted from this TorchScript model does not run like it: {_last_line(error)}"
+        ) from error
     return graph
 
 
@@ -408,8 +431,9 @@ def select_output(output: Any, selector: OutputSelector = None) -> Tensor:
             else:
                 chosen = output[int(selector)] if isinstance(selector, int) or str(selector).isdigit() else None
         except (KeyError, IndexError, TypeError) as error:
-            raise EngineError(f"output {selector!r} is not among the model's outputs "
-                              f"({[name for name, _ in output_leaves(output)]})") from error
+            raise EngineError(
+                f"output {selector!r} is not among the model's outputs ({[name for name, _ in output_leaves(output)]})"
+            ) from error
         if not isinstance(chosen, Tensor):
             raise EngineError(f"output {selector!r} is a {type(chosen).__name__}, not a tensor")
         return chosen

@@ -1,4 +1,5 @@
 """What an uploaded model is: parameters, layer types, input signature when known."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -13,8 +14,9 @@ from worker.compression.io import load_model
 from worker.compression.metrics import count_parameters
 
 
-def inspect_model(path: Path, model_format: str, architecture: dict[str, Any] | None,
-                  inputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def inspect_model(
+    path: Path, model_format: str, architecture: dict[str, Any] | None, inputs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     model, kind = load_model(path, model_format, architecture)
     parameters, nonzero = count_parameters(model)
     layer_types: Counter[str] = Counter()
@@ -28,12 +30,20 @@ def inspect_model(path: Path, model_format: str, architecture: dict[str, Any] | 
         graph = model.graph
         assert isinstance(graph, torch.fx.Graph)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-        signature = [{"name": n.name, "shape": [str(d) for d in n.meta["val"].shape],
-                      "dtype": str(n.meta["val"].dtype)} for n in placeholders if "val" in n.meta
-                     and isinstance(n.meta["val"], torch.Tensor)]
+        signature = [
+            {"name": n.name, "shape": [str(d) for d in n.meta["val"].shape], "dtype": str(n.meta["val"].dtype)}
+            for n in placeholders
+            if "val" in n.meta and isinstance(n.meta["val"], torch.Tensor)
+        ]
     output_shape = _graph_output_shape(model, signature) if kind == "graph" else None
-    found = {"kind": kind, "output_shape": output_shape, "parameters": parameters, "nonzero_parameters": nonzero,
-             "layer_types": dict(layer_types.most_common(30)), "input_signature": signature}
+    found = {
+        "kind": kind,
+        "output_shape": output_shape,
+        "parameters": parameters,
+        "nonzero_parameters": nonzero,
+        "layer_types": dict(layer_types.most_common(30)),
+        "input_signature": signature,
+    }
     if kind == "torchscript" and inputs:
         found.update(_try_graph_conversion(model, inputs))
     return found

@@ -3,6 +3,7 @@
 Only ever called inside the worker's sandboxed child process: TorchScript and
 exported programs are code, and are treated as such.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -115,14 +116,19 @@ def load_dataset(path: Path, signature: Signature | None = None) -> Dataset:
             names_in_file = names
         missing = [name for name in names_in_file if name not in arrays]
         if missing:
-            raise EngineError(f"dataset has no array named {missing} (it holds {sorted(arrays)}); name its "
-                              "arrays like the declared inputs")
-        tensors = [torch.from_numpy(np.ascontiguousarray(arrays[name])).to(spec.torch_dtype)
-                   for name, spec in zip(names_in_file, signature.inputs)]
+            raise EngineError(
+                f"dataset has no array named {missing} (it holds {sorted(arrays)}); name its "
+                "arrays like the declared inputs"
+            )
+        tensors = [
+            torch.from_numpy(np.ascontiguousarray(arrays[name])).to(spec.torch_dtype)
+            for name, spec in zip(names_in_file, signature.inputs)
+        ]
         counts = {int(t.shape[0]) for t in tensors}
         if len(counts) != 1:
-            raise EngineError(f"dataset inputs have different sample counts: "
-                              f"{dict(zip(names, [int(t.shape[0]) for t in tensors]))}")
+            raise EngineError(
+                f"dataset inputs have different sample counts: {dict(zip(names, [int(t.shape[0]) for t in tensors]))}"
+            )
         inputs = ModelInputs(tensors, names, signature.kwargs)
     else:
         if "inputs" not in arrays:
@@ -130,8 +136,11 @@ def load_dataset(path: Path, signature: Signature | None = None) -> Dataset:
         tensor = torch.from_numpy(np.ascontiguousarray(arrays["inputs"]))
         if tensor.is_floating_point():
             tensor = tensor.float()
-        inputs = ModelInputs([tensor], ["inputs"], signature.kwargs) if signature is not None and signature.kwargs \
+        inputs = (
+            ModelInputs([tensor], ["inputs"], signature.kwargs)
+            if signature is not None and signature.kwargs
             else tensor
+        )
     labels = arrays.get("labels")
     label_tensor = None
     if labels is not None:
@@ -183,8 +192,14 @@ def default_output_format(kind: ModelKind, preferred: str | None) -> str:
     return "exported_program" if kind == "graph" else "torchscript"
 
 
-def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: Path,
-                  example_input: Batch, signature: Signature | None = None) -> None:
+def save_artifact(
+    model: nn.Module,
+    kind: ModelKind,
+    output_format: str,
+    path: Path,
+    example_input: Batch,
+    signature: Signature | None = None,
+) -> None:
     """Write `model` to `path` in `output_format`, loadable with stock PyTorch.
 
     Exported programs are exported with the declared dynamic dimensions (the batch for the
@@ -207,7 +222,9 @@ def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: P
         torch.jit.save(scripted, str(path))
     elif output_format == "exported_program":
         if kind == "torchscript":
-            raise EngineError("a TorchScript model cannot be saved as an exported program; use output_format torchscript")
+            raise EngineError(
+                "a TorchScript model cannot be saved as an exported program; use output_format torchscript"
+            )
         if signature is None or signature.is_single_tensor:
             program = _export_batch_dynamic(model, example_input)
         else:
@@ -224,8 +241,10 @@ def save_artifact(model: nn.Module, kind: ModelKind, output_format: str, path: P
         torch.save(encode_sparse_state_dict(weights_for_saving(model, kind), compact=compact), str(path))
     elif output_format == "deep_compression":
         if kind == "torchscript":
-            raise EngineError("a TorchScript model cannot be saved as a deep_compression container; "
-                              "upload a state_dict with an architecture")
+            raise EngineError(
+                "a TorchScript model cannot be saved as a deep_compression container; "
+                "upload a state_dict with an architecture"
+            )
         from modelpress.deep_compression_format import encode
 
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -253,8 +272,12 @@ def weights_for_saving(model: nn.Module, kind: ModelKind) -> dict[str, torch.Ten
 
 
 def _is_index_constant(name: str, tensor: torch.Tensor) -> bool:
-    if tensor.is_floating_point() or tensor.dtype == torch.bool or tensor.dim() == 0 \
-            or name.endswith("num_batches_tracked"):
+    if (
+        tensor.is_floating_point()
+        or tensor.dtype == torch.bool
+        or tensor.dim() == 0
+        or name.endswith("num_batches_tracked")
+    ):
         return False
     if not bool((tensor == 0).all()):
         positions = torch.arange(tensor.shape[-1], dtype=tensor.dtype)

@@ -1,4 +1,5 @@
 """Measurements taken the same way before and after compression."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,15 @@ import torch
 from torch import nn
 
 from worker.compression.base import Dataset, EngineError
-from worker.compression.inputs import Batch, OutputSelector, Signature, call_model, make_example, output_leaves, \
-    select_output
+from worker.compression.inputs import (
+    Batch,
+    OutputSelector,
+    Signature,
+    call_model,
+    make_example,
+    output_leaves,
+    select_output,
+)
 
 LATENCY_WARMUP = 5
 LATENCY_MAX_ITERATIONS = 50
@@ -65,7 +73,8 @@ def measure_latency(model: nn.Module, example_input: Batch, threads: int) -> dic
                 call_model(model, example_input)
             started = time.perf_counter()
             while len(timings) < LATENCY_MAX_ITERATIONS and (
-                    len(timings) < 10 or time.perf_counter() - started < LATENCY_TIME_BUDGET_S):
+                len(timings) < 10 or time.perf_counter() - started < LATENCY_TIME_BUDGET_S
+            ):
                 t0 = time.perf_counter()
                 call_model(model, example_input)
                 timings.append((time.perf_counter() - t0) * 1e3)
@@ -90,8 +99,9 @@ SPEED_MIN_EFFECT = 0.05
 SPEED_VERDICTS = ("faster", "slower", "no measurable change")
 
 
-def compare_latency(original: Callable[[Any], Any], compressed: Callable[[Any], Any], example_input: Any,
-                    threads: int) -> dict[str, Any]:
+def compare_latency(
+    original: Callable[[Any], Any], compressed: Callable[[Any], Any], example_input: Any, threads: int
+) -> dict[str, Any]:
     """Latency of both models measured interleaved, and the speedup (original / compressed) with its spread.
 
     Returns {"original": {latency_ms_p50, latency_ms_p95}, "compressed": {...}, "speedup", "speedup_low",
@@ -117,7 +127,7 @@ def compare_latency(original: Callable[[Any], Any], compressed: Callable[[Any], 
             started = time.perf_counter()
             for index in range(SPEED_MAX_ROUNDS):
                 medians = [0.0, 0.0]
-                for which in ((0, 1) if index % 2 == 0 else (1, 0)):
+                for which in (0, 1) if index % 2 == 0 else (1, 0):
                     batch = []
                     for _ in range(calls):
                         t0 = time.perf_counter()
@@ -133,10 +143,14 @@ def compare_latency(original: Callable[[Any], Any], compressed: Callable[[Any], 
     speedup = statistics.median(ratios)
     low, high = _bootstrap_median_interval(ratios)
     return {
-        "original": _latency_figures(timings[0]), "compressed": _latency_figures(timings[1]),
-        "speedup": round(speedup, 4), "speedup_low": round(low, 4), "speedup_high": round(high, 4),
+        "original": _latency_figures(timings[0]),
+        "compressed": _latency_figures(timings[1]),
+        "speedup": round(speedup, 4),
+        "speedup_low": round(low, 4),
+        "speedup_high": round(high, 4),
         "speed_verdict": speed_verdict(speedup, low, high),
-        "speed_rounds": len(ratios), "speed_calls_per_round": calls,
+        "speed_rounds": len(ratios),
+        "speed_calls_per_round": calls,
     }
 
 
@@ -188,14 +202,15 @@ class Outputs(dict[str, torch.Tensor]):
         return self[self.selected]
 
 
-def predict(model: nn.Module, inputs: Batch, batch_size: int = EVAL_BATCH_SIZE,
-            output: OutputSelector = None) -> Outputs:
+def predict(
+    model: nn.Module, inputs: Batch, batch_size: int = EVAL_BATCH_SIZE, output: OutputSelector = None
+) -> Outputs:
     """Run `model` over `inputs` batch by batch and keep every floating output tensor."""
     chunks: dict[str, list[torch.Tensor]] = {}
     selected_name = ""
     with torch.inference_mode():
         for start in range(0, len(inputs), batch_size):
-            out = call_model(model, inputs[start:start + batch_size])
+            out = call_model(model, inputs[start : start + batch_size])
             chosen = select_output(out, output)
             for name, leaf in output_leaves(out):
                 if leaf.is_floating_point():
@@ -249,29 +264,35 @@ def fidelity(reference: torch.Tensor | Outputs, outputs: torch.Tensor | Outputs)
     count = 0
     for name, ref, out in pairs:
         if ref.shape != out.shape:
-            raise EngineError(f"output {name} has shape {list(out.shape)} after compression, "
-                              f"{list(ref.shape)} before")
+            raise EngineError(f"output {name} has shape {list(out.shape)} after compression, {list(ref.shape)} before")
         ref, out = ref.float(), out.float()
         error = float((ref - out).pow(2).sum())
         signal = float(ref.pow(2).sum())
         signal_sum, error_sum, count = signal_sum + signal, error_sum + error, count + ref.numel()
-        per_output.append({"output": name, "sqnr_db": _sqnr(signal, error),
-                           "output_mse": error / max(1, ref.numel())})
+        per_output.append({"output": name, "sqnr_db": _sqnr(signal, error), "output_mse": error / max(1, ref.numel())})
     ref, out = primary
     agreement = None
     if ref.dim() == 2 and ref.shape[1] > 1:
         agreement = round(float((ref.argmax(1) == out.argmax(1)).float().mean()), 6)
-    document: dict[str, Any] = {"top1_agreement": agreement, "output_mse": error_sum / max(1, count),
-                                "sqnr_db": _sqnr(signal_sum, error_sum)}
+    document: dict[str, Any] = {
+        "top1_agreement": agreement,
+        "output_mse": error_sum / max(1, count),
+        "sqnr_db": _sqnr(signal_sum, error_sum),
+    }
     if len(per_output) > 1:
         document["outputs"] = per_output
         document["scored_output"] = reference.selected if isinstance(reference, Outputs) else "output"
     return document
 
 
-def fidelity_inputs(example_input: Batch, eval_data: Dataset | None, train_data: Dataset | None,
-                    limit: int = 512, seed: int = 0,
-                    signature: Signature | None = None) -> tuple[Batch, torch.Tensor | None]:
+def fidelity_inputs(
+    example_input: Batch,
+    eval_data: Dataset | None,
+    train_data: Dataset | None,
+    limit: int = 512,
+    seed: int = 0,
+    signature: Signature | None = None,
+) -> tuple[Batch, torch.Tensor | None]:
     """Inputs both models are compared on: the whole eval set (accuracy is reported on all of it),
     else up to `limit` training samples, else seeded random inputs as the signature declares them."""
     if eval_data is not None:
@@ -288,9 +309,17 @@ def fidelity_inputs(example_input: Batch, eval_data: Dataset | None, train_data:
     return torch.randn(shape, generator=generator, dtype=example_input.dtype), None
 
 
-def describe(model: nn.Module, *, size_bytes: int, example_input: Batch, threads: int,
-             outputs: torch.Tensor | Outputs, labels: torch.Tensor | None,
-             parameters: tuple[int, int], latency: bool = True) -> dict[str, Any]:
+def describe(
+    model: nn.Module,
+    *,
+    size_bytes: int,
+    example_input: Batch,
+    threads: int,
+    outputs: torch.Tensor | Outputs,
+    labels: torch.Tensor | None,
+    parameters: tuple[int, int],
+    latency: bool = True,
+) -> dict[str, Any]:
     """Size, parameters, accuracy and (unless `latency` is False: measured later against the other model,
     interleaved) latency of one model."""
     total, nonzero = parameters

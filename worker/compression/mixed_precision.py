@@ -7,13 +7,15 @@ of `worker.compression.sensitivity`) is put back in float, the model is quantize
 again: every step is verified, none is estimated. The stage reports which layers stayed float and
 what they cost against plain int8 in file size and latency.
 """
+
 from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -66,9 +68,17 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-def keep_float_until(model: nn.Module, scheme: str, options: dict[str, Any], ctx: StageContext, bar: Bar,
-                     ranking: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]], *, judge_probe: Probe,
-                     stop_at_first: bool = False) -> Search:
+def keep_float_until(
+    model: nn.Module,
+    scheme: str,
+    options: dict[str, Any],
+    ctx: StageContext,
+    bar: Bar,
+    ranking: list[dict[str, Any]] | Callable[[], list[dict[str, Any]]],
+    *,
+    judge_probe: Probe,
+    stop_at_first: bool = False,
+) -> Search:
     """Quantize with `scheme`; while `bar` fails, put the next most harmful layer of `ranking` back in float.
 
     `ranking` is the sensitivity table (most harmful first) or a function computing it, called only
@@ -90,10 +100,19 @@ def keep_float_until(model: nn.Module, scheme: str, options: dict[str, Any], ctx
             first = done
         sqnr, drop = judge_probe.judge(done.model)
         met = bar.holds(sqnr, drop) if not stop_at_first else True
-        steps.append({"float_layers": len(float_layers), "kept_float": float_layers[-1] if float_layers else None,
-                      "quantized_layers": len(done.plan.targets), "sqnr_db": sqnr, "accuracy_drop": drop})
-        ctx.progress(min(0.95, 0.5 + 0.05 * len(steps)),
-                     f"{len(float_layers)} layers in float: {sqnr} dB" + ("" if met else " (bar not met)"))
+        steps.append(
+            {
+                "float_layers": len(float_layers),
+                "kept_float": float_layers[-1] if float_layers else None,
+                "quantized_layers": len(done.plan.targets),
+                "sqnr_db": sqnr,
+                "accuracy_drop": drop,
+            }
+        )
+        ctx.progress(
+            min(0.95, 0.5 + 0.05 * len(steps)),
+            f"{len(float_layers)} layers in float: {sqnr} dB" + ("" if met else " (bar not met)"),
+        )
         if met:
             return Search(bar, float_layers, True, steps, done, first, table)
         if order is None:
@@ -105,8 +124,9 @@ def keep_float_until(model: nn.Module, scheme: str, options: dict[str, Any], ctx
         float_layers.append(remaining[0])
 
 
-def quantize_to_bar(model: nn.Module, scheme: str, backend: Backend, options: dict[str, Any],
-                    ctx: StageContext) -> _Done:
+def quantize_to_bar(
+    model: nn.Module, scheme: str, backend: Backend, options: dict[str, Any], ctx: StageContext
+) -> _Done:
     """The `quantize` stage with a bar: the fewest float layers that meet it, and their cost.
 
     Raises EngineError when even one quantized layer misses the bar: nothing is delivered that
@@ -125,24 +145,32 @@ def quantize_to_bar(model: nn.Module, scheme: str, backend: Backend, options: di
     search = keep_float_until(model, scheme, quantize_options, ctx, bar, ranking, judge_probe=probe)
     if not search.met:
         last = search.steps[-1]
-        raise EngineError(f"{scheme}: no mix of float and int8 layers meets {bar.describe()}; with "
-                          f"{len(search.float_layers)} layers in float the model reached {last['sqnr_db']} dB "
-                          f"SQNR and a top-1 drop of {last['accuracy_drop']}")
+        raise EngineError(
+            f"{scheme}: no mix of float and int8 layers meets {bar.describe()}; with "
+            f"{len(search.float_layers)} layers in float the model reached {last['sqnr_db']} dB "
+            f"SQNR and a top-1 drop of {last['accuracy_drop']}"
+        )
     done = search.done
     plain, mixed = _cost(search.first, backend, ctx), _cost(done, backend, ctx)
     plain.update(sqnr_db=search.steps[0]["sqnr_db"], accuracy_drop=search.steps[0]["accuracy_drop"])
     mixed.update(sqnr_db=search.steps[-1]["sqnr_db"], accuracy_drop=search.steps[-1]["accuracy_drop"])
-    done.info.update({
-        "float_layers": search.float_layers,
-        "mixed_precision": {
-            "bar": bar.describe(), "met": True, "probe_samples": int(probe.inputs.shape[0]),
-            "plain": plain, "mixed": mixed,
-            "size_cost": round(mixed["size_bytes"] / plain["size_bytes"], 4),
-            "latency_cost": (round(mixed["latency_ms_p50"] / plain["latency_ms_p50"], 4)
-                             if plain["latency_ms_p50"] else None),
-            "steps": search.steps,
-        },
-    })
+    done.info.update(
+        {
+            "float_layers": search.float_layers,
+            "mixed_precision": {
+                "bar": bar.describe(),
+                "met": True,
+                "probe_samples": int(probe.inputs.shape[0]),
+                "plain": plain,
+                "mixed": mixed,
+                "size_cost": round(mixed["size_bytes"] / plain["size_bytes"], 4),
+                "latency_cost": (
+                    round(mixed["latency_ms_p50"] / plain["latency_ms_p50"], 4) if plain["latency_ms_p50"] else None
+                ),
+                "steps": search.steps,
+            },
+        }
+    )
     if search.table:
         done.info["sensitivity"] = search.table
     return done

@@ -7,6 +7,7 @@ codebook), or wreck the model (outputs no longer following the original). Each o
 is worth one sentence at the top of `metrics.warnings`; a real gain with good fidelity
 gets none.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -69,8 +70,9 @@ def _fingerprint(tensor: torch.Tensor) -> Fingerprint:
     return (tensor.dtype, tuple(tensor.shape), float(values.sum()), float(values.abs().sum()))
 
 
-def untouched_majority(before: dict[str, tuple[str, int, Fingerprint]], after: nn.Module,
-                       left_alone: frozenset[str] = frozenset()) -> tuple[str, float] | None:
+def untouched_majority(
+    before: dict[str, tuple[str, int, Fingerprint]], after: nn.Module, left_alone: frozenset[str] = frozenset()
+) -> tuple[str, float] | None:
     """(layer type, its share of all weights) when that type holds most of the weights and came out unchanged.
 
     A weight is unchanged when `after` holds it under the same key, bit for bit (same
@@ -80,8 +82,11 @@ def untouched_majority(before: dict[str, tuple[str, int, Fingerprint]], after: n
     total = sum(count for _, count, _ in before.values())
     if not total:
         return None
-    now = {key: _fingerprint(tensor) for key, tensor in after.state_dict().items()
-           if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.layout == torch.strided}
+    now = {
+        key: _fingerprint(tensor)
+        for key, tensor in after.state_dict().items()
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.layout == torch.strided
+    }
     held: dict[str, int] = {}
     kept: dict[str, int] = {}
     for key, (kind, count, fingerprint) in before.items():
@@ -104,8 +109,10 @@ def outcome_warnings(ratio: float, fidelity: dict[str, Any], untouched: tuple[st
         warnings.append(f"the artifact is only {ratio:.2f}x smaller than the original: next to no gain")
     if untouched is not None:
         kind, share = untouched
-        warnings.append(f"{kind} layers hold {share:.0%} of the weights and were left unchanged: "
-                        f"this method does not reach them in this model")
+        warnings.append(
+            f"{kind} layers hold {share:.0%} of the weights and were left unchanged: "
+            f"this method does not reach them in this model"
+        )
     agreement, sqnr = fidelity.get("top1_agreement"), fidelity.get("sqnr_db")
     collapsed = []
     if agreement is not None and agreement < COLLAPSED_AGREEMENT_BELOW:
@@ -113,6 +120,9 @@ def outcome_warnings(ratio: float, fidelity: dict[str, Any], untouched: tuple[st
     if sqnr is not None and sqnr < COLLAPSED_SQNR_DB_BELOW:
         collapsed.append(f"SQNR {sqnr:.1f} dB")
     if collapsed:
-        warnings.append("the compressed model's outputs no longer follow the original's ("
-                        + ", ".join(collapsed) + "): its fidelity collapsed")
+        warnings.append(
+            "the compressed model's outputs no longer follow the original's ("
+            + ", ".join(collapsed)
+            + "): its fidelity collapsed"
+        )
     return warnings

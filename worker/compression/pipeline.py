@@ -3,21 +3,23 @@
 `run_job` is what the worker's sandboxed child executes; `modelpress compress
 --local` calls it in-process. Pure torch: it reports through callbacks.
 """
+
 from __future__ import annotations
 
 import copy
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from worker.compression import metrics as measure
-from worker.compression.facts import environment, layer_sparsity
 from worker.compression import outcome
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
+from worker.compression.facts import environment, layer_sparsity
 from worker.compression.inputs import Batch, ModelInputs, Signature, call_model, make_example, torchscript_to_graph
 from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
 from worker.compression.stages import run_stage
@@ -119,18 +121,26 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     except Exception as error:
         described = example.describe() if isinstance(example, ModelInputs) else f"shape {list(example.shape)}"
         raise EngineError(f"the model does not run on an input of {described}: {error}") from error
-    extra = {model_id: load_model(Path(ref.path), ref.format, ref.architecture)
-             for model_id, ref in request.extra_models.items()}
+    extra = {
+        model_id: load_model(Path(ref.path), ref.format, ref.architecture)
+        for model_id, ref in request.extra_models.items()
+    }
 
     reporter.progress(0.05, "measuring original")
-    fid_inputs, fid_labels = measure.fidelity_inputs(example, evaluation, train, seed=request.seed,
-                                                     signature=signature)
+    fid_inputs, fid_labels = measure.fidelity_inputs(example, evaluation, train, seed=request.seed, signature=signature)
     reference = measure.predict(model, fid_inputs, output=request.output)
     parameters = measure.count_parameters(model)
     # latency is measured at the end, interleaved with the compressed model's (measure.compare_latency)
-    original = measure.describe(model, size_bytes=Path(request.model.path).stat().st_size, example_input=example,
-                                threads=request.threads, outputs=reference, labels=fid_labels,
-                                parameters=parameters, latency=False)
+    original = measure.describe(
+        model,
+        size_bytes=Path(request.model.path).stat().st_size,
+        example_input=example,
+        threads=request.threads,
+        outputs=reference,
+        labels=fid_labels,
+        parameters=parameters,
+        latency=False,
+    )
 
     weights_before = outcome.weight_fingerprints(model)
     stage_reports: list[dict[str, Any]] = []
@@ -157,13 +167,28 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         if kind == "torchscript" and _needs_graph(stage):
             stage_progress(0.0, "converting TorchScript to an exported program")
             working, kind = torchscript_to_graph(working, signature, example), "graph"
-            reporter.event("log", {"message": f"{label}: the TorchScript model was converted to an exported program "
-                                              "(torch._export.converter.TS2EPConverter) for this stage"})
-        context = StageContext(kind=kind, example_input=example, device=device, train_data=train,
-                               eval_data=evaluation, progress=stage_progress, event=reporter.event,
-                               check_cancelled=reporter.check_cancelled, seed=request.seed, extra_models=extra,
-                               original_size_bytes=original["size_bytes"], signature=signature,
-                               output_format=request.output_format)
+            reporter.event(
+                "log",
+                {
+                    "message": f"{label}: the TorchScript model was converted to an exported program "
+                    "(torch._export.converter.TS2EPConverter) for this stage"
+                },
+            )
+        context = StageContext(
+            kind=kind,
+            example_input=example,
+            device=device,
+            train_data=train,
+            eval_data=evaluation,
+            progress=stage_progress,
+            event=reporter.event,
+            check_cancelled=reporter.check_cancelled,
+            seed=request.seed,
+            extra_models=extra,
+            original_size_bytes=original["size_bytes"],
+            signature=signature,
+            output_format=request.output_format,
+        )
         result = run_stage(working, stage.method, stage.scheme, stage.options, context)
         working, kind = result.model, result.kind
         requires.update(result.requires)
@@ -174,23 +199,42 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         elif stage.method != "quantize":
             parameters = measure.count_parameters(working)
         outputs = measure.predict(working, fid_inputs, output=request.output)
-        stage_reports.append({
-            "method": stage.method, "scheme": stage.scheme,
-            "parameters": parameters[0], "nonzero_parameters": parameters[1],
-            "sparsity": round(1 - parameters[1] / parameters[0], 6) if parameters[0] else 0.0,
-            "accuracy": measure.accuracy(outputs, fid_labels),
-            "fidelity": measure.fidelity(reference, outputs),
-            "info": result.info,
-        })
+        stage_reports.append(
+            {
+                "method": stage.method,
+                "scheme": stage.scheme,
+                "parameters": parameters[0],
+                "nonzero_parameters": parameters[1],
+                "sparsity": round(1 - parameters[1] / parameters[0], 6) if parameters[0] else 0.0,
+                "accuracy": measure.accuracy(outputs, fid_labels),
+                "fidelity": measure.fidelity(reference, outputs),
+                "info": result.info,
+            }
+        )
 
     if request.runtime != "torch":
         # the runtime targets export and feed a single input tensor
         assert isinstance(example, torch.Tensor) and isinstance(fid_inputs, torch.Tensor)
-        return _finish_for_target(request, model, working, deferred, example, fid_inputs, fid_labels, reference,
-                                  original, parameters, stage_reports, train, reporter, device)
+        return _finish_for_target(
+            request,
+            model,
+            working,
+            deferred,
+            example,
+            fid_inputs,
+            fid_labels,
+            reference,
+            original,
+            parameters,
+            stage_reports,
+            train,
+            reporter,
+            device,
+        )
     reporter.progress(0.92, "saving artifact")
     output_format = request.output_format or default_output_format(
-        kind, result.preferred_output_format if result else None)
+        kind, result.preferred_output_format if result else None
+    )
     artifact = Path(request.artifact_path)
     if _hands_back_the_upload(request, result, output_format):
         shutil.copyfile(request.model.path, artifact)  # the very bytes uploaded, not a bigger re-save
@@ -206,19 +250,36 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         final_model = _decoded_container(artifact, working, stage_reports)
     reporter.progress(0.95, "measuring compressed")
     outputs = measure.predict(final_model, fid_inputs, output=request.output)
-    compressed = measure.describe(final_model, size_bytes=artifact.stat().st_size, example_input=example,
-                                  threads=request.threads, outputs=outputs, labels=fid_labels,
-                                  parameters=parameters, latency=False)
+    compressed = measure.describe(
+        final_model,
+        size_bytes=artifact.stat().st_size,
+        example_input=example,
+        threads=request.threads,
+        outputs=outputs,
+        labels=fid_labels,
+        parameters=parameters,
+        latency=False,
+    )
     speed = measure.compare_latency(model, final_model, example, request.threads)
     original.update(speed["original"])
     compressed.update(speed["compressed"])
-    document = build_metrics(original, compressed, measure.fidelity(reference, outputs), stage_reports,
-                             device=device, batch_size=len(example), threads=request.threads, speed=speed,
-                             untouched=outcome.untouched_majority(weights_before, working, _left_alone(stage_reports)))
+    document = build_metrics(
+        original,
+        compressed,
+        measure.fidelity(reference, outputs),
+        stage_reports,
+        device=device,
+        batch_size=len(example),
+        threads=request.threads,
+        speed=speed,
+        untouched=outcome.untouched_majority(weights_before, working, _left_alone(stage_reports)),
+    )
     if output_format == "sparse_state_dict" and document["compression_ratio"] < outcome.GAIN_WARNING_BELOW:
-        document["warnings"].append('CSR storage of the pruned weights pays off only above about 50% zeros; '
-                                    'output_format "compact_state_dict" stores each zero in about one bit '
-                                    '(the README shows how to load it)')
+        document["warnings"].append(
+            "CSR storage of the pruned weights pays off only above about 50% zeros; "
+            'output_format "compact_state_dict" stores each zero in about one bit '
+            "(the README shows how to load it)"
+        )
     document["environment"] = environment(device)
     document["layers"] = layer_sparsity(working)  # the delivered model's zeros per layer, for the report
     for report in stage_reports:
@@ -249,11 +310,22 @@ def _decoded_container(artifact: Path, working: nn.Module, stage_reports: list[d
     return decoded.eval()
 
 
-def _finish_for_target(request: JobRequest, model: nn.Module, working: nn.Module, deferred: Any,
-                       example: torch.Tensor, fid_inputs: torch.Tensor, fid_labels: torch.Tensor | None,
-                       reference: measure.Outputs, torch_original: dict[str, Any], parameters: tuple[int, int],
-                       stage_reports: list[dict[str, Any]], train: Dataset | None, reporter: Reporter,
-                       device: torch.device) -> dict[str, Any]:
+def _finish_for_target(
+    request: JobRequest,
+    model: nn.Module,
+    working: nn.Module,
+    deferred: Any,
+    example: torch.Tensor,
+    fid_inputs: torch.Tensor,
+    fid_labels: torch.Tensor | None,
+    reference: measure.Outputs,
+    torch_original: dict[str, Any],
+    parameters: tuple[int, int],
+    stage_reports: list[dict[str, Any]],
+    train: Dataset | None,
+    reporter: Reporter,
+    device: torch.device,
+) -> dict[str, Any]:
     """Export, quantize with the runtime's tools and measure in the runtime that serves the artifact."""
     from worker.compression.targets.deploy import REQUIRES, RUNTIME_FORMATS, finish_for_target
 
@@ -262,26 +334,57 @@ def _finish_for_target(request: JobRequest, model: nn.Module, working: nn.Module
     if device.type != "cpu":
         raise EngineError(f"the {request.runtime} target runs on cpu in this deployment")
     built = finish_for_target(
-        runtime=request.runtime, original_model=model, working=working, quantization=deferred, example=example,
-        threads=request.threads, artifact=Path(request.artifact_path), fid_inputs=fid_inputs,
-        fid_labels=fid_labels, reference=reference,
+        runtime=request.runtime,
+        original_model=model,
+        working=working,
+        quantization=deferred,
+        example=example,
+        threads=request.threads,
+        artifact=Path(request.artifact_path),
+        fid_inputs=fid_inputs,
+        fid_labels=fid_labels,
+        reference=reference,
         original_parameters=(torch_original["parameters"], torch_original["nonzero_parameters"]),
-        parameters=parameters, train=train, progress=reporter.progress)
+        parameters=parameters,
+        train=train,
+        progress=reporter.progress,
+    )
     fidelity = measure.fidelity(reference, built["outputs"])
     if deferred is not None:
-        stage_reports.append({"method": "quantize", "scheme": deferred.scheme, "runtime": request.runtime,
-                              "accuracy": built["compressed"]["accuracy"], "fidelity": fidelity,
-                              "info": built["quantization_info"]})
-    document = build_metrics(built["original"], built["compressed"], fidelity, stage_reports, device=device,
-                             batch_size=len(example), threads=request.threads, speed=built["speed"])
+        stage_reports.append(
+            {
+                "method": "quantize",
+                "scheme": deferred.scheme,
+                "runtime": request.runtime,
+                "accuracy": built["compressed"]["accuracy"],
+                "fidelity": fidelity,
+                "info": built["quantization_info"],
+            }
+        )
+    document = build_metrics(
+        built["original"],
+        built["compressed"],
+        fidelity,
+        stage_reports,
+        device=device,
+        batch_size=len(example),
+        threads=request.threads,
+        speed=built["speed"],
+    )
     document["runtime"] = request.runtime
     document["versions"] = built["versions"]
-    document["original_in_torch"] = {k: torch_original[k] for k in ("size_bytes", "latency_ms_p50", "latency_ms_p95",
-                                                                    "accuracy")}
-    document["measured_in"] = (f"original and artifact both measured in {request.runtime} (the original exported "
-                               f"as fp32); fidelity against the float PyTorch model's outputs")
-    return {"metrics": document, "artifact_format": RUNTIME_FORMATS[request.runtime],
-            "requires": REQUIRES[request.runtime]}
+    document["original_in_torch"] = {
+        k: torch_original[k] for k in ("size_bytes", "latency_ms_p50", "latency_ms_p95", "accuracy")
+    }
+    document["measured_in"] = (
+        f"original and artifact both measured in {request.runtime} (the original exported "
+        f"as fp32); fidelity against the float PyTorch model's outputs"
+    )
+    return {
+        "metrics": document,
+        "artifact_format": RUNTIME_FORMATS[request.runtime],
+        "requires": REQUIRES[request.runtime],
+    }
 
 
 def _left_alone(stage_reports: list[dict[str, Any]]) -> frozenset[str]:
@@ -293,20 +396,36 @@ def _left_alone(stage_reports: list[dict[str, Any]]) -> frozenset[str]:
 
 def _hands_back_the_upload(request: JobRequest, result: StageResult | None, output_format: str) -> bool:
     """True when every stage left the model as uploaded and the upload already is in `output_format`."""
-    return (result is not None and bool(result.info.get("delivers_original")) and len(request.stages) == 1
-            and request.model.format == output_format and output_format in ("torchscript", "exported_program"))
+    return (
+        result is not None
+        and bool(result.info.get("delivers_original"))
+        and len(request.stages) == 1
+        and request.model.format == output_format
+        and output_format in ("torchscript", "exported_program")
+    )
 
 
-def build_metrics(original: dict[str, Any], compressed: dict[str, Any], fidelity: dict[str, Any],
-                  stages: list[dict[str, Any]], *, device: torch.device, batch_size: int,
-                  threads: int, speed: dict[str, Any], untouched: tuple[str, float] | None = None) -> dict[str, Any]:
+def build_metrics(
+    original: dict[str, Any],
+    compressed: dict[str, Any],
+    fidelity: dict[str, Any],
+    stages: list[dict[str, Any]],
+    *,
+    device: torch.device,
+    batch_size: int,
+    threads: int,
+    speed: dict[str, Any],
+    untouched: tuple[str, float] | None = None,
+) -> dict[str, Any]:
     """The metrics document. `speed` is measure.compare_latency's: the speedup with its interval and verdict."""
     ratio = original["size_bytes"] / compressed["size_bytes"]
     speedup = speed["speedup"]
     warnings = outcome.outcome_warnings(ratio, fidelity, untouched)
     if speed["speed_verdict"] == "slower":
-        warnings.append(f"the compressed model is slower than the original at batch {batch_size} "
-                        f"on {device.type} ({speedup:.2f}x, {speed['speedup_low']:.2f}-{speed['speedup_high']:.2f})")
+        warnings.append(
+            f"the compressed model is slower than the original at batch {batch_size} "
+            f"on {device.type} ({speedup:.2f}x, {speed['speedup_low']:.2f}-{speed['speedup_high']:.2f})"
+        )
     device_name = "cpu" if device.type == "cpu" else f"cuda:{torch.cuda.get_device_name(device)}"
     return {
         "original": original,
@@ -317,9 +436,13 @@ def build_metrics(original: dict[str, Any], compressed: dict[str, Any], fidelity
         "speedup_low": speed["speedup_low"],
         "speedup_high": speed["speedup_high"],
         "speed_verdict": speed["speed_verdict"],
-        "speed_measurement": {"rounds": speed["speed_rounds"], "calls_per_round": speed["speed_calls_per_round"],
-                              "confidence": measure.SPEED_CONFIDENCE, "min_effect": measure.SPEED_MIN_EFFECT,
-                              "interleaved": True},
+        "speed_measurement": {
+            "rounds": speed["speed_rounds"],
+            "calls_per_round": speed["speed_calls_per_round"],
+            "confidence": measure.SPEED_CONFIDENCE,
+            "min_effect": measure.SPEED_MIN_EFFECT,
+            "interleaved": True,
+        },
         "fidelity": fidelity,
         "device": device_name,
         "batch_size": batch_size,

@@ -17,6 +17,7 @@ is the one QAT trained on (per-channel symmetric int8 from min/max of the same
 weights); the activation ranges are recalibrated rather than taken from the fake
 quantizers, as the two libraries' observers do not share a format.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,7 +54,9 @@ def quantization_aware_training(model: nn.Module, options: dict[str, Any], ctx: 
     """
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     from worker.compression.quantization import torch_level_module
     from worker.compression.quantization.static import _static_int8_fx
@@ -75,17 +78,24 @@ def quantization_aware_training(model: nn.Module, options: dict[str, Any], ctx: 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config(is_qat=True))
     prepared = prepare_qat_pt2e(exported, quantizer)
     ctx.progress(0.05, "qat_int8: fake-quantized fine-tuning")
-    summary = fit(prepared, ctx.train_data, options.get("train"), ctx, val_data=ctx.eval_data,
-                  defaults=QAT_TRAIN_DEFAULTS)
+    summary = fit(
+        prepared, ctx.train_data, options.get("train"), ctx, val_data=ctx.eval_data, defaults=QAT_TRAIN_DEFAULTS
+    )
     copied = _copy_trained_weights(prepared, float_model)
     done = _static_int8_fx(float_model.eval(), options, ctx)
-    done.info.update({"qat": {"library": "torchao.quantization.pt2e prepare_qat_pt2e (X86InductorQuantizer, "
-                                         "is_qat=True)",
-                              "fine_tuned_parameters": copied, "epochs_run": summary["epochs_run"],
-                              "final_loss": summary["final_loss"],
-                              "loss_history": summary["loss_history"],
-                              "val_accuracy_history": summary["val_accuracy_history"],
-                              "seconds": round(time.perf_counter() - started, 2)}})
+    done.info.update(
+        {
+            "qat": {
+                "library": "torchao.quantization.pt2e prepare_qat_pt2e (X86InductorQuantizer, is_qat=True)",
+                "fine_tuned_parameters": copied,
+                "epochs_run": summary["epochs_run"],
+                "final_loss": summary["final_loss"],
+                "loss_history": summary["loss_history"],
+                "val_accuracy_history": summary["val_accuracy_history"],
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+        }
+    )
     return done
 
 

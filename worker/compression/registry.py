@@ -4,10 +4,12 @@ Built in: `mlp` and `lenet5`. Teams add their own classes through the
 `modelpress.architectures` entry-point group of an installed package; import
 paths sent over HTTP are never honoured.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any, Callable
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,15 +37,21 @@ class MLP(nn.Module):
 
 def _accept_sequential_keys(state_dict: dict[str, Any], prefix: str, *rest: Any) -> None:
     """An nn.Sequential of the same layers saves "0.weight"; MLP keeps them under "net."."""
-    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):len(prefix) + 1].isdigit()]:
-        state_dict[prefix + "net." + key[len(prefix):]] = state_dict.pop(key)
+    for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) : len(prefix) + 1].isdigit()]:
+        state_dict[prefix + "net." + key[len(prefix) :]] = state_dict.pop(key)
 
 
 class LeNet5(nn.Module):
     """LeNet-5 style CNN for square single-channel images (8x8 digits by default)."""
 
-    def __init__(self, image_size: int = 8, in_channels: int = 1, num_classes: int = 10,
-                 channels: tuple[int, int] | list[int] = (32, 64), hidden: int = 128) -> None:
+    def __init__(
+        self,
+        image_size: int = 8,
+        in_channels: int = 1,
+        num_classes: int = 10,
+        channels: tuple[int, int] | list[int] = (32, 64),
+        hidden: int = 128,
+    ) -> None:
         super().__init__()
         if image_size % 4:
             raise EngineError("lenet5 needs image_size divisible by 4")

@@ -9,6 +9,7 @@ hands back the original model, unchanged, with `result:
 "no_candidate_met_constraints"` (the closest candidate is named in the info), so
 a search never delivers something worse than doing nothing.
 """
+
 from __future__ import annotations
 
 import copy
@@ -88,10 +89,18 @@ class Trial:
     parameters: tuple[int, int] | None = None
 
     def row(self) -> dict[str, Any]:
-        return {"candidate": self.candidate, "stages": self.stages, "status": self.status,
-                "size_bytes": self.size_bytes, "accuracy": self.accuracy, "accuracy_drop": self.accuracy_drop,
-                "sqnr_db": self.sqnr_db, "latency_ms_p50": self.latency_ms_p50,
-                "seconds": round(self.seconds, 3), "reason": self.reason}
+        return {
+            "candidate": self.candidate,
+            "stages": self.stages,
+            "status": self.status,
+            "size_bytes": self.size_bytes,
+            "accuracy": self.accuracy,
+            "accuracy_drop": self.accuracy_drop,
+            "sqnr_db": self.sqnr_db,
+            "latency_ms_p50": self.latency_ms_p50,
+            "seconds": round(self.seconds, 3),
+            "reason": self.reason,
+        }
 
 
 class Search:
@@ -107,13 +116,16 @@ class Search:
         self.baseline_accuracy = measure.accuracy(self.reference, ctx.eval_data.labels if ctx.eval_data else None)
         # The bar a candidate must beat is the file the user uploaded, when the pipeline says its size.
         self.original_size = ctx.original_size_bytes or self._artifact_size(
-            model, ctx.kind, default_output_format(ctx.kind, None))
+            model, ctx.kind, default_output_format(ctx.kind, None)
+        )
         self.planned = config.max_trials
 
     # ---------------------------------------------------------------- bookkeeping
     def out_of_budget(self) -> bool:
-        return (len([t for t in self.trials if t.status != "skipped"]) >= self.config.max_trials
-                or time.monotonic() - self.started > self.config.time_budget_s)
+        return (
+            len([t for t in self.trials if t.status != "skipped"]) >= self.config.max_trials
+            or time.monotonic() - self.started > self.config.time_budget_s
+        )
 
     def best(self) -> Trial | None:
         met = [t for t in self.trials if t.status == "met"]
@@ -153,9 +165,12 @@ class Search:
         return copy.deepcopy(self.model)
 
     def _validated(self, stages: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
-        facts = JobFacts(model_format=KIND_TO_FORMAT[self.ctx.kind], has_dataset=self.ctx.train_data is not None,
-                         dataset_has_labels=self.ctx.train_data is not None and self.ctx.train_data.labels is not None,
-                         eval_has_labels=self.ctx.eval_data is not None and self.ctx.eval_data.labels is not None)
+        facts = JobFacts(
+            model_format=KIND_TO_FORMAT[self.ctx.kind],
+            has_dataset=self.ctx.train_data is not None,
+            dataset_has_labels=self.ctx.train_data is not None and self.ctx.train_data.labels is not None,
+            eval_has_labels=self.ctx.eval_data is not None and self.ctx.eval_data.labels is not None,
+        )
         try:
             validated = validate_stages(stages, facts)
         except SpecError as error:
@@ -234,6 +249,7 @@ class Search:
 
 # -------------------------------------------------------------------- candidates
 
+
 def linear_widths(model: nn.Module, example: Batch) -> list[int] | None:
     """[in, hidden..., out] when the model's matrix weights form one chain of Linear layers."""
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
@@ -253,8 +269,10 @@ def fixed_candidates(search: Search) -> list[Candidate]:
     user = (search.config.candidates or {}).get("recipes")
     if user:
         return [Candidate(f"recipe {i}", stages, 1.0) for i, stages in enumerate(user)]
-    return [Candidate("dynamic_int8", [{"method": "quantize", "scheme": "dynamic_int8"}], 0.3),
-            Candidate("fp16", [{"method": "quantize", "scheme": "fp16"}], 0.5)]
+    return [
+        Candidate("dynamic_int8", [{"method": "quantize", "scheme": "dynamic_int8"}], 0.3),
+        Candidate("fp16", [{"method": "quantize", "scheme": "fp16"}], 0.5),
+    ]
 
 
 def pruning_candidate(search: Search, amount: float) -> Candidate:
@@ -275,9 +293,14 @@ def distill_candidates(search: Search) -> list[Candidate]:
     candidates = []
     for multiplier in DISTILL_WIDTHS:
         student = [widths[0]] + [max(4, round(w * multiplier)) for w in widths[1:-1]] + [widths[-1]]
-        stages: list[dict[str, Any]] = [{"method": "distill", "scheme": "hinton",
-                                         "student": {"architecture": {"name": "mlp", "kwargs": {"widths": student}}}},
-                                        {"method": "quantize", "scheme": "dynamic_int8"}]
+        stages: list[dict[str, Any]] = [
+            {
+                "method": "distill",
+                "scheme": "hinton",
+                "student": {"architecture": {"name": "mlp", "kwargs": {"widths": student}}},
+            },
+            {"method": "quantize", "scheme": "dynamic_int8"},
+        ]
         if search.config.train:
             stages[0]["train"] = search.config.train
         teacher_params = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
@@ -362,10 +385,18 @@ def _outcome(search: Search, model: nn.Module, ctx: StageContext) -> StageResult
     closest = search.closest() if chosen is None else None
     if chosen is None:
         # Nothing met the bar: doing nothing is the honest answer, the original goes back unchanged.
-        chosen = Trial(ORIGINAL, [], "baseline", size_bytes=search.original_size,
-                       accuracy=search.baseline_accuracy, accuracy_drop=0.0 if search.baseline_accuracy is not None
-                       else None, reason="no candidate met the constraints; the original is returned unchanged",
-                       model=model, kind=ctx.kind, parameters=measure.count_parameters(model))
+        chosen = Trial(
+            ORIGINAL,
+            [],
+            "baseline",
+            size_bytes=search.original_size,
+            accuracy=search.baseline_accuracy,
+            accuracy_drop=0.0 if search.baseline_accuracy is not None else None,
+            reason="no candidate met the constraints; the original is returned unchanged",
+            model=model,
+            kind=ctx.kind,
+            parameters=measure.count_parameters(model),
+        )
     info: dict[str, Any] = {
         "result": outcome,
         "objective": config.objective,
@@ -382,13 +413,14 @@ def _outcome(search: Search, model: nn.Module, ctx: StageContext) -> StageResult
         info["closest"] = closest.row()
     if chosen.candidate == ORIGINAL:
         tried = info["trials_run"]
-        info["warnings"] = [f"no candidate of {tried} tried met the constraints while being smaller than the "
-                            "original" if config.objective == "size" else
-                            f"no candidate of {tried} tried met the constraints",
-                            "the original model is returned unchanged"]
+        info["warnings"] = [
+            f"no candidate of {tried} tried met the constraints while being smaller than the original"
+            if config.objective == "size"
+            else f"no candidate of {tried} tried met the constraints",
+            "the original model is returned unchanged",
+        ]
     if chosen.parameters is not None:
         info["parameters"] = list(chosen.parameters)
     ctx.progress(1.0, f"{outcome}: {chosen.candidate}")
     assert chosen.model is not None and chosen.kind is not None
-    return StageResult(model=chosen.model, kind=chosen.kind, info=info,
-                       preferred_output_format=chosen.output_format)
+    return StageResult(model=chosen.model, kind=chosen.kind, info=info, preferred_output_format=chosen.output_format)

@@ -14,12 +14,14 @@ calibration pass) plus one evaluation per layer:
 `analyze/sensitivity` (a stage that delivers the model unchanged) and mixed precision
 (`worker.compression.mixed_precision`) both read this table.
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,9 +69,14 @@ def harm_key(row: dict[str, Any]) -> tuple[float, float]:
     return (-(drop if drop is not None else 0.0), sqnr if sqnr is not None else math.inf)
 
 
-def layer_sensitivity(model: nn.Module, scheme: str, ctx: StageContext, probe: Probe,
-                      options: dict[str, Any] | None = None,
-                      progress: Callable[[float, str], None] | None = None) -> list[dict[str, Any]]:
+def layer_sensitivity(
+    model: nn.Module,
+    scheme: str,
+    ctx: StageContext,
+    probe: Probe,
+    options: dict[str, Any] | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> list[dict[str, Any]]:
     """One row per quantizable layer, {"layer", "sqnr_db", "accuracy_drop"}, most harmful first.
 
     Args:
@@ -108,8 +115,7 @@ def _layer_kind(model: Any, name: str) -> str:
     return str(getattr(module, "original_name", None) or type(module).__name__)
 
 
-def _single_layer_variants(model: nn.Module, scheme: str, options: dict[str, Any],
-                           ctx: StageContext) -> dict[str, Any]:
+def _single_layer_variants(model: nn.Module, scheme: str, options: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
     """Layer name -> a context manager yielding the model with only that layer quantized."""
     if scheme == "dynamic_int8" and ctx.kind == "torchscript":
         return _torchscript_dynamic_variants(model, options)
@@ -117,8 +123,10 @@ def _single_layer_variants(model: nn.Module, scheme: str, options: dict[str, Any
         return _eager_dynamic_variants(model, options, ctx)
     if scheme == "static_int8" and ctx.kind in ("eager", "graph"):
         return _static_variants(model, options, ctx)
-    raise EngineError(f"sensitivity analysis probes dynamic_int8 or static_int8 (static needs an eager or exported "
-                      f"model), not {scheme} on a {ctx.kind} model")
+    raise EngineError(
+        f"sensitivity analysis probes dynamic_int8 or static_int8 (static needs an eager or exported "
+        f"model), not {scheme} on a {ctx.kind} model"
+    )
 
 
 class _Swapped:
@@ -167,8 +175,12 @@ def _eager_dynamic_variants(model: nn.Module, options: dict[str, Any], ctx: Stag
     targets = plan_layers(candidates, options).targets
     if not targets:
         raise EngineError("sensitivity found no Linear / LSTM / GRU layer to probe with dynamic_int8")
-    quantized = quantize_dynamic(float_model, {name: per_channel_dynamic_qconfig for name in targets},  # type: ignore[no-untyped-call]  # torch leaves this unannotated
-                                 dtype=torch.qint8, inplace=False)
+    quantized = quantize_dynamic(
+        float_model,
+        {name: per_channel_dynamic_qconfig for name in targets},  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+        dtype=torch.qint8,
+        inplace=False,
+    )
     # the float model itself takes each quantized layer in turn and gets its own back afterwards
     return {name: _Swapped(float_model, name, quantized.get_submodule(name)) for name in targets}
 
@@ -176,8 +188,12 @@ def _eager_dynamic_variants(model: nn.Module, options: dict[str, Any], ctx: Stag
 def _torchscript_dynamic_variants(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic_jit
 
-    from worker.compression.quantization import (_fresh_script_copy, _isolate_control_flow_outputs,
-                                                 _script_type_name, plan_layers)
+    from worker.compression.quantization import (
+        _fresh_script_copy,
+        _isolate_control_flow_outputs,
+        _script_type_name,
+        plan_layers,
+    )
 
     if not isinstance(model, torch.jit.ScriptModule):
         raise EngineError("a torchscript-kind model must be a torch.jit.ScriptModule")
@@ -200,8 +216,14 @@ def _static_variants(model: nn.Module, options: dict[str, Any], ctx: StageContex
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from worker.compression.quantization import (_STATIC_TYPES, _calibration_batches, cpu_has_vnni,
-                                                 full_range_qconfig, plan_layers, torch_level_module)
+    from worker.compression.quantization import (
+        _STATIC_TYPES,
+        _calibration_batches,
+        cpu_has_vnni,
+        full_range_qconfig,
+        plan_layers,
+        torch_level_module,
+    )
 
     float_model = torch_level_module(model) if ctx.kind == "graph" else model
     candidates = [name for name, module in float_model.named_modules() if name and type(module) in _STATIC_TYPES]
@@ -223,6 +245,7 @@ def _static_variants(model: nn.Module, options: dict[str, Any], ctx: StageContex
             for other in candidates:
                 only.set_module_name(other, qconfig if other == name else None)
             return convert_fx(copy.deepcopy(prepared), qconfig_mapping=only).eval()
+
         return convert
 
     return {name: _Given(alone(name)) for name in targets}
@@ -247,17 +270,29 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     probed = str(options.get("quantization") or "dynamic_int8")
     quantize_options = {k: options[k] for k in ("calibration_batches",) if options.get(k) is not None}
     probe = make_probe(model, ctx, int(options.get("samples") or DEFAULT_PROBE_SAMPLES))
-    rows = layer_sensitivity(model, probed, ctx, probe, quantize_options,
-                             progress=lambda f, m: ctx.progress(0.8 * f, m))
-    info: dict[str, Any] = {"quantization": probed, "probe_samples": int(probe.inputs.shape[0]),
-                            "probe_labels": probe.labels is not None, "sensitivity": rows}
+    rows = layer_sensitivity(
+        model, probed, ctx, probe, quantize_options, progress=lambda f, m: ctx.progress(0.8 * f, m)
+    )
+    info: dict[str, Any] = {
+        "quantization": probed,
+        "probe_samples": int(probe.inputs.shape[0]),
+        "probe_labels": probe.labels is not None,
+        "sensitivity": rows,
+    }
     bar_given = options.get("min_sqnr_db") is not None or options.get("max_accuracy_drop") is not None
     from worker.compression.mixed_precision import Bar, keep_float_until
 
     ctx.progress(0.85, "whole model quantized")
-    search = keep_float_until(model, probed, quantize_options, ctx,
-                              Bar(options.get("min_sqnr_db"), options.get("max_accuracy_drop")), rows,
-                              judge_probe=probe, stop_at_first=not bar_given)
+    search = keep_float_until(
+        model,
+        probed,
+        quantize_options,
+        ctx,
+        Bar(options.get("min_sqnr_db"), options.get("max_accuracy_drop")),
+        rows,
+        judge_probe=probe,
+        stop_at_first=not bar_given,
+    )
     info["all_quantized"] = search.steps[0]
     if bar_given:
         info["bar"] = search.bar.describe()

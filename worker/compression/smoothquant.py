@@ -25,6 +25,7 @@ result is a torchao tensor subclass that TorchScript cannot hold, so the artifac
 would change format and need torchao to load; folding into the float weights
 keeps the int8 artifact exactly as plain dynamic int8 makes it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,8 +65,9 @@ class Smoothed:
     info: dict[str, Any]
 
 
-def smooth_linears(model: nn.Module, batches: Sequence[Batch], alpha: float, targets: Sequence[str],
-                   ctx: StageContext) -> Smoothed:
+def smooth_linears(
+    model: nn.Module, batches: Sequence[Batch], alpha: float, targets: Sequence[str], ctx: StageContext
+) -> Smoothed:
     """Migrate activation outliers of the Linears named in `targets` into their weights.
 
     Args:
@@ -86,8 +88,10 @@ def smooth_linears(model: nn.Module, batches: Sequence[Batch], alpha: float, tar
     if not 0.0 <= alpha <= 1.0:
         raise EngineError(f"smoothquant alpha must be in [0, 1], got {alpha}")
     if ctx.kind == "torchscript":
-        raise EngineError("smoothquant needs an eager model or an exported program; a TorchScript model's "
-                          "weights and LayerNorms cannot be rewritten")
+        raise EngineError(
+            "smoothquant needs an eager model or an exported program; a TorchScript model's "
+            "weights and LayerNorms cannot be rewritten"
+        )
     if ctx.kind == "graph":
         from worker.compression.quantization import torch_level_module
 
@@ -113,16 +117,21 @@ def smooth_linears(model: nn.Module, batches: Sequence[Batch], alpha: float, tar
             if name not in folded:
                 linear.register_forward_pre_hook(InputScale((1.0 / scales[name]).to(linear.weight.dtype)))
     after = {name: activation_max[name] / scales[name] for name in linears}
-    info = {"alpha": alpha, "smoothed_layers": len(linears),
-            "folded_into_layer_norm": sorted(folded), "input_hooks": sorted(set(linears) - set(folded)),
-            "calibration_samples": sum(len(batch) for batch in batches),
-            "outlier_ratio_before": round(_worst_outlier_ratio(activation_max), 2),
-            "outlier_ratio_after": round(_worst_outlier_ratio(after), 2)}
+    info = {
+        "alpha": alpha,
+        "smoothed_layers": len(linears),
+        "folded_into_layer_norm": sorted(folded),
+        "input_hooks": sorted(set(linears) - set(folded)),
+        "calibration_samples": sum(len(batch) for batch in batches),
+        "outlier_ratio_before": round(_worst_outlier_ratio(activation_max), 2),
+        "outlier_ratio_after": round(_worst_outlier_ratio(after), 2),
+    }
     return Smoothed(working, ctx, info)
 
 
-def _input_channel_max(model: nn.Module, linears: dict[str, nn.Module], batches: Sequence[Batch],
-                       ctx: StageContext) -> dict[str, torch.Tensor]:
+def _input_channel_max(
+    model: nn.Module, linears: dict[str, nn.Module], batches: Sequence[Batch], ctx: StageContext
+) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
 
     def observer(name: str) -> Any:
@@ -130,6 +139,7 @@ def _input_channel_max(model: nn.Module, linears: dict[str, nn.Module], batches:
             value = args[0].detach()
             channel_max = value.abs().reshape(-1, value.shape[-1]).amax(dim=0).float()
             found[name] = torch.maximum(found[name], channel_max) if name in found else channel_max
+
         return hook
 
     handles = [linear.register_forward_pre_hook(observer(name)) for name, linear in linears.items()]
@@ -152,8 +162,9 @@ def _worst_outlier_ratio(channel_max: dict[str, torch.Tensor]) -> float:
     return max(float(values.max() / values.median().clamp_min(_MIN_RANGE)) for values in channel_max.values())
 
 
-def _fold_into_layer_norms(model: nn.Module, linears: dict[str, nn.Module], scales: dict[str, torch.Tensor],
-                           example_input: Batch) -> set[str]:
+def _fold_into_layer_norms(
+    model: nn.Module, linears: dict[str, nn.Module], scales: dict[str, torch.Tensor], example_input: Batch
+) -> set[str]:
     """Divide LayerNorm weight and bias by s where every reader of the LayerNorm's output is a Linear of
     `linears`; returns the Linears whose 1/s went there. The readers are found in the exported graph.
 
@@ -166,8 +177,12 @@ def _fold_into_layer_norms(model: nn.Module, linears: dict[str, nn.Module], scal
     with torch.no_grad():
         for norm_name, names in readers.items():
             norm = modules.get(norm_name)
-            if (not isinstance(norm, nn.LayerNorm) or not norm.elementwise_affine or not names
-                    or not all(name in linears for name in names)):
+            if (
+                not isinstance(norm, nn.LayerNorm)
+                or not norm.elementwise_affine
+                or not names
+                or not all(name in linears for name in names)
+            ):
                 continue
             # the readers share X, so s_i = X^a / W_i^(1-a); the largest W range over them gives the smallest s
             shared = torch.stack([scales[name] for name in names]).amin(dim=0)
@@ -189,12 +204,14 @@ def _layer_norm_readers(model: nn.Module, example_input: Batch) -> dict[str, lis
     aten = torch.ops.aten
     found: dict[str, list[str]] = {}
     for node in program.graph.nodes:
-        if node.op != "call_function" or node.target not in (aten.layer_norm.default,
-                                                             aten.native_layer_norm.default):
+        if node.op != "call_function" or node.target not in (aten.layer_norm.default, aten.native_layer_norm.default):
             continue
         norm_name = _owner(node)
-        outputs = [node] if node.target is aten.layer_norm.default else [
-            user for user in node.users if user.target is operator.getitem and user.args[1] == 0]
+        outputs = (
+            [node]
+            if node.target is aten.layer_norm.default
+            else [user for user in node.users if user.target is operator.getitem and user.args[1] == 0]
+        )
         users = [user for output in outputs for user in output.users]
         if norm_name is None or not users or any(user.target is not aten.linear.default for user in users):
             continue

@@ -29,6 +29,7 @@ Everything else (biases, buffers, integer tensors) is stored as is. No custom cl
 README prints it, stock torch only) gives back dense tensors with their original shapes.
 Tied weights (one tensor under two keys) are encoded and stored once.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,9 @@ STORAGE_OVERHEAD_BYTES = 192
 RELATIVE_GAP_DTYPES = (torch.uint8, torch.int16)
 
 
-def encode_sparse_state_dict(state_dict: Mapping[str, Tensor], min_sparsity: float = 0.0, *,
-                             compact: bool = False) -> dict[str, Any]:
+def encode_sparse_state_dict(
+    state_dict: Mapping[str, Tensor], min_sparsity: float = 0.0, *, compact: bool = False
+) -> dict[str, Any]:
     """Store each floating-point weight of `state_dict` in its smallest encoding.
 
     Args:
@@ -90,7 +92,7 @@ def decode_sparse_state_dict(state: Mapping[str, Any]) -> dict[str, Tensor]:
             flat = torch.zeros(math.prod(value["shape"]), dtype=value["values"].dtype)
             if value["encoding"] == "bitmask":
                 bits = (value["mask"].unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
-                flat[bits.flatten()[:flat.numel()].bool()] = value["values"]
+                flat[bits.flatten()[: flat.numel()].bool()] = value["values"]
             else:
                 flat[torch.cumsum(value["gaps"].long(), 0) - 1] = value["values"]
             value = flat.reshape(value["shape"])
@@ -144,7 +146,7 @@ def _bitmask(tensor: Tensor) -> dict[str, Any]:
     flat = tensor.flatten()
     kept = flat != 0
     padded = torch.zeros(math.ceil(flat.numel() / 8) * 8, dtype=torch.uint8)
-    padded[:flat.numel()] = kept.to(torch.uint8)
+    padded[: flat.numel()] = kept.to(torch.uint8)
     weights = (2 ** torch.arange(8, dtype=torch.int32)).to(torch.uint8)
     mask = (padded.view(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
     return {"encoding": "bitmask", "shape": list(tensor.shape), "mask": mask, "values": flat[kept].clone()}

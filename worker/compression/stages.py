@@ -3,6 +3,7 @@
 Each method module exposes `run_stage(model, scheme, options, ctx) -> StageResult`;
 this registry maps method names (those of `modelpress.catalog`) to them.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -7,6 +7,7 @@ schedule, so the recorded history can be checked against the formulas.
 `devices > 1` trains data-parallel with DistributedDataParallel in processes
 the worker starts itself (gloo on CPU, nccl on CUDA).
 """
+
 from __future__ import annotations
 
 import copy
@@ -85,8 +86,7 @@ class TrainConfig:
     devices: int = 1
 
     @classmethod
-    def from_options(cls, options: dict[str, Any] | None,
-                     defaults: dict[str, Any] | None = None) -> TrainConfig:
+    def from_options(cls, options: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> TrainConfig:
         """Validate a "train" object (over `defaults`, e.g. a method's own budget).
 
         Example:
@@ -117,47 +117,78 @@ class TrainConfig:
             merged["milestones"] = tuple(sorted(int(m) for m in milestones))
         if merged.get("amp") in ("none", False):
             merged["amp"] = None
-        config = cls(**{k: v for k, v in merged.items() if v is not None or k in
-                        ("gamma", "early_stopping_patience", "val_split", "grad_clip", "amp", "seed")})
+        config = cls(
+            **{
+                k: v
+                for k, v in merged.items()
+                if v is not None or k in ("gamma", "early_stopping_patience", "val_split", "grad_clip", "amp", "seed")
+            }
+        )
         config._check()
         if config.gamma is None and config.schedule in _DEFAULT_GAMMA:
             config = _replace(config, gamma=_DEFAULT_GAMMA[config.schedule])
         return config
 
     def _check(self) -> None:
-        _expect(self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}")
+        _expect(
+            self.optimizer in OPTIMIZERS, f"train.optimizer must be one of {list(OPTIMIZERS)}, got {self.optimizer!r}"
+        )
         _expect(self.schedule in SCHEDULES, f"train.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        _expect(self.amp is None or self.amp in AMP_DTYPES,
-                f"train.amp must be one of {list(AMP_DTYPES)} or none, got {self.amp!r}")
+        _expect(
+            self.amp is None or self.amp in AMP_DTYPES,
+            f"train.amp must be one of {list(AMP_DTYPES)} or none, got {self.amp!r}",
+        )
         _expect(_is_number(self.lr) and self.lr > 0, f"train.lr must be a positive number, got {self.lr!r}")
         for name in ("momentum", "weight_decay", "l1", "min_lr"):
             value = getattr(self, name)
             _expect(_is_number(value) and value >= 0, f"train.{name} must be a number >= 0, got {value!r}")
         _expect(self.momentum < 1, f"train.momentum must be < 1, got {self.momentum}")
-        _expect(_is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
-                f"train.label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
-        for name, low in (("epochs", 1), ("batch_size", 1), ("step_size", 1), ("plateau_patience", 0),
-                          ("warmup_epochs", 0), ("devices", 1)):
+        _expect(
+            _is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1,
+            f"train.label_smoothing must be in [0, 1), got {self.label_smoothing!r}",
+        )
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("step_size", 1),
+            ("plateau_patience", 0),
+            ("warmup_epochs", 0),
+            ("devices", 1),
+        ):
             value = getattr(self, name)
             _expect(_is_int(value) and value >= low, f"train.{name} must be an integer >= {low}, got {value!r}")
-        _expect(self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
-                f"train.warmup_epochs ({self.warmup_epochs}) must be fewer than train.epochs ({self.epochs})")
-        _expect(self.gamma is None or (_is_number(self.gamma) and 0 < self.gamma <= 1),
-                f"train.gamma must be in (0, 1], got {self.gamma!r}")
-        _expect(self.schedule != "multistep" or bool(self.milestones),
-                "train.schedule 'multistep' needs train.milestones, e.g. [30, 60]")
-        _expect(self.early_stopping_patience is None
-                or (_is_int(self.early_stopping_patience) and self.early_stopping_patience >= 1),
-                f"train.early_stopping_patience must be an integer >= 1, got {self.early_stopping_patience!r}")
-        _expect(self.val_split is None or (_is_number(self.val_split) and 0 <= self.val_split < 1),
-                f"train.val_split must be in [0, 1), got {self.val_split!r}")
-        _expect(self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
-                f"train.grad_clip must be a positive number, got {self.grad_clip!r}")
+        _expect(
+            self.warmup_epochs < self.epochs or self.warmup_epochs == 0,
+            f"train.warmup_epochs ({self.warmup_epochs}) must be fewer than train.epochs ({self.epochs})",
+        )
+        _expect(
+            self.gamma is None or (_is_number(self.gamma) and 0 < self.gamma <= 1),
+            f"train.gamma must be in (0, 1], got {self.gamma!r}",
+        )
+        _expect(
+            self.schedule != "multistep" or bool(self.milestones),
+            "train.schedule 'multistep' needs train.milestones, e.g. [30, 60]",
+        )
+        _expect(
+            self.early_stopping_patience is None
+            or (_is_int(self.early_stopping_patience) and self.early_stopping_patience >= 1),
+            f"train.early_stopping_patience must be an integer >= 1, got {self.early_stopping_patience!r}",
+        )
+        _expect(
+            self.val_split is None or (_is_number(self.val_split) and 0 <= self.val_split < 1),
+            f"train.val_split must be in [0, 1), got {self.val_split!r}",
+        )
+        _expect(
+            self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
+            f"train.grad_clip must be a positive number, got {self.grad_clip!r}",
+        )
         _expect(self.seed is None or _is_int(self.seed), f"train.seed must be an integer, got {self.seed!r}")
         for name in ("nesterov", "shuffle"):
             _expect(isinstance(getattr(self, name), bool), f"train.{name} must be true or false")
-        _expect(not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
-                "train.nesterov needs optimizer 'sgd' with momentum > 0")
+        _expect(
+            not self.nesterov or (self.optimizer == "sgd" and self.momentum > 0),
+            "train.nesterov needs optimizer 'sgd' with momentum > 0",
+        )
 
 
 def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, plateau_scale: float = 1.0) -> float:
@@ -185,7 +216,7 @@ def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, plateau_
     if config.schedule == "multistep":
         return config.lr * gamma ** sum(epoch >= m for m in config.milestones)
     if config.schedule == "exponential":
-        return config.lr * gamma ** epoch
+        return config.lr * gamma**epoch
     if config.schedule == "cosine":
         total = max(1, (config.epochs - config.warmup_epochs) * steps_per_epoch)
         return config.min_lr + (config.lr - config.min_lr) * 0.5 * (1 + math.cos(math.pi * min(after, total) / total))
@@ -194,10 +225,19 @@ def learning_rate(config: TrainConfig, step: int, steps_per_epoch: int, plateau_
     return config.lr
 
 
-def fit(model: nn.Module, data: Dataset, options: dict[str, Any] | TrainConfig | None, ctx: StageContext, *,
-        loss_fn: LossFn | None = None, after_step: Callable[[], None] | None = None,
-        val_data: Dataset | None = None, targets: Tensor | None = None,
-        val_targets: Tensor | None = None, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    options: dict[str, Any] | TrainConfig | None,
+    ctx: StageContext,
+    *,
+    loss_fn: LossFn | None = None,
+    after_step: Callable[[], None] | None = None,
+    val_data: Dataset | None = None,
+    targets: Tensor | None = None,
+    val_targets: Tensor | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train `model` in place on `data` and return a summary of the run.
 
     Args:
@@ -241,14 +281,17 @@ def fit(model: nn.Module, data: Dataset, options: dict[str, Any] | TrainConfig |
             val_targets = val_data.labels
         train, val, train_targets = data, val_data, targets
     else:
-        fraction = config.val_split if config.val_split is not None else (
-            0.1 if config.early_stopping_patience is not None else 0.0)
+        fraction = (
+            config.val_split
+            if config.val_split is not None
+            else (0.1 if config.early_stopping_patience is not None else 0.0)
+        )
         if config.early_stopping_patience is not None and round(len(data) * fraction) == 0:
             raise EngineError("early stopping needs a validation split: set train.val_split > 0")
         (train, train_targets), (val, val_targets) = split_dataset(data, targets, fraction, config.seed or 0)
     if len(train) == 0:
         raise EngineError("val_split leaves no training samples")
-    _probe_forward(model, train.inputs[:config.batch_size])
+    _probe_forward(model, train.inputs[: config.batch_size])
     job = _Job(model, train, val, train_targets, val_targets, config, loss_fn, after_step, ctx.device)
     if config.devices > 1:
         return _fit_distributed(job, ctx)
@@ -273,9 +316,9 @@ def evaluate_accuracy(model: nn.Module, data: Dataset, batch_size: int = 256) ->
     try:
         with torch.no_grad():
             for start in range(0, len(data), batch_size):
-                inputs = data.inputs[start:start + batch_size].to(device)
+                inputs = data.inputs[start : start + batch_size].to(device)
                 predicted = logits_of(call_model(model, inputs)).argmax(dim=1).cpu()
-                correct += int((predicted == data.labels[start:start + batch_size]).sum())
+                correct += int((predicted == data.labels[start : start + batch_size]).sum())
     finally:
         if was_training:
             set_training_mode(model, True)
@@ -382,7 +425,7 @@ def _train(job: _Job, reporter: _Reporter, *, rank: int, world_size: int) -> dic
         set_training_mode(core, True)
         order = torch.randperm(n, generator=generator) if config.shuffle else torch.arange(n)
         # Every rank takes the same number of steps (DDP needs it): pad by wrapping around.
-        order = order.repeat(math.ceil(per_rank * world_size / n))[:per_rank * world_size][rank::world_size]
+        order = order.repeat(math.ceil(per_rank * world_size / n))[: per_rank * world_size][rank::world_size]
         loss_sum, loss_count = torch.zeros((), device=device), 0
         for batch in range(steps_per_epoch):
             if batch and batch % CANCEL_CHECK_BATCHES == 0:
@@ -392,9 +435,11 @@ def _train(job: _Job, reporter: _Reporter, *, rank: int, world_size: int) -> dic
                 group["lr"] = lr
             if batch == 0:
                 history["lr"].append(lr)
-            index = order[batch * config.batch_size:(batch + 1) * config.batch_size]
+            index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
             inputs = job.train.inputs[index].to(device, non_blocking=True)
-            batch_targets = job.train_targets[index].to(device, non_blocking=True) if job.train_targets is not None else None
+            batch_targets = (
+                job.train_targets[index].to(device, non_blocking=True) if job.train_targets is not None else None
+            )
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = job.loss_fn(trained, inputs, batch_targets)
             objective = loss.float()
@@ -441,13 +486,25 @@ def _train(job: _Job, reporter: _Reporter, *, rank: int, world_size: int) -> dic
                 best_state = copy.deepcopy(core.state_dict())
         else:
             epochs_without_gain += 1
-        reporter.event("epoch", {"epoch": epoch + 1, "loss": epoch_loss, "val_accuracy": val_accuracy,
-                                 "val_loss": val_loss, "lr": history["lr"][-1]})
+        reporter.event(
+            "epoch",
+            {
+                "epoch": epoch + 1,
+                "loss": epoch_loss,
+                "val_accuracy": val_accuracy,
+                "val_loss": val_loss,
+                "lr": history["lr"][-1],
+            },
+        )
         accuracy_text = f", val accuracy {val_accuracy:.4f}" if val_accuracy is not None else ""
-        reporter.progress((epoch + 1) / config.epochs,
-                          f"epoch {epoch + 1}/{config.epochs}: loss {epoch_loss:.4f}{accuracy_text}")
-        if (config.early_stopping_patience is not None and score is not None
-                and epochs_without_gain >= config.early_stopping_patience):
+        reporter.progress(
+            (epoch + 1) / config.epochs, f"epoch {epoch + 1}/{config.epochs}: loss {epoch_loss:.4f}{accuracy_text}"
+        )
+        if (
+            config.early_stopping_patience is not None
+            and score is not None
+            and epochs_without_gain >= config.early_stopping_patience
+        ):
             stopped_early = True
             reporter.progress(1.0, f"early stop after epoch {epoch + 1}: no gain for {epochs_without_gain} epochs")
             break
@@ -488,8 +545,8 @@ def _validate(model: nn.Module, job: _Job, device: torch.device) -> tuple[float 
         total = 0.0
         with torch.no_grad():
             for start in range(0, len(job.val), 256):
-                inputs = job.val.inputs[start:start + 256].to(device)
-                batch_targets = job.val_targets[start:start + 256].to(device)
+                inputs = job.val.inputs[start : start + 256].to(device)
+                batch_targets = job.val_targets[start : start + 256].to(device)
                 total += float(job.loss_fn(model, inputs, batch_targets)) * int(inputs.shape[0])
         val_loss = total / len(job.val)
     return accuracy, val_loss
@@ -497,15 +554,21 @@ def _validate(model: nn.Module, job: _Job, device: torch.device) -> tuple[float 
 
 def _make_optimizer(config: TrainConfig, parameters: list[nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                               nesterov=config.nesterov, weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            parameters,
+            lr=config.lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
     if config.optimizer == "adam":
         return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def split_dataset(data: Dataset, targets: Tensor | None, fraction: float,
-                  seed: int) -> tuple[tuple[Dataset, Tensor | None], tuple[Dataset | None, Tensor | None]]:
+def split_dataset(
+    data: Dataset, targets: Tensor | None, fraction: float, seed: int
+) -> tuple[tuple[Dataset, Tensor | None], tuple[Dataset | None, Tensor | None]]:
     """Hold out `fraction` of the samples (a seeded random choice): ((train, targets), (val, targets)).
 
     The validation part is (None, None) when the fraction rounds to no sample.
@@ -521,8 +584,10 @@ def split_dataset(data: Dataset, targets: Tensor | None, fraction: float,
     def take(index: Tensor) -> Dataset:
         return Dataset(data.inputs[index], data.labels[index] if data.labels is not None else None)
 
-    return ((take(train_index), targets[train_index] if targets is not None else None),
-            (take(val_index), targets[val_index] if targets is not None else None))
+    return (
+        (take(train_index), targets[train_index] if targets is not None else None),
+        (take(val_index), targets[val_index] if targets is not None else None),
+    )
 
 
 # ---------------------------------------------------------------- data-parallel
@@ -606,8 +671,12 @@ def _fit_distributed(job: _Job, ctx: StageContext) -> dict[str, Any]:
         from torch.multiprocessing.spawn import ProcessException, start_processes
 
         processes = start_processes(  # type: ignore[no-untyped-call]  # torch leaves this unannotated
-            _distributed_worker, args=(world_size, port, job, messages, cancelled, str(result_path)),
-            nprocs=world_size, join=False, start_method=start_method)
+            _distributed_worker,
+            args=(world_size, port, job, messages, cancelled, str(result_path)),
+            nprocs=world_size,
+            join=False,
+            start_method=start_method,
+        )
         was_cancelled = False
         try:
             while True:
@@ -637,8 +706,9 @@ def _fit_distributed(job: _Job, ctx: StageContext) -> dict[str, Any]:
     return summary
 
 
-def _distributed_worker(rank: int, world_size: int, port: int, job: _Job, messages: Any,
-                        cancelled: _CancelFlag, result_path: str) -> None:
+def _distributed_worker(
+    rank: int, world_size: int, port: int, job: _Job, messages: Any, cancelled: _CancelFlag, result_path: str
+) -> None:
     import torch.distributed as dist
 
     device = torch.device(job.device)
@@ -647,8 +717,12 @@ def _distributed_worker(rank: int, world_size: int, port: int, job: _Job, messag
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                            init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+    )
     try:
         rank_job = _replace_job(job, device)
         summary = _train(rank_job, _QueueReporter(rank, messages, cancelled), rank=rank, world_size=world_size)
@@ -698,10 +772,14 @@ def _probe_forward(model: nn.Module, inputs: Batch) -> None:
     except EngineError:
         raise
     except Exception as error:
-        described = inputs.describe() if isinstance(inputs, ModelInputs) else \
-            f"inputs of shape {list(inputs.shape)}, dtype {inputs.dtype}"
-        raise EngineError(f"the model does not run on a batch of the dataset ({described}): "
-                          f"{str(error).strip().splitlines()[-1]}") from error
+        described = (
+            inputs.describe()
+            if isinstance(inputs, ModelInputs)
+            else f"inputs of shape {list(inputs.shape)}, dtype {inputs.dtype}"
+        )
+        raise EngineError(
+            f"the model does not run on a batch of the dataset ({described}): {str(error).strip().splitlines()[-1]}"
+        ) from error
 
 
 def logits_of(output: Any) -> Tensor:

@@ -20,6 +20,7 @@ With `schedule`, pruning is gradual (Zhu & Gupta 2017, cubic schedule) with
 fine-tuning between steps; with only `train`, one fine-tuning run follows
 one-shot pruning. Masks stay fixed during fine-tuning.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,17 +28,17 @@ from typing import Any
 from torch import nn
 
 from worker.compression.base import EngineError, StageContext, StageResult
-from worker.compression.pruning.figures import _layer_table, count_macs
-from worker.compression.pruning.layers import _matrix_layers, _weight
-from worker.compression.pruning.structured import _prune_channels
-from worker.compression.pruning.unstructured import _prune_weights
 
 # Re-exported: the names other modules, tests and benchmarks import from `worker.compression.pruning`.
 from worker.compression.graph_lift import lift_exported_graph as lift_exported_graph
+from worker.compression.pruning.figures import _layer_table, count_macs
 from worker.compression.pruning.layers import Layer as Layer
+from worker.compression.pruning.layers import _matrix_layers, _weight
 from worker.compression.pruning.masks import cubic_sparsity as cubic_sparsity
 from worker.compression.pruning.masks import magnitude_masks as magnitude_masks
 from worker.compression.pruning.masks import nm_mask as nm_mask
+from worker.compression.pruning.structured import _prune_channels
+from worker.compression.pruning.unstructured import _prune_weights
 
 UNSTRUCTURED = ("l1_unstructured", "random_unstructured", "global_l1_unstructured")
 SCHEMES = UNSTRUCTURED + ("nm_semi_structured", "ln_structured")
@@ -77,9 +78,14 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     emptied = [row["layer"] for row in info["layers"] if row["sparsity"] == 1.0 and row["layer"] in targeted]
     if emptied:
         # Global thresholds can take all of a layer whose weights are small everywhere.
-        info["warnings"] = [f"layer {name} has no nonzero weights left; its output no longer depends on "
-                            f"its input" for name in emptied]
-    info.update(macs_before=macs_before["macs"], macs_after=macs_after["macs"],
-                macs_counter=macs_after["counter"], macs_input_shape=macs_after["input_shape"])
+        info["warnings"] = [
+            f"layer {name} has no nonzero weights left; its output no longer depends on its input" for name in emptied
+        ]
+    info.update(
+        macs_before=macs_before["macs"],
+        macs_after=macs_after["macs"],
+        macs_counter=macs_after["counter"],
+        macs_input_shape=macs_after["input_shape"],
+    )
     ctx.progress(1.0, "pruned")
     return StageResult(model=model, kind=kind, info=info, preferred_output_format=preferred)

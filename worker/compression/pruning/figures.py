@@ -1,4 +1,5 @@
 """The figures a pruning stage reports: MACs before and after, and the per-layer table."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -22,8 +23,9 @@ def count_macs(model: nn.Module, kind: ModelKind, example_input: Batch) -> dict[
     (matmul and convolution only, FLOPs / 2). Dense counts: zeros of unstructured
     pruning are still multiplied by dense kernels. {"macs": None, ...} when neither runs.
     """
-    candidates = [example_input[:1], example_input] if example_input.dim() and len(example_input) > 1 \
-        else [example_input]
+    candidates = (
+        [example_input[:1], example_input] if example_input.dim() and len(example_input) > 1 else [example_input]
+    )
     counters: list[tuple[str, Callable[[Batch], int]]] = []
     if kind == "eager":
         counters.append(("torch_pruning.utils.count_ops_and_params", lambda x: _tp_macs(model, x)))
@@ -31,8 +33,11 @@ def count_macs(model: nn.Module, kind: ModelKind, example_input: Batch) -> dict[
     for name, counter in counters:
         for example in candidates:
             try:
-                return {"macs": counter(example.to(_device_of(model))), "counter": name,
-                        "input_shape": list(example.shape)}
+                return {
+                    "macs": counter(example.to(_device_of(model))),
+                    "counter": name,
+                    "input_shape": list(example.shape),
+                }
             except Exception:
                 continue
     return {"macs": None, "counter": None, "input_shape": None}
@@ -63,7 +68,13 @@ def _layer_table(model: nn.Module, shapes_before: dict[str, list[int]], targeted
     rows = []
     for name, module in _matrix_layers(model):
         weight = _weight(module)
-        rows.append({"layer": name, "shape_before": shapes_before.get(name), "shape_after": list(weight.shape),
-                     "sparsity": round(float((weight == 0).sum()) / max(1, weight.numel()), 6),
-                     "targeted": name in targeted})
+        rows.append(
+            {
+                "layer": name,
+                "shape_before": shapes_before.get(name),
+                "shape_after": list(weight.shape),
+                "sparsity": round(float((weight == 0).sum()) / max(1, weight.numel()), 6),
+                "targeted": name in targeted,
+            }
+        )
     return rows

@@ -1,4 +1,5 @@
 """Fine-tuning between and after pruning steps (the glue to worker.compression.training)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,8 +28,16 @@ def _labelled_train_data(ctx: StageContext, purpose: str) -> Dataset:
     return data
 
 
-def _fit(model: nn.Module, data: Dataset, options: dict[str, Any], epochs: int | None, ctx: StageContext,
-         start: float, span: float, after_step: Callable[[], None] | None = None) -> dict[str, Any]:
+def _fit(
+    model: nn.Module,
+    data: Dataset,
+    options: dict[str, Any],
+    epochs: int | None,
+    ctx: StageContext,
+    start: float,
+    span: float,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     train_options = dict(options.get("train") or {})
     if epochs is not None:
         train_options["epochs"] = epochs
@@ -36,8 +45,14 @@ def _fit(model: nn.Module, data: Dataset, options: dict[str, Any], epochs: int |
     def progress(fraction: float, message: str) -> None:
         ctx.progress(start + span * fraction, message)
 
-    summary: dict[str, Any] = fit(model, data, train_options, dataclasses.replace(ctx, progress=progress),
-                                  after_step=after_step, val_data=ctx.eval_data)
+    summary: dict[str, Any] = fit(
+        model,
+        data,
+        train_options,
+        dataclasses.replace(ctx, progress=progress),
+        after_step=after_step,
+        val_data=ctx.eval_data,
+    )
     return summary
 
 

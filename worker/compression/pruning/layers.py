@@ -1,4 +1,5 @@
 """Which layers pruning chooses, and small helpers the pruning modules share."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,9 +19,11 @@ def _chosen_layers(model: nn.Module, options: dict[str, Any]) -> list[Layer]:
     layers = select_layers(model, options.get("layers"), include_classifier=bool(options.get("prune_classifier")))
     if not layers:
         names = [name for name, _ in _matrix_layers(model)]
-        raise EngineError(f"the layer patterns {options.get('layers')} match no prunable layer; layers with "
-                          f"weights are {names[:20]} (the last is the classifier, left alone unless "
-                          f"prune_classifier is true)")
+        raise EngineError(
+            f"the layer patterns {options.get('layers')} match no prunable layer; layers with "
+            f"weights are {names[:20]} (the last is the classifier, left alone unless "
+            f"prune_classifier is true)"
+        )
     return layers
 
 

@@ -1,4 +1,5 @@
 """Pruning masks: magnitude, random and N:M keep-masks, the cubic schedule, and holding masks while training."""
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -21,9 +22,15 @@ def cubic_sparsity(step: int, steps: int, final: float, initial: float = 0.0) ->
     return final + (initial - final) * (1.0 - step / steps) ** 3
 
 
-def magnitude_masks(weights: Sequence[Tensor], amount: float, *, global_scope: bool = False,
-                    random: bool = False, previous: Sequence[Tensor] | None = None,
-                    generator: torch.Generator | None = None) -> list[Tensor]:
+def magnitude_masks(
+    weights: Sequence[Tensor],
+    amount: float,
+    *,
+    global_scope: bool = False,
+    random: bool = False,
+    previous: Sequence[Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> list[Tensor]:
     """Boolean keep-masks that zero round(amount * n) weights of smallest |w| (or random ones).
 
     Args:
@@ -54,7 +61,7 @@ def magnitude_masks(weights: Sequence[Tensor], amount: float, *, global_scope: b
         keep = _keep_largest(flat, round(amount * flat.numel()))
         masks, offset = [], 0
         for weight in weights:
-            masks.append(keep[offset:offset + weight.numel()].reshape(weight.shape).to(weight.device))
+            masks.append(keep[offset : offset + weight.numel()].reshape(weight.shape).to(weight.device))
             offset += weight.numel()
         return masks
     return [_keep_largest(score, round(amount * score.numel())) for score in scores]

@@ -1,4 +1,5 @@
 """ln_structured: whole output channels removed with torch-pruning's dependency graph."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -21,12 +22,16 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
     import torch_pruning as tp
 
     if ctx.kind == "torchscript":
-        raise EngineError("ln_structured removes channels and so changes the model's code, which a TorchScript "
-                          "file does not expose; upload a state_dict with a registered architecture or an "
-                          "exported program (torch.export) instead")
+        raise EngineError(
+            "ln_structured removes channels and so changes the model's code, which a TorchScript "
+            "file does not expose; upload a state_dict with a registered architecture or an "
+            "exported program (torch.export) instead"
+        )
     if options.get("prune_classifier"):
-        raise EngineError("ln_structured removes whole output neurons; on the final classifier that would remove "
-                          "classes. Set prune_classifier to false")
+        raise EngineError(
+            "ln_structured removes whole output neurons; on the final classifier that would remove "
+            "classes. Set prune_classifier to false"
+        )
     example = ctx.example_input.to(_device_of(model))
     batches = [example]
     if example.dim() >= 1:
@@ -40,8 +45,10 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
         with torch.no_grad():
             lifted = _first_tensor(call_model(model, example))
         if lifted.shape != expected.shape or not torch.allclose(lifted, expected, rtol=1e-4, atol=1e-5):
-            raise EngineError("the exported program could not be rebuilt from nn modules faithfully, so its "
-                              "channels cannot be removed; upload a state_dict with a registered architecture")
+            raise EngineError(
+                "the exported program could not be rebuilt from nn modules faithfully, so its "
+                "channels cannot be removed; upload a state_dict with a registered architecture"
+            )
     layers = _chosen_layers(model, options)
     targeted = {id(module) for _, module in layers}
     ignored = [module for _, module in _matrix_layers(model) if id(module) not in targeted]
@@ -60,13 +67,20 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
     was_training = model.training
     try:
         pruner = tp.pruner.MetaPruner(
-            model, example, forward_fn=call_model, output_transform=_first_tensor,
-            importance=tp.importance.MagnitudeImportance(p=norm), pruning_ratio=amount,
-            ignored_layers=ignored, iterative_steps=steps,
-            iterative_pruning_ratio_scheduler=lambda ratio, n: [cubic_sparsity(t, n, ratio) for t in range(n + 1)])
+            model,
+            example,
+            forward_fn=call_model,
+            output_transform=_first_tensor,
+            importance=tp.importance.MagnitudeImportance(p=norm),
+            pruning_ratio=amount,
+            ignored_layers=ignored,
+            iterative_steps=steps,
+            iterative_pruning_ratio_scheduler=lambda ratio, n: [cubic_sparsity(t, n, ratio) for t in range(n + 1)],
+        )
     except Exception as error:
-        raise EngineError(f"torch-pruning could not trace the model's channel dependencies: "
-                          f"{_last_line(error)}") from error
+        raise EngineError(
+            f"torch-pruning could not trace the model's channel dependencies: {_last_line(error)}"
+        ) from error
     history = []
     for step in range(1, steps + 1):
         ctx.check_cancelled()
@@ -82,9 +96,13 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
         history.append(record)
     model.train(was_training)
     _check_still_runs(model, batches, reference_shapes)
-    info: dict[str, Any] = {"scheme": "ln_structured", "amount": amount, "norm": norm,
-                            "amount_means": "fraction of output channels removed from each targeted layer",
-                            "targeted": [name for name, _ in layers]}
+    info: dict[str, Any] = {
+        "scheme": "ln_structured",
+        "amount": amount,
+        "norm": norm,
+        "amount_means": "fraction of output channels removed from each targeted layer",
+        "targeted": [name for name, _ in layers],
+    }
     if schedule:
         info["schedule"] = history
     elif data is not None:
@@ -116,9 +134,13 @@ def _check_still_runs(model: nn.Module, batches: Sequence[Batch], reference: Seq
             with torch.no_grad():
                 shape = list(_first_tensor(call_model(model, batch)).shape)
         except Exception as error:
-            raise EngineError(f"after removing channels the model no longer runs on inputs of shape "
-                              f"{list(batch.shape)}: {_last_line(error)}. It may hard-code channel counts "
-                              f"(reshape to fixed sizes); exclude those layers with layers.exclude") from error
+            raise EngineError(
+                f"after removing channels the model no longer runs on inputs of shape "
+                f"{list(batch.shape)}: {_last_line(error)}. It may hard-code channel counts "
+                f"(reshape to fixed sizes); exclude those layers with layers.exclude"
+            ) from error
         if shape != expected:
-            raise EngineError(f"after removing channels the model's output has shape {shape} instead of "
-                              f"{expected}; exclude the output layers with layers.exclude")
+            raise EngineError(
+                f"after removing channels the model's output has shape {shape} instead of "
+                f"{expected}; exclude the output layers with layers.exclude"
+            )

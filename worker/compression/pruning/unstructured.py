@@ -1,4 +1,5 @@
 """Unstructured and N:M pruning: masks baked into the weights, gradually or at once, with fine-tuning."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,8 +24,10 @@ def _prune_weights(model: nn.Module, scheme: str, options: dict[str, Any], ctx: 
         fitting = [(name, module) for name, module in layers if _weight(module)[0].numel() % m == 0]
         skipped = [name for name, module in layers if _weight(module)[0].numel() % m]
         if not fitting:
-            raise EngineError(f"no chosen layer has a number of inputs divisible by m={m} "
-                              f"({', '.join(skipped)}); choose other layers or another m")
+            raise EngineError(
+                f"no chosen layer has a number of inputs divisible by m={m} "
+                f"({', '.join(skipped)}); choose other layers or another m"
+            )
         weights = [_weight(module) for _, module in fitting]
         masks = [nm_mask(weight, n, m) for weight in weights]
         _apply_masks(weights, masks)
@@ -50,15 +53,29 @@ def _prune_weights(model: nn.Module, scheme: str, options: dict[str, Any], ctx: 
     return info
 
 
-def _unstructured_masks(scheme: str, weights: Sequence[Tensor], amount: float,
-                        previous: Sequence[Tensor] | None, seed: int) -> list[Tensor]:
+def _unstructured_masks(
+    scheme: str, weights: Sequence[Tensor], amount: float, previous: Sequence[Tensor] | None, seed: int
+) -> list[Tensor]:
     generator = torch.Generator().manual_seed(seed) if scheme == "random_unstructured" else None
-    return magnitude_masks(weights, amount, global_scope=scheme == "global_l1_unstructured",
-                           random=scheme == "random_unstructured", previous=previous, generator=generator)
+    return magnitude_masks(
+        weights,
+        amount,
+        global_scope=scheme == "global_l1_unstructured",
+        random=scheme == "random_unstructured",
+        previous=previous,
+        generator=generator,
+    )
 
 
-def _gradual_unstructured(model: nn.Module, scheme: str, weights: Sequence[Tensor], amount: float,
-                          schedule: dict[str, Any], options: dict[str, Any], ctx: StageContext) -> list[dict[str, Any]]:
+def _gradual_unstructured(
+    model: nn.Module,
+    scheme: str,
+    weights: Sequence[Tensor],
+    amount: float,
+    schedule: dict[str, Any],
+    options: dict[str, Any],
+    ctx: StageContext,
+) -> list[dict[str, Any]]:
     steps, epochs = _schedule_lengths(schedule)
     data = _labelled_train_data(ctx, "gradual pruning")
     masks: list[Tensor] | None = None
@@ -71,15 +88,24 @@ def _gradual_unstructured(model: nn.Module, scheme: str, weights: Sequence[Tenso
         _apply_masks(weights, masks)
         record: dict[str, Any] = {"step": step, "target_sparsity": round(target, 6)}
         if epochs:
-            summary = _fit(model, data, options, epochs, ctx, (step - 1) / steps, 1 / steps,
-                           after_step=_mask_keeper(weights, masks))
+            summary = _fit(
+                model,
+                data,
+                options,
+                epochs,
+                ctx,
+                (step - 1) / steps,
+                1 / steps,
+                after_step=_mask_keeper(weights, masks),
+            )
             record.update(_fit_figures(summary))
         history.append(record)
     return history
 
 
-def _finetune_once(model: nn.Module, weights: Sequence[Tensor], masks: Sequence[Tensor],
-                   options: dict[str, Any], ctx: StageContext) -> dict[str, Any]:
+def _finetune_once(
+    model: nn.Module, weights: Sequence[Tensor], masks: Sequence[Tensor], options: dict[str, Any], ctx: StageContext
+) -> dict[str, Any]:
     """One fine-tuning run with masks held, when the stage has `train` options and no schedule."""
     if not options.get("train"):
         return {}

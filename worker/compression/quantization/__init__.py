@@ -25,6 +25,7 @@ Measured on 2 x86 cores (a shared, busy box: timings are noisy), torch 2.13,
   exported programs are lifted back to torch-level modules
   (`torch_level_module`) and go through FX.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,32 +37,40 @@ import torch
 from torch import nn
 
 from worker.compression.base import EngineError, ModelKind, StageContext, StageResult
-from worker.compression.inputs import call_model, select_output
-from worker.compression.quantization.dynamic import _dynamic_int8_eager, _dynamic_int8_graph, _dynamic_int8_torchscript
-from worker.compression.quantization.half import _half_precision
-from worker.compression.quantization.plan import _Done, _model_device, _quiet_deprecations
-from worker.compression.quantization.static import _qat_int8, _static_int8_fx, _static_int8_graph
-from worker.compression.quantization.torchao_cuda import _torchao_cuda
 
 # Re-exported: the names other modules, tests and benchmarks import from `worker.compression.quantization`.
 from worker.compression.graph_lift import torch_level_module as torch_level_module
+from worker.compression.inputs import call_model, select_output
 from worker.compression.quantization.dynamic import _DYNAMIC_TYPES as _DYNAMIC_TYPES
+from worker.compression.quantization.dynamic import _dynamic_int8_eager, _dynamic_int8_graph, _dynamic_int8_torchscript
 from worker.compression.quantization.dynamic import _fresh_script_copy as _fresh_script_copy
 from worker.compression.quantization.dynamic import _isolate_control_flow_outputs as _isolate_control_flow_outputs
 from worker.compression.quantization.dynamic import _script_type_name as _script_type_name
 from worker.compression.quantization.dynamic import count_quantized_ops as count_quantized_ops
 from worker.compression.quantization.half import CastWrapper as CastWrapper
+from worker.compression.quantization.half import _half_precision
 from worker.compression.quantization.plan import LayerPlan as LayerPlan
+from worker.compression.quantization.plan import _Done, _model_device, _quiet_deprecations
 from worker.compression.quantization.plan import plan_layers as plan_layers
 from worker.compression.quantization.static import _STATIC_TYPES as _STATIC_TYPES
 from worker.compression.quantization.static import CALIBRATION_BATCH_SIZE as CALIBRATION_BATCH_SIZE
 from worker.compression.quantization.static import _calibration_batches as _calibration_batches
+from worker.compression.quantization.static import _qat_int8, _static_int8_fx, _static_int8_graph
 from worker.compression.quantization.static import cpu_has_vnni as cpu_has_vnni
 from worker.compression.quantization.static import full_range_qconfig as full_range_qconfig
 from worker.compression.quantization.torchao_cuda import _torchao_config as _torchao_config
+from worker.compression.quantization.torchao_cuda import _torchao_cuda
 
-__all__ = ["BACKENDS", "Backend", "LayerPlan", "backend_for", "plan_layers", "run_stage", "sqnr_db",
-           "torch_level_module"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "LayerPlan",
+    "backend_for",
+    "plan_layers",
+    "run_stage",
+    "sqnr_db",
+    "torch_level_module",
+]
 
 
 def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: StageContext) -> StageResult:
@@ -110,8 +119,13 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     if reference is not None:
         info["sqnr_db_on_example_input"] = _sqnr_or_none(done.model, reference, ctx)
     ctx.progress(1.0, f"{scheme}: {len(done.plan.targets)} layers quantized")
-    return StageResult(model=done.model, kind=done.kind, info=info,
-                       preferred_output_format=backend.output_format, requires=list(backend.requires))
+    return StageResult(
+        model=done.model,
+        kind=done.kind,
+        info=info,
+        preferred_output_format=backend.output_format,
+        requires=list(backend.requires),
+    )
 
 
 def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
@@ -147,7 +161,6 @@ def _sqnr_or_none(model: nn.Module, reference: torch.Tensor, ctx: StageContext) 
     return None if math.isinf(value) else round(value, 2)
 
 
-
 # --------------------------------------------------------------------------- the backend table
 
 
@@ -165,29 +178,47 @@ class Backend:
 
 def _cuda_backends(kind: ModelKind) -> dict[tuple[str, ModelKind], Backend]:
     # torchao tensor subclasses trace with torch.export but not torch.jit, and need torchao to load.
-    return {(scheme, kind): Backend(f"torchao.quantization.quantize_ ({scheme})", _torchao_cuda(scheme),
-                                    "exported_program", ("torchao",))
-            for scheme in ("int8_weight_only", "int8_dynamic", "int4_weight_only", "float8")}
+    return {
+        (scheme, kind): Backend(
+            f"torchao.quantization.quantize_ ({scheme})", _torchao_cuda(scheme), "exported_program", ("torchao",)
+        )
+        for scheme in ("int8_weight_only", "int8_dynamic", "int4_weight_only", "float8")
+    }
 
 
 BACKENDS: dict[tuple[str, ModelKind], Backend] = {
-    ("dynamic_int8", "eager"): Backend("torch.ao.quantization.quantize_dynamic", _dynamic_int8_eager,
-                                       "torchscript"),
-    ("dynamic_int8", "torchscript"): Backend("torch.ao.quantization.quantize_dynamic_jit",
-                                             _dynamic_int8_torchscript, "torchscript"),
-    ("dynamic_int8", "graph"): Backend("torch.ao.quantization.quantize_dynamic on the lifted exported graph",
-                                       _dynamic_int8_graph, "torchscript"),
-    ("static_int8", "eager"): Backend("torch.ao.quantization.quantize_fx (x86 qconfig)", _static_int8_fx,
-                                      "torchscript"),
-    ("static_int8", "graph"): Backend("torch.ao.quantization.quantize_fx (x86 qconfig) on the lifted exported graph",
-                                      _static_int8_graph, "torchscript"),
-    **{("qat_int8", kind): Backend("torchao PT2E QAT (prepare_qat_pt2e, X86InductorQuantizer), then "
-                                   "torch.ao.quantization.quantize_fx as static_int8", _qat_int8, "torchscript")
-       for kind in ("eager", "graph")},
-    **{("fp16", kind): Backend("torch (Module.to float16)", _half_precision(torch.float16))
-       for kind in ("eager", "graph", "torchscript")},
-    **{("bf16", kind): Backend("torch (Module.to bfloat16)", _half_precision(torch.bfloat16))
-       for kind in ("eager", "graph", "torchscript")},
+    ("dynamic_int8", "eager"): Backend("torch.ao.quantization.quantize_dynamic", _dynamic_int8_eager, "torchscript"),
+    ("dynamic_int8", "torchscript"): Backend(
+        "torch.ao.quantization.quantize_dynamic_jit", _dynamic_int8_torchscript, "torchscript"
+    ),
+    ("dynamic_int8", "graph"): Backend(
+        "torch.ao.quantization.quantize_dynamic on the lifted exported graph", _dynamic_int8_graph, "torchscript"
+    ),
+    ("static_int8", "eager"): Backend(
+        "torch.ao.quantization.quantize_fx (x86 qconfig)", _static_int8_fx, "torchscript"
+    ),
+    ("static_int8", "graph"): Backend(
+        "torch.ao.quantization.quantize_fx (x86 qconfig) on the lifted exported graph",
+        _static_int8_graph,
+        "torchscript",
+    ),
+    **{
+        ("qat_int8", kind): Backend(
+            "torchao PT2E QAT (prepare_qat_pt2e, X86InductorQuantizer), then "
+            "torch.ao.quantization.quantize_fx as static_int8",
+            _qat_int8,
+            "torchscript",
+        )
+        for kind in ("eager", "graph")
+    },
+    **{
+        ("fp16", kind): Backend("torch (Module.to float16)", _half_precision(torch.float16))
+        for kind in ("eager", "graph", "torchscript")
+    },
+    **{
+        ("bf16", kind): Backend("torch (Module.to bfloat16)", _half_precision(torch.bfloat16))
+        for kind in ("eager", "graph", "torchscript")
+    },
     **_cuda_backends("eager"),
     **_cuda_backends("graph"),
 }

@@ -1,5 +1,6 @@
 """dynamic_int8: torch.ao.quantization.quantize_dynamic on eager and lifted graphs, quantize_dynamic_jit on
 TorchScript."""
+
 from __future__ import annotations
 
 import io
@@ -11,8 +12,13 @@ from torch import nn
 
 from worker.compression.base import EngineError, StageContext
 from worker.compression.graph_lift import torch_level_module
-from worker.compression.quantization.plan import (_check_swapped, _Done, _is_quantized_module, _require_targets,
-                                                  plan_layers)
+from worker.compression.quantization.plan import (
+    _check_swapped,
+    _Done,
+    _is_quantized_module,
+    _require_targets,
+    plan_layers,
+)
 
 # --------------------------------------------------------------------------- dynamic int8
 
@@ -62,13 +68,20 @@ def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: St
     if not isinstance(model, torch.jit.ScriptModule):
         raise EngineError("a torchscript-kind model must be a torch.jit.ScriptModule")
     if options.get("quantize_embeddings"):
-        raise EngineError("quantize_embeddings needs an eager model or an exported program: the TorchScript "
-                          "path (quantize_dynamic_jit) quantizes Linear only")
+        raise EngineError(
+            "quantize_embeddings needs an eager model or an exported program: the TorchScript "
+            "path (quantize_dynamic_jit) quantizes Linear only"
+        )
     kinds = {name: _script_type_name(module) for name, module in model.named_modules() if name}
     candidates = [name for name, kind in kinds.items() if kind == "Linear"]
     plan = plan_layers(candidates, options)
-    plan.left_float.update({name: "the TorchScript path (quantize_dynamic_jit) quantizes Linear only"
-                            for name, kind in kinds.items() if kind in ("LSTM", "GRU", "RNN")})
+    plan.left_float.update(
+        {
+            name: "the TorchScript path (quantize_dynamic_jit) quantizes Linear only"
+            for name, kind in kinds.items()
+            if kind in ("LSTM", "GRU", "RNN")
+        }
+    )
     qconfig: dict[str, Any] = {"": per_channel_dynamic_qconfig, **{name: None for name in plan.skipped}}
     working = _fresh_script_copy(model)
     _isolate_control_flow_outputs(working)
@@ -76,8 +89,10 @@ def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: St
     ops = count_quantized_ops(quantized)
     if ops == 0:
         _require_targets(plan, candidates, "Linear layers", "dynamic_int8")  # names the usual cause
-        raise EngineError("dynamic_int8 left no quantized op in this TorchScript model (the TorchScript "
-                          "path covers Linear only), so it would change nothing")
+        raise EngineError(
+            "dynamic_int8 left no quantized op in this TorchScript model (the TorchScript "
+            "path covers Linear only), so it would change nothing"
+        )
     return _Done(quantized, "torchscript", plan, {"quantized_ops": ops})
 
 

@@ -1,4 +1,5 @@
 """fp16 / bf16: the model cast to half precision, wrapped so callers keep float32 in and out."""
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,9 @@ class CastWrapper(nn.Module):
 
     # `x` named first: torch.export matches a one-input model's dynamic_shapes to it
     def forward(self, x: Any, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                     for a in (x, *args))
+        args = tuple(
+            a.to(self.dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in (x, *args)
+        )
         return map_floating(self.inner(*args, **kwargs), lambda t: t.to(self.out_dtype))
 
 
@@ -52,6 +54,7 @@ class _ScriptCastWrapper(nn.Module):
 def _half_precision(dtype: torch.dtype) -> Callable[[nn.Module, dict[str, Any], StageContext], _Done]:
     def run(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
         return _to_dtype(model, dtype, options, ctx)
+
     return run
 
 
@@ -60,17 +63,24 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
     out_dtype = _output_dtype(model, ctx.example_input)
     if ctx.kind == "graph" and (options.get("skip_layers") or options.get("keep_first_last_float")):
         model = torch_level_module(model)  # skipped layers need to be submodule calls to be wrapped
-    candidates = [name for name, module in model.named_modules()
-                  if name and any(p.is_floating_point() for p in module.parameters(recurse=False))]
+    candidates = [
+        name
+        for name, module in model.named_modules()
+        if name and any(p.is_floating_point() for p in module.parameters(recurse=False))
+    ]
     plan = plan_layers(candidates, options)
     _require_targets(plan, candidates, "layers with floating-point parameters", scheme)
     if ctx.kind == "torchscript":
         if plan.skipped:
-            raise EngineError(f"{scheme}: skip_layers is not supported for TorchScript models "
-                              "(their submodules cannot be wrapped); upload an eager model or drop skip_layers")
+            raise EngineError(
+                f"{scheme}: skip_layers is not supported for TorchScript models "
+                "(their submodules cannot be wrapped); upload an eager model or drop skip_layers"
+            )
         if isinstance(ctx.example_input, ModelInputs):
-            raise EngineError(f"{scheme} on a TorchScript model takes models of one float input; this one takes "
-                              f"{ctx.example_input.describe()}: upload it as an exported program")
+            raise EngineError(
+                f"{scheme} on a TorchScript model takes models of one float input; this one takes "
+                f"{ctx.example_input.describe()}: upload it as an exported program"
+            )
         converted = copy.deepcopy(model).to(dtype)
         wrapped: nn.Module = torch.jit.script(_ScriptCastWrapper(converted, dtype, out_dtype))
     else:
@@ -103,5 +113,7 @@ def _run_or_explain(model: nn.Module, example: Batch, scheme: str) -> None:
         with torch.no_grad():
             call_model(model, example.to(_model_device(model)))
     except RuntimeError as error:
-        raise EngineError(f"{scheme}: the converted model does not run ({error}); it probably creates "
-                          "float32 tensors inside forward, so it cannot run in reduced precision") from error
+        raise EngineError(
+            f"{scheme}: the converted model does not run ({error}); it probably creates "
+            "float32 tensors inside forward, so it cannot run in reduced precision"
+        ) from error

@@ -1,5 +1,6 @@
 """Layer selection for quantization: which layers a scheme targets, what a backend hands back,
 and the checks and helpers every backend shares."""
+
 from __future__ import annotations
 
 import fnmatch
@@ -46,8 +47,9 @@ def plan_layers(candidates: Sequence[str], options: dict[str, Any]) -> LayerPlan
     """
     patterns = list(options.get("skip_layers") or [])
     ends = {candidates[0], candidates[-1]} if candidates and options.get("keep_first_last_float") else set()
-    skipped = [name for name in candidates
-               if name in ends or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    skipped = [
+        name for name in candidates if name in ends or any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+    ]
     return LayerPlan(targets=[name for name in candidates if name not in skipped], skipped=skipped)
 
 
@@ -55,8 +57,11 @@ def _require_targets(plan: LayerPlan, candidates: Sequence[str], what: str, sche
     if not candidates:
         raise EngineError(f"{scheme} found no {what} in this model, so it would change nothing")
     if not plan.targets:
-        raise EngineError(f"{scheme}: all {len(candidates)} {what} ({', '.join(candidates)}) are excluded by "
-                          "skip_layers / keep_first_last_float, so the stage would change nothing")
+        raise EngineError(
+            f"{scheme}: all {len(candidates)} {what} ({', '.join(candidates)}) are excluded by "
+            "skip_layers / keep_first_last_float, so the stage would change nothing"
+        )
+
 
 def _is_quantized_module(module: nn.Module) -> bool:
     return type(module).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
@@ -64,8 +69,12 @@ def _is_quantized_module(module: nn.Module) -> bool:
 
 def _check_swapped(model: nn.Module, plan: LayerPlan, scheme: str) -> None:
     modules = dict(model.named_modules())
-    _keep_changed(plan, lambda name: name in modules and _is_quantized_module(modules[name]),
-                  "the backend left it in float (its pattern is not quantizable here)", scheme)
+    _keep_changed(
+        plan,
+        lambda name: name in modules and _is_quantized_module(modules[name]),
+        "the backend left it in float (its pattern is not quantizable here)",
+        scheme,
+    )
 
 
 def _keep_changed(plan: LayerPlan, changed: Callable[[str], bool], reason: str, scheme: str) -> None:
@@ -76,6 +85,7 @@ def _keep_changed(plan: LayerPlan, changed: Callable[[str], bool], reason: str, 
             plan.left_float[name] = reason
     if not plan.targets:
         raise EngineError(f"{scheme} changed no layer: " + "; ".join(f"{k}: {v}" for k, v in plan.left_float.items()))
+
 
 def _model_device(model: nn.Module) -> torch.device:
     for parameter in model.parameters():

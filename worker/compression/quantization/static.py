@@ -1,4 +1,5 @@
 """static_int8 (FX graph mode with calibration) and the qat_int8 entry point."""
+
 from __future__ import annotations
 
 import copy
@@ -38,11 +39,15 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
     try:
         prepared = prepare_fx(float_model, mapping, as_call(ctx.example_input)[0])
     except Exception as error:  # symbolic tracing fails on data-dependent control flow
-        advice = ("this exported program's graph has operations static int8 cannot place observers around; "
-                  "dynamic_int8 or fp16 do not need that" if ctx.kind == "graph"
-                  else "upload it as an exported program instead")
-        raise EngineError(f"static_int8 could not trace the model's forward with torch.fx ({error}); "
-                          f"{advice}") from error
+        advice = (
+            "this exported program's graph has operations static int8 cannot place observers around; "
+            "dynamic_int8 or fp16 do not need that"
+            if ctx.kind == "graph"
+            else "upload it as an exported program instead"
+        )
+        raise EngineError(
+            f"static_int8 could not trace the model's forward with torch.fx ({error}); {advice}"
+        ) from error
     with torch.no_grad():
         for index, batch in enumerate(batches):
             ctx.check_cancelled()
@@ -50,10 +55,17 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
             ctx.progress(0.9 * (index + 1) / len(batches), "calibrating")
     quantized = convert_fx(prepared).eval()
     _check_swapped(quantized, plan, "static_int8")
-    activation_range = ("8-bit (this CPU has VNNI)" if full_range else
-                        "7-bit (reduce_range: without VNNI, fbgemm's int16 accumulation could saturate)")
-    return _Done(quantized, "eager", plan, {"calibration_samples": sum(len(b) for b in batches),
-                                            "activation_range": activation_range})
+    activation_range = (
+        "8-bit (this CPU has VNNI)"
+        if full_range
+        else "7-bit (reduce_range: without VNNI, fbgemm's int16 accumulation could saturate)"
+    )
+    return _Done(
+        quantized,
+        "eager",
+        plan,
+        {"calibration_samples": sum(len(b) for b in batches), "activation_range": activation_range},
+    )
 
 
 def cpu_has_vnni() -> bool:
@@ -75,8 +87,10 @@ def full_range_qconfig() -> Any:
     from torch.ao.quantization import QConfig
     from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
 
-    return QConfig(activation=HistogramObserver.with_args(reduce_range=False),  # type: ignore[no-untyped-call]  # torch leaves this unannotated
-                   weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric))
+    return QConfig(
+        activation=HistogramObserver.with_args(reduce_range=False),  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+        weight=PerChannelMinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_channel_symmetric),
+    )
 
 
 def _static_int8_graph(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
@@ -98,7 +112,8 @@ def _calibration_batches(options: dict[str, Any], ctx: StageContext) -> list[Bat
         return list(inputs.split(CALIBRATION_BATCH_SIZE))  # named inputs were cast as declared when loaded
     example = ctx.example_input
     if inputs.shape[1:] != example.shape[1:] and inputs[0].numel() != example[0].numel():
-        raise EngineError(f"calibration samples have shape {list(inputs.shape[1:])}, the model takes "
-                          f"{list(example.shape[1:])}")
+        raise EngineError(
+            f"calibration samples have shape {list(inputs.shape[1:])}, the model takes {list(example.shape[1:])}"
+        )
     inputs = inputs.reshape(-1, *example.shape[1:]).to(example.dtype)
     return list(inputs.split(CALIBRATION_BATCH_SIZE))  # type: ignore[no-untyped-call]  # torch leaves this unannotated

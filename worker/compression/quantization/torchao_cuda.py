@@ -1,4 +1,5 @@
 """torchao schemes on CUDA (int8_weight_only, int8_dynamic, int4_weight_only, float8)."""
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,12 @@ from worker.compression.quantization.plan import _Done, _keep_changed, _require_
 
 
 def _torchao_config(scheme: str, options: dict[str, Any]) -> Any:
-    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int4WeightOnlyConfig,
-                                      Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig)
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+    )
     from torchao.quantization.quantize_.workflows.int4.int4_packing_format import Int4PackingFormat
 
     if scheme == "int8_weight_only":
@@ -27,8 +32,9 @@ def _torchao_config(scheme: str, options: dict[str, Any]) -> Any:
         return Int8DynamicActivationInt8WeightConfig()
     if scheme == "int4_weight_only":
         # tinygemm kernels ship with torch's CUDA build; the default "plain" format needs extra kernels.
-        return Int4WeightOnlyConfig(group_size=int(options.get("group_size") or 128),
-                                    int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D)
+        return Int4WeightOnlyConfig(
+            group_size=int(options.get("group_size") or 128), int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D
+        )
     if scheme == "float8":
         return Float8DynamicActivationFloat8WeightConfig()
     raise EngineError(f"unknown torchao scheme {scheme!r}")
@@ -37,6 +43,7 @@ def _torchao_config(scheme: str, options: dict[str, Any]) -> Any:
 def _torchao_cuda(scheme: str) -> Callable[[nn.Module, dict[str, Any], StageContext], _Done]:
     def run(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
         return _quantize_with_torchao(model, scheme, options, ctx)
+
     return run
 
 
@@ -60,8 +67,12 @@ def _quantize_with_torchao(model: nn.Module, scheme: str, options: dict[str, Any
     quantize_(eager, _torchao_config(scheme, options), filter_fn=lambda module, fqn: fqn in targets)
     modules = dict(eager.named_modules())
     # quantize_ swaps the weight for a torchao tensor subclass; a plain tensor means it was passed over
-    _keep_changed(plan, lambda name: type(modules[name].weight) not in (torch.Tensor, nn.Parameter),
-                  "torchao did not quantize it (shape or dtype not supported by the kernel)", scheme)
+    _keep_changed(
+        plan,
+        lambda name: type(modules[name].weight) not in (torch.Tensor, nn.Parameter),
+        "torchao did not quantize it (shape or dtype not supported by the kernel)",
+        scheme,
+    )
     wrapped = CastWrapper(eager, work_dtype, out_dtype).eval()
     _run_or_explain(wrapped, ctx.example_input, scheme)
     return _Done(wrapped, "eager", plan, {"device": str(device)})

@@ -1,7 +1,8 @@
 """Small helpers shared by the target runtimes."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -15,14 +16,13 @@ def as_eval(model: nn.Module) -> nn.Module:
         return model
 
 
-def run_in_chunks(run: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
-                  batch: int | None) -> torch.Tensor:
+def run_in_chunks(run: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor, batch: int | None) -> torch.Tensor:
     """`run` over `inputs`; with a static `batch`, in chunks of it, the last padded and trimmed."""
     if batch is None:
         return run(inputs)
     outputs = []
     for start in range(0, len(inputs), batch):
-        chunk = inputs[start:start + batch]
+        chunk = inputs[start : start + batch]
         real = len(chunk)
         if real < batch:
             chunk = torch.cat([chunk, chunk[-1:].expand(batch - real, *chunk.shape[1:])])

@@ -4,14 +4,16 @@ The original model is exported to the same runtime (fp32) and measured there, so
 and speedup compare like with like; fidelity is measured against the float PyTorch model's
 outputs on the job's fidelity inputs, the reference every other job uses.
 """
+
 from __future__ import annotations
 
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -68,14 +70,17 @@ def versions(runtime: str) -> dict[str, str]:
 
 def predict(model: RuntimeModel, inputs: torch.Tensor) -> torch.Tensor:
     """Outputs on `inputs` in batches of the engine's eval batch size, as `metrics.predict` does in torch."""
-    chunks = [model(inputs[start:start + measure.EVAL_BATCH_SIZE]).float()
-              for start in range(0, len(inputs), measure.EVAL_BATCH_SIZE)]
+    chunks = [
+        model(inputs[start : start + measure.EVAL_BATCH_SIZE]).float()
+        for start in range(0, len(inputs), measure.EVAL_BATCH_SIZE)
+    ]
     return torch.cat(chunks)
 
 
 def latency(model: RuntimeModel, example: torch.Tensor) -> dict[str, float]:
-    timings = sorted(model.timings_ms(example, measure.LATENCY_WARMUP, measure.LATENCY_MAX_ITERATIONS,
-                                      measure.LATENCY_TIME_BUDGET_S))
+    timings = sorted(
+        model.timings_ms(example, measure.LATENCY_WARMUP, measure.LATENCY_MAX_ITERATIONS, measure.LATENCY_TIME_BUDGET_S)
+    )
     return {"latency_ms_p50": _percentile(timings, 0.5), "latency_ms_p95": _percentile(timings, 0.95)}
 
 
@@ -91,26 +96,48 @@ def _calibration(train: Dataset | None, example: torch.Tensor, options: dict[str
     inputs = train.inputs[:limit]
     assert isinstance(inputs, torch.Tensor)  # the runtime targets take one input tensor
     if inputs[0].numel() != example[0].numel():
-        raise EngineError(f"calibration samples have shape {list(inputs.shape[1:])}, the model takes "
-                          f"{list(example.shape[1:])}")
+        raise EngineError(
+            f"calibration samples have shape {list(inputs.shape[1:])}, the model takes {list(example.shape[1:])}"
+        )
     return inputs.reshape(-1, *example.shape[1:]).to(example.dtype)
 
 
-def _describe(runtime_model: RuntimeModel, path: Path, example: torch.Tensor, outputs: torch.Tensor,
-              labels: torch.Tensor | None, parameters: tuple[int, int]) -> dict[str, Any]:
+def _describe(
+    runtime_model: RuntimeModel,
+    path: Path,
+    example: torch.Tensor,
+    outputs: torch.Tensor,
+    labels: torch.Tensor | None,
+    parameters: tuple[int, int],
+) -> dict[str, Any]:
     total, nonzero = parameters
-    figures: dict[str, Any] = {"size_bytes": path.stat().st_size, "parameters": total, "nonzero_parameters": nonzero,
-                               "sparsity": round(1 - nonzero / total, 6) if total else 0.0}
+    figures: dict[str, Any] = {
+        "size_bytes": path.stat().st_size,
+        "parameters": total,
+        "nonzero_parameters": nonzero,
+        "sparsity": round(1 - nonzero / total, 6) if total else 0.0,
+    }
     figures["accuracy"] = measure.accuracy(outputs, labels)
     return figures
 
 
-def finish_for_target(*, runtime: str, original_model: nn.Module, working: nn.Module,
-                      quantization: DeferredQuantization | None, example: torch.Tensor, threads: int,
-                      artifact: Path, fid_inputs: torch.Tensor, fid_labels: torch.Tensor | None,
-                      reference: torch.Tensor | measure.Outputs, original_parameters: tuple[int, int],
-                      parameters: tuple[int, int], train: Dataset | None,
-                      progress: Callable[[float, str], None]) -> dict[str, Any]:
+def finish_for_target(
+    *,
+    runtime: str,
+    original_model: nn.Module,
+    working: nn.Module,
+    quantization: DeferredQuantization | None,
+    example: torch.Tensor,
+    threads: int,
+    artifact: Path,
+    fid_inputs: torch.Tensor,
+    fid_labels: torch.Tensor | None,
+    reference: torch.Tensor | measure.Outputs,
+    original_parameters: tuple[int, int],
+    parameters: tuple[int, int],
+    train: Dataset | None,
+    progress: Callable[[float, str], None],
+) -> dict[str, Any]:
     """Write the artifact for `runtime` and return (original figures, compressed figures, outputs, stage info)."""
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -119,8 +146,9 @@ def finish_for_target(*, runtime: str, original_model: nn.Module, working: nn.Mo
         _export_float(runtime, original_model, example, original_file)
         original_runtime = _load(runtime, original_file, threads)
         original_outputs = predict(original_runtime, fid_inputs)
-        original = _describe(original_runtime, original_file, example, original_outputs, fid_labels,
-                             original_parameters)
+        original = _describe(
+            original_runtime, original_file, example, original_outputs, fid_labels, original_parameters
+        )
         original["measured_in"] = runtime
         original["fidelity_to_torch"] = measure.fidelity(reference, original_outputs)
 
@@ -146,12 +174,25 @@ def finish_for_target(*, runtime: str, original_model: nn.Module, working: nn.Mo
         original.update(speed["original"])
         compressed.update(speed["compressed"])
         del original_runtime
-    return {"original": original, "compressed": compressed, "outputs": outputs, "quantization_info": info,
-            "versions": versions(runtime), "speed": speed}
+    return {
+        "original": original,
+        "compressed": compressed,
+        "outputs": outputs,
+        "quantization_info": info,
+        "versions": versions(runtime),
+        "speed": speed,
+    }
 
 
-def _quantize(runtime: str, quantization: DeferredQuantization, working: nn.Module, example: torch.Tensor,
-              float_file: Path, artifact: Path, calibration: torch.Tensor | None) -> dict[str, Any]:
+def _quantize(
+    runtime: str,
+    quantization: DeferredQuantization,
+    working: nn.Module,
+    example: torch.Tensor,
+    float_file: Path,
+    artifact: Path,
+    calibration: torch.Tensor | None,
+) -> dict[str, Any]:
     if runtime == "onnxruntime":
         from worker.compression.targets.onnx_runtime import quantize
 

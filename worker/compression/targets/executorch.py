@@ -9,6 +9,7 @@ and 0.42 ms as int8 (42 dB SQNR on its logits).
 The program is exported with the job's example batch as a static shape (mobile runtimes plan
 memory ahead); inputs of another batch size run in chunks of that size.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,8 +40,9 @@ def _import_error() -> str | None:
     return None
 
 
-def lower_pte(model: nn.Module, example: torch.Tensor, path: Path, scheme: str | None,
-              calibration: torch.Tensor | None) -> dict[str, Any]:
+def lower_pte(
+    model: nn.Module, example: torch.Tensor, path: Path, scheme: str | None, calibration: torch.Tensor | None
+) -> dict[str, Any]:
     """Write `model` as an XNNPACK-delegated .pte; `scheme` None (fp32), static_int8 or dynamic_int8."""
     if problem := _import_error():
         raise EngineError(problem)
@@ -56,8 +58,10 @@ def lower_pte(model: nn.Module, example: torch.Tensor, path: Path, scheme: str |
     except EngineError:
         raise
     except Exception as error:
-        raise EngineError(f"the model could not be captured with torch.export for ExecuTorch: "
-                          f"{str(error).strip().splitlines()[0][:500]}") from error
+        raise EngineError(
+            f"the model could not be captured with torch.export for ExecuTorch: "
+            f"{str(error).strip().splitlines()[0][:500]}"
+        ) from error
     try:
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     except Exception as error:
@@ -66,8 +70,9 @@ def lower_pte(model: nn.Module, example: torch.Tensor, path: Path, scheme: str |
     return info
 
 
-def _quantize_pt2e(model: nn.Module, example: torch.Tensor, scheme: str,
-                   calibration: torch.Tensor | None) -> tuple[nn.Module, dict[str, Any]]:
+def _quantize_pt2e(
+    model: nn.Module, example: torch.Tensor, scheme: str, calibration: torch.Tensor | None
+) -> tuple[nn.Module, dict[str, Any]]:
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
@@ -77,8 +82,9 @@ def _quantize_pt2e(model: nn.Module, example: torch.Tensor, scheme: str,
     if scheme not in ("static_int8", "dynamic_int8"):
         raise EngineError(f"scheme {scheme!r} has no ExecuTorch XNNPACK quantization; use static_int8 or dynamic_int8")
     dynamic = scheme == "dynamic_int8"
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True,
-                                                                                 is_dynamic=dynamic))
+    quantizer = XNNPACKQuantizer().set_global(
+        get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    )
     prepared = prepare_pt2e(torch.export.export(model, (example,)).module(), quantizer)
     samples = 0
     if dynamic:
@@ -89,11 +95,13 @@ def _quantize_pt2e(model: nn.Module, example: torch.Tensor, scheme: str,
         batch = int(example.shape[0])  # the program's static batch
         with torch.no_grad():
             for start in range(0, len(calibration) - batch + 1, batch):
-                prepared(calibration[start:start + batch])
+                prepared(calibration[start : start + batch])
                 samples += batch
     converted = convert_pt2e(prepared)
     mode = "dynamic activations" if dynamic else "static activations"
-    info: dict[str, Any] = {"backend": f"executorch XNNPACKQuantizer (PT2E, per-channel int8 weights, {mode}) + XNNPACK delegate"}
+    info: dict[str, Any] = {
+        "backend": f"executorch XNNPACKQuantizer (PT2E, per-channel int8 weights, {mode}) + XNNPACK delegate"
+    }
     if samples:
         info["calibration_samples"] = samples
     return converted, info

@@ -7,6 +7,7 @@ dataset, per-channel weights, uint8 activations). Measured on this 2-core AVX-51
 thread, batch 1: a 2-block ResNet-like CNN on 3x64x64 inputs ran 0.76 ms in ORT fp32 and 0.30 ms
 as static QDQ int8 (47 dB SQNR on its logits).
 """
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,9 @@ def _exported_program(model: nn.Module, example: torch.Tensor) -> torch.export.E
     try:
         return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     except Exception as error:
-        raise EngineError(f"the model could not be captured with torch.export for ONNX: "
-                          f"{_first_line(error)}") from error
+        raise EngineError(
+            f"the model could not be captured with torch.export for ONNX: {_first_line(error)}"
+        ) from error
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -53,8 +55,15 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     model = as_eval(model)
     program = _exported_program(model, example)
     try:
-        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[INPUT_NAME],
-                                         output_names=[OUTPUT_NAME], optimize=True, verbose=False)
+        onnx_program = torch.onnx.export(
+            program,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            optimize=True,
+            verbose=False,
+        )
     except Exception as error:
         raise EngineError(explain_export_failure(error, program)) from error
     assert onnx_program is not None
@@ -116,8 +125,9 @@ class _CalibrationReader(CalibrationDataReader):  # type: ignore[misc]  # onnxru
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def quantize(float_path: Path, out_path: Path, scheme: str, calibration: torch.Tensor | None,
-             options: dict[str, Any]) -> dict[str, Any]:
+def quantize(
+    float_path: Path, out_path: Path, scheme: str, calibration: torch.Tensor | None, options: dict[str, Any]
+) -> dict[str, Any]:
     """ORT int8 of the float ONNX model at `float_path`; returns what the stage report says."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -128,21 +138,34 @@ def quantize(float_path: Path, out_path: Path, scheme: str, calibration: torch.T
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
         skipped = _skipped_nodes(prepared, options)
         if scheme == "dynamic_int8":
-            quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=True,
-                             nodes_to_exclude=skipped)
-            return {"backend": "onnxruntime.quantization.quantize_dynamic (int8 weights per channel, "
-                               "activations per call)", "skipped_nodes": skipped}
+            quantize_dynamic(
+                str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=skipped
+            )
+            return {
+                "backend": "onnxruntime.quantization.quantize_dynamic (int8 weights per channel, activations per call)",
+                "skipped_nodes": skipped,
+            }
         if scheme == "static_int8":
             if calibration is None or len(calibration) == 0:
                 raise EngineError("static_int8 needs calibration data: give the job a dataset_id")
             batches = [b.numpy().astype(np.float32) for b in calibration.split(CALIBRATION_BATCH_SIZE)]  # type: ignore[no-untyped-call]  # torch leaves this unannotated
             reader = _CalibrationReader(batches)
-            quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=skipped)
-            return {"backend": "onnxruntime.quantization.quantize_static (QDQ, per-channel int8 weights, "
-                               "uint8 activations, MinMax calibration)",
-                    "calibration_samples": int(len(calibration)), "skipped_nodes": skipped}
+            quantize_static(
+                str(prepared),
+                str(out_path),
+                reader,
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=skipped,
+            )
+            return {
+                "backend": "onnxruntime.quantization.quantize_static (QDQ, per-channel int8 weights, "
+                "uint8 activations, MinMax calibration)",
+                "calibration_samples": int(len(calibration)),
+                "skipped_nodes": skipped,
+            }
     raise EngineError(f"scheme {scheme!r} has no ONNX Runtime quantization; use dynamic_int8 or static_int8")
 
 
@@ -156,8 +179,11 @@ def _skipped_nodes(path: Path, options: dict[str, Any]) -> list[str]:
     if not patterns:
         return []
     graph = onnx.load(str(path), load_external_data=False).graph
-    return [node.name for node in graph.node
-            if any(fnmatch.fnmatch(node.name.replace("/", "."), f"*{p}*") for p in patterns)]
+    return [
+        node.name
+        for node in graph.node
+        if any(fnmatch.fnmatch(node.name.replace("/", "."), f"*{p}*") for p in patterns)
+    ]
 
 
 class OrtModel:
