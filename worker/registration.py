@@ -96,7 +96,7 @@ def require_isolation() -> None:
 
 
 def sweep_leftovers() -> None:
-    from worker.runner import sweep_scratch
+    from worker.slots import sweep_scratch
 
     settings = get_settings()
     try:
@@ -113,14 +113,14 @@ def _on_init(sender: Any = None, **_: Any) -> None:
 @worker_process_init.connect  # type: ignore[untyped-decorator]  # celery ships no type information
 def _on_pool_process_init(**_: Any) -> None:
     # each pool process (worker slot) starts its first sandbox ahead of its first job
-    from worker.runner import prestart_sandbox
+    from worker.slots import prestart_sandbox
 
     prestart_sandbox()
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator]  # celery ships no type information
 def _on_pool_process_shutdown(**_: Any) -> None:
-    from worker.runner import discard_warm_sandbox
+    from worker.slots import discard_warm_sandbox
 
     discard_warm_sandbox()
 

@@ -6,29 +6,26 @@ lease was taken over can no longer change the job.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.config import get_settings
 from app.db import session_scope
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent, JobMetrics, StoredDataset, StoredModel, utcnow
 from worker.compression.errors import failure
-from worker.sandbox import Limits, WarmSandbox, run_sandboxed
+from worker.db_retry import _is_connection_problem, with_database_retry
+from worker.sandbox import WarmSandbox, run_sandboxed
+from worker.slots import prestart_sandbox, sandbox_slot, slot_limits
 
 log = logging.getLogger("modelpress.runner")
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
@@ -43,141 +40,6 @@ EXTENSIONS = {
     "compact_state_dict": "pt",
     "deep_compression": "mpdc",
 }
-LOCK_FILE = ".in-use"
-T = TypeVar("T")
-
-
-def _is_connection_problem(error: Exception) -> bool:
-    return isinstance(error, OperationalError) or (isinstance(error, DBAPIError) and error.connection_invalidated)
-
-
-def with_database_retry(write: Callable[[], T], what: str, *, tolerance_s: float | None = None) -> T:
-    """Run a database write, retrying with backoff through an outage shorter than the tolerance.
-
-    A short database outage must not cost the running attempt: the engine keeps computing in its sandbox
-    while we wait, and the write lands once the database is back.
-    """
-    limit = get_settings().database_outage_tolerance_s if tolerance_s is None else tolerance_s
-    deadline = time.monotonic() + limit
-    delay = 0.5
-    while True:
-        try:
-            return write()
-        except Exception as error:
-            if not _is_connection_problem(error) or time.monotonic() + delay > deadline:
-                raise
-            log.warning(
-                "database unavailable while writing %s; retrying in %.1f s: %s",
-                what,
-                delay,
-                str(error).splitlines()[0][:200],
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-
-
-@contextmanager
-def scratch_folder(path: Path) -> Iterator[Path]:
-    """A job's scratch folder, locked while in use (the sweeper skips locked folders) and removed after."""
-    path.mkdir(parents=True, exist_ok=True)
-    with open(path / LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-_warm: WarmSandbox | None = None  # this worker slot's next sandbox, started ahead of its job
-
-
-def slot_limits(threads: int | None = None, wall_seconds: float | None = None) -> Limits:
-    settings = get_settings()
-    return Limits(
-        memory_bytes=settings.sandbox_memory_bytes,
-        cpu_seconds=settings.sandbox_cpu_seconds,
-        file_bytes=settings.sandbox_file_bytes,
-        open_files=settings.sandbox_open_files,
-        wall_seconds=wall_seconds or settings.job_soft_time_limit_s,
-        threads=max(1, threads or settings.worker_threads),
-    )
-
-
-def prestart_sandbox() -> None:
-    """Start this slot's next sandbox now, so the next job does not wait for Python and torch to start."""
-    global _warm
-    settings = get_settings()
-    if not settings.warm_sandbox or (_warm is not None and _warm.child.poll() is None):
-        return
-    try:
-        _warm = WarmSandbox(
-            settings.scratch_dir / f"warm-{os.getpid()}-{time.monotonic_ns()}",
-            slot_limits(),
-            settings.sandbox_isolation,
-        )
-    except Exception as error:  # a cold start still works; say why the warm one did not
-        log.warning("could not pre-start a sandbox: %s", error)
-        _warm = None
-
-
-def discard_warm_sandbox() -> None:
-    global _warm
-    if _warm is not None:
-        _warm.discard()
-        _warm = None
-
-
-@contextmanager
-def sandbox_slot(name: str, limits: Limits) -> Iterator[tuple[Path, WarmSandbox | None]]:
-    """A scratch folder for one job, with the pre-started sandbox bound to it when that one fits.
-
-    Either way the folder and its child serve this job only; the next one is pre-started afterwards.
-    """
-    global _warm
-    settings = get_settings()
-    warm, _warm = _warm, None
-    try:
-        if warm is not None and warm.fits(limits, settings.sandbox_isolation):
-            yield warm.folder, warm
-        else:
-            if warm is not None:
-                warm.discard()
-                warm = None
-            with scratch_folder(settings.scratch_dir / name) as folder:
-                yield folder, None
-    finally:
-        if warm is not None:
-            warm.discard()
-        prestart_sandbox()
-
-
-def sweep_scratch(scratch_dir: Path, max_age_s: float) -> list[str]:
-    """Remove scratch folders that no live process holds (killed attempts), older than `max_age_s`."""
-    removed: list[str] = []
-    if not scratch_dir.exists():
-        return removed
-    now = time.time()
-    for entry in scratch_dir.iterdir():
-        try:
-            if now - entry.stat().st_mtime < max_age_s:
-                continue
-            if entry.is_dir():
-                lock_path = entry / LOCK_FILE
-                if lock_path.exists():
-                    with open(lock_path) as lock:
-                        try:
-                            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        except BlockingIOError:
-                            continue  # a live attempt holds it
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry.name)
-        except FileNotFoundError:
-            continue
-    if removed:
-        log.info("swept %d scratch leftovers: %s", len(removed), removed[:10])
-    return removed
 
 
 def claim_job(job_id: str) -> int | None:

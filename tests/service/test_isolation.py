@@ -216,7 +216,7 @@ def test_an_interrupted_supervisor_leaves_no_sandbox_process(tmp_path: Path) -> 
 
 
 def test_the_sweeper_removes_dead_attempts_and_keeps_live_ones(tmp_path: Path) -> None:
-    from worker.runner import scratch_folder, sweep_scratch
+    from worker.slots import scratch_folder, sweep_scratch
 
     dead = tmp_path / "job-a-1"
     dead.mkdir()
