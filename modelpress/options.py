@@ -5,7 +5,7 @@ The catalogue validates flat options itself; the objects under `train`, `schedul
 that asks for 10^12 epochs, a batch size of 0, NaN learning rates or 10,000 devices
 answers 422 at submit instead of failing (or running for ever) on a worker. The bounds
 are generous for real training and tight enough that no value can exhaust a worker.
-The engine's own checks (worker/compression/training.py) still run on top.
+The engine's own checks (worker/compression/training/) still run on top.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class _Strict(BaseModel):
 
 
 class TrainOptions(_Strict):
-    """The "train" object (see TrainConfig in worker/compression/training.py for the meaning)."""
+    """The "train" object (see TrainConfig in worker/compression/training/config.py for the meaning)."""
 
     optimizer: Literal["sgd", "adam", "adamw"] | None = None
     lr: Annotated[float, Field(gt=0.0, le=MAX_LEARNING_RATE)] | None = None

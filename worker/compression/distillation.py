@@ -25,13 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from modelpress.catalog import find_scheme
 from worker.compression import distillation_sweep as kd_sweep
-from worker.compression.base import Dataset, EngineError, ModelKind, StageContext, StageResult, select_layers
+from worker.compression.base import Dataset, EngineError, StageContext, StageResult
+from worker.compression.distillation_losses import (
+    FEATURE_LOSS_WEIGHT,
+    MIXUP_ALPHA,
+    NOISE_SCALE,
+    FeatureMatcher,
+    HintonLoss,
+    TransferAugmentation,
+    predict_logits,
+)
+from worker.compression.distillation_students import StudentWithAdapters, _attach_features, _build_student
 from worker.compression.inputs import Batch
 from worker.compression.training import (
     TrainConfig,
@@ -43,6 +51,24 @@ from worker.compression.training import (
     split_dataset,
 )
 
+# The losses and the students live in distillation_losses and distillation_students; their names stay importable here.
+__all__ = [
+    "AUGMENTATIONS",
+    "DEFAULT_TRAIN",
+    "DEFAULT_VAL_SPLIT",
+    "FEATURE_LOSS_WEIGHT",
+    "MIXUP_ALPHA",
+    "NOISE_SCALE",
+    "SCHEMES",
+    "DistillConfig",
+    "FeatureMatcher",
+    "HintonLoss",
+    "StudentWithAdapters",
+    "TransferAugmentation",
+    "predict_logits",
+    "run_stage",
+]
+
 SCHEMES = ("hinton",)
 # The training budget under the job spec's "train" object. A student trained from
 # scratch needs more than a fine-tune: on digits (MLP 64-300-100-10 teacher, untrained
@@ -53,14 +79,7 @@ DEFAULT_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-3, "epochs": 80,
 _DEFAULTS: dict[str, Any] = {option.name: option.default for option in find_scheme("distill", "hinton").options}
 # Share of the training data held out to report accuracies when there is no eval set.
 DEFAULT_VAL_SPLIT = 0.1
-# Weight of the feature-matching MSE next to the logit loss.
-FEATURE_LOSS_WEIGHT = 1.0
 AUGMENTATIONS = ("mixup", "noise", "none")
-# Mixing weights of "mixup" views are drawn per sample from Beta(MIXUP_ALPHA, MIXUP_ALPHA).
-MIXUP_ALPHA = 1.0
-# Standard deviation of "noise" views, relative to the training inputs' standard deviation.
-NOISE_SCALE = 0.1
-_PREDICT_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -290,270 +309,6 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         info["student_accuracy"] = evaluate_accuracy(delivered, evaluation)
     ctx.progress(1.0, "distillation done")
     return StageResult(model=delivered, kind=student_kind, info=info)
-
-
-class HintonLoss:
-    """alpha · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − alpha) · CE(y, z_s), plus feature MSE.
-
-    Targets are the precomputed teacher logits, with the label in column 0 when there
-    are labels; without labels only the soft term is used (label-free distillation).
-    """
-
-    def __init__(
-        self,
-        temperature: float,
-        alpha: float,
-        *,
-        with_labels: bool,
-        label_smoothing: float = 0.0,
-        features: FeatureMatcher | None = None,
-        augment: TransferAugmentation | None = None,
-    ) -> None:
-        self.temperature, self.alpha, self.with_labels = temperature, alpha, with_labels
-        self.label_smoothing, self.features, self.augment = label_smoothing, features, augment
-
-    def __call__(self, model: nn.Module, inputs: Batch, targets: Tensor | None) -> Tensor:
-        assert isinstance(inputs, Tensor)  # distillation concatenates views of one input tensor
-        if targets is None:
-            raise EngineError("distillation needs the teacher's logits as targets")
-        teacher_logits = (targets[:, 1:] if self.with_labels else targets).float()
-        batch = int(inputs.shape[0])
-        augment = self.augment if torch.is_grad_enabled() else None  # not in validation (no_grad)
-        if augment is not None:
-            # Clean batch plus one augmented view of it; the teacher labels the view.
-            views = augment.views(inputs)
-            inputs = torch.cat([inputs, views])
-            if self.features is None:
-                teacher_logits = torch.cat([teacher_logits, augment.teacher_logits(views)])
-        if self.features is not None:
-            self.features.run_teacher(inputs)
-            if augment is not None:
-                teacher_logits = self.features.teacher_logits()
-        student_logits = logits_of(model(inputs)).float()
-        t = self.temperature
-        soft = F.kl_div(
-            F.log_softmax(student_logits / t, dim=1),
-            F.log_softmax(teacher_logits / t, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        ) * (t * t)
-        if self.with_labels:
-            hard = F.cross_entropy(student_logits[:batch], targets[:, 0].long(), label_smoothing=self.label_smoothing)
-            loss = self.alpha * soft + (1 - self.alpha) * hard
-        else:
-            loss = soft
-        if self.features is not None:
-            loss = loss + FEATURE_LOSS_WEIGHT * self.features.loss()
-        return loss
-
-
-class TransferAugmentation:
-    """Teacher-labelled views of a batch (Beyer et al. 2022, "a good teacher is patient and consistent").
-
-    "mixup" blends each sample with another of the batch (weight ~ Beta(1, 1) per sample),
-    "noise" adds Gaussian noise of NOISE_SCALE times the inputs' standard deviation. The
-    teacher runs on exactly the view the student sees, so the transfer set grows with
-    inputs that labels alone could not supervise.
-    """
-
-    def __init__(self, kind: str, teacher: nn.Module, input_std: float) -> None:
-        self.kind, self.teacher, self.input_std = kind, teacher, input_std
-        self._beta = torch.distributions.Beta(MIXUP_ALPHA, MIXUP_ALPHA)
-
-    def views(self, inputs: Tensor) -> Tensor:
-        if self.kind == "mixup":
-            shape = (int(inputs.shape[0]),) + (1,) * (inputs.dim() - 1)
-            weight = self._beta.sample(shape).to(device=inputs.device, dtype=inputs.dtype)
-            partner = inputs[torch.randperm(int(inputs.shape[0])).to(inputs.device)]
-            return weight * inputs + (1 - weight) * partner
-        return inputs + torch.randn_like(inputs) * (NOISE_SCALE * self.input_std)
-
-    def teacher_logits(self, views: Tensor) -> Tensor:
-        if module_device(self.teacher) != views.device:
-            self.teacher.to(views.device)
-        with torch.no_grad():
-            return logits_of(self.teacher(views)).float()
-
-
-class StudentWithAdapters(nn.Module):
-    """The student plus the learned adapters of feature distillation, so one optimizer trains both."""
-
-    def __init__(self, student: nn.Module, adapters: nn.ModuleList) -> None:
-        super().__init__()
-        self.student = student
-        self.adapters = adapters
-
-    def forward(self, inputs: Tensor) -> Any:
-        return self.student(inputs)
-
-
-class FeatureMatcher:
-    """Forward hooks on paired teacher/student modules and the MSE between their outputs."""
-
-    def __init__(self, teacher: nn.Module, pairs: list[tuple[nn.Module, nn.Module]], adapters: nn.ModuleList) -> None:
-        self.teacher, self.adapters = teacher, adapters
-        self.teacher_outputs: list[Tensor | None] = [None] * len(pairs)
-        self.student_outputs: list[Tensor | None] = [None] * len(pairs)
-        self.handles: list[RemovableHandle] = []
-        for index, (teacher_module, student_module) in enumerate(pairs):
-            self.handles.append(teacher_module.register_forward_hook(self._store(self.teacher_outputs, index)))
-            self.handles.append(student_module.register_forward_hook(self._store(self.student_outputs, index)))
-
-    @staticmethod
-    def _store(outputs: list[Tensor | None], index: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            outputs[index] = logits_of(output)
-
-        return hook
-
-    def run_teacher(self, inputs: Tensor) -> None:
-        if module_device(self.teacher) != inputs.device:
-            self.teacher.to(inputs.device)
-        with torch.no_grad():
-            self._teacher_logits = logits_of(self.teacher(inputs)).float()
-
-    def teacher_logits(self) -> Tensor:
-        """The teacher's logits from the last run_teacher."""
-        return self._teacher_logits
-
-    def loss(self) -> Tensor:
-        terms = []
-        for adapter, teacher_out, student_out in zip(self.adapters, self.teacher_outputs, self.student_outputs):
-            assert teacher_out is not None and student_out is not None
-            terms.append(F.mse_loss(adapter(student_out.float()), teacher_out.detach().float()))
-        return torch.stack(terms).mean()
-
-    def remove_hooks(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
-
-
-def predict_logits(
-    model: nn.Module, inputs: Batch, device: torch.device | str = "cpu", batch_size: int = _PREDICT_BATCH
-) -> Tensor:
-    """The model's logits for every input, computed in batches under no_grad, on the CPU.
-
-    Example:
-        >>> predict_logits(teacher, data.inputs).shape
-        torch.Size([1257, 10])
-    """
-    target = torch.device(device)
-    original = module_device(model)
-    if original != target:
-        model.to(target)
-    outputs = []
-    try:
-        with torch.no_grad():
-            for start in range(0, int(inputs.shape[0]), batch_size):
-                outputs.append(logits_of(model(inputs[start : start + batch_size].to(target))).float().cpu())
-    finally:
-        if original != target:
-            model.to(original)
-    return torch.cat(outputs)
-
-
-# ---------------------------------------------------------------- students
-
-
-def _build_student(teacher: nn.Module, config: DistillConfig, ctx: StageContext) -> tuple[nn.Module, ModelKind, str]:
-    spec = config.student
-    if spec == "auto":
-        if ctx.kind != "eager":
-            raise EngineError(
-                f'student "auto" is derived from an eager teacher; this teacher is {ctx.kind}: '
-                'give a student as {"architecture": ...} or {"model_id": ...}'
-            )
-        assert isinstance(ctx.example_input, Tensor)  # narrowing is traced on one input tensor
-        return _shrink_width(teacher, config.width_multiplier, ctx.example_input), "eager", "auto"
-    assert isinstance(spec, dict)
-    if "model_id" in spec:
-        model_id = spec["model_id"]
-        if model_id not in ctx.extra_models:
-            raise EngineError(f"student model {model_id!r} is not among the job's models")
-        student, kind = ctx.extra_models[model_id]
-        if not any(p.requires_grad for p in student.parameters()):
-            raise EngineError(f"student model {model_id!r} has no trainable parameters")
-        return copy.deepcopy(student), kind, f"model_id:{model_id}"
-    architecture = spec["architecture"]
-    name, kwargs = architecture.get("name"), architecture.get("kwargs") or {}
-    if not isinstance(name, str) or not isinstance(kwargs, dict):
-        raise EngineError('student.architecture needs "name" (a string) and optional "kwargs" (an object)')
-    from worker.compression.registry import build_architecture
-
-    torch.manual_seed(ctx.seed)  # the student's initial weights follow the job's seed
-    return build_architecture(name, kwargs), "eager", f"architecture:{name}"
-
-
-def _shrink_width(teacher: nn.Module, width_multiplier: float, example_input: Tensor) -> nn.Module:
-    """A copy of the teacher with 1 - width_multiplier of its hidden channels/neurons removed."""
-    import torch_pruning as tp
-
-    student = copy.deepcopy(teacher).cpu()
-    if width_multiplier >= 1.0:
-        return student
-    layers = select_layers(student, None, include_classifier=True)
-    if len(layers) < 2:
-        raise EngineError(
-            'student "auto" needs a teacher with hidden layers to narrow; this one has at most one weight layer'
-        )
-    classifier = layers[-1][1]
-    try:
-        pruner = tp.pruner.MetaPruner(
-            student,
-            example_input.cpu(),
-            importance=tp.importance.MagnitudeImportance(p=2),
-            pruning_ratio=1.0 - width_multiplier,
-            ignored_layers=[classifier],
-        )
-        pruner.step()
-    except Exception as error:
-        raise EngineError(f'student "auto" could not narrow this architecture: {error}') from error
-    return student
-
-
-def _attach_features(
-    teacher: nn.Module, student: nn.Module, config: DistillConfig, probe: Batch
-) -> tuple[nn.Module, FeatureMatcher | None]:
-    """The module to train (the student, or the student with adapters) and the feature hooks."""
-    if not config.feature_layers:
-        return student, None
-    teacher_modules, student_modules = dict(teacher.named_modules()), dict(student.named_modules())
-    pairs = []
-    for teacher_name, student_name in config.feature_layers.items():
-        if teacher_name not in teacher_modules:
-            raise EngineError(f"feature_layers: the teacher has no module {teacher_name!r}")
-        if student_name not in student_modules:
-            raise EngineError(f"feature_layers: the student has no module {student_name!r}")
-        pairs.append((teacher_modules[teacher_name], student_modules[student_name]))
-    matcher = FeatureMatcher(teacher, pairs, nn.ModuleList())
-    with torch.no_grad():
-        teacher(probe.to(module_device(teacher)))
-        student(probe.to(module_device(student)))
-    adapters = []
-    for (teacher_name, student_name), t_out, s_out in zip(
-        config.feature_layers.items(), matcher.teacher_outputs, matcher.student_outputs
-    ):
-        assert t_out is not None and s_out is not None
-        adapters.append(_adapter(teacher_name, student_name, t_out, s_out))
-    matcher.adapters = nn.ModuleList(adapters).to(module_device(student))
-    return StudentWithAdapters(student, matcher.adapters), matcher
-
-
-def _adapter(teacher_name: str, student_name: str, teacher_out: Tensor, student_out: Tensor) -> nn.Module:
-    """Linear map from the student's feature width to the teacher's (1x1 conv for feature maps)."""
-    if teacher_out.dim() != student_out.dim() or teacher_out.shape[2:] != student_out.shape[2:]:
-        raise EngineError(
-            f"feature_layers: teacher {teacher_name!r} gives {list(teacher_out.shape[1:])} and "
-            f"student {student_name!r} gives {list(student_out.shape[1:])}; they must match "
-            "except in the channel/feature dimension"
-        )
-    if teacher_out.dim() == 2:
-        return nn.Linear(student_out.shape[1], teacher_out.shape[1])
-    if teacher_out.dim() in (3, 4, 5):
-        conv = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}[teacher_out.dim()]
-        return conv(student_out.shape[1], teacher_out.shape[1], kernel_size=1)
-    raise EngineError(f"feature_layers: outputs of rank {teacher_out.dim()} are not supported")
 
 
 # ---------------------------------------------------------------- checks and helpers
