@@ -181,3 +181,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float, message: str, interva
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s: {message}")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (e.g. a job's scratch folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found

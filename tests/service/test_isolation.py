@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.helpers import processes_mentioning
 from worker.sandbox import Limits, _clean_environment, bubblewrap_command, run_sandboxed
 
 LIMITS = Limits(memory_bytes=4 * 1024**3, cpu_seconds=120, file_bytes=1024**3, open_files=128, wall_seconds=120)
@@ -165,19 +166,6 @@ def test_code_inside_the_boundary_sees_no_secrets_files_network_or_parent(tmp_pa
     assert not outside.exists()  # the real data folder never saw the write
 
 
-def _sandbox_processes(marker: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
-
-
 def _looping_model(path: Path) -> None:
     class Loop(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -212,7 +200,7 @@ def test_an_interrupted_supervisor_leaves_no_sandbox_process(tmp_path: Path) -> 
     with pytest.raises(SoftTimeLimit):
         run_sandboxed("job", request, scratch, LIMITS, should_stop=interrupt, poll_s=0.5)
     time.sleep(2)
-    assert _sandbox_processes(str(scratch)) == []
+    assert processes_mentioning(str(scratch)) == []
 
 
 def test_the_sweeper_removes_dead_attempts_and_keeps_live_ones(tmp_path: Path) -> None:
@@ -317,7 +305,7 @@ def test_a_cancelled_job_in_a_warm_sandbox_and_an_unused_warm_sandbox_leave_no_p
     unused = WarmSandbox(tmp_path / "warm-unused", LIMITS, "bubblewrap")
     unused.discard()
     time.sleep(2)
-    assert _sandbox_processes(str(tmp_path)) == []
+    assert processes_mentioning(str(tmp_path)) == []
 
 
 def test_raw_weights_that_look_like_a_pickle_or_a_zip_are_not_refused(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from app.db import session_scope
 from app.tables import Artifact
 from tests.conftest import unavailable
-from tests.helpers import WorkerProcess, slow_torchscript_bytes, torchscript_bytes, wait_for
+from tests.helpers import WorkerProcess, processes_mentioning, slow_torchscript_bytes, torchscript_bytes, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.redis]
 
@@ -153,18 +153,6 @@ def test_a_database_outage_costs_the_running_attempt_nothing(
         worker.stop()
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def test_a_job_past_its_time_limit_fails_and_leaves_no_process(
     make_postgres_database, redis_url: str, service_env, tmp_path: Path
 ) -> None:  # type: ignore[no-untyped-def]
@@ -218,7 +206,7 @@ def test_a_job_past_its_time_limit_fails_and_leaves_no_process(
             assert job["error"]["error"] == "TimeLimitExceeded", job["error"]
             assert "10 s" in job["error"]["detail"]
             time.sleep(2)
-            assert _processes_mentioning(f"{scratch_root}/{job_id}") == []
+            assert processes_mentioning(f"{scratch_root}/{job_id}") == []
             small = client.post(
                 "/v1/models",
                 headers=headers,

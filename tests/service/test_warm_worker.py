@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import mlp, slow_torchscript_bytes, torchscript_bytes, wait_for
+from tests.helpers import mlp, processes_mentioning, slow_torchscript_bytes, torchscript_bytes, wait_for
 from tests.service.test_end_to_end import Service, start_service
 
 pytestmark = pytest.mark.slow
@@ -50,18 +50,6 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if text in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 def _scratch() -> Path:
     from app.config import get_settings
 
@@ -82,7 +70,7 @@ def test_two_jobs_run_in_two_different_warm_children_and_folders(embedded: Servi
     # job 1 is done: its child and its folder are gone before anything else runs
     wait_for(lambda: not _alive(first_pid), 30, "job 1's sandbox to exit")
     assert not (_scratch() / first_folder).exists()
-    assert _processes_mentioning(first_folder) == []
+    assert processes_mentioning(first_folder) == []
 
     second = embedded.wait(embedded.submit(spec)["id"])
     assert second["status"] == "succeeded", second["error"]
@@ -117,5 +105,5 @@ def test_a_job_cancelled_in_its_warm_sandbox_leaves_no_process_or_folder(embedde
     job = embedded.wait(job_id, timeout=60)
     assert job["status"] == "cancelled"
     wait_for(lambda: not _alive(pid), 30, "the cancelled job's sandbox to exit")
-    assert _processes_mentioning(folder) == []  # bwrap and everything the model started under it
+    assert processes_mentioning(folder) == []  # bwrap and everything the model started under it
     assert not (_scratch() / folder).exists()
