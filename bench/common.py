@@ -250,10 +250,14 @@ def load_artifact_module(path: Path, artifact_format: str, architecture: dict[st
         return torch.jit.load(str(path)).eval()
     if artifact_format == "exported_program":
         return torch.export.load(str(path)).module()
-    state = torch.load(str(path), weights_only=True)
-    from worker.compression.sparse_format import decode_sparse_state_dict
+    if artifact_format == "deep_compression":  # the container decodes to a state_dict with NumPy, as the README shows
+        from modelpress.deep_compression_format import load_state_dict
 
-    state = decode_sparse_state_dict(state)
+        state = load_state_dict(path)
+    else:
+        from worker.compression.sparse_format import decode_sparse_state_dict
+
+        state = decode_sparse_state_dict(torch.load(str(path), weights_only=True))
     module = build_architecture(architecture["name"], architecture.get("kwargs") or {})
     module.load_state_dict(state)
     return module.eval()
