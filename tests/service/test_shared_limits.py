@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import PROJECT_ROOT, wait_for
+from tests.helpers import start_api_process, wait_for
 from tests.service.conftest import Api
 from tests.service.test_api import assert_error, counts, upload_ts
 
@@ -44,12 +42,6 @@ def test_fifty_concurrent_submits_against_a_quota_of_ten_accept_exactly_ten(
     assert api.client.post("/v1/jobs", headers=api.headers(api.other_key), json=spec_other).status_code == 202
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def two_api_processes(
     make_postgres_database, redis_url, service_env, tmp_path: Path
@@ -73,30 +65,9 @@ def two_api_processes(
     servers, urls = [], []
     try:
         for number in range(2):
-            port = _free_port()
-            log = open(tmp_path / f"api{number}.log", "wb")
-            servers.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "uvicorn",
-                        "app.main:app",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(port),
-                        "--log-level",
-                        "warning",
-                    ],
-                    cwd=PROJECT_ROOT,
-                    env=process_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-            urls.append(f"http://127.0.0.1:{port}")
+            server, url = start_api_process(process_env, tmp_path / f"api{number}.log")
+            servers.append(server)
+            urls.append(url)
         for server, url in zip(servers, urls):
 
             def healthy(server: subprocess.Popen = server, url: str = url) -> bool:

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import torch
 
 from modelpress.client import Client, ClientError, Job
 from tests.conftest import IN_CI
-from tests.helpers import PROJECT_ROOT, WorkerProcess, mlp, sqnr_db, torchscript_bytes, wait_for
+from tests.helpers import PROJECT_ROOT, WorkerProcess, mlp, sqnr_db, start_api_process, torchscript_bytes, wait_for
 
 DYNAMIC_INT8 = {"stages": [{"method": "quantize", "scheme": "dynamic_int8"}], "example_input_shape": [1, 64]}
 
@@ -95,12 +94,6 @@ class Live:
         return f"server log:\n{server}\nworker log:\n{self.worker.log_tail()}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     root = tmp_path_factory.mktemp("live")
@@ -116,29 +109,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     )
     assert created.returncode == 0, created.stderr
     key = created.stdout.strip().splitlines()[-1]
-    port = _free_port()
-    with open(root / "server.log", "wb") as log:
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "app.main:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-            ],
-            cwd=PROJECT_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    server, base_url = start_api_process(env, root / "server.log")
     worker = WorkerProcess(env, log_path=root / "worker.log").start()
-    live = Live(f"http://127.0.0.1:{port}", key, env, root, worker)
+    live = Live(base_url, key, env, root, worker)
     try:
 
         def healthy() -> bool:
