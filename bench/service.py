@@ -64,19 +64,12 @@ def _sandboxed(request: Any, scratch: Path, *, warm: bool = False) -> float:
     writable and readable folder, as the worker copies them."""
     import shutil
 
-    from app.config import Settings
-    from worker.sandbox import Limits, WarmSandbox, run_sandboxed
+    from app.config import get_settings
+    from worker.sandbox import WarmSandbox, run_sandboxed
+    from worker.slots import slot_limits
 
-    settings = Settings()
-    limits = Limits(
-        memory_bytes=settings.sandbox_memory_bytes,
-        cpu_seconds=settings.sandbox_cpu_seconds,
-        file_bytes=settings.sandbox_file_bytes,
-        open_files=settings.sandbox_open_files,
-        wall_seconds=settings.job_soft_time_limit_s,
-        threads=request.threads,
-    )
-    isolation = settings.sandbox_isolation
+    limits = slot_limits(request.threads)  # the limits a worker slot gives a job
+    isolation = get_settings().sandbox_isolation
     child = None
     if warm:
         child = WarmSandbox(scratch, limits, isolation)
