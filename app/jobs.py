@@ -48,7 +48,8 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
         raise Invalid(f"model {model.id} was rejected at inspection: {(model.inspection or {}).get('error')}")
     dataset = get_dataset(session, tenant, job_in.dataset_id) if job_in.dataset_id else None
     evaluation = get_dataset(session, tenant, job_in.eval_dataset_id) if job_in.eval_dataset_id else None
-    stages = list(job_in.stages)
+    # the stages' own options were checked as their typed configs when the request was read
+    stages: list[dict[str, Any]] = [stage.as_stage() for stage in job_in.stages]
     try:
         if job_in.preset:
             if stages:
@@ -105,7 +106,7 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
     spec = job_in.model_dump(mode="json")
     spec["inputs"] = inputs
     spec["target"]["runtime"] = runtime
-    spec["stages"] = [{"method": v.spec.method, "scheme": v.spec.name, **v.options} for v in validated]
+    spec["stages"] = [v.config.as_stage() for v in validated]
     spec["extra_model_ids"] = extra_models
     from app.workers import device_problem, require_live_worker
 

@@ -7,8 +7,10 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from app.webhooks import WebhookRefused, check_webhook_url
+from modelpress.configs import SpecError, Stage, parse_stage
 from modelpress.options import MAX_SEED, MAX_STAGES, object_size_problem
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -108,8 +110,13 @@ class JobCreate(BaseModel):
         },
     )
     model_id: Identifier
-    # the length is checked before any stage is looked at, so a huge list costs no per-stage work
-    stages: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_STAGES)
+    # each stage is one scheme's typed config (modelpress.configs), keyed on method + scheme
+    stages: list[Stage] = Field(
+        default_factory=list,
+        max_length=MAX_STAGES,
+        description='{"method": ..., "scheme": ..., **options}; a method\'s default scheme applies when "scheme" '
+        "is left out. GET /v1/methods lists each scheme's options with their JSON schema",
+    )
     preset: Identifier | None = None
     search: dict[str, Any] | None = None
     dataset_id: Identifier | None = None
@@ -156,6 +163,25 @@ class JobCreate(BaseModel):
     )
     priority: int = Field(5, ge=0, le=9, description="0..9, 9 runs first")
     seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _typed_stages(cls, stages: Any) -> Any:
+        # the length is checked before any stage is looked at, so a huge list costs no per-stage work;
+        # each stage is parsed here for the one-line message naming the field ("stages[0].amount must be ...")
+        if not isinstance(stages, list):
+            return stages
+        if len(stages) > MAX_STAGES:
+            raise PydanticCustomError(
+                "too_many_stages",
+                "a job has at most {most} stages, got {given}",
+                {"most": MAX_STAGES, "given": len(stages)},
+            )
+        try:
+            return [parse_stage(stage, f"stages[{index}]") for index, stage in enumerate(stages)]
+        except SpecError as error:
+            # the message goes in the context: a template would read its braces as fields
+            raise PydanticCustomError("invalid_stage", "{problem}", {"problem": str(error)}) from None
 
     @field_validator("example_input_shape")
     @classmethod

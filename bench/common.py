@@ -204,13 +204,13 @@ def engine_request(
 ) -> Any:
     """The JobRequest the worker would build for these stages (validated and defaulted by the catalogue)."""
     from modelpress.catalog import JobFacts, validate_stages
-    from worker.compression.pipeline import JobRequest, ModelRef, StageSpec
+    from worker.compression.pipeline import JobRequest, ModelRef
 
     facts = JobFacts(model_format="state_dict", has_dataset=True, dataset_has_labels=True, eval_has_labels=True)
     validated = validate_stages([dict(s) for s in stages], facts)
     return JobRequest(
         model=ModelRef(str(assets.model_paths[model_name]), "state_dict", MODELS[model_name]["architecture"]),
-        stages=[StageSpec(v.spec.method, v.spec.name, v.options) for v in validated],
+        stages=[v.config for v in validated],
         artifact_path=str(artifact),
         example_input_shape=[example_batch, int(assets.x_train.shape[1])],
         dataset_path=str(assets.train_path),

@@ -63,11 +63,11 @@ def local_request(args: argparse.Namespace, spec: dict[str, Any], artifact_path:
     if shape is None and not datasets:
         raise SpecError("example_input_shape is required when no dataset gives the input shape")
     architecture = _json_arg(args.architecture) or spec.get("architecture")
-    from worker.compression.pipeline import JobRequest, ModelRef, StageSpec  # torch: only once the spec is valid
+    from worker.compression.pipeline import JobRequest, ModelRef  # torch: only once the spec is valid
 
     return JobRequest(
         model=ModelRef(path=str(model_path), format=model_format, architecture=architecture),
-        stages=[StageSpec(v.spec.method, v.spec.name, dict(v.options)) for v in validated],
+        stages=[v.config for v in validated],
         artifact_path=str(artifact_path),
         example_input_shape=shape,
         dataset_path=datasets.get("dataset", (None,))[0],

@@ -1,7 +1,7 @@
 """Typed bounds for the nested option objects of a stage (no torch).
 
-The catalogue validates flat options itself; the objects under `train`, `schedule`,
-`layers` and a search's `candidates` are checked here with pydantic models, so a job
+The objects under `train`, `schedule`, `layers` and a search's `candidates` are typed
+here, and the stage configs of modelpress.configs use them as option types, so a job
 that asks for 10^12 epochs, a batch size of 0, NaN learning rates or 10,000 devices
 answers 422 at submit instead of failing (or running for ever) on a worker. The bounds
 are generous for real training and tight enough that no value can exhaust a worker.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STAGES = 16
 MAX_EPOCHS = 10_000
@@ -110,23 +110,6 @@ class SearchCandidates(_Strict):
         | None
     ) = None
     amount: AmountRange | None = None
-
-
-OPTION_MODELS: dict[str, type[BaseModel]] = {
-    "train": TrainOptions,
-    "schedule": PruneSchedule,
-    "layers": LayerSelection,
-    "candidates": SearchCandidates,
-}
-
-
-def first_problem(error: ValidationError, where: str) -> str:
-    """`where.path: message` for the first problem pydantic found (the 422 names the field)."""
-    problem = error.errors(include_url=False)[0]
-    path = where + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in problem.get("loc", ()))
-    given = problem.get("input")
-    shown = "" if isinstance(given, (dict, list)) else f", got {given!r}"
-    return f"{path}: {problem.get('msg', 'invalid')}{shown}"
 
 
 def object_size_problem(value: Any, where: str) -> str | None:

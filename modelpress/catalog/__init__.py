@@ -1,11 +1,12 @@
 """The catalogue of methods, schemes and their options.
 
-Pure data and validation, no torch: the API validates job specs with it at
-submit time (so a job that cannot run answers 422 before any worker time is
-spent), `GET /v1/methods` publishes it, and the engine reads the same
-definitions, so the three can never disagree.
+Pure data and validation, no torch. Every scheme's options, defaults and bounds are written once,
+as a typed config in `modelpress.configs`; this package reads them: the API validates job specs
+with it at submit time (so a job that cannot run answers 422 before any worker time is spent),
+`GET /v1/methods` publishes it, and the engine receives the same configs, so the three can never
+disagree.
 
-Layout: `specs` (the types and formats), `schemes` (every scheme's options, the presets),
+Layout: `specs` (formats; a scheme and its options as published), `schemes` (the schemes, the presets),
 `validate` (a job's stages), `runtimes` (ONNX Runtime / ExecuTorch targets), `forward_call`
 (declared inputs and outputs); every public name is importable from `modelpress.catalog`.
 """

@@ -1,22 +1,28 @@
-"""The catalogue's types: model and output formats, an option, a scheme, and the error a spec that cannot run raises."""
+"""The catalogue's types: output formats, and a scheme and its options as `GET /v1/methods` describes them.
+
+Both are read off the scheme's typed config (modelpress.configs), which is the one place options,
+defaults and bounds are written.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from modelpress.configs import EAGER_FORMATS, MODEL_FORMATS, Device, SpecError, StageConfig
 
-from modelpress.options import OPTION_MODELS, first_problem, object_size_problem
+__all__ = [
+    "EAGER_FORMATS",
+    "MODEL_FORMATS",
+    "OUTPUT_FORMATS",
+    "Device",
+    "OptionKind",
+    "OptionSpec",
+    "SchemeSpec",
+    "SpecError",
+]
 
 OptionKind = Literal["float", "int", "bool", "str", "str_list", "object", "str_or_object"]
-Device = Literal["cpu", "cuda"]
-
-# Model formats as users upload them. state_dict and safetensors become eager
-# modules (a registered architecture), exported programs become graph modules.
-MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program")
-EAGER_FORMATS = ("state_dict", "safetensors", "exported_program")
 OUTPUT_FORMATS = (
     "torchscript",
     "exported_program",
@@ -27,14 +33,20 @@ OUTPUT_FORMATS = (
     "onnx",
     "executorch",
 )
-
-
-class SpecError(ValueError):
-    """A job spec that cannot run; the message says why, for a 422."""
+_KINDS: dict[str, OptionKind] = {
+    "number": "float",
+    "integer": "int",
+    "boolean": "bool",
+    "string": "str",
+    "array": "str_list",
+    "object": "object",
+}
 
 
 @dataclass(frozen=True)
 class OptionSpec:
+    """One option in the flat form clients read since v1 (the JSON schema next to it says the same)."""
+
     name: str
     kind: OptionKind
     default: Any = None
@@ -44,69 +56,93 @@ class OptionSpec:
     choices: tuple[str, ...] | None = None
     help: str = ""
 
-    def validate(self, value: Any, where: str) -> None:
-        label = f"{where}.{self.name}"
-        if self.kind == "float":
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise SpecError(f"{label} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise SpecError(f"{label} must be a finite number, got {value!r}")
-        elif self.kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise SpecError(f"{label} must be an integer, got {value!r}")
-        elif self.kind == "bool":
-            if not isinstance(value, bool):
-                raise SpecError(f"{label} must be true or false, got {value!r}")
-        elif self.kind == "str":
-            if not isinstance(value, str) or len(value) > 256:
-                raise SpecError(f"{label} must be a string of at most 256 characters, got {value!r:.80}")
-        elif self.kind == "str_list":
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise SpecError(f"{label} must be a list of strings")
-        elif self.kind == "object":
-            if not isinstance(value, dict):
-                raise SpecError(f"{label} must be an object")
-        elif self.kind == "str_or_object":
-            if not isinstance(value, (str, dict)):
-                raise SpecError(f"{label} must be a string or an object")
-        if self.kind in ("float", "int"):
-            if self.minimum is not None and value < self.minimum:
-                raise SpecError(f"{label} must be >= {self.minimum}, got {value}")
-            if self.maximum is not None:
-                too_big = value >= self.maximum if self.maximum_exclusive else value > self.maximum
-                if too_big:
-                    bound = "<" if self.maximum_exclusive else "<="
-                    raise SpecError(f"{label} must be {bound} {self.maximum}, got {value}")
-        if self.choices is not None and value not in self.choices:
-            raise SpecError(f"{label} must be one of {list(self.choices)}, got {value!r}")
-        if self.kind in ("str_list", "object", "str_or_object"):
-            if problem := object_size_problem(value, label):
-                raise SpecError(problem)
-        model = OPTION_MODELS.get(self.name)
-        if model is not None and isinstance(value, dict):
-            try:
-                model.model_validate(value)
-            except ValidationError as error:
-                raise SpecError(first_problem(error, label)) from None
+    @classmethod
+    def from_schema(cls, name: str, schema: dict[str, Any]) -> OptionSpec:
+        """Read an option off its property in the config's JSON schema."""
+        variants = [v for v in schema.get("anyOf", [schema]) if v.get("type") != "null"]
+        kinds = {_KINDS.get(v.get("type", "object"), "object") for v in variants}
+        kind: OptionKind = "str_or_object" if kinds == {"str", "object"} else kinds.pop()
+        bounds = variants[0] if len(variants) == 1 else {}
+        maximum = bounds.get("maximum", bounds.get("exclusiveMaximum"))
+        minimum = bounds.get("minimum", bounds.get("exclusiveMinimum"))
+        choices = bounds.get("enum")
+        return cls(
+            name=name,
+            kind=kind,
+            default=schema.get("default"),
+            minimum=minimum,
+            maximum=maximum,
+            maximum_exclusive="exclusiveMaximum" in bounds,
+            choices=tuple(choices) if choices else None,
+            help=schema.get("description", ""),
+        )
 
 
 @dataclass(frozen=True)
 class SchemeSpec:
-    method: str
-    name: str
-    summary: str
-    devices: tuple[Device, ...] = ("cpu",)
-    input_formats: tuple[str, ...] = MODEL_FORMATS
-    needs_dataset: bool = False
-    needs_labels: bool = False
-    # Changes weights to a non-float representation: later stages that need
-    # float weights (pruning, distillation) cannot follow it.
-    quantizes: bool = False
-    min_compute_capability: float | None = None
-    options: tuple[OptionSpec, ...] = ()
-    library: str = ""
+    """A scheme as the catalogue lists it: its config's class facts and options."""
+
+    config: type[StageConfig]
+
+    @property
+    def method(self) -> str:
+        return str(self.config.model_fields["method"].default)
+
+    @property
+    def name(self) -> str:
+        return str(self.config.model_fields["scheme"].default)
+
+    @property
+    def options(self) -> tuple[OptionSpec, ...]:
+        properties = self.config.model_json_schema()["properties"]
+        return tuple(OptionSpec.from_schema(name, properties[name]) for name in self.config.option_names())
+
+    @property
+    def summary(self) -> str:
+        return self.config.summary
+
+    @property
+    def devices(self) -> tuple[Device, ...]:
+        return self.config.devices
+
+    @property
+    def input_formats(self) -> tuple[str, ...]:
+        return self.config.input_formats
+
+    @property
+    def needs_dataset(self) -> bool:
+        return self.config.needs_dataset
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.config.needs_labels
+
+    @property
+    def quantizes(self) -> bool:
+        return self.config.quantizes
+
+    @property
+    def min_compute_capability(self) -> float | None:
+        return self.config.min_compute_capability
+
+    @property
+    def library(self) -> str:
+        return self.config.library
 
     def describe(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["options"] = [asdict(o) for o in self.options]
-        return data
+        config = self.config
+        return {
+            "method": self.method,
+            "name": self.name,
+            "summary": config.summary,
+            "devices": list(config.devices),
+            "input_formats": list(config.input_formats),
+            "needs_dataset": config.needs_dataset,
+            "needs_labels": config.needs_labels,
+            "quantizes": config.quantizes,
+            "min_compute_capability": config.min_compute_capability,
+            "options": [asdict(option) for option in self.options],
+            "library": config.library,
+            # the config's JSON schema: every option's type, default, bounds and description
+            "schema": config.model_json_schema(),
+        }

@@ -1,12 +1,13 @@
-"""Submit-time validation of a job's stages: each against the catalogue and against the stages before it."""
+"""Submit-time validation of a job's stages: each against its typed config and against the stages before it."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from modelpress.catalog.schemes import find_scheme
 from modelpress.catalog.specs import Device, SchemeSpec, SpecError
+from modelpress.configs import StageConfig, parse_stage
 from modelpress.options import MAX_STAGES
 
 
@@ -30,12 +31,19 @@ class JobFacts:
 
 @dataclass
 class ValidatedStage:
-    spec: SchemeSpec
-    options: dict[str, Any] = field(default_factory=dict)
+    """A stage that can run: its typed config, and the scheme and options read off it."""
+
+    config: StageConfig
+    spec: SchemeSpec = field(init=False)
+    options: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spec = SchemeSpec(type(self.config))
+        self.options = self.config.options()
 
 
-def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[ValidatedStage]:
-    """Check every stage against the catalogue and against the stages before it."""
+def validate_stages(stages: Sequence[dict[str, Any] | StageConfig], facts: JobFacts) -> list[ValidatedStage]:
+    """Check every stage against its typed config and against the stages before it."""
     if not stages:
         raise SpecError("a job needs at least one stage")
     if len(stages) > MAX_STAGES:
@@ -45,27 +53,11 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
     quantized_by: str | None = None
     for index, stage in enumerate(stages):
         where = f"stages[{index}]"
-        if not isinstance(stage, dict) or "method" not in stage:
-            raise SpecError(f"{where} needs a 'method'")
-        spec = find_scheme(stage["method"], stage.get("scheme"))
         # the options' own types and bounds first, so a bad value is named even when the job
         # cannot run for another reason too
-        known = {o.name: o for o in spec.options}
-        options: dict[str, Any] = {}
-        for key, value in stage.items():
-            if key in ("method", "scheme"):
-                continue
-            if key not in known:
-                raise SpecError(
-                    f"{where}: unknown option {key!r} for {spec.method}/{spec.name}; options: {sorted(known)}"
-                )
-            if value is not None:
-                known[key].validate(value, where)
-            elif known[key].default is not None:
-                raise SpecError(f"{where}.{key} must not be null (leave it out for the default {known[key].default!r})")
-            options[key] = value
-        for option in spec.options:
-            options.setdefault(option.name, option.default)
+        config = parse_stage(stage, where)
+        spec = SchemeSpec(type(config))
+        options = config.options()
         if facts.device not in spec.devices:
             raise SpecError(f"{where}: scheme {spec.name!r} runs on {list(spec.devices)}, not on {facts.device!r}")
         if (
@@ -102,12 +94,12 @@ def validate_stages(stages: list[dict[str, Any]], facts: JobFacts) -> list[Valid
         _validate_nested(spec, options, facts, where)
         if spec.quantizes and quantized_by is None:
             quantized_by = str(index)
-        validated.append(ValidatedStage(spec, options))
+        validated.append(ValidatedStage(config))
     return validated
 
 
 def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts, where: str) -> None:
-    # the shapes and bounds of schedule, layers, train and candidates were checked by OptionSpec.validate
+    # the shapes and bounds of schedule, layers, train and candidates were checked by the stage's config
     if options.get("schedule") and not facts.dataset_has_labels:
         raise SpecError(f"{where}.schedule: gradual pruning fine-tunes, so it needs a dataset_id with labels")
     devices = (options.get("train") or {}).get("devices")

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from modelpress.catalog import find_scheme
+from modelpress.configs import HintonConfig
 from worker.compression import distillation_sweep as kd_sweep
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
 from worker.compression.distillation_losses import (
@@ -75,8 +75,8 @@ SCHEMES = ("hinton",)
 # 64-32-10 student) this brings the student within a point of the teacher in about
 # 1.5 s of CPU per run; 20-40 epochs leave it 1.5-6 points short.
 DEFAULT_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-3, "epochs": 80, "batch_size": 64, "schedule": "cosine"}
-# Option defaults come from the catalogue, so the API and the engine never disagree.
-_DEFAULTS: dict[str, Any] = {option.name: option.default for option in find_scheme("distill", "hinton").options}
+# Option defaults come from the stage's typed config, so the API and the engine never disagree.
+_DEFAULTS: dict[str, Any] = HintonConfig().options()
 # Share of the training data held out to report accuracies when there is no eval set.
 DEFAULT_VAL_SPLIT = 0.1
 AUGMENTATIONS = ("mixup", "noise", "none")
@@ -84,7 +84,7 @@ AUGMENTATIONS = ("mixup", "noise", "none")
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Validated options of the distill/hinton stage (see modelpress.catalog)."""
+    """Validated options of the distill/hinton stage (see HintonConfig in modelpress.configs)."""
 
     student: str | dict[str, Any] = _DEFAULTS["student"]
     width_multiplier: float = _DEFAULTS["width_multiplier"]

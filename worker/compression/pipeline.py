@@ -16,13 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelpress.configs import SpecError, StageConfig, parse_stage
 from worker.compression import metrics as measure
 from worker.compression import outcome
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
 from worker.compression.facts import environment, layer_sparsity
+from worker.compression.handlers import compress
 from worker.compression.inputs import Batch, ModelInputs, Signature, call_model, make_example, torchscript_to_graph
 from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
-from worker.compression.stages import run_stage
 
 DEFAULT_BATCH_FROM_DATASET = 32
 
@@ -36,15 +37,24 @@ class ModelRef:
 
 @dataclass
 class StageSpec:
+    """A stage as a job stores it, before it is read as its typed config."""
+
     method: str
     scheme: str
     options: dict[str, Any] = field(default_factory=dict)
+
+    def to_config(self, where: str = "stage") -> StageConfig:
+        try:
+            return parse_stage({"method": self.method, "scheme": self.scheme, **self.options}, where)
+        except SpecError as error:
+            raise EngineError(str(error)) from error
 
 
 @dataclass
 class JobRequest:
     model: ModelRef
-    stages: list[StageSpec]
+    # each stage's typed config (StageSpecs given here are read as theirs)
+    stages: list[StageConfig]
     artifact_path: str
     example_input_shape: list[int] | None = None
     dataset_path: str | None = None
@@ -60,6 +70,12 @@ class JobRequest:
     inputs: list[dict[str, Any]] | None = None
     forward_kwargs: dict[str, Any] | None = None
     output: int | str | None = None
+
+    def __post_init__(self) -> None:
+        self.stages = [
+            stage.to_config(f"stages[{index}]") if isinstance(stage, StageSpec) else stage
+            for index, stage in enumerate(self.stages)
+        ]
 
     @property
     def signature(self) -> Signature | None:
@@ -91,15 +107,9 @@ def _example_input(request: JobRequest, train: Dataset | None, evaluation: Datas
     return data.inputs[:DEFAULT_BATCH_FROM_DATASET].clone()
 
 
-def _needs_graph(stage: StageSpec) -> bool:
+def _needs_graph(stage: StageConfig) -> bool:
     """Whether the stage's scheme takes eager / exported models only, so a TorchScript model is converted."""
-    from modelpress.catalog import SpecError, find_scheme
-
-    try:
-        spec = find_scheme(stage.method, stage.scheme)
-    except SpecError:
-        return False
-    return "torchscript" not in spec.input_formats and "exported_program" in spec.input_formats
+    return "torchscript" not in stage.input_formats and "exported_program" in stage.input_formats
 
 
 def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, Any]:
@@ -155,7 +165,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             from worker.compression.targets.deploy import DeferredQuantization
 
             # the target runtime quantizes the exported float model with its own tools
-            deferred = DeferredQuantization(stage.scheme, stage.options)
+            deferred = DeferredQuantization(stage.scheme, stage.options())
             continue
         label = f"{stage.method}:{stage.scheme}"
 
@@ -189,7 +199,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             signature=signature,
             output_format=request.output_format,
         )
-        result = run_stage(working, stage.method, stage.scheme, stage.options, context)
+        result = compress(working, stage, context)
         working, kind = result.model, result.kind
         requires.update(result.requires)
         # Quantized modules pack their weights out of reach of a parameter count, so a

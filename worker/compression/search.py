@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from modelpress.catalog import JobFacts, SpecError, validate_stages
+from modelpress.configs import AccuracyAwareConfig, StageConfig
 from worker.compression import metrics as measure
 from worker.compression.base import Dataset, EngineError, JobCancelled, ModelKind, StageContext, StageResult
 from worker.compression.inputs import Batch
@@ -47,18 +48,20 @@ def sparse_size_ratio(amount: float) -> float:
 
 @dataclass(frozen=True)
 class SearchConfig:
+    """The search/accuracy_aware options; defaults from its typed config (AccuracyAwareConfig)."""
+
     max_accuracy_drop: float | None
     min_sqnr_db: float | None
-    objective: str = "size"
-    candidates: dict[str, Any] | None = None
-    max_trials: int = 12
-    time_budget_s: float = 1800.0
-    train: dict[str, Any] | None = None
+    objective: str
+    candidates: dict[str, Any] | None
+    max_trials: int
+    time_budget_s: float
+    train: dict[str, Any] | None
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> SearchConfig:
-        values: dict[str, Any] = {k: options.get(k, getattr(cls, k, None)) for k in cls.__dataclass_fields__}
-        config = cls(**values)
+        given = {**AccuracyAwareConfig().options(), **options}
+        config = cls(**{k: given[k] for k in cls.__dataclass_fields__})
         if config.max_accuracy_drop is None and config.min_sqnr_db is None:
             raise EngineError("search needs max_accuracy_drop or min_sqnr_db")
         return config
@@ -164,7 +167,7 @@ class Search:
             return copied
         return copy.deepcopy(self.model)
 
-    def _validated(self, stages: list[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    def _validated(self, stages: list[dict[str, Any]]) -> list[StageConfig]:
         facts = JobFacts(
             model_format=KIND_TO_FORMAT[self.ctx.kind],
             has_dataset=self.ctx.train_data is not None,
@@ -175,7 +178,7 @@ class Search:
             validated = validate_stages(stages, facts)
         except SpecError as error:
             raise EngineError(str(error)) from error
-        return [(v.spec.method, v.spec.name, v.options) for v in validated]
+        return [v.config for v in validated]
 
     def can_beat_best(self, candidate: Candidate) -> bool:
         best = self.best()
@@ -184,7 +187,7 @@ class Search:
         return candidate.estimated_size_ratio * self.original_size < best.size_bytes
 
     def run(self, candidate: Candidate) -> Trial:
-        from worker.compression.stages import run_stage
+        from worker.compression.handlers import compress
 
         self.ctx.check_cancelled()
         trial = Trial(candidate.name, candidate.stages, "failed")
@@ -197,13 +200,13 @@ class Search:
             model, kind = self._copy(), self.ctx.kind
             preferred: str | None = None
             parameters = measure.count_parameters(model)
-            for method, scheme, options in self._validated(candidate.stages):
+            for config in self._validated(candidate.stages):
                 stage_ctx = copy.copy(self.ctx)
                 stage_ctx.kind = kind
                 stage_ctx.progress = lambda fraction, message: None
-                result: StageResult = run_stage(model, method, scheme, options, stage_ctx)
+                result: StageResult = compress(model, config, stage_ctx)
                 model, kind, preferred = result.model, result.kind, result.preferred_output_format
-                if method != "quantize":
+                if config.method != "quantize":
                     parameters = measure.count_parameters(model)
             trial.parameters = parameters
             trial.output_format = default_output_format(kind, preferred)
