@@ -9,9 +9,10 @@ checks of `modelpress.catalog.validate`.
 
 from __future__ import annotations
 
+import copy
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, PrivateAttr, model_validator
 
 from modelpress.options import MAX_PATTERN_CHARS, LayerSelection, PruneSchedule, TrainOptions
 
@@ -37,6 +38,8 @@ class StageConfig(BaseModel):
 
     method: str
     scheme: str
+    # the nested option objects as given (train, schedule, ...): a job stores what was sent
+    _given_objects: dict[str, Any] = PrivateAttr(default_factory=dict)
 
     # facts about the scheme, not options: what it runs on and what it needs
     summary: ClassVar[str] = ""
@@ -50,6 +53,16 @@ class StageConfig(BaseModel):
     min_compute_capability: ClassVar[float | None] = None
     library: ClassVar[str] = ""
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_given_objects(cls, data: Any, handler: ModelWrapValidatorHandler[StageConfig]) -> StageConfig:
+        config = handler(data)
+        if isinstance(data, dict):
+            config._given_objects = {
+                key: copy.deepcopy(value) for key, value in data.items() if isinstance(value, (dict, list))
+            }
+        return config
+
     @classmethod
     def option_names(cls) -> list[str]:
         return [name for name in cls.model_fields if name not in ("method", "scheme")]
@@ -62,13 +75,15 @@ class StageConfig(BaseModel):
     def options(self) -> dict[str, Any]:
         """The options with every default filled in, as plain JSON values (what a job's spec stores).
 
-        Nested objects (train, schedule, layers, candidates) keep only the keys that were given,
-        so the engine applies its own defaults for the rest, as it did for the raw dicts.
+        Nested objects (train, schedule, layers, candidates) are kept as they were given (their keys
+        as sent, validated by their models), so the engine applies its own defaults for the rest.
         """
         values: dict[str, Any] = {}
         for name in self.option_names():
             value = getattr(self, name)
-            if isinstance(value, BaseModel):
+            if name in self._given_objects:
+                value = copy.deepcopy(self._given_objects[name])
+            elif isinstance(value, BaseModel):
                 value = value.model_dump(mode="json", exclude_unset=True)
             elif isinstance(value, list):
                 value = list(value)

@@ -139,3 +139,48 @@ def test_in_range_values_are_accepted_unchanged(api: Api) -> None:
     )
     assert response.status_code == 202, response.text
     assert response.json()["spec"]["stages"][0]["train"] == stage["train"]
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        (
+            {**PRUNE, "colour": "red"},
+            "stages[0]: unknown option 'colour' for prune/l1_unstructured; "
+            "options: ['amount', 'layers', 'prune_classifier', 'schedule', 'train']",
+        ),
+        ({**PRUNE, "amount": 1.5}, "stages[0].amount must be < 1.0, got 1.5"),
+        ({"method": "encode", "scheme": "codebook", "bits": 9}, "stages[0].bits must be <= 8, got 9"),
+        ({"method": "distill", "temperature": 0.01}, "stages[0].temperature must be >= 0.1, got 0.01"),
+    ],
+)
+def test_an_unknown_or_out_of_bounds_option_answers_422_naming_the_field(api: Api, stage: dict, message: str) -> None:
+    model = upload_ts(api)
+    response = submit_raw(api, {"model_id": model["id"], "stages": [stage], "example_input_shape": [1, 8]})
+    assert message in assert_error(response, 422, "InvalidRequest")["detail"]
+    assert counts()[2] == 0
+
+
+def test_methods_carry_each_schemes_json_schema_from_its_config(api: Api) -> None:
+    from modelpress.configs import STAGE_CONFIGS
+
+    catalogue = api.client.get("/v1/methods", headers=api.headers()).json()
+    assert {"methods", "presets", "output_formats", "runtimes", "model_formats"} <= set(catalogue)
+    published = {(s["method"], s["name"]): s for m in catalogue["methods"] for s in m["schemes"]}
+    configs = {config.tag(): config for config in STAGE_CONFIGS}
+    assert {f"{method}:{name}" for method, name in published} == set(configs)
+    for (method, name), scheme in published.items():
+        config = configs[f"{method}:{name}"]
+        properties = scheme["schema"]["properties"]
+        assert set(properties) == {"method", "scheme", *config.option_names()}
+        assert scheme["schema"]["additionalProperties"] is False
+        for option in scheme["options"]:
+            assert option["default"] == config.model_fields[option["name"]].get_default(call_default_factory=True)
+            assert option["help"] == properties[option["name"]].get("description", "")
+    amount = published[("prune", "l1_unstructured")]["schema"]["properties"]["amount"]
+    assert (amount["type"], amount["default"], amount["minimum"], amount["exclusiveMaximum"]) == ("number", 0.5, 0, 1)
+    assert amount["description"] == "fraction of weights to remove"
+    # the submit endpoint's OpenAPI document lists the same configs, every option with its bounds
+    openapi = api.client.get("/openapi.json").json()["components"]["schemas"]
+    assert openapi["NmSemiStructuredConfig"]["properties"]["n"]["maximum"] == 16
+    assert all(config.__name__ in openapi for config in STAGE_CONFIGS)
