@@ -72,6 +72,11 @@ class StageConfig(BaseModel):
         """The union's discriminator value: "method:scheme"."""
         return f"{cls.model_fields['method'].default}:{cls.model_fields['scheme'].default}"
 
+    @classmethod
+    def default_options(cls) -> dict[str, Any]:
+        """Every option at its default (the engine's only source of defaults)."""
+        return cls.model_validate({}).options()
+
     def options(self) -> dict[str, Any]:
         """The options with every default filled in, as plain JSON values (what a job's spec stores).
 

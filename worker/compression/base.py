@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
+from modelpress.configs import config_class
+
 if TYPE_CHECKING:
     from worker.compression.inputs import Batch, Signature
 
@@ -80,6 +82,12 @@ class StageContext:
     signature: Signature | None = None
     # the output format the job asked for (None: the stages' preference)
     output_format: str | None = None
+
+
+def with_defaults(method: str, scheme: str, options: dict[str, Any]) -> dict[str, Any]:
+    """`options` over the defaults of the scheme's typed config (modelpress.configs), the engine's only
+    source of option defaults: callers may give some options only (the engine tests do)."""
+    return {**config_class(method, scheme).default_options(), **options}
 
 
 @dataclass

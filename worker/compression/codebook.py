@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from worker.compression.base import EngineError, StageContext, StageResult, select_layers
+from worker.compression.base import EngineError, StageContext, StageResult, select_layers, with_defaults
 from worker.compression.inputs import Batch
 
 __all__ = ["CodebookLinear", "encode_layer", "kmeans_share", "run_stage"]
@@ -220,17 +220,17 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     """
     if scheme != "codebook":
         raise EngineError(f"unknown encode scheme {scheme!r}; known schemes: ['codebook']")
+    options = with_defaults("encode", scheme, options)
     if ctx.kind == "torchscript":
         raise EngineError(
             "codebook encoding swaps layers for another module type, which a TorchScript model "
             "cannot take; upload a state_dict with an architecture or an exported program"
         )
-    bits = int(options.get("bits") or 5)
+    bits = int(options["bits"])
     if not 2 <= bits <= 8:
         raise EngineError(f"bits must be in [2, 8], got {bits}")
-    min_sparsity = float(options.get("min_sparsity") or 0.0)
-    include_classifier = options.get("prune_classifier")
-    include_classifier = True if include_classifier is None else bool(include_classifier)
+    min_sparsity = float(options["min_sparsity"])
+    include_classifier = bool(options["prune_classifier"])
     if ctx.kind == "eager" and ctx.output_format != "torchscript":
         from worker.compression.deep_compression import run_weights_stage
 

@@ -131,12 +131,13 @@ def finetune_centroids(
 
 
 def run_weights_stage(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> StageResult:
-    """Share the chosen Linear layers' weights in place; the result prefers the deep_compression format."""
-    bits = int(options.get("bits") or 5)
-    min_sparsity = float(options.get("min_sparsity") or 0.0)
-    include_classifier = options.get("prune_classifier")
-    include_classifier = True if include_classifier is None else bool(include_classifier)
-    epochs = int(options.get("finetune_epochs") or 0)
+    """Share the chosen Linear layers' weights in place; the result prefers the deep_compression format.
+
+    `options` are the encode/codebook stage's, every default filled in (codebook.run_stage)."""
+    bits = int(options["bits"])
+    min_sparsity = float(options["min_sparsity"])
+    include_classifier = bool(options["prune_classifier"])
+    epochs = int(options["finetune_epochs"])
     model = model.cpu().eval()
     chosen: list[tuple[str, nn.Linear]] = []
     skipped: list[dict[str, Any]] = []

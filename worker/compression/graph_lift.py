@@ -1,22 +1,25 @@
-"""Lifting an exported program's graph back to torch-level modules, for tools that need nn modules.
+"""The one lifter from an exported program's graph back to torch-level nn modules.
 
-Two lifters live here, moved unchanged from the quantization and pruning stages:
-- `torch_level_module` (quantization, codebook, smoothquant, sensitivity, qat) rebuilds
-  the graph as a new fx.GraphModule: aten linear / conv / batch_norm calls on parameters
-  become nn.Linear / nn.ConvNd / nn.BatchNormNd submodules and common aten ops their torch
-  functions, so eager-mode tooling (quantize_dynamic, FX quantization, torchao) sees layers.
-- `lift_exported_graph` (pruning's ln_structured) edits the graph in place: a plain
-  container holding exactly one op's parameters is swapped for the nn module (layer_norm
-  included) and reshapes that flatten all but the batch dimension become flatten(1), so
-  torch-pruning can trace channel dependencies.
+An exported program's `.module()` keeps parameters on plain container modules and calls aten ops
+on them; eager-mode tools (quantize_dynamic, FX quantization, torchao, torch.jit.trace) and
+torch-pruning's dependency graph need real layers. `lift_graph` rebuilds the graph as a new
+fx.GraphModule in which aten linear / convolution / batch_norm (and optionally layer_norm) calls on
+stored parameters become calls of nn.Linear / nn.ConvNd / nn.BatchNormNd / nn.LayerNorm submodules
+that hold the same tensors, named after their parameters' owner ("fc1", "features.0").
 
-They are not merged yet: they differ in what they lift (layer_norm, shared parameters,
-aten->torch translation) and in how (new graph vs in place), and merging them would change
-behaviour; issue 14 asks for one lifter, which is the next step here.
+Its two users differ only in the parameters they pass:
+- quantization, codebook, smoothquant, sensitivity and qat call `torch_level_module`: common aten
+  ops become their torch functions, a parameter several ops share becomes one layer called at
+  each use, and the rebuilt graph has plain positional inputs and outputs, so FX can trace it again.
+- pruning's ln_structured calls `lift_exported_graph`: layer_norm is lifted too, only a container
+  that holds exactly one op's parameters becomes a layer, reshapes that flatten all but the batch
+  dimension become flatten(1) (so they keep working when channels go away), every parameter must
+  end up in a layer, and the exported calling convention (pytree inputs and outputs) is kept.
 """
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -28,26 +31,99 @@ from torch import Tensor, nn
 
 from worker.compression.base import EngineError
 
-# --------------------------------------------------------------------------- exported graph -> torch-level module
+_aten = torch.ops.aten
+# each class takes a kernel size of its own rank, which one static type cannot say
+_CONV_OPS: dict[Any, Callable[..., nn.Module]] = {
+    _aten.conv1d.default: nn.Conv1d,
+    _aten.conv2d.default: nn.Conv2d,
+    _aten.conv3d.default: nn.Conv3d,
+    _aten.conv1d.padding: nn.Conv1d,
+    _aten.conv2d.padding: nn.Conv2d,
+    _aten.conv3d.padding: nn.Conv3d,
+}
+_BATCH_NORM_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_RESHAPE_OPS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
+_SIMPLE_CALLS: dict[Any, Callable[..., Any]] = {
+    _aten.relu.default: F.relu,
+    _aten.relu_.default: F.relu,
+    _aten.sigmoid.default: torch.sigmoid,
+    _aten.tanh.default: torch.tanh,
+    _aten.flatten.using_ints: torch.flatten,
+    _aten.view.default: torch.reshape,
+    _aten.reshape.default: torch.reshape,
+    _aten.cat.default: torch.cat,
+    _aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
+    _aten.mean.dim: torch.mean,
+    _aten.permute.default: torch.permute,
+    _aten.transpose.int: torch.transpose,
+    _aten.add.Tensor: operator.add,
+    _aten.mul.Tensor: operator.mul,
+}
 
 
 def torch_level_module(graph_module: nn.Module) -> fx.GraphModule:
-    """Rebuild an exported program's `.module()` as a torch-level fx.GraphModule.
+    """An exported program's `.module()` as a torch-level fx.GraphModule, for eager-mode tooling.
 
-    aten.linear / aten.convNd calls on parameters become nn.Linear / nn.ConvNd
-    submodules named after their parameters' owner ("fc1", "features.0"), and
-    common aten ops become their torch functions, so eager-mode tooling
-    (quantize_dynamic, FX quantization, torchao quantize_, torch.jit.trace)
-    sees the layers. Ops without a translation are kept as aten calls; they run
-    in float. The input-shape guards of the exported program are dropped.
+    Ops without a translation are kept as aten calls; they run in float. The input-shape guards
+    of the exported program are dropped.
 
     Example:
         >>> eager = torch_level_module(torch.export.load("model.pt2").module())
     """
+    return lift_graph(graph_module, translate_ops=True)
+
+
+def lift_exported_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """An equivalent graph module whose conv / linear / norm ops are nn modules torch-pruning can trace.
+
+    Raises EngineError when a parameter is used by an op it cannot lift, since pruning around it
+    would leave shapes that no longer fit.
+
+    Example:
+        >>> lifted = lift_exported_graph(torch.export.export(model, (x,)).module())
+    """
+    return lift_graph(
+        graph_module,
+        layer_norm=True,
+        sole_owners_only=True,
+        flatten_reshapes=True,
+        every_parameter_lifted=True,
+        keep_export_form=True,
+    )
+
+
+def lift_graph(
+    graph_module: nn.Module,
+    *,
+    layer_norm: bool = False,
+    translate_ops: bool = False,
+    sole_owners_only: bool = False,
+    flatten_reshapes: bool = False,
+    every_parameter_lifted: bool = False,
+    keep_export_form: bool = False,
+) -> fx.GraphModule:
+    """Rebuild `graph_module` (an exported program's `.module()`) with its layers as nn modules.
+
+    Args:
+        layer_norm: lift aten.layer_norm too (linear, convolution and eval-mode batch_norm always are).
+        translate_ops: common aten ops become their torch functions (relu, reshape, pools, sym_size ...).
+        sole_owners_only: lift an op only when a plain container holds exactly its parameters and
+            nothing else uses them; otherwise parameters shared by several ops become one layer.
+        flatten_reshapes: a view/reshape from (batch, ...) to (batch, rest) becomes flatten(1).
+        every_parameter_lifted: raise EngineError when a parameter is still read by an aten op.
+        keep_export_form: keep the exported pytree inputs and outputs (a dict output stays a dict)
+            and each node's meta; otherwise inputs are positional and outputs a tensor or a tuple.
+    """
     if not isinstance(graph_module, fx.GraphModule):
         raise EngineError("a graph-kind model must be the .module() of an exported program")
+    uses: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            uses[node.target] = uses.get(node.target, 0) + len(node.users)
     root = nn.Module()
     graph = fx.Graph()
+    if keep_export_form:
+        graph._codegen = copy.deepcopy(graph_module.graph._codegen)
     env: dict[fx.Node, Any] = {}
     lifted: dict[tuple[str, ...], str] = {}  # targets of the parameters -> submodule name
 
@@ -57,6 +133,8 @@ def torch_level_module(graph_module: nn.Module) -> fx.GraphModule:
     for node in graph_module.graph.nodes:
         if node.op == "placeholder":
             env[node] = graph.placeholder(node.name)
+            if keep_export_form:
+                env[node].meta = dict(node.meta)
         elif node.op == "get_attr":
             _copy_attribute(graph_module, root, node.target)
             env[node] = graph.get_attr(node.target)
@@ -65,97 +143,90 @@ def torch_level_module(graph_module: nn.Module) -> fx.GraphModule:
                 continue  # shape guards of the export; nothing reads them
             raise EngineError(f"unexpected submodule call {node.target!r} in the exported graph")
         elif node.op == "call_function":
-            env[node] = _translate_call(graph_module, root, graph, node, arg, lifted)
+            layer = _layer_parameters(node, layer_norm)
+            if layer is not None and sole_owners_only and _sole_owner(graph_module, layer, uses) is None:
+                layer = None
+            if layer is not None:
+                name = _lift(graph_module, root, node, lifted, layer)
+                env[node] = graph.call_module(name, (arg(node.args[0]),))
+            elif flatten_reshapes and node.target in _RESHAPE_OPS and _flattens_to_batch(node):
+                env[node] = graph.call_function(_aten.flatten.using_ints, (arg(node.args[0]), 1))
+            elif translate_ops:
+                env[node] = _translate_call(graph, node, arg)
+            else:
+                env[node] = graph.call_function(node.target, arg(node.args), arg(dict(node.kwargs)))
+            if keep_export_form:
+                env[node].meta = dict(node.meta)
         elif node.op == "output":
-            leaves = list(node.args[0]) if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
-            graph.output(_unflatten_output(graph_module, [arg(leaf) for leaf in leaves]))
+            if keep_export_form:
+                graph.output(arg(node.args[0]))
+            else:
+                leaves = list(node.args[0]) if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
+                graph.output(_unflatten_output(graph_module, [arg(leaf) for leaf in leaves]))
         else:
             raise EngineError(f"unsupported node {node.op} in the exported graph")
     rebuilt = fx.GraphModule(root, graph, class_name="TorchLevelModule")
-    rebuilt.graph.eliminate_dead_code()
+    rebuilt.graph.eliminate_dead_code()  # the get_attr nodes of lifted parameters (needs the owning module)
+    if every_parameter_lifted:
+        _refuse_unlifted_parameters(rebuilt.graph, rebuilt)
+    if keep_export_form:
+        # the pytree code reads the input and output specs off the module
+        for name in ("_in_spec", "_out_spec"):
+            if hasattr(graph_module, name):
+                setattr(rebuilt, name, getattr(graph_module, name))
     rebuilt.recompile()
     return rebuilt.eval()
 
 
-_CONV_TYPES: dict[Any, type[nn.Module]] = {}
-_SIMPLE_CALLS: dict[Any, Callable[..., Any]] = {}
-
-
-def _aten_tables() -> None:
-    aten = torch.ops.aten
-    _CONV_TYPES.update(
-        {
-            aten.conv1d.default: nn.Conv1d,
-            aten.conv2d.default: nn.Conv2d,
-            aten.conv3d.default: nn.Conv3d,
-            aten.conv1d.padding: nn.Conv1d,
-            aten.conv2d.padding: nn.Conv2d,
-            aten.conv3d.padding: nn.Conv3d,
-        }
-    )
-    _SIMPLE_CALLS.update(
-        {
-            aten.relu.default: F.relu,
-            aten.relu_.default: F.relu,
-            aten.sigmoid.default: torch.sigmoid,
-            aten.tanh.default: torch.tanh,
-            aten.flatten.using_ints: torch.flatten,
-            aten.view.default: torch.reshape,
-            aten.reshape.default: torch.reshape,
-            aten.cat.default: torch.cat,
-            aten.adaptive_avg_pool2d.default: F.adaptive_avg_pool2d,
-            aten.mean.dim: torch.mean,
-            aten.permute.default: torch.permute,
-            aten.transpose.int: torch.transpose,
-            aten.add.Tensor: operator.add,
-            aten.mul.Tensor: operator.mul,
-        }
-    )
-
-
-def _translate_call(
-    source: fx.GraphModule,
-    root: nn.Module,
-    graph: fx.Graph,
-    node: fx.Node,
-    arg: Callable[[Any], Any],
-    lifted: dict[tuple[str, ...], str],
-) -> Any:
-    if not _SIMPLE_CALLS:
-        _aten_tables()
-    aten = torch.ops.aten
+def _layer_parameters(node: fx.Node, layer_norm: bool) -> dict[str, fx.Node | None] | None:
+    """The stored tensors a liftable layer op reads, by the nn module's attribute name; None if it is none."""
     target = node.target
-    assert callable(target)  # a call_function node's target is the function
-    kwargs = dict(node.kwargs)
-    if target in (aten.linear.default, *_CONV_TYPES) and _reads_attributes(node, (1,)) and not kwargs:
-        name = _lift(source, root, node, lifted, (1, 2), _make_layer)
-        return graph.call_module(name, (arg(node.args[0]),))
-    if target is aten.batch_norm.default and _reads_attributes(node, (1, 2, 3, 4)) and not node.args[5] and not kwargs:
-        name = _lift(source, root, node, lifted, (1, 2, 3, 4), _make_batch_norm)
-        return graph.call_module(name, (arg(node.args[0]),))
-    if target is aten.sym_size.int:
-        # a method call keeps the size symbolic when the module is traced again
-        return graph.call_method("size", (arg(node.args[0]), node.args[1]))
-    if target in (aten.max_pool2d.default, aten.avg_pool2d.default) and not kwargs:
-        pool = F.max_pool2d if target is aten.max_pool2d.default else F.avg_pool2d
-        args = list(node.args)
-        if len(args) > 2 and not args[2]:
-            args[2] = None  # aten's empty stride means "same as the kernel"
-        return graph.call_function(pool, tuple(arg(args)))
-    if target in (aten.add.Tensor, aten.mul.Tensor) and kwargs:
-        return graph.call_function(target, arg(node.args), arg(kwargs))
-    if target in _SIMPLE_CALLS:
-        return graph.call_function(_SIMPLE_CALLS[target], arg(node.args), arg(kwargs))
-    return graph.call_function(target, arg(node.args), arg(kwargs))
+    args: list[Any] = list(node.args) + [None] * 9
+    kwargs: dict[str, Any] = dict(node.kwargs)
+    tensors: dict[str, Any]
+    if target is _aten.linear.default or target in _CONV_OPS:
+        tensors = {"weight": args[1], "bias": args[2] if args[2] is not None else kwargs.get("bias")}
+    elif target is _aten.batch_norm.default and not args[5]:  # eval mode only: training updates the stats
+        tensors = {"weight": args[1], "bias": args[2], "running_mean": args[3], "running_var": args[4]}
+        if tensors["running_mean"] is None or _rank(node) not in _BATCH_NORM_BY_RANK:
+            return None
+    elif target is _aten.layer_norm.default and layer_norm:
+        tensors = {"weight": args[2], "bias": args[3]}
+    else:
+        return None
+    if tensors["weight"] is None and target is not _aten.batch_norm.default:
+        return None
+    for value in tensors.values():
+        if value is not None and not (isinstance(value, fx.Node) and value.op == "get_attr"):
+            return None  # computed, not stored, parameters stay an aten call
+    return tensors
 
 
-def _reads_attributes(node: fx.Node, indices: tuple[int, ...]) -> bool:
-    """Whether the node's arguments at `indices` are parameters or buffers (get_attr nodes)."""
-    return all(
-        isinstance(node.args[i], fx.Node) and node.args[i].op == "get_attr"  # type: ignore[union-attr]
-        for i in indices
-        if i < len(node.args)
-    )
+def _sole_owner(root: fx.GraphModule, tensors: dict[str, fx.Node | None], uses: dict[str, int]) -> str | None:
+    """The plain container that owns exactly these tensors, each read by this one op only; else None."""
+    owners = set()
+    for name, node in tensors.items():
+        if node is None:
+            continue
+        target = node.target
+        if not isinstance(target, str) or uses.get(target, 0) != 1:
+            return None
+        owner, _, attribute = target.rpartition(".")
+        if attribute != name or not owner:
+            return None
+        owners.add(owner)
+    if len(owners) != 1 or tensors.get("weight") is None:
+        return None
+    owner = owners.pop()
+    container = root.get_submodule(owner)
+    held = set(container._parameters) | set(container._buffers)
+    if (
+        type(container) is not nn.Module
+        or any(True for _ in container.children())
+        or not held <= set(tensors) | {"num_batches_tracked"}
+    ):
+        return None
+    return owner
 
 
 def _lift(
@@ -163,20 +234,16 @@ def _lift(
     root: nn.Module,
     node: fx.Node,
     lifted: dict[tuple[str, ...], str],
-    indices: tuple[int, ...],
-    make: Callable[[fx.Node, list[Any]], nn.Module],
+    tensors: dict[str, fx.Node | None],
 ) -> str:
-    """Put a module that owns the node's parameters (args at `indices`) on `root`; return its name."""
-    attributes = [node.args[i] if i < len(node.args) else None for i in indices]
-    for attribute in attributes:
-        if attribute is not None and not (isinstance(attribute, fx.Node) and attribute.op == "get_attr"):
-            raise EngineError(f"a {node.target} call computes its parameters; only stored parameters are supported")
-    key = tuple(str(a.target) if isinstance(a, fx.Node) else "" for a in attributes)
+    """Put a module that owns the node's parameters on `root`; return its name (one module per parameter set)."""
+    key = tuple(str(t.target) if t is not None else "" for t in tensors.values())
     if key in lifted:
         return lifted[key]
-    owner = key[0].rpartition(".")[0]
+    owner = key[0].rpartition(".")[0] or next((k.rpartition(".")[0] for k in key if k), "")
     name = owner if owner and owner not in lifted.values() else f"{owner or 'layer'}_{len(lifted)}".replace(".", "_")
-    module = make(node, [_fetch(source, target) if target else None for target in key])
+    values = {attribute: _fetch(source, str(t.target)) for attribute, t in tensors.items() if t is not None}
+    module = _make_layer(node, values)
     if _has_submodule(root, name):
         # the container made for this owner's get_attr nodes: its other contents move onto the module
         container = root.get_submodule(name)
@@ -186,6 +253,8 @@ def _lift(
         for buffer_name, buffer in container._buffers.items():
             if buffer_name not in held:
                 module.register_buffer(buffer_name, buffer)
+            elif buffer_name == "num_batches_tracked" and buffer is not None:
+                module.register_buffer(buffer_name, buffer)
         for parameter_name, parameter in container._parameters.items():
             if parameter_name not in held:
                 module.register_parameter(parameter_name, parameter)
@@ -194,51 +263,94 @@ def _lift(
     return name
 
 
-def _as_parameter(tensor: torch.Tensor) -> nn.Parameter:
-    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
-
-
-def _make_layer(node: fx.Node, tensors: list[Any]) -> nn.Module:
-    weight, bias = tensors
-    layer: nn.Module
-    if node.target is torch.ops.aten.linear.default:
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    else:
-        args = list(node.args) + [None] * 7
-        stride, padding, dilation, groups = (args[3] or 1), (args[4] or 0), (args[5] or 1), (args[6] or 1)
-        layer = _CONV_TYPES[node.target](
+def _make_layer(node: fx.Node, values: dict[str, Any]) -> nn.Module:
+    """The nn module `node` stands for, holding `values` (weight, bias, running stats) as they are."""
+    target = node.target
+    args: list[Any] = list(node.args) + [None] * 9
+    kwargs: dict[str, Any] = dict(node.kwargs)
+    weight: Any = values.get("weight")
+    module: nn.Module
+    if target is _aten.linear.default:
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in values, device="meta")
+    elif target in _CONV_OPS:
+        names = ("stride", "padding", "dilation", "groups")
+        conv_args = {k: kwargs.get(k, v) for k, v in zip(names, args[3:7]) if kwargs.get(k, v)}
+        groups = int(conv_args.pop("groups", 1))
+        conv_args = {k: v if isinstance(v, str) else tuple(v) for k, v in conv_args.items()}
+        module = _CONV_OPS[target](
             weight.shape[1] * groups,
             weight.shape[0],
             tuple(weight.shape[2:]),
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
             groups=groups,
-            bias=bias is not None,
+            bias="bias" in values,
+            device="meta",
+            **conv_args,
+        )
+    elif target is _aten.batch_norm.default:
+        module = _BATCH_NORM_BY_RANK[_rank(node) or 4](
+            values["running_mean"].shape[0],
+            eps=float(args[7]),
+            momentum=float(args[6]),
+            affine=weight is not None,
             device="meta",
         )
-    layer.weight = _as_parameter(weight)
-    if bias is not None:
-        layer.bias = _as_parameter(bias)
-    return layer
+        module.num_batches_tracked = torch.tensor(0)
+    else:
+        module = nn.LayerNorm(
+            list(args[1]), eps=float(args[4] if args[4] is not None else 1e-5), bias="bias" in values, device="meta"
+        )
+    for name, value in values.items():
+        setattr(
+            module, name, nn.Parameter(value, requires_grad=False) if _needs_parameter(module, name, value) else value
+        )
+    return module.train(False)
 
 
-def _make_batch_norm(node: fx.Node, tensors: list[Any]) -> nn.Module:
-    weight, bias, running_mean, running_var = tensors
-    args: tuple[Any, ...] = node.args
-    value = node.meta.get("val")
-    rank = value.dim() if isinstance(value, torch.Tensor) else 4
-    norm_type = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, nn.BatchNorm2d)
-    norm = norm_type(
-        running_mean.shape[0], eps=float(args[7]), momentum=float(args[6]), affine=weight is not None, device="meta"
+def _needs_parameter(module: nn.Module, name: str, value: Any) -> bool:
+    # weight and bias are parameters of the nn module; a graph may hold them as plain tensors
+    return name in module._parameters and not isinstance(value, nn.Parameter)
+
+
+def _refuse_unlifted_parameters(graph: fx.Graph, root: nn.Module) -> None:
+    leftovers = sorted(
+        {
+            f"{user.target} uses {node.target}"
+            for node in graph.nodes
+            if node.op == "get_attr" and isinstance(_fetch(root, node.target), nn.Parameter)
+            for user in node.users
+        }
     )
-    if weight is not None:
-        norm.weight = _as_parameter(weight)
-        norm.bias = _as_parameter(bias)
-    norm.running_mean = running_mean
-    norm.running_var = running_var
-    norm.num_batches_tracked = torch.tensor(0)
-    return norm.eval()
+    if any(str(_aten.batch_norm.default) in leftover for leftover in leftovers):
+        raise EngineError(
+            "the exported program's batch norm runs in training mode; call model.eval() "
+            "before torch.export.export and upload it again"
+        )
+    if leftovers:
+        raise EngineError(
+            "ln_structured on an exported program handles parameters of conv, linear, batch_norm "
+            f"and layer_norm ops only; this graph also has {', '.join(leftovers[:3])}. Upload a "
+            "state_dict with a registered architecture instead"
+        )
+
+
+def _translate_call(graph: fx.Graph, node: fx.Node, arg: Callable[[Any], Any]) -> Any:
+    target = node.target
+    assert callable(target)  # a call_function node's target is the function
+    kwargs = dict(node.kwargs)
+    if target is _aten.sym_size.int:
+        # a method call keeps the size symbolic when the module is traced again
+        return graph.call_method("size", (arg(node.args[0]), node.args[1]))
+    if target in (_aten.max_pool2d.default, _aten.avg_pool2d.default) and not kwargs:
+        pool = F.max_pool2d if target is _aten.max_pool2d.default else F.avg_pool2d
+        args = list(node.args)
+        if len(args) > 2 and not args[2]:
+            args[2] = None  # aten's empty stride means "same as the kernel"
+        return graph.call_function(pool, tuple(arg(args)))
+    if target in (_aten.add.Tensor, _aten.mul.Tensor) and kwargs:
+        return graph.call_function(target, arg(node.args), arg(kwargs))
+    if target in _SIMPLE_CALLS:
+        return graph.call_function(_SIMPLE_CALLS[target], arg(node.args), arg(kwargs))
+    return graph.call_function(target, arg(node.args), arg(kwargs))
 
 
 def _fetch(source: nn.Module, target: str) -> Any:
@@ -302,170 +414,6 @@ def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     _set_path(root, path, module)
 
 
-# ------------------------------------------------------------------- exported graph -> nn modules in place (pruning)
-
-
-_aten = torch.ops.aten
-# each class takes a kernel size of its own rank, which one static type cannot say
-_CONV_OPS: dict[Any, Callable[..., nn.Module]] = {
-    _aten.conv1d.default: nn.Conv1d,
-    _aten.conv2d.default: nn.Conv2d,
-    _aten.conv3d.default: nn.Conv3d,
-    _aten.conv1d.padding: nn.Conv1d,
-    _aten.conv2d.padding: nn.Conv2d,
-    _aten.conv3d.padding: nn.Conv3d,
-}
-_BATCH_NORM_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-_RESHAPE_OPS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
-
-
-def lift_exported_graph(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """An equivalent graph module whose conv / linear / norm ops are calls of real nn modules.
-
-    An exported program's module keeps parameters on plain container modules and calls
-    aten ops on them, which torch-pruning cannot trace. This swaps each container for the
-    nn module the op stands for (sharing the same parameter tensors) and turns the op
-    into a call of it. Reshapes that flatten all but the batch dimension become
-    `flatten(1)`, so they keep working when channels go away.
-
-    Raises EngineError when a parameter is used by an op it cannot lift, since pruning
-    around it would leave shapes that no longer fit.
-
-    Example:
-        >>> lifted = lift_exported_graph(torch.export.export(model, (x,)).module())
-    """
-    graph = graph_module.graph
-    uses: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            uses[node.target] = uses.get(node.target, 0) + len(node.users)
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target in _RESHAPE_OPS and _flattens_to_batch(node):
-            node.target, node.args, node.kwargs = _aten.flatten.using_ints, (node.args[0], 1), {}
-            continue
-        lifted = _module_for(graph_module, node, uses)
-        if lifted is None:
-            continue
-        owner, module = lifted
-        _set_submodule(graph_module, owner, module)
-        with graph.inserting_before(node):
-            call = graph.call_module(owner, (node.args[0],))
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        graph.erase_node(node)
-    graph.eliminate_dead_code()
-    leftovers = sorted(
-        {
-            f"{user.target} uses {node.target}"
-            for node in graph.nodes
-            if node.op == "get_attr" and isinstance(_attr(graph_module, node.target), nn.Parameter)
-            for user in node.users
-        }
-    )
-    if leftovers:
-        raise EngineError(
-            "ln_structured on an exported program handles parameters of conv, linear, batch_norm "
-            f"and layer_norm ops only; this graph also has {', '.join(leftovers[:3])}. Upload a "
-            "state_dict with a registered architecture instead"
-        )
-    # A fresh GraphModule: the exported one refuses train()/eval(), which torch-pruning calls.
-    return fx.GraphModule(graph_module, graph)
-
-
-def _module_for(root: fx.GraphModule, node: fx.Node, uses: dict[str, int]) -> tuple[str, nn.Module] | None:
-    """(owner path, nn module) equivalent to `node`, or None when it is not a liftable op."""
-    target = node.target
-    args: list[Any] = list(node.args) + [None] * 9
-    kwargs: dict[str, Any] = dict(node.kwargs)
-    if target is _aten.linear.default:
-        tensors = {"weight": args[1], "bias": args[2] if args[2] is not None else kwargs.get("bias")}
-    elif target in _CONV_OPS:
-        tensors = {"weight": args[1], "bias": args[2] if args[2] is not None else kwargs.get("bias")}
-    elif target is _aten.batch_norm.default:
-        tensors = {"weight": args[1], "bias": args[2], "running_mean": args[3], "running_var": args[4]}
-    elif target is _aten.layer_norm.default:
-        tensors = {"weight": args[2], "bias": args[3]}
-    else:
-        return None
-    owner = _common_owner(root, tensors, uses)
-    if owner is None:
-        return None
-    values = {name: _attr(root, arg.target) for name, arg in tensors.items() if arg is not None}
-    weight = values["weight"]
-    module: nn.Module
-    if target is _aten.linear.default:
-        module = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in values, device="meta")
-    elif target in _CONV_OPS:
-        names = ("stride", "padding", "dilation", "groups")
-        conv_args = {k: kwargs.get(k, v) for k, v in zip(names, args[3:7]) if kwargs.get(k, v) is not None}
-        groups = int(conv_args.pop("groups", 1))
-        conv_args = {k: v if isinstance(v, str) else tuple(v) for k, v in conv_args.items()}
-        module = _CONV_OPS[target](
-            weight.shape[1] * groups,
-            weight.shape[0],
-            tuple(weight.shape[2:]),
-            groups=groups,
-            bias="bias" in values,
-            device="meta",
-            **conv_args,
-        )
-    elif target is _aten.batch_norm.default:
-        if args[5]:
-            raise EngineError(
-                "the exported program's batch norm runs in training mode; call model.eval() "
-                "before torch.export.export and upload it again"
-            )
-        rank = _rank(node.args[0])
-        if rank not in _BATCH_NORM_BY_RANK or "running_mean" not in values:
-            return None
-        module = _BATCH_NORM_BY_RANK[rank](weight.shape[0], eps=float(args[7]), momentum=float(args[6]), device="meta")
-        tracked = getattr(root.get_submodule(owner), "num_batches_tracked", None)
-        if isinstance(tracked, Tensor):
-            module.num_batches_tracked = tracked
-    else:
-        module = nn.LayerNorm(
-            list(args[1]), eps=float(args[4] if args[4] is not None else 1e-5), bias="bias" in values, device="meta"
-        )
-    for name, value in values.items():
-        setattr(module, name, value)
-    module.train(False)
-    return owner, module
-
-
-def _common_owner(root: fx.GraphModule, tensors: dict[str, Any], uses: dict[str, int]) -> str | None:
-    """The container that owns exactly these tensors, each used by this one op; else None."""
-    owners = set()
-    for name, arg in tensors.items():
-        if arg is None:
-            continue
-        if (
-            not isinstance(arg, fx.Node)
-            or arg.op != "get_attr"
-            or not isinstance(arg.target, str)
-            or uses.get(arg.target, 0) != 1
-        ):
-            return None
-        owner, _, attribute = arg.target.rpartition(".")
-        if attribute != name or not owner:
-            return None
-        owners.add(owner)
-    if len(owners) != 1 or tensors.get("weight") is None:
-        return None
-    owner = owners.pop()
-    container = root.get_submodule(owner)
-    # Only plain containers holding nothing but these tensors are swapped for a real module.
-    held = set(container._parameters) | set(container._buffers)
-    if (
-        type(container) is not nn.Module
-        or any(True for _ in container.children())
-        or not held <= set(tensors) | {"num_batches_tracked"}
-    ):
-        return None
-    return owner
-
-
 def _flattens_to_batch(node: fx.Node) -> bool:
     """True when a view/reshape turns (batch, ...) into (batch, everything else)."""
     source = node.args[0]
@@ -484,13 +432,3 @@ def _flattens_to_batch(node: fx.Node) -> bool:
 def _rank(node: Any) -> int | None:
     value = node.meta.get("val") if isinstance(node, fx.Node) else None
     return value.dim() if isinstance(value, Tensor) else None
-
-
-def _attr(root: nn.Module, path: str) -> Any:
-    owner, _, name = path.rpartition(".")
-    return getattr(root.get_submodule(owner) if owner else root, name)
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)

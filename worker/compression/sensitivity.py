@@ -27,10 +27,8 @@ import torch
 from torch import nn
 
 from worker.compression import metrics as measure
-from worker.compression.base import EngineError, StageContext, StageResult
+from worker.compression.base import EngineError, StageContext, StageResult, with_defaults
 from worker.compression.inputs import Batch
-
-DEFAULT_PROBE_SAMPLES = 64
 
 
 @dataclass
@@ -267,9 +265,10 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     """
     if scheme != "sensitivity":
         raise EngineError(f"unknown analyze scheme {scheme!r}")
-    probed = str(options.get("quantization") or "dynamic_int8")
+    options = with_defaults("analyze", scheme, options)
+    probed = str(options["quantization"])
     quantize_options = {k: options[k] for k in ("calibration_batches",) if options.get(k) is not None}
-    probe = make_probe(model, ctx, int(options.get("samples") or DEFAULT_PROBE_SAMPLES))
+    probe = make_probe(model, ctx, int(options["samples"]))
     rows = layer_sensitivity(
         model, probed, ctx, probe, quantize_options, progress=lambda f, m: ctx.progress(0.8 * f, m)
     )

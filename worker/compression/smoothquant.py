@@ -242,7 +242,7 @@ def smooth_for_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx
     candidates = [name for name, module in _named_linears(model, ctx)]
     plan = plan_layers(candidates, options)
     batches = _calibration_batches(options, ctx)
-    return smooth_linears(model, batches, float(options.get("alpha", 0.5)), plan.targets, ctx)
+    return smooth_linears(model, batches, float(options["alpha"]), plan.targets, ctx)
 
 
 def _named_linears(model: nn.Module, ctx: StageContext) -> list[tuple[str, nn.Module]]:

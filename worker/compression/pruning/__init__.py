@@ -27,7 +27,7 @@ from typing import Any
 
 from torch import nn
 
-from worker.compression.base import EngineError, StageContext, StageResult
+from worker.compression.base import EngineError, StageContext, StageResult, with_defaults
 
 # Re-exported: the names other modules, tests and benchmarks import from `worker.compression.pruning`.
 from worker.compression.graph_lift import lift_exported_graph as lift_exported_graph
@@ -63,6 +63,7 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     """
     if scheme not in SCHEMES:
         raise EngineError(f"unknown pruning scheme {scheme!r}; known schemes: {list(SCHEMES)}")
+    options = with_defaults("prune", scheme, options)
     kind = ctx.kind
     macs_before = count_macs(model, kind, ctx.example_input)
     shapes_before = {name: list(_weight(module).shape) for name, module in _matrix_layers(model)}

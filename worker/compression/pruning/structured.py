@@ -52,8 +52,8 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
     layers = _chosen_layers(model, options)
     targeted = {id(module) for _, module in layers}
     ignored = [module for _, module in _matrix_layers(model) if id(module) not in targeted]
-    amount = float(options.get("amount", 0.5))
-    norm = float(options.get("norm") or 2.0)
+    amount = float(options["amount"])
+    norm = float(options["norm"])
     schedule = options.get("schedule")
     steps, epochs = _schedule_lengths(schedule) if schedule else (1, 0)
     if schedule and epochs:

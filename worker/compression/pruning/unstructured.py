@@ -20,7 +20,7 @@ def _prune_weights(model: nn.Module, scheme: str, options: dict[str, Any], ctx: 
     layers = _chosen_layers(model, options)
     info: dict[str, Any] = {"scheme": scheme}
     if scheme == "nm_semi_structured":
-        n, m = int(options.get("n", 2)), int(options.get("m", 4))
+        n, m = int(options["n"]), int(options["m"])
         fitting = [(name, module) for name, module in layers if _weight(module)[0].numel() % m == 0]
         skipped = [name for name, module in layers if _weight(module)[0].numel() % m]
         if not fitting:
@@ -36,7 +36,7 @@ def _prune_weights(model: nn.Module, scheme: str, options: dict[str, Any], ctx: 
         info["semi_structured_layers"] = _to_semi_structured_on_cuda(fitting, ctx) if (n, m) == (2, 4) else []
         layers = fitting
     else:
-        amount = float(options.get("amount", 0.5))
+        amount = float(options["amount"])
         weights = [_weight(module) for _, module in layers]
         schedule = options.get("schedule")
         if schedule:

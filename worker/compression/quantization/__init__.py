@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.compression.base import EngineError, ModelKind, StageContext, StageResult
+from worker.compression.base import EngineError, ModelKind, StageContext, StageResult, with_defaults
 
 # Re-exported: the names other modules, tests and benchmarks import from `worker.compression.quantization`.
 from worker.compression.graph_lift import torch_level_module as torch_level_module
@@ -91,6 +91,7 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         >>> result = run_stage(model, "dynamic_int8", {"skip_layers": []}, StageContext("eager", x))
     """
     backend = backend_for(scheme, ctx.kind)
+    options = with_defaults("quantize", scheme, options)
     ctx.progress(0.0, f"{scheme}: {backend.library}")
     reference = _reference_output(model, ctx)
     prepared: dict[str, Any] = {}

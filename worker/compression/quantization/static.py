@@ -8,12 +8,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelpress.configs import StaticInt8Config
 from worker.compression.base import EngineError, StageContext
 from worker.compression.graph_lift import torch_level_module
 from worker.compression.inputs import Batch, ModelInputs, as_call, call_model
 from worker.compression.quantization.plan import _check_swapped, _Done, _require_targets, plan_layers
 
 CALIBRATION_BATCH_SIZE = 32
+# for callers that probe with some options only (sensitivity); a stage's options have it already
+DEFAULT_CALIBRATION_BATCHES = StaticInt8Config().calibration_batches
 
 # --------------------------------------------------------------------------- static int8
 
@@ -106,7 +109,7 @@ def _qat_int8(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _
 def _calibration_batches(options: dict[str, Any], ctx: StageContext) -> list[Batch]:
     if ctx.train_data is None or len(ctx.train_data) == 0:
         raise EngineError("static_int8 needs calibration data: give the job a dataset_id")
-    limit = int(options.get("calibration_batches") or 16) * CALIBRATION_BATCH_SIZE
+    limit = int(options.get("calibration_batches") or DEFAULT_CALIBRATION_BATCHES) * CALIBRATION_BATCH_SIZE
     inputs = ctx.train_data.inputs[:limit]
     if isinstance(inputs, ModelInputs) or isinstance(ctx.example_input, ModelInputs):
         return list(inputs.split(CALIBRATION_BATCH_SIZE))  # named inputs were cast as declared when loaded

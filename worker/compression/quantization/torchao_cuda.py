@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from modelpress.configs import quantize as configs
 from worker.compression.base import EngineError, StageContext
 from worker.compression.graph_lift import torch_level_module
 from worker.compression.quantization.half import CastWrapper, _output_dtype, _run_or_explain
@@ -33,7 +34,8 @@ def _torchao_config(scheme: str, options: dict[str, Any]) -> Any:
     if scheme == "int4_weight_only":
         # tinygemm kernels ship with torch's CUDA build; the default "plain" format needs extra kernels.
         return Int4WeightOnlyConfig(
-            group_size=int(options.get("group_size") or 128), int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D
+            group_size=int(options.get("group_size") or configs.Int4WeightOnlyConfig().group_size),
+            int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D,
         )
     if scheme == "float8":
         return Float8DynamicActivationFloat8WeightConfig()

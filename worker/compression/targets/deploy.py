@@ -90,9 +90,12 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def _calibration(train: Dataset | None, example: torch.Tensor, options: dict[str, Any]) -> torch.Tensor | None:
+    from worker.compression.quantization.static import CALIBRATION_BATCH_SIZE, DEFAULT_CALIBRATION_BATCHES
+
     if train is None or len(train) == 0:
         return None
-    limit = int(options.get("calibration_batches") or 16) * 32
+    # fp16 and the like have no calibration_batches option; static_int8's default is the one
+    limit = int(options.get("calibration_batches") or DEFAULT_CALIBRATION_BATCHES) * CALIBRATION_BATCH_SIZE
     inputs = train.inputs[:limit]
     assert isinstance(inputs, torch.Tensor)  # the runtime targets take one input tensor
     if inputs[0].numel() != example[0].numel():
