@@ -11,7 +11,6 @@ an idle worker.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -78,7 +77,7 @@ def _sandboxed(request: Any, scratch: Path, *, warm: bool = False) -> float:
     scratch.mkdir(parents=True, exist_ok=True)
     inputs = scratch / "inputs"
     inputs.mkdir(exist_ok=True)
-    payload = dataclasses.asdict(request)
+    payload = request.to_dict()
     for key in ("dataset_path", "eval_dataset_path"):
         if payload.get(key):
             payload[key] = str(shutil.copy(payload[key], inputs))

@@ -143,7 +143,6 @@ def _run_local_child(request: Any, scratch: Path, events: list[tuple[str, dict[s
     The limits are the user's machine's own (no caps): the child is for survival, not for
     distrust of a model the user runs on their own machine anyway.
     """
-    import dataclasses
     import resource
 
     from worker.sandbox import Limits, run_sandboxed
@@ -168,9 +167,7 @@ def _run_local_child(request: Any, scratch: Path, events: list[tuple[str, dict[s
                 update.log(f"{message.get('kind')}: {json.dumps(message.get('data'))}")
 
         # no namespaces here: it is the user's own model on the user's own machine (which may lack bubblewrap)
-        outcome = run_sandboxed(
-            "job", dataclasses.asdict(request), scratch, limits, on_message=on_message, isolation="none"
-        )
+        outcome = run_sandboxed("job", request.to_dict(), scratch, limits, on_message=on_message, isolation="none")
         if outcome.ok:
             update(1.0, "done")
     return outcome

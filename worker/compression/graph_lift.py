@@ -167,6 +167,10 @@ def lift_graph(
             raise EngineError(f"unsupported node {node.op} in the exported graph")
     rebuilt = fx.GraphModule(root, graph, class_name="TorchLevelModule")
     rebuilt.graph.eliminate_dead_code()  # the get_attr nodes of lifted parameters (needs the owning module)
+    # Copied again once they are gone: parameters now held by a lifted layer do not stay a second time
+    # under their old names, and submodules are registered in the order the forward calls them (the
+    # last one is the classifier that select_layers leaves out).
+    rebuilt = fx.GraphModule(rebuilt, rebuilt.graph, class_name="TorchLevelModule")
     if every_parameter_lifted:
         _refuse_unlifted_parameters(rebuilt.graph, rebuilt)
     if keep_export_form:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,15 @@ class JobRequest:
     @property
     def signature(self) -> Signature | None:
         return Signature.from_request(self.inputs, self.example_input_shape, self.forward_kwargs, self.output)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as JSON values, each stage as {"method", "scheme", "options"}: what from_dict reads."""
+        typed = ("model", "stages", "extra_models")
+        data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name not in typed}
+        data["model"] = asdict(self.model)
+        data["stages"] = [{"method": s.method, "scheme": s.scheme, "options": s.options()} for s in self.stages]
+        data["extra_models"] = {model_id: asdict(ref) for model_id, ref in self.extra_models.items()}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobRequest:
