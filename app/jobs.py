@@ -6,19 +6,21 @@ import base64
 import hashlib
 import json
 from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import job_states
 from app.config import get_settings
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from app.job_states import ACTIVE, IllegalTransition, JobStatus
 from app.outbox import enqueue
 from app.queue import RUN_JOB
 from app.resources import get_dataset, get_model, get_owned
-from app.schemas import ArtifactRead, JobCreate, JobRead, JobStatus
-from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
+from app.schemas import ArtifactRead, JobCreate, JobRead
+from app.tables import Artifact, Job, JobMetrics, Tenant
 from app.workers import max_train_devices
 from modelpress.catalog import (
     JobFacts,
@@ -29,8 +31,6 @@ from modelpress.catalog import (
     validate_stages,
     validate_target,
 )
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -188,7 +188,7 @@ def create_job(
     # for one more job (Postgres; SQLite already runs one writer at a time, and ignores FOR UPDATE).
     session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
     active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(ACTIVE))
     )
     limit = get_settings().max_queued_jobs_per_tenant
     if active is not None and active >= limit:
@@ -201,7 +201,7 @@ def create_job(
         tenant_id=tenant.id,
         model_id=job_in.model_id,
         method=method,
-        status="queued",
+        status=job_states.INITIAL,
         spec=spec,
         queue=queue,
         priority=job_in.priority,
@@ -223,7 +223,7 @@ def create_job(
         if winner.request_hash != body_hash:
             raise Invalid("this Idempotency-Key was used with a different request body") from None
         return winner, None
-    session.add(JobEvent(job_id=job.id, kind="state", data={"status": "queued"}))
+    job_states.record_created(session, job)
     message = enqueue(session, task=RUN_JOB, object_id=job.id, queue=queue, priority=job_in.priority)
     return job, message.id
 
@@ -234,14 +234,10 @@ def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
 
 def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     job = get_job(session, tenant, job_id)
-    if job.status in TERMINAL:
-        raise Conflict(f"job {job_id} is already {job.status}")
-    if job.status == "queued":
-        job.status, job.finished_at, job.stage = "cancelled", utcnow(), "cancelled"
-        session.add(JobEvent(job_id=job.id, kind="state", data={"status": "cancelled"}))
-    else:
-        # the runner sees the flag within one epoch, stops the child and ends the job cancelled
-        job.cancel_requested = True
+    try:
+        job_states.cancel(session, job)
+    except IllegalTransition as error:  # finished already (or meanwhile)
+        raise Conflict(str(error)) from error
     session.flush()
     return job
 
@@ -262,7 +258,7 @@ def list_jobs(
     session: Session,
     tenant: Tenant,
     *,
-    status: str | None,
+    status: JobStatus | None,
     model_id: str | None,
     method: str | None,
     limit: int,
@@ -278,7 +274,7 @@ def list_job_reads(
     session: Session,
     tenant: Tenant,
     *,
-    status: str | None,
+    status: JobStatus | None,
     model_id: str | None,
     method: str | None,
     limit: int,
@@ -301,7 +297,7 @@ def _list_rows(
     tenant: Tenant,
     query: Any,
     *,
-    status: str | None,
+    status: JobStatus | None,
     model_id: str | None,
     method: str | None,
     limit: int,
@@ -346,7 +342,7 @@ def read_job(session: Session, tenant: Tenant, job_id: str) -> JobRead:
 def _job_read(job: Job, metrics_document: dict[str, Any] | None, artifact: Artifact | None) -> JobRead:
     return JobRead(
         id=job.id,
-        status=cast(JobStatus, job.status),
+        status=job.status,
         progress=job.progress,
         stage=job.stage,
         spec=job.spec,

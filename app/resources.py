@@ -18,6 +18,7 @@ from app.uploads import ReceivedFile
 from modelpress.architectures import architecture_names
 from modelpress.catalog import MODEL_FORMATS
 from modelpress.formats import FormatError, check_model_file, sniff_dataset, sniff_model_format
+from modelpress.job_status import ACTIVE
 
 
 def stored_bytes(session: Session, tenant_id: str) -> int:
@@ -164,7 +165,7 @@ def get_model(session: Session, tenant: Tenant, model_id: str) -> StoredModel:
 def delete_model(session: Session, tenant: Tenant, model_id: str) -> None:
     record = get_model(session, tenant, model_id)
     active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.model_id == model_id, Job.status.in_(("queued", "running")))
+        select(func.count()).select_from(Job).where(Job.model_id == model_id, Job.status.in_(ACTIVE))
     )
     if active:
         raise Conflict(f"model {model_id} has {active} queued or running jobs")

@@ -9,9 +9,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from app.webhooks import WebhookRefused, check_webhook_url
+from modelpress.job_status import JobStatus
 from modelpress.options import MAX_SEED, MAX_STAGES, object_size_problem
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # One example input may hold at most this many elements (8 GiB as float32): larger shapes cannot
 # be allocated on a worker, and sizes like 2^80 overflow torch's int64 arithmetic.
 MAX_INPUT_ELEMENTS = 2**31

@@ -17,8 +17,9 @@ from app import jobs as service
 from app.db import get_read_session_factory, session_scope
 from app.deps import SessionDep, TenantDep, get_tenant
 from app.errors import ArtifactCorrupted, Conflict
+from app.job_states import TERMINAL, JobStatus
 from app.outbox import publish_now
-from app.schemas import ErrorBody, JobCreate, JobList, JobRead, JobStatus
+from app.schemas import ErrorBody, JobCreate, JobList, JobRead
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent
 
@@ -178,7 +179,7 @@ async def job_events(
     )
 
 
-def _read_events(job_id: str, after: int) -> tuple[list[JobEvent], str, float, str | None]:
+def _read_events(job_id: str, after: int) -> tuple[list[JobEvent], JobStatus, float, str | None]:
     with get_read_session_factory()() as session:
         events = list(
             session.scalars(
@@ -201,7 +202,7 @@ async def _event_stream(job_id: str, after: int, request: Request) -> AsyncItera
         if (progress, stage) != last_progress:
             last_progress = (progress, stage)
             yield f"event: progress\ndata: {json.dumps({'progress': progress, 'stage': stage})}\n\n".encode()
-        if status in service.TERMINAL and not events:
+        if status in TERMINAL and not events:
             yield f"event: end\ndata: {json.dumps({'status': status})}\n\n".encode()
             return
         idle = 0 if events else idle + 1

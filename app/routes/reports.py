@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from app import jobs as service
 from app.deps import SessionDep, TenantDep
 from app.errors import Invalid
+from app.job_states import TERMINAL, JobStatus
 from app.resources import get_model
 from app.schemas import ErrorBody
 from app.tables import Job, JobEvent, JobMetrics
@@ -87,11 +88,11 @@ def _charts(session: Session, job: Job, metrics: dict[str, Any] | None) -> list[
     from app.report import job_charts
 
     key = (job.id, str(job.finished_at))
-    cached = _cache.get(key) if job.status in service.TERMINAL else None
+    cached = _cache.get(key) if job.status in TERMINAL else None
     if cached is not None:
         return cached
     charts = job_charts(metrics, _events(session, job.id))
-    if job.status in service.TERMINAL:
+    if job.status in TERMINAL:
         _cache.put(key, charts)
     return charts
 
@@ -170,7 +171,7 @@ def compare_jobs(
             raise Invalid(f"jobs {others} are not jobs of model {model.id}")
     else:
         jobs, _ = service.list_jobs(
-            session, tenant, status="succeeded", model_id=model.id, method=None, limit=MAX_COMPARED, cursor=None
+            session, tenant, status=JobStatus.SUCCEEDED, model_id=model.id, method=None, limit=MAX_COMPARED, cursor=None
         )
     documents = (
         {
