@@ -268,7 +268,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.local:
         from modelpress.cli_local import _compress_local  # the engine path, loaded only for --local
+        from modelpress.extras import require_extra
 
+        if not require_extra("local", "`modelpress compress --local`"):
+            return 2
         for key in SPEC_ID_KEYS:
             spec.pop(key, None)
         return _compress_local(args, spec)
