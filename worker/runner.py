@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select, update
 
 from app import job_states
 from app.config import get_settings
 from app.db import session_scope
 from app.job_states import TERMINAL, JobStatus
+from app.repositories import jobs as jobs_repo
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent, JobMetrics, StoredDataset, StoredModel, utcnow
 from worker.compression.errors import failure
@@ -54,14 +54,6 @@ def claim_job(job_id: str) -> int | None:
         if job is None or job.status != JobStatus.QUEUED or job.cancel_requested:
             return None
         return job_states.claim(session, job, worker_name=WORKER_NAME, lease_seconds=settings.lease_seconds)
-
-
-def _fenced(session: Any, job_id: str, attempt: int, **values: Any) -> bool:
-    """A write to the running job that changes no status (progress, heartbeat), only while the attempt is ours."""
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING).values(**values)
-    )
-    return bool(result.rowcount == 1)
 
 
 def finish_failed(job_id: str, attempt: int, error: dict[str, str]) -> None:
@@ -148,7 +140,7 @@ class JobMonitor:
             values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=self.settings.lease_seconds)}
             if progress:
                 values["progress"], values["stage"] = progress
-            if not _fenced(session, self.job_id, self.attempt, **values):
+            if not jobs_repo.update_running(session, job_id=self.job_id, attempt=self.attempt, values=values):
                 self.fenced = True
                 return
             if progress:
@@ -161,7 +153,7 @@ class JobMonitor:
                 )
             for kind, data in events:
                 session.add(JobEvent(job_id=self.job_id, kind=kind, data=data))
-            cancelled = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            cancelled = jobs_repo.cancel_requested(session, job_id=self.job_id)
         # only now committed: forget what was written (messages that arrived meanwhile stay pending)
         self.cancelled = cancelled
         if self.pending_progress == progress:

@@ -11,7 +11,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from app import jobs as service
 from app.db import get_read_session_factory, session_scope
@@ -19,9 +18,10 @@ from app.deps import SessionDep, TenantDep, get_tenant
 from app.errors import ArtifactCorrupted, Conflict
 from app.job_states import TERMINAL, JobStatus
 from app.outbox import publish_now
+from app.repositories import jobs as jobs_repo
 from app.schemas import ErrorBody, JobCreate, JobList, JobRead
 from app.storage import get_store
-from app.tables import Artifact, Job, JobEvent
+from app.tables import Job, JobEvent
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 409, 422, 429)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
@@ -122,7 +122,7 @@ def download_artifact(
     job_id: str, session: SessionDep, tenant: TenantDep, if_none_match: Annotated[str | None, Header()] = None
 ) -> Response:
     job = service.get_job(session, tenant, job_id)
-    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
+    artifact = jobs_repo.artifact_of(session, job_id=job.id)
     if artifact is None:
         raise Conflict(f"job {job_id} has no artifact (status {job.status})")
     etag = f'"{artifact.sha256}"'
@@ -181,11 +181,7 @@ async def job_events(
 
 def _read_events(job_id: str, after: int) -> tuple[list[JobEvent], JobStatus, float, str | None]:
     with get_read_session_factory()() as session:
-        events = list(
-            session.scalars(
-                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(500)
-            )
-        )
+        events = jobs_repo.events_after(session, job_id=job_id, after=after)
         job = session.get(Job, job_id)
         assert job is not None
         return events, job.status, job.progress, job.stage
