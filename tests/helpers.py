@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # the digits data and the training recipe live with the benchmarks, which share them without importing tests
+from bench.fixtures import digits_split as digits_split
+from bench.fixtures import train as train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
