@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from app.webhooks import WebhookRefused, check_webhook_url
+from modelpress.artifact_formats import OutputFormat
 from modelpress.job_status import JobStatus
 from modelpress.options import MAX_SEED, MAX_STAGES, object_size_problem
 
@@ -135,19 +136,7 @@ class JobCreate(BaseModel):
         "default: the first floating tensor",
     )
     target: Target = Field(default_factory=Target)  # type: ignore[arg-type]  # pydantic's overloads reject a model class as factory
-    output_format: (
-        Literal[
-            "torchscript",
-            "exported_program",
-            "state_dict",
-            "sparse_state_dict",
-            "compact_state_dict",
-            "deep_compression",
-            "onnx",
-            "executorch",
-        ]
-        | None
-    ) = None
+    output_format: OutputFormat | None = None
     webhook_url: AnyHttpUrl | None = Field(
         None,
         max_length=2048,

@@ -24,6 +24,7 @@ from app.job_states import TERMINAL, JobStatus
 from app.repositories import jobs as jobs_repo
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent, JobMetrics, StoredDataset, StoredModel, utcnow
+from modelpress.artifact_formats import extension_of
 from worker.compression.errors import failure
 from worker.db_retry import _is_connection_problem, with_database_retry
 from worker.sandbox import WarmSandbox, run_sandboxed
@@ -34,16 +35,6 @@ WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 PROGRESS_WRITE_INTERVAL_S = 0.5
 # what run_job returns besides a job's final status: the job was not ours to run, or our attempt was taken over
 SKIPPED, FENCED = "skipped", "fenced"
-EXTENSIONS = {
-    "torchscript": "pt",
-    "exported_program": "pt2",
-    "state_dict": "pt",
-    "sparse_state_dict": "pt",
-    "onnx": "onnx",
-    "executorch": "pte",
-    "compact_state_dict": "pt",
-    "deep_compression": "mpdc",
-}
 
 
 def claim_job(job_id: str) -> int | None:
@@ -332,7 +323,7 @@ def _sha256(path: Path) -> str:
 
 def _store_result(job_id: str, attempt: int, tenant_id: str, artifact_path: Path, result: dict[str, Any]) -> str:
     artifact_format = result["artifact_format"]
-    key = f"artifacts/{tenant_id}/{job_id}/attempt-{attempt}.{EXTENSIONS.get(artifact_format, 'bin')}"
+    key = f"artifacts/{tenant_id}/{job_id}/attempt-{attempt}.{extension_of(artifact_format)}"
     size = artifact_path.stat().st_size
     digest = _sha256(artifact_path)
     metrics = result["metrics"]

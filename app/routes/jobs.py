@@ -22,6 +22,7 @@ from app.repositories import jobs as jobs_repo
 from app.schemas import ErrorBody, JobCreate, JobList, JobRead
 from app.storage import get_store
 from app.tables import Job, JobEvent
+from modelpress.artifact_formats import extension_of, media_type_of
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 409, 422, 429)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
@@ -130,15 +131,14 @@ def download_artifact(
     if if_none_match == etag:
         return Response(status_code=304, headers={"ETag": etag})
     verify_stored_digest(artifact.storage_key, artifact.sha256)
-    extension = {"torchscript": "pt", "exported_program": "pt2"}.get(artifact.format, "pt")
     return StreamingResponse(
         get_store().iter_bytes(artifact.storage_key),
-        media_type="application/octet-stream",
+        media_type=media_type_of(artifact.format),
         headers={
             "ETag": etag,
             "Content-Length": str(artifact.size_bytes),
             "X-Artifact-Format": artifact.format,
-            "Content-Disposition": f'attachment; filename="{job.id}.{extension}"',
+            "Content-Disposition": f'attachment; filename="{job.id}.{extension_of(artifact.format)}"',
         },
     )
 
