@@ -103,3 +103,22 @@ def test_bench_stands_on_its_own_fixtures() -> None:
         if _top(name) == "tests"
     ]
     assert offenders == []
+
+
+QUERY_BUILDERS = {"select", "update", "insert", "delete", "func"}
+# besides app/routes/: services, the reconciler and the runner ask app/repositories/ (status changes go through
+# app/job_states.py)
+QUERYLESS_MODULES = ("app/jobs.py", "app/resources.py", "app/reconciler.py", "worker/runner.py")
+
+
+def test_routers_services_and_the_runner_leave_queries_to_the_repositories() -> None:
+    files = [*_python_files("app/routes"), *(PROJECT_ROOT / name for name in QUERYLESS_MODULES)]
+    offenders = [
+        f"{path.relative_to(PROJECT_ROOT)}:{node.lineno} imports {alias.name} from {node.module}"
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sqlalchemy")
+        for alias in node.names
+        if alias.name in QUERY_BUILDERS
+    ]
+    assert offenders == []
