@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +72,56 @@ def test_a_service_command_names_the_extra_to_install(argv: tuple[str, ...], ext
     assert result.returncode == 2
     assert f"pip install 'modelpress[{extra}]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _client_dependency_folder(folder: Path) -> Path:
+    """A folder holding only what `pip install modelpress` installs: the [project] dependencies of
+    pyproject.toml and theirs, linked from this environment (offline: nothing is downloaded)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    declared = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pending, seen = [Requirement(r) for r in declared], set()
+    while pending:
+        requirement = pending.pop()
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        name = requirement.name.lower().replace("_", "-")
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue  # an optional backport this Python does not need
+        pending += [Requirement(r) for r in dist.requires or []]
+        for file in dist.files or []:
+            top = file.parts[0]
+            if top.endswith((".dist-info", ".egg-info")) or top in ("..", "__pycache__") or top.endswith(".pth"):
+                continue
+            link = folder / top
+            if not link.exists():
+                link.symlink_to(Path(str(dist.locate_file(top))))
+    return folder
+
+
+def test_the_client_runs_on_its_declared_dependencies_alone(tmp_path: Path) -> None:
+    folder = _client_dependency_folder(tmp_path)
+    code = (
+        f"import sys; sys.path[:0] = [{str(PROJECT_ROOT)!r}, {str(folder)!r}]\n"
+        "import modelpress.client, modelpress.artifact_formats, modelpress.deep_compression_format\n"
+        "from modelpress.cli import main\n"
+        "assert main(['jobs', 'list', '--help']) == 0\n"
+    )
+    # -S: no site-packages, so nothing outside the linked folder is importable
+    result = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=120)
+    assert "usage: modelpress jobs list" in result.stdout, result.stderr
+    server = subprocess.run(
+        [sys.executable, "-S", "-c", code.replace("['jobs', 'list', '--help']) == 0", "['migrate']) == 2")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert server.returncode == 0, server.stderr
+    assert "pip install 'modelpress[server]'" in server.stderr
