@@ -22,7 +22,24 @@ from sqlalchemy.orm import Session
 from app.tables import Job, JobEvent, utcnow
 from modelpress.job_status import ACTIVE, TERMINAL, JobStatus
 
-__all__ = ["ACTIVE", "TERMINAL", "TRANSITIONS", "IllegalTransition", "JobStatus", "transition"]
+__all__ = [
+    "ACTIVE",
+    "INITIAL",
+    "TERMINAL",
+    "TRANSITIONS",
+    "IllegalTransition",
+    "JobAlreadyFinished",
+    "JobStatus",
+    "cancel",
+    "check_transition",
+    "claim",
+    "end_cancelled",
+    "end_lost_attempt",
+    "fail",
+    "record_created",
+    "succeed",
+    "transition",
+]
 
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
@@ -35,7 +52,11 @@ INITIAL = JobStatus.QUEUED
 
 
 class IllegalTransition(ValueError):
-    """A move the state machine does not allow: a bug in the caller, never a user's mistake."""
+    """A move the state machine does not allow."""
+
+
+class JobAlreadyFinished(IllegalTransition):
+    """A request to change a job that has ended (a cancel after the end): the API answers 409."""
 
 
 def check_transition(current: JobStatus, new: JobStatus) -> None:
@@ -132,14 +153,14 @@ def end_cancelled(session: Session, job_id: str, attempt: int) -> bool:
 def cancel(session: Session, job: Job) -> None:
     """The API's cancel: a queued job ends cancelled at once; a running one gets the flag the runner polls."""
     if job.status in TERMINAL:
-        raise IllegalTransition(f"job {job.id} is already {job.status}")
+        raise JobAlreadyFinished(f"job {job.id} is already {job.status}")
     if job.status == JobStatus.QUEUED:
         values = {"finished_at": utcnow(), "stage": JobStatus.CANCELLED.value}
         if transition(session, job.id, current=JobStatus.QUEUED, new=JobStatus.CANCELLED, values=values):
             return
         session.refresh(job)  # a worker claimed it meanwhile: it is running now (or already done)
         if job.status in TERMINAL:
-            raise IllegalTransition(f"job {job.id} is already {job.status}")
+            raise JobAlreadyFinished(f"job {job.id} is already {job.status}")
     # the runner sees the flag within one epoch, stops the child and ends the job cancelled
     job.cancel_requested = True
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app import job_states
 from app.config import get_settings
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
-from app.job_states import IllegalTransition, JobStatus
+from app.job_states import JobAlreadyFinished, JobStatus
 from app.outbox import enqueue
 from app.queue import RUN_JOB
 from app.repositories import jobs as jobs_repo
@@ -233,7 +233,7 @@ def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     job = get_job(session, tenant, job_id)
     try:
         job_states.cancel(session, job)
-    except IllegalTransition as error:  # finished already (or meanwhile)
+    except JobAlreadyFinished as error:  # finished already (or while a worker claimed it)
         raise Conflict(str(error)) from error
     session.flush()
     return job

@@ -113,7 +113,7 @@ def test_cancel_ends_a_queued_job_and_flags_a_running_one(session: Session) -> N
     job_states.cancel(session, running)
     assert queued.status is JobStatus.CANCELLED and queued.finished_at is not None
     assert running.status is JobStatus.RUNNING and running.cancel_requested
-    with pytest.raises(IllegalTransition):
+    with pytest.raises(job_states.JobAlreadyFinished):
         job_states.cancel(session, queued)
 
 
