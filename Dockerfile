@@ -16,7 +16,7 @@ COPY worker ./worker
 COPY modelpress ./modelpress
 COPY migrations ./migrations
 RUN pip install --index-url "$TORCH_INDEX" "torch>=2.6,<2.15" \
- && pip install .
+ && pip install ".[server,worker]"
 
 RUN useradd --create-home --uid 10001 modelpress && mkdir -p /data && chown modelpress /data
 USER modelpress

@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	# Pin torch first so pip takes the CPU wheel that is on this disk instead of a multi-GB CUDA build;
 	# elsewhere the same line fetches torch 2.13.0 from PyPI.
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.6,<2.15"
-	$(BIN)/pip install -q -e ".[test]"
+	# the client alone is `pip install modelpress`; running and testing the service needs every extra
+	$(BIN)/pip install -q -e ".[server,worker,test]"
 	touch $(STAMP)
 
 install: $(STAMP)

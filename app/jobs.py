@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import job_states
 from app.config import get_settings
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from app.job_states import JobAlreadyFinished, JobStatus
 from app.outbox import enqueue
 from app.queue import RUN_JOB
-from app.resources import get_dataset, get_model, get_owned
-from app.schemas import ArtifactRead, JobCreate, JobRead, JobStatus
-from app.tables import Artifact, Job, JobEvent, JobMetrics, Tenant, utcnow
+from app.repositories import jobs as jobs_repo
+from app.repositories.owned import get_owned
+from app.resources import get_dataset, get_model
+from app.schemas import ArtifactRead, JobCreate, JobRead
+from app.tables import Artifact, Job, Tenant
 from app.workers import max_train_devices
 from modelpress.catalog import (
     JobFacts,
@@ -29,8 +30,6 @@ from modelpress.catalog import (
     validate_stages,
     validate_target,
 )
-
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -179,7 +178,7 @@ def create_job(
     """Insert the job and its outbox row in one transaction; returns (job, outbox id to publish)."""
     body_hash = request_hash(job_in.model_dump(mode="json"))
     if idempotency_key:
-        existing = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        existing = jobs_repo.by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key)
         if existing is not None:
             if existing.request_hash != body_hash:
                 raise Invalid("this Idempotency-Key was used with a different request body")
@@ -187,12 +186,10 @@ def create_job(
     spec = validate_job(session, tenant, job_in)
     # Count and insert under a lock on the tenant's row, so concurrent submits cannot all see room
     # for one more job (Postgres; SQLite already runs one writer at a time, and ignores FOR UPDATE).
-    session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
-    )
+    jobs_repo.lock_tenant(session, tenant_id=tenant.id)
+    active = jobs_repo.count_active(session, tenant_id=tenant.id)
     limit = get_settings().max_queued_jobs_per_tenant
-    if active is not None and active >= limit:
+    if active >= limit:
         raise QuotaExceeded(
             f"tenant already has {active} queued or running jobs (limit {limit})", headers={"Retry-After": "30"}
         )
@@ -202,7 +199,7 @@ def create_job(
         tenant_id=tenant.id,
         model_id=job_in.model_id,
         method=method,
-        status="queued",
+        status=job_states.INITIAL,
         spec=spec,
         queue=queue,
         priority=job_in.priority,
@@ -218,59 +215,43 @@ def create_job(
     except IntegrityError:
         if not idempotency_key:
             raise
-        winner = session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == idempotency_key))
+        winner = jobs_repo.by_idempotency_key(session, tenant_id=tenant.id, key=idempotency_key)
         if winner is None:
             raise
         if winner.request_hash != body_hash:
             raise Invalid("this Idempotency-Key was used with a different request body") from None
         return winner, None
-    session.add(JobEvent(job_id=job.id, kind="state", data={"status": "queued"}))
+    job_states.record_created(session, job)
     message = enqueue(session, task=RUN_JOB, object_id=job.id, queue=queue, priority=job_in.priority)
     return job, message.id
 
 
 def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
-    return get_owned(session, Job, tenant, job_id, "job")
+    return get_owned(session, Job, tenant_id=tenant.id, object_id=job_id, label="job")
 
 
 def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     job = get_job(session, tenant, job_id)
-    if job.status in TERMINAL:
-        raise Conflict(f"job {job_id} is already {job.status}")
-    if job.status == "queued":
-        job.status, job.finished_at, job.stage = "cancelled", utcnow(), "cancelled"
-        session.add(JobEvent(job_id=job.id, kind="state", data={"status": "cancelled"}))
-    else:
-        # the runner sees the flag within one epoch, stops the child and ends the job cancelled
-        job.cancel_requested = True
+    try:
+        job_states.cancel(session, job)
+    except JobAlreadyFinished as error:  # finished already (or while a worker claimed it)
+        raise Conflict(str(error)) from error
     session.flush()
     return job
-
-
-def encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), job_id
-    except ValueError as error:
-        raise Invalid("cursor is not one this API returned") from error
 
 
 def list_jobs(
     session: Session,
     tenant: Tenant,
     *,
-    status: str | None,
+    status: JobStatus | None,
     model_id: str | None,
     method: str | None,
     limit: int,
     cursor: str | None,
 ) -> tuple[list[Job], str | None]:
-    rows, next_cursor = _list_rows(
-        session, tenant, select(Job), status=status, model_id=model_id, method=method, limit=limit, cursor=cursor
+    rows, next_cursor = jobs_repo.page(
+        session, tenant_id=tenant.id, status=status, model_id=model_id, method=method, limit=limit, cursor=cursor
     )
     return [row[0] for row in rows], next_cursor
 
@@ -279,75 +260,35 @@ def list_job_reads(
     session: Session,
     tenant: Tenant,
     *,
-    status: str | None,
+    status: JobStatus | None,
     model_id: str | None,
     method: str | None,
     limit: int,
     cursor: str | None,
 ) -> tuple[list[JobRead], str | None]:
     """A page of jobs with their metrics and artifacts, in one query."""
-    query = (
-        select(Job, JobMetrics.document, Artifact)
-        .outerjoin(JobMetrics, JobMetrics.job_id == Job.id)
-        .outerjoin(Artifact, Artifact.job_id == Job.id)
+    rows, next_cursor = jobs_repo.page(
+        session, tenant_id=tenant.id, status=status, model_id=model_id, method=method, limit=limit, cursor=cursor
     )
-    rows, next_cursor = _list_rows(
-        session, tenant, query, status=status, model_id=model_id, method=method, limit=limit, cursor=cursor
-    )
-    return [_job_read(row[0], row[1], row[2]) for row in rows], next_cursor
-
-
-def _list_rows(
-    session: Session,
-    tenant: Tenant,
-    query: Any,
-    *,
-    status: str | None,
-    model_id: str | None,
-    method: str | None,
-    limit: int,
-    cursor: str | None,
-) -> tuple[list[Any], str | None]:
-    query = query.where(Job.tenant_id == tenant.id)
-    if status:
-        query = query.where(Job.status == status)
-    if model_id:
-        query = query.where(Job.model_id == model_id)
-    if method:
-        query = query.where(Job.method == method)
-    if cursor:
-        created, job_id = decode_cursor(cursor)
-        if session.get_bind().dialect.name == "sqlite":
-            created = created.replace(tzinfo=None)
-        query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
-    rows = list(session.execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
-    next_cursor = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
-    return rows[:limit], next_cursor
+    return [_job_read(*row) for row in rows], next_cursor
 
 
 def job_read(session: Session, job: Job) -> JobRead:
-    metrics = session.get(JobMetrics, job.id)
-    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
-    return _job_read(job, metrics.document if metrics else None, artifact)
+    return _job_read(job, *jobs_repo.results_of(session, job_id=job.id))
 
 
 def read_job(session: Session, tenant: Tenant, job_id: str) -> JobRead:
     """The tenant's job with its metrics and artifact in one query (GET /v1/jobs/{id} is what clients poll)."""
-    row = session.execute(
-        select(Job, JobMetrics.document, Artifact)
-        .outerjoin(JobMetrics, JobMetrics.job_id == Job.id)
-        .outerjoin(Artifact, Artifact.job_id == Job.id)
-        .where(Job.id == job_id, Job.tenant_id == tenant.id)
-    ).first()
+    row = jobs_repo.with_results(session, tenant_id=tenant.id, job_id=job_id)
     if row is None:  # another tenant's job is as absent as a missing one
         raise NotFound(f"no job {job_id!r}")
-    return _job_read(row[0], row[1], row[2])
+    return _job_read(*row)
 
 
 def _job_read(job: Job, metrics_document: dict[str, Any] | None, artifact: Artifact | None) -> JobRead:
     return JobRead(
         id=job.id,
-        status=cast(JobStatus, job.status),
+        status=job.status,
         progress=job.progress,
         stage=job.stage,
         spec=job.spec,

@@ -13,6 +13,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import func, select
 
+from modelpress.job_status import JobStatus
+
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 job_id_var: ContextVar[str | None] = ContextVar("job_id", default=None)
 
@@ -44,7 +46,7 @@ class JobCollector:
                 ):
                     by_status.add_metric([status, method], count)
                 for queue, count in session.execute(
-                    select(Job.queue, func.count()).where(Job.status == "queued").group_by(Job.queue)
+                    select(Job.queue, func.count()).where(Job.status == JobStatus.QUEUED).group_by(Job.queue)
                 ):
                     depth.add_metric([queue], count)
                 unpublished.add_metric(
@@ -61,11 +63,11 @@ class JobCollector:
                     .limit(1000)
                 ).all()
                 sums: dict[tuple[str, str], list[float]] = {}
-                for method, status, started, ended in finished:
+                for method, job_status, started, ended in finished:
                     assert started is not None and ended is not None  # the query keeps started, finished jobs
-                    sums.setdefault((method, status), []).append((ended - started).total_seconds())
-                for (method, status), values in sums.items():
-                    duration.add_metric([method, status], sum(values) / len(values))
+                    sums.setdefault((method, job_status), []).append((ended - started).total_seconds())
+                for (method_name, status_name), values in sums.items():
+                    duration.add_metric([method_name, status_name], sum(values) / len(values))
         except Exception:  # a scrape must not fail because the database blinked
             pass
         yield from (by_status, depth, unpublished, duration)

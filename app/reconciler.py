@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import select, update
-
 from app.config import get_settings
 from app.db import session_scope
+from app.job_states import JobStatus, end_lost_attempt
 from app.outbox import enqueue
 from app.queue import RUN_JOB
-from app.tables import Job, JobEvent, utcnow
+from app.repositories import jobs as jobs_repo
+from app.tables import utcnow
 
 log = logging.getLogger("modelpress.reconciler")
 
@@ -26,14 +26,8 @@ def republish_stale_queued() -> int:
     cutoff = utcnow() - timedelta(seconds=settings.requeue_queued_after_s)
     touched = 0
     with session_scope() as session:
-        stale = session.scalars(select(Job).where(Job.status == "queued", Job.updated_at < cutoff).limit(100)).all()
-        for job in stale:
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == "queued", Job.updated_at == job.updated_at)
-                .values(updated_at=utcnow())
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+        for job in jobs_repo.stale_queued(session, before=cutoff):
+            if not jobs_repo.touch_if_unchanged(session, job, now=utcnow()):
                 continue
             enqueue(session, task=RUN_JOB, object_id=job.id, queue=job.queue, priority=job.priority)
             touched += 1
@@ -50,39 +44,14 @@ def reconcile_once() -> int:
     settings = get_settings()
     touched = republish_stale_queued()
     with session_scope() as session:
-        expired = session.scalars(
-            select(Job).where(Job.status == "running", Job.lease_expires_at < utcnow()).limit(100)
-        ).all()
-        for job in expired:
-            if job.attempt >= settings.max_attempts:
-                new_values = {
-                    "status": "failed",
-                    "finished_at": utcnow(),
-                    "lease_expires_at": None,
-                    "error": {
-                        "error": "WorkerLost",
-                        "detail": f"the worker stopped heartbeating on attempt {job.attempt} "
-                        f"of {settings.max_attempts}; giving up",
-                    },
-                }
-                kind = "failed"
-            elif job.cancel_requested:
-                new_values = {"status": "cancelled", "finished_at": utcnow(), "lease_expires_at": None}
-                kind = "cancelled"
-            else:
-                new_values = {"status": "queued", "lease_expires_at": None, "stage": "requeued after worker loss"}
-                kind = "queued"
+        for job in jobs_repo.expired_leases(session, now=utcnow()):
+            attempt = job.attempt
             # conditional on the attempt we saw: a late heartbeat of that attempt wins the race
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job.id, Job.status == "running", Job.attempt == job.attempt)
-                .values(**new_values)
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
+            new = end_lost_attempt(session, job, max_attempts=settings.max_attempts)
+            if new is None:
                 continue
-            session.add(JobEvent(job_id=job.id, kind="state", data={"status": kind, "reason": "lease expired"}))
-            if kind == "queued":
+            if new == JobStatus.QUEUED:
                 enqueue(session, task=RUN_JOB, object_id=job.id, queue=job.queue, priority=job.priority)
             touched += 1
-            log.warning("job %s lease expired on attempt %s: now %s", job.id, job.attempt, kind)
+            log.warning("job %s lease expired on attempt %s: now %s", job.id, attempt, new)
     return touched

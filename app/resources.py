@@ -3,42 +3,27 @@
 from __future__ import annotations
 
 import json
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.config import get_settings
-from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from app.errors import Conflict, Invalid, QuotaExceeded
 from app.outbox import enqueue
 from app.queue import INSPECT_MODEL
+from app.repositories import jobs as jobs_repo
+from app.repositories.owned import get_owned, stored_bytes
 from app.storage import get_store
-from app.tables import Artifact, Job, StoredDataset, StoredModel, Tenant, new_id
+from app.tables import StoredDataset, StoredModel, Tenant, new_id
 from app.uploads import ReceivedFile
 from modelpress.architectures import architecture_names
 from modelpress.catalog import MODEL_FORMATS
 from modelpress.formats import FormatError, check_model_file, sniff_dataset, sniff_model_format
 
 
-def stored_bytes(session: Session, tenant_id: str) -> int:
-    models = (
-        session.scalar(
-            select(func.coalesce(func.sum(StoredModel.size_bytes), 0)).where(StoredModel.tenant_id == tenant_id)
-        )
-        or 0
-    )
-    datasets = (
-        session.scalar(
-            select(func.coalesce(func.sum(StoredDataset.size_bytes), 0)).where(StoredDataset.tenant_id == tenant_id)
-        )
-        or 0
-    )
-    return int(models) + int(datasets)
-
-
 def _check_storage_quota(session: Session, tenant: Tenant, incoming: int) -> None:
     limit = get_settings().max_stored_bytes_per_tenant
-    if stored_bytes(session, tenant.id) + incoming > limit:
+    if stored_bytes(session, tenant_id=tenant.id) + incoming > limit:
         raise QuotaExceeded(f"tenant storage quota of {limit} bytes would be exceeded; delete models or datasets")
 
 
@@ -69,17 +54,6 @@ def _store_and_record(session: Session, upload: ReceivedFile, record: StoredMode
     except BaseException:
         store.delete(record.storage_key)
         raise
-
-
-Owned = TypeVar("Owned", StoredModel, StoredDataset, Job)
-
-
-def get_owned(session: Session, table: type[Owned], tenant: Tenant, object_id: str, label: str) -> Owned:
-    """The tenant's object with that id; another tenant's object is as absent as a missing one."""
-    record = session.get(table, object_id)
-    if record is None or record.tenant_id != tenant.id:
-        raise NotFound(f"no {label} {object_id!r}")
-    return record
 
 
 def parse_inputs(inputs_json: str | None) -> list[dict[str, Any]] | None:
@@ -158,22 +132,16 @@ def create_model(
 
 
 def get_model(session: Session, tenant: Tenant, model_id: str) -> StoredModel:
-    return get_owned(session, StoredModel, tenant, model_id, "model")
+    return get_owned(session, StoredModel, tenant_id=tenant.id, object_id=model_id, label="model")
 
 
 def delete_model(session: Session, tenant: Tenant, model_id: str) -> None:
     record = get_model(session, tenant, model_id)
-    active = session.scalar(
-        select(func.count()).select_from(Job).where(Job.model_id == model_id, Job.status.in_(("queued", "running")))
-    )
+    active = jobs_repo.count_active(session, model_id=model_id)
     if active:
         raise Conflict(f"model {model_id} has {active} queued or running jobs")
     # its finished jobs go with it (the foreign key cascades); so do their artifact files
-    artifact_keys = list(
-        session.scalars(
-            select(Artifact.storage_key).join(Job, Job.id == Artifact.job_id).where(Job.model_id == model_id)
-        )
-    )
+    artifact_keys = jobs_repo.artifact_keys_of_model(session, model_id=model_id)
     key = record.storage_key
     session.delete(record)
     session.flush()
@@ -206,7 +174,7 @@ def create_dataset(session: Session, *, tenant: Tenant, upload: ReceivedFile, na
 
 
 def get_dataset(session: Session, tenant: Tenant, dataset_id: str) -> StoredDataset:
-    return get_owned(session, StoredDataset, tenant, dataset_id, "dataset")
+    return get_owned(session, StoredDataset, tenant_id=tenant.id, object_id=dataset_id, label="dataset")
 
 
 def delete_dataset(session: Session, tenant: Tenant, dataset_id: str) -> None:

@@ -10,10 +10,11 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from app.webhooks import WebhookRefused, check_webhook_url
+from modelpress.artifact_formats import OutputFormat
 from modelpress.configs import SpecError, Stage, parse_stage
+from modelpress.job_status import JobStatus
 from modelpress.options import MAX_SEED, MAX_STAGES, object_size_problem
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 # One example input may hold at most this many elements (8 GiB as float32): larger shapes cannot
 # be allocated on a worker, and sizes like 2^80 overflow torch's int64 arithmetic.
 MAX_INPUT_ELEMENTS = 2**31
@@ -142,19 +143,7 @@ class JobCreate(BaseModel):
         "default: the first floating tensor",
     )
     target: Target = Field(default_factory=Target)  # type: ignore[arg-type]  # pydantic's overloads reject a model class as factory
-    output_format: (
-        Literal[
-            "torchscript",
-            "exported_program",
-            "state_dict",
-            "sparse_state_dict",
-            "compact_state_dict",
-            "deep_compression",
-            "onnx",
-            "executorch",
-        ]
-        | None
-    ) = None
+    output_format: OutputFormat | None = None
     webhook_url: AnyHttpUrl | None = Field(
         None,
         max_length=2048,

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 from app.db import Base
+from modelpress.job_status import JobStatus
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -23,6 +24,19 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=UTC)
         return value
+
+
+class JobStatusType(TypeDecorator[JobStatus]):
+    """A job's status: stored as its plain string (the column and the wire are unchanged), read back as JobStatus."""
+
+    impl = String(16)
+    cache_ok = True
+
+    def process_bind_param(self, value: JobStatus | str | None, dialect: Any) -> str | None:
+        return None if value is None else JobStatus(value).value
+
+    def process_result_value(self, value: str | None, dialect: Any) -> JobStatus | None:
+        return None if value is None else JobStatus(value)
 
 
 def utcnow() -> datetime:
@@ -91,7 +105,7 @@ class Job(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
     method: Mapped[str] = mapped_column(String(32))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[JobStatus] = mapped_column(JobStatusType(), default=JobStatus.QUEUED)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     stage: Mapped[str | None] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)

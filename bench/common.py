@@ -168,21 +168,16 @@ class Assets:
 
 
 def _train(model: Any, inputs: np.ndarray, labels: np.ndarray, epochs: int, seed: int = 0) -> None:
-    # the same recipe the tests train with, so benchmark and test models are alike
-    from tests.helpers import train
+    # the same recipe the tests train with (bench/fixtures.py), so benchmark and test models are alike
+    from bench.fixtures import train
 
     train(model, inputs, labels, epochs=epochs, seed=seed)
 
 
-def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """scikit-learn's 8x8 digits (1797 images, shipped inside the package), 70/30 stratified split."""
-    from tests.helpers import digits_split as split
-
-    return split()
-
-
 def prepare_assets(folder: Path) -> Assets:
     folder.mkdir(parents=True, exist_ok=True)
+    from bench.fixtures import digits_split
+
     x_train, x_test, y_train, y_test = digits_split()
     train_path, test_path = folder / "digits-train.npz", folder / "digits-test.npz"
     np.savez(train_path, inputs=x_train, labels=y_train)

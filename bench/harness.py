@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import PYTHON, ROOT, log
+from modelpress.job_status import TERMINAL, JobStatus
 
 
 def _die_with_parent() -> None:
@@ -343,10 +344,10 @@ class Service:
             restarted = self.check_worker() or restarted
             job = self.get(f"/v1/jobs/{job_id}")
             now = time.perf_counter()
-            if job["status"] != "queued" and seen_running is None:
+            if job["status"] != JobStatus.QUEUED and seen_running is None:
                 seen_running = now
-            if job["status"] in ("succeeded", "failed", "cancelled"):
-                if job["status"] != "succeeded":
+            if job["status"] in TERMINAL:
+                if job["status"] != JobStatus.SUCCEEDED:
                     raise RuntimeError(f"job {job_id} {job['status']}: {job.get('error')}")
                 created, started, finished = (
                     parse_time(job.get(k)) for k in ("created_at", "started_at", "finished_at")

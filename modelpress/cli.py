@@ -8,7 +8,23 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
+
+from modelpress.extras import require_extra
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def needs_extra(extra: str, command: Command) -> Command:
+    """The command, run only when the extra it imports is installed (else a one-line install hint, exit 2)."""
+
+    def run(args: argparse.Namespace) -> int:
+        if not require_extra(extra, f"`modelpress {args.command}`"):
+            return 2
+        return command(args)
+
+    return run
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -177,21 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--embedded-worker", action="store_true", help="also start a worker process")
     serve.add_argument("--workers", type=int, default=1, help="API processes (one per core in production)")
-    serve.set_defaults(func=_cmd_serve)
+    serve.set_defaults(func=needs_extra("server", _cmd_serve))
 
     worker = sub.add_parser("worker", help="run a Celery worker")
     worker.add_argument("--queues", default="cpu", help="comma-separated: cpu, gpu")
     worker.add_argument("--concurrency", type=int, default=1)
     worker.add_argument("--pool", default="prefork")
-    worker.set_defaults(func=_cmd_worker)
+    worker.set_defaults(func=needs_extra("worker", _cmd_worker))
 
     migrate = sub.add_parser("migrate", help="apply database migrations")
     migrate.add_argument("--downgrade", metavar="REVISION")
-    migrate.set_defaults(func=_cmd_migrate)
+    migrate.set_defaults(func=needs_extra("server", _cmd_migrate))
 
     cleanup = sub.add_parser("cleanup", help="remove artifacts past their retention")
     cleanup.add_argument("--older-than-days", type=int)
-    cleanup.set_defaults(func=_cmd_cleanup)
+    cleanup.set_defaults(func=needs_extra("server", _cmd_cleanup))
 
     keys = sub.add_parser("keys", help="manage API keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -200,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub.add_parser("list", help="list keys")
     revoke = keys_sub.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
-    keys.set_defaults(func=_cmd_keys)
+    keys.set_defaults(func=needs_extra("server", _cmd_keys))
 
     from modelpress.client_cli import add_client_commands
 

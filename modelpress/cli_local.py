@@ -13,6 +13,7 @@ from typing import Any
 
 from modelpress.cli_output import _print_json, err, out, print_result, progress_bar
 from modelpress.client_cli import _json_arg, default_report_path
+from modelpress.job_status import JobStatus
 
 MAX_LOCAL_ARCHIVE_BYTES = 1 << 40
 
@@ -127,7 +128,7 @@ def _local_report(
     target = Path(args.report or default_report_path(args.out))
     job = {
         "id": "local run",
-        "status": "succeeded",
+        "status": JobStatus.SUCCEEDED.value,
         "spec": spec,
         "metrics": result["metrics"],
         "artifact": {"format": result["artifact_format"], "requires": result.get("requires", [])},

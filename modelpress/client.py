@@ -31,7 +31,6 @@ from typing import Any
 import httpx
 
 from modelpress.client_records import (
-    TERMINAL,
     Artifact,
     ClientError,
     ConnectionFailed,
@@ -42,6 +41,7 @@ from modelpress.client_records import (
     ServerError,
     _parse_sse,
 )
+from modelpress.job_status import TERMINAL, JobStatus
 
 __all__ = [
     "Client",
@@ -54,6 +54,7 @@ __all__ = [
     "Artifact",
     "Event",
     "TERMINAL",
+    "JobStatus",
 ]
 
 

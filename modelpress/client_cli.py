@@ -28,6 +28,7 @@ from modelpress.cli_output import (
     progress_bar,
 )
 from modelpress.client import Client, ClientError, Job
+from modelpress.job_status import JobStatus
 
 SPEC_ID_KEYS = ("model_id", "dataset_id", "eval_dataset_id")
 
@@ -142,7 +143,7 @@ def _cmd_jobs_submit(args: argparse.Namespace) -> int:
         print(f"{job.id}\t{job.status}")
         if job.metrics:
             out.print(metrics_table(job.metrics, f"job {job.id}"))
-    return 0 if job.status in ("queued", "running", "succeeded") else 1
+    return 0 if job.status in (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED) else 1
 
 
 def _cmd_jobs_list(args: argparse.Namespace) -> int:
@@ -178,7 +179,7 @@ def _cmd_jobs_show(args: argparse.Namespace) -> int:
 def _cmd_jobs_cancel(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.cancel(args.job_id)
-    print(f"{job.id}\t{job.status}" + ("\t(cancel requested)" if job.status == "running" else ""))
+    print(f"{job.id}\t{job.status}" + ("\t(cancel requested)" if job.status == JobStatus.RUNNING else ""))
     return 0
 
 
@@ -194,7 +195,7 @@ def _cmd_jobs_watch(args: argparse.Namespace) -> int:
     print(f"{job.id}\t{job.status}")
     if job.error:
         out.print(f"[red]{job.error.get('error')}[/red]: {job.error.get('detail')}")
-    return 0 if job.status == "succeeded" else 1
+    return 0 if job.status == JobStatus.SUCCEEDED else 1
 
 
 # ---------------------------------------------------------------- compress
@@ -225,7 +226,7 @@ def _compress_server(args: argparse.Namespace, spec: dict[str, Any]) -> int:
         job = client.submit(spec)
         err.print(f"submitted {job.id}")
         job = _watch(client, job.id, job.id)
-        if job.status != "succeeded":
+        if job.status != JobStatus.SUCCEEDED:
             detail = (job.error or {}).get("detail", "")
             err.print(f"[red]job {job.id} {job.status}[/red] {(job.error or {}).get('error', '')}: {detail}")
             return 1
@@ -267,7 +268,10 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     if args.local:
         from modelpress.cli_local import _compress_local  # the engine path, loaded only for --local
+        from modelpress.extras import require_extra
 
+        if not require_extra("local", "`modelpress compress --local`"):
+            return 2
         for key in SPEC_ID_KEYS:
             spec.pop(key, None)
         return _compress_local(args, spec)
@@ -336,7 +340,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--idempotency-key", help="default: a fresh uuid4")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar until it ends")
     p = command(jobs, "list", _cmd_jobs_list, "list jobs, newest first")
-    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled"])
+    p.add_argument("--status", choices=[status.value for status in JobStatus])
     p.add_argument("--method")
     p.add_argument("--model", help="model id")
     p.add_argument("--limit", type=int, default=50)

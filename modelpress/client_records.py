@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-TERMINAL = ("succeeded", "failed", "cancelled")
+from modelpress.job_status import TERMINAL, JobStatus
 
 
 class ClientError(Exception):
@@ -77,7 +77,7 @@ class Artifact(_Record):
 @dataclass
 class Job(_Record):
     id: str = ""
-    status: str = "queued"
+    status: str = JobStatus.QUEUED  # a plain string: a status this client does not know yet stays readable
     progress: float = 0.0
     stage: str | None = None
     spec: dict[str, Any] = field(default_factory=dict)

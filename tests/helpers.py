@@ -18,17 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# the digits data and the training recipe live with the benchmarks, which share them without importing tests
+from bench.fixtures import digits_split as digits_split
+from bench.fixtures import train as train
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    inputs = (data.data / 16.0).astype(np.float32)
-    labels = data.target.astype(np.int64)
-    return tuple(train_test_split(inputs, labels, test_size=0.3, random_state=0, stratify=labels))  # type: ignore[return-value]
 
 
 def mlp(widths: tuple[int, ...] = (64, 300, 100, 10)) -> nn.Sequential:
@@ -51,22 +45,6 @@ class SmallCNN(nn.Module):
         x = F.max_pool2d(F.relu(self.c1(x)), 2)
         x = F.max_pool2d(F.relu(self.c2(x)), 2)
         return self.f2(F.relu(self.f1(x.flatten(1))))
-
-
-def train(model: nn.Module, inputs: np.ndarray, labels: np.ndarray, epochs: int = 20, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    x, y = torch.tensor(inputs), torch.tensor(labels)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for start in range(0, len(x), 64):
-            batch = order[start : start + 64]
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model.eval()
 
 
 def accuracy(model: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, labels: np.ndarray) -> float:

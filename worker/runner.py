@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select, update
 
+from app import job_states
 from app.config import get_settings
 from app.db import session_scope
+from app.job_states import TERMINAL, JobStatus
+from app.repositories import jobs as jobs_repo
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent, JobMetrics, StoredDataset, StoredModel, utcnow
+from modelpress.artifact_formats import extension_of
 from worker.compression.errors import failure
 from worker.db_retry import _is_connection_problem, with_database_retry
 from worker.sandbox import WarmSandbox, run_sandboxed
@@ -30,16 +33,8 @@ from worker.slots import prestart_sandbox, sandbox_slot, slot_limits
 log = logging.getLogger("modelpress.runner")
 WORKER_NAME = f"{socket.gethostname()}:{os.getpid()}"
 PROGRESS_WRITE_INTERVAL_S = 0.5
-EXTENSIONS = {
-    "torchscript": "pt",
-    "exported_program": "pt2",
-    "state_dict": "pt",
-    "sparse_state_dict": "pt",
-    "onnx": "onnx",
-    "executorch": "pte",
-    "compact_state_dict": "pt",
-    "deep_compression": "mpdc",
-}
+# what run_job returns besides a job's final status: the job was not ours to run, or our attempt was taken over
+SKIPPED, FENCED = "skipped", "fenced"
 
 
 def claim_job(job_id: str) -> int | None:
@@ -47,51 +42,15 @@ def claim_job(job_id: str) -> int | None:
     settings = get_settings()
     with session_scope() as session:
         job = session.get(Job, job_id)
-        if job is None or job.status != "queued" or job.cancel_requested:
+        if job is None or job.status != JobStatus.QUEUED or job.cancel_requested:
             return None
-        attempt = job.attempt + 1
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == "queued", Job.attempt == job.attempt)
-            .values(
-                status="running",
-                attempt=attempt,
-                worker_name=WORKER_NAME,
-                stage="starting",
-                lease_expires_at=utcnow() + timedelta(seconds=settings.lease_seconds),
-                started_at=job.started_at or utcnow(),
-            )
-        )
-        if result.rowcount != 1:  # type: ignore[attr-defined]
-            return None
-        session.add(JobEvent(job_id=job_id, kind="state", data={"status": "running", "attempt": attempt}))
-    return attempt
-
-
-def _fenced(session: Any, job_id: str, attempt: int, **values: Any) -> bool:
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "running").values(**values)
-    )
-    return bool(result.rowcount == 1)
+        return job_states.claim(session, job, worker_name=WORKER_NAME, lease_seconds=settings.lease_seconds)
 
 
 def finish_failed(job_id: str, attempt: int, error: dict[str, str]) -> None:
-    # the job's error keeps the summary (first line, hint, last lines); the whole log goes to its event
-    summary = {k: v for k, v in error.items() if k != "log"}
-
     def write() -> None:
         with session_scope() as session:
-            if _fenced(
-                session,
-                job_id,
-                attempt,
-                status="failed",
-                error=summary,
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                stage="failed",
-            ):
-                session.add(JobEvent(job_id=job_id, kind="state", data={"status": "failed", "error": error}))
+            job_states.fail(session, job_id, attempt, error)
 
     with_database_retry(write, f"job {job_id} failure")
 
@@ -99,16 +58,7 @@ def finish_failed(job_id: str, attempt: int, error: dict[str, str]) -> None:
 def _finish_cancelled(job_id: str, attempt: int) -> None:
     def write() -> None:
         with session_scope() as session:
-            if _fenced(
-                session,
-                job_id,
-                attempt,
-                status="cancelled",
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                stage="cancelled",
-            ):
-                session.add(JobEvent(job_id=job_id, kind="state", data={"status": "cancelled"}))
+            job_states.end_cancelled(session, job_id, attempt)
 
     with_database_retry(write, f"job {job_id} cancellation")
 
@@ -181,7 +131,7 @@ class JobMonitor:
             values: dict[str, Any] = {"lease_expires_at": utcnow() + timedelta(seconds=self.settings.lease_seconds)}
             if progress:
                 values["progress"], values["stage"] = progress
-            if not _fenced(session, self.job_id, self.attempt, **values):
+            if not jobs_repo.update_running(session, job_id=self.job_id, attempt=self.attempt, values=values):
                 self.fenced = True
                 return
             if progress:
@@ -194,7 +144,7 @@ class JobMonitor:
                 )
             for kind, data in events:
                 session.add(JobEvent(job_id=self.job_id, kind=kind, data=data))
-            cancelled = bool(session.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            cancelled = jobs_repo.cancel_requested(session, job_id=self.job_id)
         # only now committed: forget what was written (messages that arrived meanwhile stay pending)
         self.cancelled = cancelled
         if self.pending_progress == progress:
@@ -210,7 +160,7 @@ def run_job(job_id: str) -> str:
     """The whole job; returns its final status (or 'skipped' when it was not ours to run)."""
     attempt = claim_job(job_id)
     if attempt is None:
-        return "skipped"
+        return SKIPPED
     settings = get_settings()
     try:
         status = _run_claimed(job_id, attempt)
@@ -224,12 +174,12 @@ def run_job(job_id: str) -> str:
                 "detail": f"the job ran past its {settings.job_soft_time_limit_s} s limit; its process was stopped",
             },
         )
-        status = "failed"
+        status = JobStatus.FAILED
     except Exception as error:  # the worker lives on; the job says what happened
         log.exception("job %s failed", job_id)
         finish_failed(job_id, attempt, failure(type(error).__name__, str(error)))
-        status = "failed"
-    if status in ("succeeded", "failed", "cancelled"):
+        status = JobStatus.FAILED
+    if status in TERMINAL:
         notify_webhook(job_id)
     return status
 
@@ -352,12 +302,12 @@ def _run_in_slot(job_id: str, attempt: int, scratch: Path, warm: WarmSandbox | N
     if outcome.stopped:
         if monitor.fenced:
             log.warning("job %s attempt %s was taken over; dropping its result", job_id, attempt)
-            return "fenced"
+            return FENCED
         _finish_cancelled(job_id, attempt)
-        return "cancelled"
+        return JobStatus.CANCELLED
     if not outcome.ok:
         finish_failed(job_id, attempt, outcome.error or {"error": "Unknown", "detail": "no result"})
-        return "failed"
+        return JobStatus.FAILED
     with_database_retry(monitor._write, f"job {job_id} progress")
     assert outcome.result is not None
     return _store_result(job_id, attempt, tenant_id, artifact_path, outcome.result)
@@ -373,7 +323,7 @@ def _sha256(path: Path) -> str:
 
 def _store_result(job_id: str, attempt: int, tenant_id: str, artifact_path: Path, result: dict[str, Any]) -> str:
     artifact_format = result["artifact_format"]
-    key = f"artifacts/{tenant_id}/{job_id}/attempt-{attempt}.{EXTENSIONS.get(artifact_format, 'bin')}"
+    key = f"artifacts/{tenant_id}/{job_id}/attempt-{attempt}.{extension_of(artifact_format)}"
     size = artifact_path.stat().st_size
     digest = _sha256(artifact_path)
     metrics = result["metrics"]
@@ -385,18 +335,8 @@ def _store_result(job_id: str, attempt: int, tenant_id: str, artifact_path: Path
     def record() -> str:
         with session_scope() as session:
             fidelity = metrics.get("fidelity") or {}
-            if not _fenced(
-                session,
-                job_id,
-                attempt,
-                status="succeeded",
-                progress=1.0,
-                stage="done",
-                finished_at=utcnow(),
-                lease_expires_at=None,
-                error=None,
-            ):
-                return "fenced"
+            if not job_states.succeed(session, job_id, attempt):
+                return FENCED
             session.add(
                 Artifact(
                     job_id=job_id,
@@ -425,8 +365,7 @@ def _store_result(job_id: str, attempt: int, tenant_id: str, artifact_path: Path
                     document=metrics,
                 )
             )
-            session.add(JobEvent(job_id=job_id, kind="state", data={"status": "succeeded"}))
-        return "succeeded"
+        return JobStatus.SUCCEEDED
 
     # the final write waits for the database: the artifact is already stored and the work is done
     try:
@@ -434,7 +373,7 @@ def _store_result(job_id: str, attempt: int, tenant_id: str, artifact_path: Path
     except Exception:
         store.delete(key)
         raise
-    if status == "fenced":
+    if status == FENCED:
         store.delete(key)
     return status
 

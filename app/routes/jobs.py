@@ -11,16 +11,18 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from app import jobs as service
 from app.db import get_read_session_factory, session_scope
 from app.deps import SessionDep, TenantDep, get_tenant
 from app.errors import ArtifactCorrupted, Conflict
+from app.job_states import TERMINAL, JobStatus
 from app.outbox import publish_now
-from app.schemas import ErrorBody, JobCreate, JobList, JobRead, JobStatus
+from app.repositories import jobs as jobs_repo
+from app.schemas import ErrorBody, JobCreate, JobList, JobRead
 from app.storage import get_store
-from app.tables import Artifact, Job, JobEvent
+from app.tables import Job, JobEvent
+from modelpress.artifact_formats import extension_of, media_type_of
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 409, 422, 429)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
@@ -121,7 +123,7 @@ def download_artifact(
     job_id: str, session: SessionDep, tenant: TenantDep, if_none_match: Annotated[str | None, Header()] = None
 ) -> Response:
     job = service.get_job(session, tenant, job_id)
-    artifact = session.scalar(select(Artifact).where(Artifact.job_id == job.id))
+    artifact = jobs_repo.artifact_of(session, job_id=job.id)
     if artifact is None:
         raise Conflict(f"job {job_id} has no artifact (status {job.status})")
     etag = f'"{artifact.sha256}"'
@@ -129,15 +131,14 @@ def download_artifact(
     if if_none_match == etag:
         return Response(status_code=304, headers={"ETag": etag})
     verify_stored_digest(artifact.storage_key, artifact.sha256)
-    extension = {"torchscript": "pt", "exported_program": "pt2"}.get(artifact.format, "pt")
     return StreamingResponse(
         get_store().iter_bytes(artifact.storage_key),
-        media_type="application/octet-stream",
+        media_type=media_type_of(artifact.format),
         headers={
             "ETag": etag,
             "Content-Length": str(artifact.size_bytes),
             "X-Artifact-Format": artifact.format,
-            "Content-Disposition": f'attachment; filename="{job.id}.{extension}"',
+            "Content-Disposition": f'attachment; filename="{job.id}.{extension_of(artifact.format)}"',
         },
     )
 
@@ -178,13 +179,9 @@ async def job_events(
     )
 
 
-def _read_events(job_id: str, after: int) -> tuple[list[JobEvent], str, float, str | None]:
+def _read_events(job_id: str, after: int) -> tuple[list[JobEvent], JobStatus, float, str | None]:
     with get_read_session_factory()() as session:
-        events = list(
-            session.scalars(
-                select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(500)
-            )
-        )
+        events = jobs_repo.events_after(session, job_id=job_id, after=after)
         job = session.get(Job, job_id)
         assert job is not None
         return events, job.status, job.progress, job.stage
@@ -201,7 +198,7 @@ async def _event_stream(job_id: str, after: int, request: Request) -> AsyncItera
         if (progress, stage) != last_progress:
             last_progress = (progress, stage)
             yield f"event: progress\ndata: {json.dumps({'progress': progress, 'stage': stage})}\n\n".encode()
-        if status in service.TERMINAL and not events:
+        if status in TERMINAL and not events:
             yield f"event: end\ndata: {json.dumps({'status': status})}\n\n".encode()
             return
         idle = 0 if events else idle + 1

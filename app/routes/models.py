@@ -6,11 +6,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from app import resources
 from app.deps import SessionDep, TenantDep
 from app.outbox import publish_now
+from app.repositories.owned import newest
 from app.schemas import DatasetList, DatasetRead, ErrorBody, ModelList, ModelRead
 from app.storage import get_store
 from app.tables import StoredDataset, StoredModel
@@ -57,12 +57,7 @@ def upload_model(
 def list_models(
     session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
 ) -> dict[str, Any]:
-    items = session.scalars(
-        select(StoredModel)
-        .where(StoredModel.tenant_id == tenant.id)
-        .order_by(StoredModel.created_at.desc())
-        .limit(limit)
-    ).all()
+    items = newest(session, StoredModel, tenant_id=tenant.id, limit=limit)
     return {"items": items, "next_cursor": None}
 
 
@@ -114,12 +109,7 @@ def upload_dataset(
 def list_datasets(
     session: SessionDep, tenant: TenantDep, limit: Annotated[int, Query(ge=1, le=200)] = 50
 ) -> dict[str, Any]:
-    items = session.scalars(
-        select(StoredDataset)
-        .where(StoredDataset.tenant_id == tenant.id)
-        .order_by(StoredDataset.created_at.desc())
-        .limit(limit)
-    ).all()
+    items = newest(session, StoredDataset, tenant_id=tenant.id, limit=limit)
     return {"items": items, "next_cursor": None}
 
 

@@ -9,15 +9,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import HTMLResponse
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import jobs as service
 from app.deps import SessionDep, TenantDep
-from app.errors import Invalid
+from app.errors import Invalid, NotFound
+from app.job_states import TERMINAL, JobStatus
+from app.repositories import jobs as jobs_repo
 from app.resources import get_model
 from app.schemas import ErrorBody
-from app.tables import Job, JobEvent, JobMetrics
+from app.tables import Job, JobMetrics
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 422, 429)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
@@ -75,23 +76,18 @@ _cache = _ChartCache(CACHED_JOBS)
 
 
 def _events(session: Session, job_id: str) -> list[tuple[str, dict[str, Any]]]:
-    rows = session.execute(
-        select(JobEvent.kind, JobEvent.data)
-        .where(JobEvent.job_id == job_id, JobEvent.kind.in_(("epoch", "trial")))
-        .order_by(JobEvent.id)
-    )
-    return [(kind, data or {}) for kind, data in rows]
+    return jobs_repo.events_of_kinds(session, job_id=job_id, kinds=("epoch", "trial"))
 
 
 def _charts(session: Session, job: Job, metrics: dict[str, Any] | None) -> list[Any]:
     from app.report import job_charts
 
     key = (job.id, str(job.finished_at))
-    cached = _cache.get(key) if job.status in service.TERMINAL else None
+    cached = _cache.get(key) if job.status in TERMINAL else None
     if cached is not None:
         return cached
     charts = job_charts(metrics, _events(session, job.id))
-    if job.status in service.TERMINAL:
+    if job.status in TERMINAL:
         _cache.put(key, charts)
     return charts
 
@@ -164,22 +160,17 @@ def compare_jobs(
         wanted = list(dict.fromkeys(i.strip() for i in ids.split(",") if i.strip()))
         if len(wanted) > MAX_COMPARED:
             raise Invalid(f"compare at most {MAX_COMPARED} jobs at once, got {len(wanted)}")
-        jobs = [service.get_job(session, tenant, job_id) for job_id in wanted]
+        jobs = jobs_repo.owned_by_ids(session, tenant_id=tenant.id, job_ids=wanted)
+        if missing := [job_id for job_id in wanted if job_id not in {j.id for j in jobs}]:
+            raise NotFound(f"no job {missing[0]!r}")
         others = [j.id for j in jobs if j.model_id != model.id]
         if others:
             raise Invalid(f"jobs {others} are not jobs of model {model.id}")
     else:
         jobs, _ = service.list_jobs(
-            session, tenant, status="succeeded", model_id=model.id, method=None, limit=MAX_COMPARED, cursor=None
+            session, tenant, status=JobStatus.SUCCEEDED, model_id=model.id, method=None, limit=MAX_COMPARED, cursor=None
         )
-    documents = (
-        {
-            m.job_id: m.document
-            for m in session.scalars(select(JobMetrics).where(JobMetrics.job_id.in_([j.id for j in jobs])))
-        }
-        if jobs
-        else {}
-    )
+    documents = jobs_repo.metrics_documents(session, job_ids=[j.id for j in jobs])
     rows = [compare_row(j.id, j.status, j.spec, documents.get(j.id)) for j in jobs]
     charts: list[ChartRead] = []
     if chart and any(r["size_bytes"] is not None for r in rows):

@@ -317,8 +317,9 @@ async function downloadArtifact(job) {
   const response = await fetch(`/v1/jobs/${job.id}/artifact`, { headers: authHeaders() });
   if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => ({})));
   const url = URL.createObjectURL(await response.blob());
-  const ext = job.artifact.format === "exported_program" ? "pt2" : "pt";
-  const link = h("a", { href: url, download: `${job.id}.${ext}` });
+  // the file name the API gives (its extension from modelpress/artifact_formats.py, the one format table)
+  const named = /filename="([^"]+)"/.exec(response.headers.get("Content-Disposition") || "");
+  const link = h("a", { href: url, download: named ? named[1] : `${job.id}.bin` });
   document.body.append(link);
   link.click();
   link.remove();

@@ -46,7 +46,7 @@ def test_dockerfile_installs_the_package_and_runs_as_non_root() -> None:
         "COPY app",
         "COPY worker",
         "COPY migrations",
-        "pip install .",
+        'pip install ".[server,worker]"',  # the bare package is the client only
         "USER modelpress",
         "EXPOSE 8000",
         "bubblewrap",
