@@ -15,7 +15,7 @@ from app.queue import INSPECT_MODEL
 from app.storage import get_store
 from app.tables import Artifact, Job, StoredDataset, StoredModel, Tenant, new_id
 from app.uploads import ReceivedFile
-from modelpress.architectures import architecture_names
+from modelpress.architectures import architecture_names, is_known_architecture
 from modelpress.catalog import MODEL_FORMATS
 from modelpress.formats import FormatError, check_model_file, sniff_dataset, sniff_model_format
 
@@ -53,9 +53,11 @@ def parse_architecture(raw: str | None) -> dict[str, Any] | None:
         raise Invalid('architecture must be an object with a "name" from the registry')
     if not isinstance(value.get("kwargs", {}), dict):
         raise Invalid("architecture.kwargs must be an object")
-    known = architecture_names()
-    if value["name"] not in known:
-        raise Invalid(f"unknown architecture {value['name']!r}; registered: {known}")
+    if not is_known_architecture(value["name"]):
+        raise Invalid(
+            f"unknown architecture {value['name']!r}; registered: {architecture_names()}, "
+            'or a library model as "torchvision.<model>" / "timm.<model>"'
+        )
     return {"name": value["name"], "kwargs": value.get("kwargs", {})}
 
 
@@ -132,6 +134,8 @@ def create_model(
     except FormatError as error:
         raise Invalid(f"not an accepted model file: {error}") from error
     architecture = parse_architecture(architecture_json)
+    if model_format == "huggingface" and architecture is not None:
+        raise Invalid("a huggingface folder is built from its config.json; send no architecture")
     if model_format in ("state_dict", "safetensors") and architecture is None:
         raise Invalid(
             f"a {model_format} upload holds weights only: send an architecture "

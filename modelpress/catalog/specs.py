@@ -14,9 +14,10 @@ OptionKind = Literal["float", "int", "bool", "str", "str_list", "object", "str_o
 Device = Literal["cpu", "cuda"]
 
 # Model formats as users upload them. state_dict and safetensors become eager
-# modules (a registered architecture), exported programs become graph modules.
-MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program")
-EAGER_FORMATS = ("state_dict", "safetensors", "exported_program")
+# modules (a registered architecture or a torchvision / timm model), huggingface (a zip or tar
+# of a save_pretrained folder) an eager transformers model, exported programs graph modules.
+MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program", "huggingface")
+EAGER_FORMATS = ("state_dict", "safetensors", "exported_program", "huggingface")
 OUTPUT_FORMATS = (
     "torchscript",
     "exported_program",

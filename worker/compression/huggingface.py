@@ -1,0 +1,145 @@
+"""Hugging Face `save_pretrained` folders: built from config.json by transformers, filled from the weights.
+
+The model class is the task head named in `config.architectures`, accepted only when
+transformers' own Auto classes map the config's `model_type` to it: never remote code,
+never the hub (HF_HUB_OFFLINE). Weights come from model.safetensors (sharded or not) or
+pytorch_model.bin (read with weights_only=True by transformers); every key must match.
+Runs only in the sandboxed child, after `model_folder.unpack_model_folder`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker.compression.base import EngineError
+from worker.compression.model_folder import unpack_model_folder
+
+FORMAT = "huggingface"
+MAX_CONFIG_BYTES = 1024 * 1024
+EXAMPLE_SEQUENCE = 16
+# forward arguments declared from the config, in the order a user would pass them
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _offline() -> None:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise EngineError(f"config.json is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EngineError(f"config.json is not JSON: {error}") from error
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise EngineError('config.json needs a "model_type" that transformers knows (bert, gpt2, vit, ...)')
+    if "quantization_config" in config:
+        raise EngineError("config.json names a quantization_config: upload the float model (save_pretrained)")
+    return config
+
+
+def _auto_class_names(model_type: str) -> set[str]:
+    """Every model class transformers' Auto classes map `model_type` to (AutoModel, ...ForX)."""
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for attribute, mapping in vars(modeling_auto).items():
+        if attribute.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
+            value = mapping.get(model_type)
+            names.update([value] if isinstance(value, str) else list(value or ()))
+    return names
+
+
+def _model_class(config: Any) -> type[nn.Module]:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    base = MODEL_MAPPING_NAMES.get(config.model_type)
+    # no head named: the bare model AutoModel builds (last_hidden_state)
+    name = architectures[0] if architectures else base if isinstance(base, str) else (base or ("",))[0]
+    known = _auto_class_names(config.model_type)
+    model_class = getattr(transformers, name, None) if name in known else None
+    if not isinstance(model_class, type) or not issubclass(model_class, transformers.PreTrainedModel):
+        raise EngineError(
+            f"config.architectures names {name!r}, which transformers' Auto classes do not build for "
+            f"model_type {config.model_type!r} (remote code is never run); heads it knows: {sorted(known)[:20]}"
+        )
+    return model_class
+
+
+def load_pretrained_folder(folder: Path) -> nn.Module:
+    """The model a save_pretrained folder holds, in float32, every weight matched."""
+    _offline()
+    _read_config(folder)
+    import transformers
+
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False, local_files_only=True)
+    except (ValueError, KeyError, OSError) as error:
+        raise EngineError(f"config.json could not be read by transformers: {error}") from error
+    model_class = _model_class(config)
+    try:
+        model, info = model_class.from_pretrained(  # type: ignore[attr-defined]
+            str(folder), config=config, local_files_only=True, dtype=torch.float32, output_loading_info=True
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise EngineError(f"{model_class.__name__} could not load the folder's weights: {error}") from error
+    problems = {k: sorted(info.get(k) or [])[:8] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        raise EngineError(
+            f"weights do not fit {model_class.__name__} built from config.json: "
+            + "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in problems.items() if v)
+        )
+    module: nn.Module = model.eval()
+    return module
+
+
+def load_archive(archive: Path) -> nn.Module:
+    """Unpack an uploaded zip / tar of a save_pretrained folder next to it and load the model."""
+    scratch = Path(tempfile.mkdtemp(prefix=archive.name + ".", dir=archive.parent))
+    try:
+        return load_pretrained_folder(unpack_model_folder(archive, scratch))
+    finally:
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def declared_inputs(model: nn.Module) -> list[dict[str, Any]] | None:
+    """The forward inputs a job feeds the model, from its config: token ids over the vocabulary
+    (plus an all-ones mask and token types where forward takes them), or images of the
+    configured size. None when the config says too little; the job then declares its own."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    parameters = inspect.signature(model.forward).parameters
+    dynamic = [0, 1]
+    vocab = getattr(config, "vocab_size", None)
+    if "input_ids" in parameters and isinstance(vocab, int) and vocab > 0:
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        sequence = (
+            min(EXAMPLE_SEQUENCE, positions) if isinstance(positions, int) and positions > 0 else EXAMPLE_SEQUENCE
+        )
+        found = [{"name": "input_ids", "shape": [1, sequence], "dtype": "int64", "low": 0, "high": vocab}]
+        if "attention_mask" in parameters:
+            found.append({"name": "attention_mask", "shape": [1, sequence], "dtype": "int64", "low": 1, "high": 2})
+        types = getattr(config, "type_vocab_size", None)
+        if "token_type_ids" in parameters and isinstance(types, int) and types > 0:
+            found.append({"name": "token_type_ids", "shape": [1, sequence], "dtype": "int64", "low": 0, "high": types})
+        return [dict(item, dynamic=dynamic) for item in found]
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
+    if "pixel_values" in parameters and isinstance(size, int) and isinstance(channels, int):
+        return [{"name": "pixel_values", "shape": [1, channels, size, size], "dtype": "float32", "dynamic": [0]}]
+    return None
