@@ -28,6 +28,16 @@ from worker.compression.registry import build_architecture
 from worker.compression.torchvision_ops import import_torchvision
 
 
+def require(module: str) -> None:
+    """torchvision and timm are worker dependencies: missing in CI is a failure, locally a skip."""
+    import importlib.util
+
+    from tests.conftest import IN_CI
+
+    if importlib.util.find_spec(module) is None:
+        (pytest.fail if IN_CI else pytest.skip)(f"{module} is not installed (pip install -e .)")
+
+
 def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
     noise = (reference.float() - output.float()).pow(2).mean()
     return float(10 * torch.log10(reference.float().pow(2).mean() / noise)) if float(noise) else math.inf
@@ -68,6 +78,7 @@ def zip_folder(folder: Path, archive: Path, inside: str = "tiny-bert") -> Path:
 
 
 def test_torchvision_resnet18_state_dict_static_int8(tmp_path: Path) -> None:
+    require("torchvision")
     torchvision = import_torchvision()
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
@@ -92,6 +103,7 @@ def test_torchvision_resnet18_state_dict_static_int8(tmp_path: Path) -> None:
 
 
 def test_timm_vit_safetensors_dynamic_int8(tmp_path: Path) -> None:
+    require("timm")
     import timm
 
     torch.manual_seed(0)
@@ -116,6 +128,7 @@ def test_timm_vit_safetensors_dynamic_int8(tmp_path: Path) -> None:
 
 
 def test_library_names_refuse_weight_sources_and_unknown_models() -> None:
+    require("timm")
     with pytest.raises(EngineError, match="would load weights"):
         build_architecture("torchvision.resnet18", {"weights": "IMAGENET1K_V1"})
     with pytest.raises(EngineError, match="would load weights"):
@@ -129,6 +142,7 @@ def test_library_names_refuse_weight_sources_and_unknown_models() -> None:
 
 
 def test_strict_loading_names_the_keys_that_do_not_fit(tmp_path: Path) -> None:
+    require("torchvision")
     torch.manual_seed(0)
     weights = build_architecture("torchvision.resnet18", {"num_classes": 10}).state_dict()
     torch.save(weights, tmp_path / "resnet18.pt")

@@ -30,8 +30,11 @@ TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _offline() -> None:
+    from worker.compression.torchvision_ops import declare_torchvision_ops
+
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    declare_torchvision_ops()  # transformers imports torchvision when it is installed
 
 
 def _read_config(folder: Path) -> dict[str, Any]:

@@ -8,6 +8,9 @@ kernels for at import lets it import; calling them would still fail, which no
 classification model does. Where the extension loads (a CPU build of torchvision), the real
 ops are used and nothing is declared.
 
+transformers imports torchvision by itself when it is installed, so the same declaration
+precedes every transformers import (`declare_torchvision_ops`).
+
 Worker-only: the API process never imports torch.
 """
 
@@ -46,17 +49,28 @@ def _extension_loads() -> bool:
     return True
 
 
+def declare_torchvision_ops() -> None:
+    """Make `import torchvision` work in this process, by whoever imports it next.
+
+    transformers imports torchvision on its own whenever it is installed (with Pillow), so
+    every process that imports transformers calls this first: the Hugging Face loader, the
+    test suite's conftest and the benchmarks. Does nothing when torchvision is not installed,
+    already imported, or has a C++ extension that loads.
+    """
+    if "torchvision" in sys.modules or _op_exists("nms") or importlib.util.find_spec("torchvision") is None:
+        return
+    if _extension_loads():
+        return
+    library = torch.library.Library("torchvision", "FRAGMENT")  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+    for schema in _SCHEMAS:
+        if not _op_exists(schema.split("(")[0]):
+            library.define(schema)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+    _declared.append(library)
+
+
 def import_torchvision() -> ModuleType:
     """`import torchvision`, declaring its detection ops first when its C++ extension cannot load."""
-    if "torchvision" in sys.modules:
-        loaded: ModuleType = sys.modules["torchvision"]
-        return loaded
-    if not _op_exists("nms") and not _extension_loads():
-        library = torch.library.Library("torchvision", "FRAGMENT")  # type: ignore[no-untyped-call]  # torch leaves this unannotated
-        for schema in _SCHEMAS:
-            if not _op_exists(schema.split("(")[0]):
-                library.define(schema)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
-        _declared.append(library)
+    declare_torchvision_ops()
     import torchvision
 
     module: ModuleType = torchvision
