@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import re
 from importlib.metadata import entry_points
+from typing import Any
 
 BUILTIN_ARCHITECTURES = ("mlp", "lenet5")
 ENTRY_POINT_GROUP = "modelpress.architectures"
-LIBRARY_PREFIXES = ("torchvision", "timm")
-# torchvision's names are lower-case identifiers; timm's may carry a dotted tag ("vit_tiny_patch16_224.augreg_in21k")
-_LIBRARY_MODEL = re.compile(r"^(torchvision)\.[a-z][a-z0-9_]{0,63}$|^(timm)\.[a-z][a-z0-9_]{0,63}(\.[a-z0-9_]{1,64})?$")
+LIBRARY_PREFIXES = ("torchvision", "timm", "transformers")
+# torchvision's names are lower-case identifiers; timm's may carry a dotted tag ("vit_tiny_patch16_224.augreg_in21k");
+# transformers' are class names ("AutoModel", "BertForSequenceClassification")
+_LIBRARY_MODEL = re.compile(
+    r"^torchvision\.[a-z][a-z0-9_]{0,63}$"
+    r"|^timm\.[a-z][a-z0-9_]{0,63}(\.[a-z0-9_]{1,64})?$"
+    r"|^transformers\.[A-Z][A-Za-z0-9]{0,79}$"
+)
 
 
 def is_library_model_name(name: str) -> bool:
@@ -30,3 +36,17 @@ def architecture_names() -> list[str]:
 
 def is_known_architecture(name: str) -> bool:
     return is_library_model_name(name) or name in architecture_names()
+
+
+def normalise_architecture(value: dict[str, Any]) -> dict[str, Any]:
+    """`{"library": "torchvision", "name": "resnet18", "kwargs": {...}}` as `{"name": "torchvision.resnet18", ...}`;
+    a transformers `"config"` travels in kwargs. Other forms are returned as they are."""
+    library = value.get("library")
+    if library is None:
+        return value
+    if library not in LIBRARY_PREFIXES:
+        raise ValueError(f"architecture.library must be one of {list(LIBRARY_PREFIXES)}, got {library!r}")
+    kwargs = dict(value.get("kwargs") or {})
+    if "config" in value:
+        kwargs["config"] = value["config"]
+    return {"name": f"{library}.{value.get('name')}", "kwargs": kwargs}

@@ -257,3 +257,32 @@ def test_config_naming_a_class_transformers_does_not_define_is_refused(tmp_path:
     archive = zip_folder(tmp_path / "saved", tmp_path / "bert.zip")
     with pytest.raises(EngineError, match="Auto classes do not build"):
         load_model(archive, "huggingface", None)
+
+
+def test_transformers_architecture_with_config_loads_a_tied_gpt2_state_dict(tmp_path: Path) -> None:
+    """`{"library": "transformers", "name": "AutoModelForCausalLM", "config": {...}}` + safetensors that,
+    as safetensors must, store GPT-2's tied LM head once."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from modelpress.architectures import normalise_architecture
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=90, n_positions=32, n_embd=32, n_layer=2, n_head=2)
+    model = GPT2LMHeadModel(config).eval()
+    weights = {k: v.clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(weights, str(tmp_path / "gpt2.safetensors"))
+    architecture = normalise_architecture(
+        {"library": "transformers", "name": "AutoModelForCausalLM", "config": config.to_dict()}
+    )
+    assert architecture["name"] == "transformers.AutoModelForCausalLM"
+    loaded, kind = load_model(tmp_path / "gpt2.safetensors", "safetensors", architecture)
+    assert kind == "eager" and loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    ids = torch.randint(0, 90, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    declared = declared_inputs(loaded)
+    assert declared is not None and [i["name"] for i in declared] == ["input_ids", "attention_mask"]
+    del weights["transformer.h.0.attn.c_attn.weight"]
+    save_file(weights, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(EngineError, match=r"missing \['transformer.h.0.attn.c_attn.weight'\]"):
+        load_model(tmp_path / "broken.safetensors", "safetensors", architecture)

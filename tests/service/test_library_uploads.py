@@ -139,6 +139,14 @@ def test_upload_checks_library_names_and_archive_paths(api: Api, tmp_path: Path)
     torch.save({"w": torch.zeros(2)}, weights)
     accepted = post("w.pt", weights.getvalue(), architecture=json.dumps({"name": "timm.vit_tiny_patch16_224"}))
     assert accepted.status_code == 201, accepted.text
+    as_library = post(
+        "w.pt", weights.getvalue(), architecture=json.dumps({"library": "torchvision", "name": "resnet18"})
+    )
+    assert as_library.status_code == 201 and as_library.json()["architecture"]["name"] == "torchvision.resnet18"
+    no_config = post(
+        "w.pt", weights.getvalue(), architecture=json.dumps({"library": "transformers", "name": "AutoModel"})
+    )
+    assert no_config.status_code == 422 and '"config"' in no_config.json()["detail"]
     for name in ("torchvision.os.system", "torchvision.", "keras.resnet"):
         refused = post("w.pt", weights.getvalue(), architecture=json.dumps({"name": name}))
         assert refused.status_code == 422 and "unknown architecture" in refused.json()["detail"], name

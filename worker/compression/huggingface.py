@@ -120,6 +120,11 @@ def load_archive(archive: Path) -> nn.Module:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def is_transformers_upload(model_format: str, architecture: dict[str, Any] | None) -> bool:
+    """A save_pretrained folder, or weights named with a `transformers.<class>` architecture."""
+    return model_format == FORMAT or str((architecture or {}).get("name", "")).startswith("transformers.")
+
+
 def declared_inputs(model: nn.Module) -> list[dict[str, Any]] | None:
     """The forward inputs a job feeds the model, from its config: token ids over the vocabulary
     (plus an all-ones mask and token types where forward takes them), or images of the
@@ -146,3 +151,53 @@ def declared_inputs(model: nn.Module) -> list[dict[str, Any]] | None:
     if "pixel_values" in parameters and isinstance(size, int) and isinstance(channels, int):
         return [{"name": "pixel_values", "shape": [1, channels, size, size], "dtype": "float32", "dynamic": [0]}]
     return None
+
+
+def build_from_config(class_name: str, config_fields: dict[str, Any]) -> nn.Module:
+    """`transformers.<class_name>` for a config given as JSON (architecture `{"library": "transformers"}`).
+
+    `class_name` is an Auto class ("AutoModel", "AutoModelForSequenceClassification") or a
+    head transformers' Auto classes build for the config's model_type. Random weights: the
+    upload's state_dict fills them.
+    """
+    _offline()
+    import transformers
+
+    fields = dict(config_fields)
+    model_type = fields.pop("model_type", None)
+    if not isinstance(model_type, str):
+        raise EngineError('a transformers architecture needs "config" with a "model_type" (bert, gpt2, vit, ...)')
+    if "quantization_config" in fields or "auto_map" in fields:
+        raise EngineError("the config may not name a quantization_config or remote code (auto_map)")
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **fields)
+    except (ValueError, KeyError, TypeError) as error:
+        raise EngineError(f"transformers could not build a {model_type!r} config: {error}") from error
+    if class_name.startswith("Auto"):
+        auto = getattr(transformers, class_name, None)
+        if not isinstance(auto, type) or not hasattr(auto, "from_config") or class_name == "AutoConfig":
+            raise EngineError(f"transformers has no Auto model class {class_name!r}")
+        try:
+            built: nn.Module = auto.from_config(config)
+        except ValueError as error:
+            raise EngineError(f"{class_name} cannot build a {model_type!r} model: {error}") from error
+        return built.eval()
+    config.architectures = [class_name]
+    model_class = _model_class(config)
+    built = model_class(config)
+    return built.eval()
+
+
+def load_weights(module: nn.Module, weights: dict[str, torch.Tensor], label: str) -> None:
+    """load_state_dict, strict but for weights tied to a loaded one (GPT-2's LM head and embedding):
+    `save_pretrained` and safetensors store a tied weight once."""
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    tie = getattr(module, "tie_weights", None)
+    if callable(tie):
+        tie()
+    loaded = {t.data_ptr() for k, t in module.state_dict().items() if k in weights}
+    untied = [k for k in missing if module.state_dict()[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise EngineError(
+            f"weights do not fit architecture {label!r}: missing {sorted(untied)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )

@@ -66,6 +66,11 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
         else:
             weights = load_state_dict_file(path)
         module = build_architecture(architecture["name"], architecture.get("kwargs") or {})
+        if architecture["name"].startswith("transformers."):
+            from worker.compression.huggingface import load_weights
+
+            load_weights(module, weights, architecture["name"])
+            return module.eval(), "eager"
         try:
             module.load_state_dict(weights, strict=True)
         except RuntimeError as error:

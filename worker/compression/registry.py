@@ -161,7 +161,17 @@ def _build_timm(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
     return module
 
 
+def _build_transformers(class_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    from worker.compression.huggingface import build_from_config
+
+    config = kwargs.get("config")
+    if not isinstance(config, dict) or set(kwargs) != {"config"}:
+        raise EngineError(f'architecture "transformers.{class_name}" takes one argument, "config" (an object)')
+    return build_from_config(class_name, config)
+
+
 LIBRARY_BUILDERS: dict[str, Callable[[str, dict[str, Any]], nn.Module]] = {
     "torchvision": _build_torchvision,
     "timm": _build_timm,
+    "transformers": _build_transformers,
 }
