@@ -6,11 +6,17 @@ export would bake in; a zipped `save_pretrained` folder for the Hugging Face mod
 inputs then come from config.json) and through each scheme as one engine job
 (`worker.compression.pipeline.run_job`, one thread). A cell is the job's own report: size
 ratio, speedup of the p50 latency, SQNR over every output; or the sentence it was refused with.
+Each model runs in a child process (`python -m bench.zoo_matrix MODEL SCHEME...`): a native crash
+is recorded as the cell's outcome and the remaining schemes run in a fresh child.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import signal
+import subprocess
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -114,27 +120,51 @@ def _show(cell: dict[str, Any]) -> str:
     return f"{cell['size_ratio']:.2f}× · {cell['speedup']:.2f}× · {sqnr_text}"
 
 
+def _run_model(name: str, schemes: list[str], scratch: Path) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Cells of one model, each scheme in a child process; a crash costs only the scheme it hit."""
+    cells: dict[str, dict[str, Any]] = {}
+    fmt = "?"
+    remaining = list(schemes)
+    while remaining:
+        child = subprocess.run(
+            [sys.executable, "-m", "bench.zoo_matrix", name, str(scratch), *remaining],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        for line in child.stdout.splitlines():
+            if line.startswith("{"):
+                message = json.loads(line)
+                fmt = message["format"]
+                cells[message["scheme"]] = message["cell"]
+        remaining = [s for s in schemes if s not in cells]
+        if remaining and child.returncode != 0:
+            code = child.returncode
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+            last = (child.stderr.strip().splitlines() or ["no output"])[-1][:160]
+            cells[remaining.pop(0)] = {"outcome": "crashed", "reason": f"the process crashed ({how}): {last}"}
+        elif remaining:
+            break
+    return fmt, cells
+
+
+def _show_cell(cell: dict[str, Any]) -> str:
+    return cell["outcome"] if cell["outcome"] != "ok" else _show(cell)
+
+
 def run(size: Any, assets: Any) -> dict[str, Any]:
     from tests import zoo
-    from worker.compression.torchvision_ops import declare_torchvision_ops
 
-    declare_torchvision_ops()  # transformers imports torchvision when it is installed
-    torch.manual_seed(0)
     # tiny (the smoke test): the Hugging Face path alone
     names = [n for n in zoo.NAMES if n != "tiny_mlp"] if size.name != "tiny" else ["bert"]
+    schemes = [scheme for _, scheme, _ in SCHEMES]
     matrix: dict[str, dict[str, Any]] = {}
     formats: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as scratch:
         for name in names:
-            entry = zoo.build(name)
-            folder = Path(scratch) / name
-            folder.mkdir()
-            path, fmt = _upload(entry, folder)
-            formats[name] = fmt
-            matrix[name] = {scheme: _cell(method, scheme, opts, path, fmt, entry) for method, scheme, opts in SCHEMES}
-    schemes = [scheme for _, scheme, _ in SCHEMES]
+            formats[name], matrix[name] = _run_model(name, schemes, Path(scratch))
     refusals = [
-        f"{name} × {scheme}: {cell['reason']}"
+        f"{name} × {scheme}: {cell['outcome']}: {cell['reason']}"
         for name, row in matrix.items()
         for scheme, cell in row.items()
         if cell["outcome"] != "ok"
@@ -145,8 +175,9 @@ def run(size: Any, assets: Any) -> dict[str, Any]:
             "Each zoo model (tests/zoo.py: tiny seeded random-init torchvision / timm / Hugging Face look-alikes "
             "and the real transformers BERT and GPT-2) as one upload, through each scheme as one engine job at one "
             "thread. A cell: size ratio (original / artifact) · speedup (p50 latency, original / compressed) · SQNR "
-            "over every output, all as the job reported them; `refused` names its reason below. Each job gets 32 "
-            "seeded random samples of its inputs as calibration data. Random weights: SQNR and speed, not accuracy."
+            "over every output, all as the job reported them; `refused` / `crashed` name their reason below. Each "
+            "job gets 32 seeded random samples of its inputs as calibration data. Random weights: SQNR and speed, "
+            "not accuracy."
         ),
         "command": "python -m bench.run --only zoo",
         "matrix": matrix,
@@ -155,8 +186,37 @@ def run(size: Any, assets: Any) -> dict[str, Any]:
             {
                 "title": "Model × scheme",
                 "columns": ["model (upload)", *schemes],
-                "rows": [[f"{name} ({formats[name]})", *(_show(matrix[name][s]) for s in schemes)] for name in matrix],
+                "rows": [
+                    [
+                        f"{name} ({formats[name]})",
+                        *(_show_cell(matrix[name].get(s, {"outcome": "not run"})) for s in schemes),
+                    ]
+                    for name in matrix
+                ],
             }
         ],
         "notes": refusals,
     }
+
+
+def _child(name: str, scratch: str, schemes: list[str]) -> None:
+    """One model's cells, one JSON line each as it finishes (the parent survives a crash)."""
+    import warnings
+
+    from tests import zoo
+    from worker.compression.torchvision_ops import declare_torchvision_ops
+
+    warnings.simplefilter("ignore")
+    declare_torchvision_ops()  # transformers imports torchvision when it is installed
+    torch.set_num_threads(1)
+    entry = zoo.build(name)
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=scratch))
+    path, fmt = _upload(entry, folder)
+    for method, scheme, options in SCHEMES:
+        if scheme in schemes:
+            cell = _cell(method, scheme, options, path, fmt, entry)
+            print(json.dumps({"scheme": scheme, "format": fmt, "cell": cell}, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2], sys.argv[3:])
