@@ -127,28 +127,35 @@ def is_transformers_upload(model_format: str, architecture: dict[str, Any] | Non
 
 def declared_inputs(model: nn.Module) -> list[dict[str, Any]] | None:
     """The forward inputs a job feeds the model, from its config: token ids over the vocabulary
-    (plus an all-ones mask and token types where forward takes them), or images of the
+    (plus an all-ones mask and token types where forward takes them next), or images of the
     configured size. None when the config says too little; the job then declares its own."""
     config = getattr(model, "config", None)
     if config is None:
         return None
-    parameters = inspect.signature(model.forward).parameters
-    dynamic = [0, 1]
+    # inputs are passed positionally: only a prefix of forward's parameters can be declared
+    # (GPT-2's second parameter is past_key_values, so it gets input_ids alone)
+    parameters = list(inspect.signature(model.forward).parameters)
     vocab = getattr(config, "vocab_size", None)
-    if "input_ids" in parameters and isinstance(vocab, int) and vocab > 0:
+    if parameters[:1] == ["input_ids"] and isinstance(vocab, int) and vocab > 0:
         positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        sequence = (
-            min(EXAMPLE_SEQUENCE, positions) if isinstance(positions, int) and positions > 0 else EXAMPLE_SEQUENCE
-        )
-        found = [{"name": "input_ids", "shape": [1, sequence], "dtype": "int64", "low": 0, "high": vocab}]
-        if "attention_mask" in parameters:
-            found.append({"name": "attention_mask", "shape": [1, sequence], "dtype": "int64", "low": 1, "high": 2})
+        sequence = EXAMPLE_SEQUENCE
+        if isinstance(positions, int) and positions > 0:
+            sequence = min(sequence, positions)
+        ranges = {"input_ids": (0, vocab), "attention_mask": (1, 2)}
         types = getattr(config, "type_vocab_size", None)
-        if "token_type_ids" in parameters and isinstance(types, int) and types > 0:
-            found.append({"name": "token_type_ids", "shape": [1, sequence], "dtype": "int64", "low": 0, "high": types})
-        return [dict(item, dynamic=dynamic) for item in found]
+        if isinstance(types, int) and types > 0:
+            ranges["token_type_ids"] = (0, types)
+        found = []
+        for name in parameters:
+            if name not in ranges:
+                break
+            low, high = ranges[name]
+            found.append(
+                {"name": name, "shape": [1, sequence], "dtype": "int64", "low": low, "high": high, "dynamic": [0, 1]}
+            )
+        return found
     size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", None)
-    if "pixel_values" in parameters and isinstance(size, int) and isinstance(channels, int):
+    if parameters[:1] == ["pixel_values"] and isinstance(size, int) and isinstance(channels, int):
         return [{"name": "pixel_values", "shape": [1, channels, size, size], "dtype": "float32", "dynamic": [0]}]
     return None
 
