@@ -83,6 +83,11 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
         raise Invalid(str(error)) from error
     # a job that declares no inputs takes those declared with the model at upload
     inputs = declared if declared is not None else (model.inputs if job_in.example_input_shape is None else None)
+    if model.format == "huggingface" and model.status == "pending" and not inputs and dataset is None:
+        raise Invalid(
+            f"model {model.id} is still being inspected: its inputs are read from its config.json then; "
+            "submit once the model is ready, or declare inputs"
+        )
     if job_in.example_input_shape is None and not inputs and dataset is None and evaluation is None:
         raise Invalid("example_input_shape (or inputs) is required when no dataset gives the input shape")
     if job_in.example_input_shape is not None and any(d <= 0 for d in job_in.example_input_shape):

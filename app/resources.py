@@ -16,7 +16,7 @@ from app.repositories.owned import get_owned, stored_bytes
 from app.storage import get_store
 from app.tables import StoredDataset, StoredModel, Tenant, new_id
 from app.uploads import ReceivedFile
-from modelpress.architectures import architecture_names
+from modelpress.architectures import architecture_names, is_known_architecture, normalise_architecture
 from modelpress.catalog import MODEL_FORMATS
 from modelpress.formats import FormatError, check_model_file, sniff_dataset, sniff_model_format
 
@@ -36,11 +36,19 @@ def parse_architecture(raw: str | None) -> dict[str, Any] | None:
         raise Invalid(f'architecture must be JSON like {{"name": "mlp", "kwargs": {{...}}}}: {error}') from error
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         raise Invalid('architecture must be an object with a "name" from the registry')
-    if not isinstance(value.get("kwargs", {}), dict):
-        raise Invalid("architecture.kwargs must be an object")
-    known = architecture_names()
-    if value["name"] not in known:
-        raise Invalid(f"unknown architecture {value['name']!r}; registered: {known}")
+    if not isinstance(value.get("kwargs", {}), dict) or not isinstance(value.get("config", {}), dict):
+        raise Invalid("architecture.kwargs and architecture.config must be objects")
+    try:
+        value = normalise_architecture(value)
+    except ValueError as error:
+        raise Invalid(str(error)) from error
+    if value["name"].startswith("transformers.") and not isinstance(value["kwargs"].get("config"), dict):
+        raise Invalid('a transformers architecture needs "config": the model\'s config.json as an object')
+    if not is_known_architecture(value["name"]):
+        raise Invalid(
+            f"unknown architecture {value['name']!r}; registered: {architecture_names()}, "
+            'or a library model as "torchvision.<model>" / "timm.<model>" / "transformers.<class>"'
+        )
     return {"name": value["name"], "kwargs": value.get("kwargs", {})}
 
 
@@ -106,6 +114,8 @@ def create_model(
     except FormatError as error:
         raise Invalid(f"not an accepted model file: {error}") from error
     architecture = parse_architecture(architecture_json)
+    if model_format == "huggingface" and architecture is not None:
+        raise Invalid("a huggingface folder is built from its config.json; send no architecture")
     if model_format in ("state_dict", "safetensors") and architecture is None:
         raise Invalid(
             f"a {model_format} upload holds weights only: send an architecture "

@@ -3,7 +3,8 @@
 Sections: quality (compression on digits), peers (ours vs direct library calls),
 service (the service's own cost), api (HTTP latency and uploads), readpath (job reads
 against a bare FastAPI endpoint, with wrk), gpu (bench/gpu.py;
-skipped without CUDA), targets (torch / ONNX Runtime / ExecuTorch artifacts of one model). Results of sections not run are kept from bench/results.json,
+skipped without CUDA), targets (torch / ONNX Runtime / ExecuTorch artifacts of one model), zoo (every
+zoo model against the main CPU schemes). Results of sections not run are kept from bench/results.json,
 so `--only` refreshes part of the report.
 """
 
@@ -31,7 +32,7 @@ from bench.common import (
     single_thread,
 )
 
-SECTIONS = ("quality", "peers", "service", "api", "readpath", "gpu", "targets")
+SECTIONS = ("quality", "peers", "service", "api", "readpath", "gpu", "targets", "zoo")
 DEFAULT_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 DEFAULT_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
@@ -134,6 +135,10 @@ def _run_section(name: str, size: Any, assets: Any, work: Path, pool: Any) -> di
         from bench import targets
 
         return targets.run(size, assets)
+    if name == "zoo":
+        from bench import zoo_matrix
+
+        return zoo_matrix.run(size, assets)
     raise ValueError(f"unknown section {name!r}; sections: {SECTIONS}")
 
 

@@ -14,6 +14,9 @@ import torch
 
 def main() -> None:
     warnings.simplefilter("ignore")
+    from worker.compression.torchvision_ops import declare_torchvision_ops
+
+    declare_torchvision_ops()  # transformers imports torchvision when it is installed
     from transformers import BertConfig, BertModel
 
     from worker.compression.base import Dataset, StageContext

@@ -315,7 +315,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p = command(models, "upload", _cmd_models_upload, "upload a model file")
     p.add_argument("file")
     p.add_argument("--name")
-    p.add_argument("--format", choices=["torchscript", "state_dict", "safetensors", "exported_program"])
+    p.add_argument("--format", choices=["torchscript", "state_dict", "safetensors", "exported_program", "huggingface"])
     p.add_argument("--architecture", help='JSON (or a JSON file): {"name": "mlp", "kwargs": {...}}')
     p = command(models, "list", _cmd_models_list, "list models")
     p.add_argument("--limit", type=int, default=50)
@@ -371,7 +371,7 @@ def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--name", help="name of the uploaded model")
     p.add_argument(
         "--format",
-        choices=["torchscript", "state_dict", "safetensors", "exported_program"],
+        choices=["torchscript", "state_dict", "safetensors", "exported_program", "huggingface"],
         help="model format (detected when absent)",
     )
     p.add_argument("--architecture", help="for weight-only formats: JSON or a JSON file")

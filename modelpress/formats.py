@@ -103,12 +103,33 @@ def check_safetensors(path: Path) -> dict[str, Any]:
     return header
 
 
+# compressed tar archives (gzip, bzip2, xz); a plain tar says "ustar" at offset 257
+TAR_COMPRESSION_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
+def _is_tar(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(262)
+    return head.startswith(TAR_COMPRESSION_MAGIC) or head[257:262] == b"ustar"
+
+
+def _is_model_folder_zip(names: list[str]) -> bool:
+    """A zip of a save_pretrained folder: config.json at its root or in one folder."""
+    return any(n == "config.json" or (n.count("/") == 1 and n.endswith("/config.json")) for n in names)
+
+
 def sniff_model_format(path: Path, max_total_bytes: int) -> str:
-    """Guess the format of an uploaded model from its structure, without unpickling."""
+    """Guess the format of an uploaded model from its structure, without unpickling.
+
+    A tar of a model folder is only recognised by its magic bytes here: its members are
+    checked (paths, links, sizes) where it is unpacked, in the worker's sandbox.
+    """
     with open(path, "rb") as handle:
         magic = handle.read(8)
     if magic[:2] == b"PK":
         names = check_zip(path, max_total_bytes)
+        if _is_model_folder_zip(names):
+            return "huggingface"
         if any(
             n.endswith("serialized_exported_program.json")
             or "/models/" in n
@@ -122,10 +143,15 @@ def sniff_model_format(path: Path, max_total_bytes: int) -> str:
         if any(n.endswith("data.pkl") for n in names):
             return "state_dict"
         raise FormatError("zip archive is neither TorchScript, torch.save nor torch.export output")
+    if _is_tar(path):
+        return "huggingface"
     if len(magic) == 8:
         check_safetensors(path)
         return "safetensors"
-    raise FormatError("file is not a PyTorch model (TorchScript, state_dict, safetensors or exported program)")
+    raise FormatError(
+        "file is not a PyTorch model (TorchScript, state_dict, safetensors, exported program, "
+        "or a zip / tar of a Hugging Face save_pretrained folder)"
+    )
 
 
 def check_model_file(path: Path, declared_format: str, max_total_bytes: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 from collections.abc import Iterator
@@ -12,6 +13,12 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 POSTGRES_ADMIN_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+if importlib.util.find_spec("torchvision") is not None:
+    # transformers imports torchvision by itself; PyPI's CUDA torchvision needs its ops declared on CPU torch first
+    from worker.compression.torchvision_ops import declare_torchvision_ops
+
+    declare_torchvision_ops()
 
 
 def unavailable(what: str, error: Exception) -> None:

@@ -100,6 +100,22 @@ def test_quality_peers_and_gpu_sections_run_in_process(tmp_path: Path) -> None:
         assert needle in markdown, needle
 
 
+def test_zoo_matrix_section_records_every_cell(tmp_path: Path) -> None:
+    results, markdown = _run(tmp_path, ["zoo"], postgres_url=None, redis_url=None)
+    section = results["sections"]["zoo"]
+    cells = [cell for row in section["matrix"].values() for cell in row.values()]
+    assert cells and all(cell["outcome"] in ("ok", "refused") for cell in cells)
+    for cell in cells:
+        if cell["outcome"] == "ok":
+            _positive(cell["size_ratio"], "size_ratio")
+            _positive(cell["speedup"], "speedup")
+        else:
+            assert cell["reason"], cell
+    assert section["matrix"]["bert"]["dynamic_int8"]["outcome"] == "ok"
+    assert section["formats"]["bert"] == "huggingface"
+    assert "The model zoo against the main schemes" in markdown
+
+
 def test_service_and_api_sections_embedded(tmp_path: Path) -> None:
     results, markdown = _run(tmp_path, ["service", "api"], postgres_url=None, redis_url=None)
     _all_numbers_finite(results)

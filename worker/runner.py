@@ -402,6 +402,10 @@ def inspect_model(model_id: str) -> str:
                 return "gone"
             if outcome.ok:
                 model.status, model.inspection = "ready", outcome.result
+                # a Hugging Face folder's config says what its forward takes (token ids, mask, images)
+                declared = (outcome.result or {}).get("declared_inputs")
+                if model.inputs is None and declared:
+                    model.inputs = declared
             else:
                 model.status = "rejected"
                 model.inspection = {"error": (outcome.error or {}).get("detail", "could not be loaded")}

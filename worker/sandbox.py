@@ -106,6 +106,10 @@ def _clean_environment(scratch: Path, threads: int) -> dict[str, str]:
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor"),
+        # transformers and timm never reach for the hub: models are built from the upload alone
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(scratch / "huggingface"),
     }
 
 

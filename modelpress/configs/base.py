@@ -20,8 +20,8 @@ Device = Literal["cpu", "cuda"]
 
 # Model formats as users upload them. state_dict and safetensors become eager
 # modules (a registered architecture), exported programs become graph modules.
-MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program")
-EAGER_FORMATS = ("state_dict", "safetensors", "exported_program")
+MODEL_FORMATS = ("torchscript", "state_dict", "safetensors", "exported_program", "huggingface")
+EAGER_FORMATS = ("state_dict", "safetensors", "exported_program", "huggingface")
 
 
 class SpecError(ValueError):

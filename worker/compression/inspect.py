@@ -46,6 +46,12 @@ def inspect_model(
     }
     if kind == "torchscript" and inputs:
         found.update(_try_graph_conversion(model, inputs))
+    from worker.compression.huggingface import declared_inputs, is_transformers_upload
+
+    if is_transformers_upload(model_format, architecture):
+        # the worker records these as the model's inputs when the upload declared none
+        found["declared_inputs"] = declared_inputs(model)
+        found["model_class"] = type(model).__name__
     return found
 
 

@@ -52,6 +52,10 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
             raise EngineError(f"TorchScript archive could not be loaded: {error}") from error
     if model_format == "exported_program":
         return tie_shared_parameters(load_exported_program(path).module()), "graph"
+    if model_format == "huggingface":
+        from worker.compression.huggingface import load_archive
+
+        return load_archive(path), "eager"
     if model_format in ("state_dict", "safetensors"):
         if not architecture or "name" not in architecture:
             raise EngineError(f"a {model_format} upload needs an architecture from the registry")
@@ -62,6 +66,11 @@ def load_model(path: Path, model_format: str, architecture: dict[str, Any] | Non
         else:
             weights = load_state_dict_file(path)
         module = build_architecture(architecture["name"], architecture.get("kwargs") or {})
+        if architecture["name"].startswith("transformers."):
+            from worker.compression.huggingface import load_weights
+
+            load_weights(module, weights, architecture["name"])
+            return module.eval(), "eager"
         try:
             module.load_state_dict(weights, strict=True)
         except RuntimeError as error:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -130,6 +131,12 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         raise EngineError("the job targets cuda but this worker has no CUDA device")
     reporter.progress(0.01, "loading")
     model, kind = load_model(Path(request.model.path), request.model.format, request.model.architecture)
+    if request.inputs is None and request.example_input_shape is None:
+        from worker.compression.huggingface import declared_inputs, is_transformers_upload
+
+        # a transformers config says what the model takes: token ids over its vocabulary, or images
+        if is_transformers_upload(request.model.format, request.model.architecture):
+            request = dataclasses.replace(request, inputs=declared_inputs(model))
     signature = request.signature
     train = load_dataset(Path(request.dataset_path), signature) if request.dataset_path else None
     evaluation = load_dataset(Path(request.eval_dataset_path), signature) if request.eval_dataset_path else None

@@ -2,7 +2,10 @@
 
 Built in: `mlp` and `lenet5`. Teams add their own classes through the
 `modelpress.architectures` entry-point group of an installed package; import
-paths sent over HTTP are never honoured.
+paths sent over HTTP are never honoured. The public libraries' constructors are
+named `torchvision.<model>` (torchvision.models.get_model) and `timm.<model>`
+(timm.create_model), always without pretrained weights: nothing is downloaded, the
+upload's state_dict is the only source of weights.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ class LeNet5(nn.Module):
 
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "lenet5": LeNet5}
-from modelpress.architectures import ENTRY_POINT_GROUP  # noqa: E402
+from modelpress.architectures import ENTRY_POINT_GROUP, is_library_model_name  # noqa: E402
 
 
 def available_architectures() -> dict[str, Callable[..., nn.Module]]:
@@ -81,11 +84,17 @@ def available_architectures() -> dict[str, Callable[..., nn.Module]]:
 
 
 def build_architecture(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """Instantiate a registered architecture by name.
+    """Instantiate a registered architecture, or a torchvision / timm model, by name.
 
     Example:
         >>> build_architecture("mlp", {"widths": [64, 32, 10]})
+        >>> build_architecture("torchvision.resnet18", {"num_classes": 10})
     """
+    library, _, model_name = name.partition(".")
+    if model_name and library in LIBRARY_BUILDERS:
+        if not is_library_model_name(name):
+            raise EngineError(f"{name!r} is not a {library} model name")
+        return LIBRARY_BUILDERS[library](model_name, dict(kwargs or {}))
     registry = available_architectures()
     if name not in registry:
         raise EngineError(f"unknown architecture {name!r}; registered: {sorted(registry)}")
@@ -93,3 +102,76 @@ def build_architecture(name: str, kwargs: dict[str, Any] | None = None) -> nn.Mo
         return registry[name](**(kwargs or {}))
     except TypeError as error:
         raise EngineError(f"architecture {name!r} rejected its kwargs: {error}") from error
+
+
+# Keyword arguments that would fetch or read weights from somewhere other than the upload.
+WEIGHT_SOURCE_KWARGS = frozenset(
+    {"weights", "weights_backbone", "pretrained", "pretrained_backbone", "pretrained_cfg", "pretrained_cfg_overlay"}
+    | {"checkpoint_path", "pretrained_strict", "cache_dir"}
+)
+
+
+def _refuse_weight_sources(name: str, kwargs: dict[str, Any]) -> None:
+    found = sorted(WEIGHT_SOURCE_KWARGS & set(kwargs))
+    if found:
+        raise EngineError(
+            f"architecture {name!r}: {found} would load weights from elsewhere; the uploaded file holds the weights"
+        )
+
+
+def _build_torchvision(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import inspect
+
+    from worker.compression.torchvision_ops import import_torchvision
+
+    _refuse_weight_sources(f"torchvision.{model_name}", kwargs)
+    models = import_torchvision().models
+    try:
+        builder = models.get_model_builder(model_name)
+    except ValueError as error:
+        raise EngineError(
+            f"torchvision has no model {model_name!r}; it has {sorted(models.list_models())[:40]}..."
+        ) from error
+    parameters = inspect.signature(builder).parameters
+    # explicit None: some builders (detection) default to downloading a pretrained backbone
+    no_weights = {key: None for key in ("weights", "weights_backbone") if key in parameters}
+    try:
+        module: nn.Module = builder(**no_weights, **kwargs)
+    except (TypeError, ValueError) as error:
+        raise EngineError(f"torchvision.{model_name} rejected its kwargs: {error}") from error
+    return module
+
+
+def _build_timm(model_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from worker.compression.torchvision_ops import import_torchvision
+
+    _refuse_weight_sources(f"timm.{model_name}", kwargs)
+    import_torchvision()  # timm imports torchvision
+    import timm
+
+    if not timm.is_model(model_name):
+        raise EngineError(f"timm has no model {model_name!r} (see timm.list_models())")
+    try:
+        module: nn.Module = timm.create_model(model_name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as error:
+        raise EngineError(f"timm.{model_name} rejected its kwargs: {error}") from error
+    return module
+
+
+def _build_transformers(class_name: str, kwargs: dict[str, Any]) -> nn.Module:
+    from worker.compression.huggingface import build_from_config
+
+    config = kwargs.get("config")
+    if not isinstance(config, dict) or set(kwargs) != {"config"}:
+        raise EngineError(f'architecture "transformers.{class_name}" takes one argument, "config" (an object)')
+    return build_from_config(class_name, config)
+
+
+LIBRARY_BUILDERS: dict[str, Callable[[str, dict[str, Any]], nn.Module]] = {
+    "torchvision": _build_torchvision,
+    "timm": _build_timm,
+    "transformers": _build_transformers,
+}
