@@ -73,7 +73,9 @@ def torch_level_module(graph_module: nn.Module) -> fx.GraphModule:
             raise EngineError(f"unsupported node {node.op} in the exported graph")
     rebuilt = fx.GraphModule(root, graph, class_name="TorchLevelModule")
     rebuilt.graph.eliminate_dead_code()
-    rebuilt.recompile()
+    # Copied again after the dead code is gone, so parameters now held by a lifted layer do not
+    # stay a second time under their old names (a float copy would sit in a quantized file).
+    rebuilt = fx.GraphModule(rebuilt, rebuilt.graph, class_name="TorchLevelModule")
     return rebuilt.eval()
 
 
@@ -174,7 +176,13 @@ def _lift(
     key = tuple(str(a.target) if isinstance(a, fx.Node) else "" for a in attributes)
     if key in lifted:
         return lifted[key]
-    owner = key[0].rpartition(".")[0]
+    owner, _, weight_name = key[0].rpartition(".")
+    # A weight with a name of its own (MultiheadAttention's in_proj_weight) gets a layer of its own,
+    # "attn.in_proj": lifted onto "attn" itself, the layer would carry attn's other children
+    # (out_proj), which a module swap such as quantize_dynamic's then drops.
+    stem = weight_name.removesuffix("weight").rstrip("_")
+    if stem:
+        owner = f"{owner}.{stem}" if owner else stem
     name = owner if owner and owner not in lifted.values() else f"{owner or 'layer'}_{len(lifted)}".replace(".", "_")
     module = make(node, [_fetch(source, target) if target else None for target in key])
     if _has_submodule(root, name):
