@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import pytest
 import torch
 
 from tests import zoo
+from tests.helpers import exported_bytes, mlp, torchscript_bytes
 from worker.compression.base import StageContext
-from worker.compression.quantization import run_stage, sqnr_db
+from worker.compression.pipeline import JobRequest, run_job
+from worker.compression.quantization import TORCHAO_DYNAMIC, backend_for, dynamic_torchao, run_stage, sqnr_db
 
 DYNAMIC = {"skip_layers": [], "keep_first_last_float": False}
 
@@ -36,3 +40,47 @@ def test_dynamic_int8_on_an_exported_vit_lifts_attention_projections() -> None:
         assert sqnr_db(entry.model(other), loaded(other)) >= 20
     # no float copy of a lifted weight is left beside its int8 layer
     assert not [name for name in result.model.state_dict() if name.endswith("in_proj_weight")]
+
+
+def _job(tmp_path: Path, model_bytes: bytes, model_format: str, shape: list[int]) -> JobRequest:
+    source = tmp_path / "model.upload"
+    source.write_bytes(model_bytes)
+    return JobRequest.from_dict(
+        {
+            "model": {"path": str(source), "format": model_format},
+            "stages": [{"method": "quantize", "scheme": "dynamic_int8", "options": dict(DYNAMIC)}],
+            "artifact_path": str(tmp_path / "artifact"),
+            "example_input_shape": shape,
+        }
+    )
+
+
+def test_torch_ao_runs_dynamic_int8_while_it_is_there_and_faster() -> None:
+    assert dynamic_torchao.torch_ao_dynamic_available()
+    assert backend_for("dynamic_int8", "eager").library == "torch.ao.quantization.quantize_dynamic"
+
+
+@pytest.mark.parametrize("model_format", ["exported_program", "torchscript"])
+def test_without_torch_ao_dynamic_int8_runs_through_torchao_and_downloads_a_pt2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_format: str
+) -> None:
+    monkeypatch.setattr(dynamic_torchao, "torch_ao_dynamic_available", lambda: False)
+    assert backend_for("dynamic_int8", "graph") is TORCHAO_DYNAMIC
+    torch.manual_seed(0)
+    model = mlp((64, 256, 10)).eval()
+    example = torch.randn(4, 64)
+    upload = exported_bytes(model, example) if model_format == "exported_program" else torchscript_bytes(model)
+
+    result = run_job(_job(tmp_path, upload, model_format, [1, 64]))
+
+    assert result["artifact_format"] == "exported_program" and result["requires"] == ["torchao"]
+    stage = result["metrics"]["stages"][0]
+    assert stage["info"]["backend"] == TORCHAO_DYNAMIC.library
+    assert stage["info"]["quantized_layers"] == ["0", "2"]
+    # the artifact as the README loads it, at a batch size the export never saw
+    import torchao  # noqa: F401  (registers the quant primitives the graph calls)
+
+    loaded = torch.export.load(str(tmp_path / "artifact")).module()
+    inputs = torch.randn(7, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert sqnr_db(model(inputs), loaded(inputs)) >= 20
