@@ -21,6 +21,7 @@ from app.outbox import publish_now
 from app.schemas import ErrorBody, JobCreate, JobList, JobRead, JobStatus
 from app.storage import get_store
 from app.tables import Artifact, Job, JobEvent
+from modelpress.catalog import ARTIFACT_EXTENSIONS
 
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (401, 404, 409, 422, 429)}
 router = APIRouter(prefix="/v1", responses=ERRORS)
@@ -129,7 +130,7 @@ def download_artifact(
     if if_none_match == etag:
         return Response(status_code=304, headers={"ETag": etag})
     verify_stored_digest(artifact.storage_key, artifact.sha256)
-    extension = {"torchscript": "pt", "exported_program": "pt2"}.get(artifact.format, "pt")
+    extension = ARTIFACT_EXTENSIONS.get(artifact.format, "bin")
     return StreamingResponse(
         get_store().iter_bytes(artifact.storage_key),
         media_type="application/octet-stream",

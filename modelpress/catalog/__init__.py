@@ -26,6 +26,7 @@ from modelpress.catalog.forward_call import (
 from modelpress.catalog.runtimes import RUNTIMES, TORCH_FORMATS, RuntimeSpec, resolve_runtime, validate_target
 from modelpress.catalog.schemes import DEFAULT_SCHEME, METHODS, PRESETS, SCHEMES, expand_preset, find_scheme
 from modelpress.catalog.specs import (
+    ARTIFACT_EXTENSIONS,
     EAGER_FORMATS,
     MODEL_FORMATS,
     OUTPUT_FORMATS,
@@ -38,6 +39,7 @@ from modelpress.catalog.specs import (
 from modelpress.catalog.validate import JobFacts, ValidatedStage, validate_stages
 
 __all__ = [
+    "ARTIFACT_EXTENSIONS",
     "DEFAULT_SCHEME",
     "describe_methods",
     "Device",

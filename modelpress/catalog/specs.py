@@ -27,6 +27,17 @@ OUTPUT_FORMATS = (
     "onnx",
     "executorch",
 )
+# The download's file extension per artifact format (GET /v1/jobs/{id}/artifact names the file with it).
+ARTIFACT_EXTENSIONS = {
+    "torchscript": "pt",
+    "exported_program": "pt2",
+    "state_dict": "pt",
+    "sparse_state_dict": "pt",
+    "compact_state_dict": "pt",
+    "deep_compression": "mpdc",
+    "onnx": "onnx",
+    "executorch": "pte",
+}
 
 
 class SpecError(ValueError):
