@@ -30,6 +30,7 @@ from worker.compression.inputs import (
     Signature,
     export_example,
     select_output,
+    torchscript_to_graph,
 )
 from worker.compression.targets.common import as_eval, run_in_chunks
 
@@ -112,6 +113,9 @@ def export_onnx(
     """Write `model` as a float ONNX model with output `output`: one input `input` (dynamic batch)
     for a one-tensor model, else the declared inputs by name (`input_ids`, `attention_mask`, ...)
     with their declared dynamic dimensions and constant arguments baked in."""
+    if isinstance(model, torch.jit.ScriptModule):
+        # torch.export cannot capture a ScriptModule; torch's converter gives the same graph as a program
+        model = torchscript_to_graph(model, signature, example)
     model = as_eval(model)
     if isinstance(example, ModelInputs):
         program = _exported_named(model, example, signature, output)
@@ -207,7 +211,13 @@ def quantize(
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         # shape inference and graph optimisation first, as ORT's quantization guide asks
-        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
+        try:
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
+        except Exception:
+            # ORT's symbolic shape inference gives up on some graphs with several dynamic dimensions
+            # (a BERT's batch and sequence: "Incomplete symbolic shape inference"); ONNX's own
+            # shape inference and the graph optimisation still run without it
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         skipped = _skipped_nodes(prepared, options)
         if scheme == "dynamic_int8":
             quantize_dynamic(
