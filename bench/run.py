@@ -31,7 +31,7 @@ from bench.common import (
     single_thread,
 )
 
-SECTIONS = ("quality", "peers", "service", "api", "readpath", "gpu", "targets")
+SECTIONS = ("quality", "peers", "service", "api", "readpath", "gpu", "targets", "dynamic_int8")
 DEFAULT_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 DEFAULT_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
@@ -134,6 +134,10 @@ def _run_section(name: str, size: Any, assets: Any, work: Path, pool: Any) -> di
         from bench import targets
 
         return targets.run(size, assets)
+    if name == "dynamic_int8":
+        from bench import dynamic_int8
+
+        return dynamic_int8.run(size, assets)
     raise ValueError(f"unknown section {name!r}; sections: {SECTIONS}")
 
 

@@ -10,6 +10,7 @@ as static QDQ int8 (47 dB SQNR on its logits).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 import time
@@ -211,13 +212,15 @@ def quantize(
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         # shape inference and graph optimisation first, as ORT's quantization guide asks
-        try:
-            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
-        except Exception:
-            # ORT's symbolic shape inference gives up on some graphs with several dynamic dimensions
-            # (a BERT's batch and sequence: "Incomplete symbolic shape inference"); ONNX's own
-            # shape inference and the graph optimisation still run without it
-            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        # ORT's symbolic shape inference writes its failed graph into the working directory
+        with contextlib.chdir(scratch):
+            try:
+                quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False, auto_merge=True)
+            except Exception:
+                # it gives up on some graphs with several dynamic dimensions (a BERT's batch and
+                # sequence: "Incomplete symbolic shape inference"); ONNX's own shape inference and
+                # the graph optimisation still run without it
+                quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         skipped = _skipped_nodes(prepared, options)
         if scheme == "dynamic_int8":
             quantize_dynamic(
