@@ -73,8 +73,7 @@ def torch_level_module(graph_module: nn.Module) -> fx.GraphModule:
             raise EngineError(f"unsupported node {node.op} in the exported graph")
     rebuilt = fx.GraphModule(root, graph, class_name="TorchLevelModule")
     rebuilt.graph.eliminate_dead_code()
-    # Copied again after the dead code is gone, so parameters now held by a lifted layer do not
-    # stay a second time under their old names (a float copy would sit in a quantized file).
+    # copied again without the dead code, so no float copy of a lifted weight stays under its old name
     rebuilt = fx.GraphModule(rebuilt, rebuilt.graph, class_name="TorchLevelModule")
     return rebuilt.eval()
 
@@ -177,12 +176,9 @@ def _lift(
     if key in lifted:
         return lifted[key]
     owner, _, weight_name = key[0].rpartition(".")
-    # A weight with a name of its own (MultiheadAttention's in_proj_weight) gets a layer of its own,
-    # "attn.in_proj": lifted onto "attn" itself, the layer would carry attn's other children
-    # (out_proj), which a module swap such as quantize_dynamic's then drops.
+    # "attn.in_proj_weight" -> layer "attn.in_proj": on "attn", a module swap would drop attn.out_proj
     stem = weight_name.removesuffix("weight").rstrip("_")
-    if stem:
-        owner = f"{owner}.{stem}" if owner else stem
+    owner = ".".join(part for part in (owner, stem) if part)
     name = owner if owner and owner not in lifted.values() else f"{owner or 'layer'}_{len(lifted)}".replace(".", "_")
     module = make(node, [_fetch(source, target) if target else None for target in key])
     if _has_submodule(root, name):

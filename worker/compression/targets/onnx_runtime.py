@@ -215,7 +215,7 @@ def quantize(
         # ORT's symbolic shape inference writes its failed graph into the working directory
         with contextlib.chdir(scratch):
             try:
-                quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False, auto_merge=True)
+                quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
             except Exception:
                 # it gives up on some graphs with several dynamic dimensions (a BERT's batch and
                 # sequence: "Incomplete symbolic shape inference"); ONNX's own shape inference and
