@@ -1,10 +1,11 @@
-"""dynamic_int8 off torch.ao: the lifter on attention models, the path selection, and the torchao path."""
+"""Surviving the deprecations: dynamic_int8 off torch.ao (lifter, path selection, torchao path) and .pt2 by default."""
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,3 +85,34 @@ def test_without_torch_ao_dynamic_int8_runs_through_torchao_and_downloads_a_pt2(
     inputs = torch.randn(7, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert sqnr_db(model(inputs), loaded(inputs)) >= 20
+
+
+def test_an_eager_upload_downloads_as_an_exported_program_by_default(tmp_path: Path) -> None:
+    """torch.jit is deprecated: results of state_dict uploads come back as .pt2 unless asked otherwise."""
+    torch.manual_seed(0)
+    model = mlp((64, 128, 10)).eval()
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    evaluation = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
+    np.savez(tmp_path / "eval.npz", inputs=evaluation.numpy())
+    request = JobRequest.from_dict(
+        {
+            "model": {
+                "path": str(weights),
+                "format": "state_dict",
+                "architecture": {"name": "mlp", "kwargs": {"widths": [64, 128, 10]}},
+            },
+            "stages": [{"method": "quantize", "scheme": "fp16", "options": {"skip_layers": []}}],
+            "artifact_path": str(tmp_path / "artifact"),
+            "eval_dataset_path": str(tmp_path / "eval.npz"),
+        }
+    )
+
+    result = run_job(request)
+
+    assert result["artifact_format"] == "exported_program"
+    loaded = torch.export.load(str(tmp_path / "artifact")).module()  # the README's loading line
+    with torch.no_grad():
+        measured = sqnr_db(model(evaluation), loaded(evaluation).float())
+        assert loaded(evaluation[:3]).shape == (3, 10)  # the batch is not specialised
+    assert measured >= 40 and abs(result["metrics"]["fidelity"]["sqnr_db"] - measured) <= 0.5
