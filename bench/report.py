@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ORDER = ("quality", "peers", "service", "api", "readpath", "gpu", "targets", "zoo")
+ORDER = ("quality", "peers", "service", "api", "readpath", "gpu", "targets", "dynamic_int8", "zoo")
 
 
 def _cell(value: Any) -> str:

@@ -32,7 +32,7 @@ from bench.common import (
     single_thread,
 )
 
-SECTIONS = ("quality", "peers", "service", "api", "readpath", "gpu", "targets", "zoo")
+SECTIONS = ("quality", "peers", "service", "api", "readpath", "gpu", "targets", "dynamic_int8", "zoo")
 DEFAULT_POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 DEFAULT_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
@@ -139,6 +139,10 @@ def _run_section(name: str, size: Any, assets: Any, work: Path, pool: Any) -> di
         from bench import zoo_matrix
 
         return zoo_matrix.run(size, assets)
+    if name == "dynamic_int8":
+        from bench import dynamic_int8
+
+        return dynamic_int8.run(size, assets)
     raise ValueError(f"unknown section {name!r}; sections: {SECTIONS}")
 
 

@@ -72,7 +72,9 @@ def test_onnxruntime_static_int8_job_end_to_end(embedded: Service, tmp_path: Pat
     )
     assert job["status"] == "succeeded", job["error"]
     assert job["artifact"]["format"] == "onnx" and job["artifact"]["requires"] == ["onnxruntime"]
-    blob = embedded.client.get(f"/v1/jobs/{job['id']}/artifact", headers=embedded.headers).content
+    download = embedded.client.get(f"/v1/jobs/{job['id']}/artifact", headers=embedded.headers)
+    assert download.headers["content-disposition"] == f'attachment; filename="{job["id"]}.onnx"'
+    blob = download.content
     metrics = job["metrics"]
     assert metrics["runtime"] == "onnxruntime" and metrics["versions"]["onnxruntime"] == ort.__version__
     assert len(blob) == metrics["compressed"]["size_bytes"] < metrics["original"]["size_bytes"]

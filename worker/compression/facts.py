@@ -61,6 +61,8 @@ def layer_sparsity(model: nn.Module) -> list[dict[str, Any]]:
     for name, tensor in model.named_parameters():
         if not name.endswith("weight") or tensor.dim() < 2 or not tensor.is_floating_point():
             continue
+        if type(tensor) not in (torch.Tensor, nn.Parameter):
+            continue  # a torchao int8 tensor subclass: quantized, though it reports a float dtype
         numel = tensor.numel()
         zeros = numel - int(torch.count_nonzero(tensor))
         layer = name[: -len(".weight")] if name.endswith(".weight") else name

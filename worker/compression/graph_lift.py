@@ -244,7 +244,11 @@ def _lift(
     key = tuple(str(t.target) if t is not None else "" for t in tensors.values())
     if key in lifted:
         return lifted[key]
-    owner = key[0].rpartition(".")[0] or next((k.rpartition(".")[0] for k in key if k), "")
+    first = key[0] or next((k for k in key if k), "")
+    owner, _, weight_name = first.rpartition(".")
+    # "attn.in_proj_weight" -> layer "attn.in_proj": on "attn", a module swap would drop attn.out_proj
+    stem = weight_name.removesuffix("weight").rstrip("_")
+    owner = ".".join(part for part in (owner, stem) if part)
     name = owner if owner and owner not in lifted.values() else f"{owner or 'layer'}_{len(lifted)}".replace(".", "_")
     values = {attribute: _fetch(source, str(t.target)) for attribute, t in tensors.items() if t is not None}
     module = _make_layer(node, values)

@@ -273,10 +273,7 @@ def export_dynamic_shapes(signature: Signature | None, inputs: Batch) -> Any:
 
 def export_program(model: nn.Module, signature: Signature | None, inputs: Batch) -> torch.export.ExportedProgram:
     """torch.export with the declared dynamic dimensions, on an example where they are >= 2."""
-    example = batch_of(inputs, max(MIN_DYNAMIC_SIZE, min(len(inputs), 8)))
-    if signature is not None and not signature.is_single_tensor and signature.inputs:
-        assert isinstance(example, ModelInputs)  # a multi-input signature always builds ModelInputs
-        example = _stretch_dynamic(example, signature)
+    example = export_example(signature, inputs)
     args, kwargs = as_call(example)
     try:
         return torch.export.export(
@@ -288,6 +285,16 @@ def export_program(model: nn.Module, signature: Signature | None, inputs: Batch)
             f"{_dynamic_names(signature)}: {_last_line(error)}. Declare only the dimensions that "
             "really vary in `inputs[].dynamic`"
         ) from error
+
+
+def export_example(signature: Signature | None, inputs: Batch) -> Batch:
+    """A few samples of `inputs` with every declared dynamic dimension at least 2 (torch.export
+    specialises sizes 0 and 1)."""
+    example = batch_of(inputs, max(MIN_DYNAMIC_SIZE, min(len(inputs), 8)))
+    if signature is not None and not signature.is_single_tensor and signature.inputs:
+        assert isinstance(example, ModelInputs)  # a multi-input signature always builds ModelInputs
+        example = _stretch_dynamic(example, signature)
+    return example
 
 
 def _with_kwargs(shapes: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -194,11 +194,14 @@ KIND_TO_FORMAT: dict[str, str] = {"eager": "state_dict", "graph": "exported_prog
 
 
 def default_output_format(kind: ModelKind, preferred: str | None) -> str:
-    """What an artifact is stored as when the job does not say: the stage's preference, else
-    an exported program for exported inputs, else TorchScript."""
+    """What an artifact is stored as when the job does not say: the stage's preference (the one
+    format that can hold its result, e.g. TorchScript for torch.ao's int8 modules), else
+    TorchScript for TorchScript models, else an exported program (.pt2): torch.jit is deprecated,
+    so eager and exported models download as torch.export output, batch (and declared
+    dimensions) dynamic."""
     if preferred:
         return preferred
-    return "exported_program" if kind == "graph" else "torchscript"
+    return "torchscript" if kind == "torchscript" else "exported_program"
 
 
 def save_artifact(

@@ -85,7 +85,10 @@ def untouched_majority(
     now = {
         key: _fingerprint(tensor)
         for key, tensor in after.state_dict().items()
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.layout == torch.strided
+        # torchao's int8 tensor subclasses report a float dtype; they are changed weights, not float ones
+        if type(tensor) in (torch.Tensor, nn.Parameter)
+        and tensor.is_floating_point()
+        and tensor.layout == torch.strided
     }
     held: dict[str, int] = {}
     kept: dict[str, int] = {}

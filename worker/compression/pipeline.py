@@ -239,8 +239,6 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         )
 
     if request.runtime != "torch":
-        # the runtime targets export and feed a single input tensor
-        assert isinstance(example, torch.Tensor) and isinstance(fid_inputs, torch.Tensor)
         return _finish_for_target(
             request,
             model,
@@ -341,8 +339,8 @@ def _finish_for_target(
     model: nn.Module,
     working: nn.Module,
     deferred: Any,
-    example: torch.Tensor,
-    fid_inputs: torch.Tensor,
+    example: Batch,
+    fid_inputs: Batch,
     fid_labels: torch.Tensor | None,
     reference: measure.Outputs,
     torch_original: dict[str, Any],
@@ -353,7 +351,7 @@ def _finish_for_target(
     device: torch.device,
 ) -> dict[str, Any]:
     """Export, quantize with the runtime's tools and measure in the runtime that serves the artifact."""
-    from worker.compression.targets.deploy import REQUIRES, RUNTIME_FORMATS, finish_for_target
+    from worker.compression.targets.deploy import REQUIRES, RUNTIME_FORMATS, DeclaredCall, finish_for_target
 
     # the original in PyTorch, for reference next to the runtime's figures (not part of the speedup)
     torch_original = {**torch_original, **measure.measure_latency(model, example, request.threads)}
@@ -374,6 +372,7 @@ def _finish_for_target(
         parameters=parameters,
         train=train,
         progress=reporter.progress,
+        call=DeclaredCall(request.signature, request.output),
     )
     fidelity = measure.fidelity(reference, built["outputs"])
     if deferred is not None:

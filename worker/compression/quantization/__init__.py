@@ -1,8 +1,9 @@
 """Quantization stage: int8 on CPU (dynamic and calibrated), fp16/bf16, torchao schemes on CUDA.
 
 Which library runs each (scheme, model kind) pair is decided in one place, the
-`BACKENDS` table at the end of this module: `torch.ao.quantization` is
-deprecated and moving to torchao, and when it goes only that table changes.
+`BACKENDS` table at the end of this module and `backend_for`: `torch.ao.quantization`
+is deprecated and moving to torchao; dynamic_int8 already has its torchao path
+(`TORCHAO_DYNAMIC`), chosen when torch.ao cannot be imported or is not the faster.
 
 Every scheme checks afterwards that the layers it targeted changed
 representation (packed int8 weights, quantized ops in a TorchScript graph, a
@@ -47,6 +48,7 @@ from worker.compression.quantization.dynamic import _fresh_script_copy as _fresh
 from worker.compression.quantization.dynamic import _isolate_control_flow_outputs as _isolate_control_flow_outputs
 from worker.compression.quantization.dynamic import _script_type_name as _script_type_name
 from worker.compression.quantization.dynamic import count_quantized_ops as count_quantized_ops
+from worker.compression.quantization.dynamic_torchao import _dynamic_int8_torchao, use_torch_ao_dynamic
 from worker.compression.quantization.half import CastWrapper as CastWrapper
 from worker.compression.quantization.half import _half_precision
 from worker.compression.quantization.plan import LayerPlan as LayerPlan
@@ -225,8 +227,19 @@ BACKENDS: dict[tuple[str, ModelKind], Backend] = {
 }
 
 
+# dynamic_int8 when torch.ao.quantization is gone or slower: torchao, exported to a .pt2 that needs torchao
+TORCHAO_DYNAMIC = Backend(
+    "torchao.quantization.quantize_ (Int8DynamicActivationInt8WeightConfig)",
+    _dynamic_int8_torchao,
+    "exported_program",
+    ("torchao",),
+)
+
+
 def backend_for(scheme: str, kind: ModelKind) -> Backend:
     """The backend that quantizes a `kind` model with `scheme`; EngineError if there is none."""
+    if scheme == "dynamic_int8" and not use_torch_ao_dynamic():
+        return TORCHAO_DYNAMIC
     backend = BACKENDS.get((scheme, kind))
     if backend is None:
         kinds = sorted(k for s, k in BACKENDS if s == scheme)

@@ -20,15 +20,16 @@ from torch import nn
 
 from worker.compression import metrics as measure
 from worker.compression.base import Dataset, EngineError
+from worker.compression.inputs import Batch, ModelInputs, OutputSelector, Signature
 
 RUNTIME_FORMATS = {"onnxruntime": "onnx", "executorch": "executorch"}
 REQUIRES = {"onnxruntime": ["onnxruntime"], "executorch": ["executorch"]}
 
 
 class RuntimeModel(Protocol):
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, inputs: Batch) -> torch.Tensor: ...
 
-    def timings_ms(self, example: torch.Tensor, warmup: int, iterations: int, budget_s: float) -> list[float]: ...
+    def timings_ms(self, example: Batch, warmup: int, iterations: int, budget_s: float) -> list[float]: ...
 
 
 @dataclass
@@ -39,15 +40,32 @@ class DeferredQuantization:
     options: dict[str, Any]
 
 
-def _export_float(runtime: str, model: nn.Module, example: torch.Tensor, path: Path) -> None:
+@dataclass(frozen=True)
+class DeclaredCall:
+    """How the job calls the model: its declared inputs (with constants) and the output it scores."""
+
+    signature: Signature | None = None
+    output: OutputSelector = None
+
+
+def _export_float(runtime: str, model: nn.Module, example: Batch, path: Path, call: DeclaredCall) -> None:
     if runtime == "onnxruntime":
         from worker.compression.targets.onnx_runtime import export_onnx
 
-        export_onnx(model, example, path)
+        export_onnx(model, example, path, call.signature, call.output)
     else:
         from worker.compression.targets.executorch import lower_pte
 
-        lower_pte(model, example, path, None, None)
+        lower_pte(model, _one_tensor(example, runtime), path, None, None)
+
+
+def _one_tensor(example: Batch, runtime: str) -> torch.Tensor:
+    if isinstance(example, ModelInputs):
+        raise EngineError(
+            f"the {runtime} target takes a model called with one float tensor; this one takes {example.describe()} "
+            "(ONNX Runtime takes named inputs: target.runtime onnxruntime)"
+        )
+    return example
 
 
 def _load(runtime: str, path: Path, threads: int) -> RuntimeModel:
@@ -68,7 +86,7 @@ def versions(runtime: str) -> dict[str, str]:
     return runtime_versions()
 
 
-def predict(model: RuntimeModel, inputs: torch.Tensor) -> torch.Tensor:
+def predict(model: RuntimeModel, inputs: Batch) -> torch.Tensor:
     """Outputs on `inputs` in batches of the engine's eval batch size, as `metrics.predict` does in torch."""
     chunks = [
         model(inputs[start : start + measure.EVAL_BATCH_SIZE]).float()
@@ -77,7 +95,7 @@ def predict(model: RuntimeModel, inputs: torch.Tensor) -> torch.Tensor:
     return torch.cat(chunks)
 
 
-def latency(model: RuntimeModel, example: torch.Tensor) -> dict[str, float]:
+def latency(model: RuntimeModel, example: Batch) -> dict[str, float]:
     timings = sorted(
         model.timings_ms(example, measure.LATENCY_WARMUP, measure.LATENCY_MAX_ITERATIONS, measure.LATENCY_TIME_BUDGET_S)
     )
@@ -89,7 +107,7 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return round(sorted_values[index], 4)
 
 
-def _calibration(train: Dataset | None, example: torch.Tensor, options: dict[str, Any]) -> torch.Tensor | None:
+def _calibration(train: Dataset | None, example: Batch, options: dict[str, Any]) -> Batch | None:
     from worker.compression.quantization.static import CALIBRATION_BATCH_SIZE, DEFAULT_CALIBRATION_BATCHES
 
     if train is None or len(train) == 0:
@@ -97,7 +115,8 @@ def _calibration(train: Dataset | None, example: torch.Tensor, options: dict[str
     # fp16 and the like have no calibration_batches option; static_int8's default is the one
     limit = int(options.get("calibration_batches") or DEFAULT_CALIBRATION_BATCHES) * CALIBRATION_BATCH_SIZE
     inputs = train.inputs[:limit]
-    assert isinstance(inputs, torch.Tensor)  # the runtime targets take one input tensor
+    if isinstance(example, ModelInputs) or isinstance(inputs, ModelInputs):
+        return inputs  # named inputs, read from the dataset's arrays of the same names and dtypes
     if inputs[0].numel() != example[0].numel():
         raise EngineError(
             f"calibration samples have shape {list(inputs.shape[1:])}, the model takes {list(example.shape[1:])}"
@@ -108,7 +127,7 @@ def _calibration(train: Dataset | None, example: torch.Tensor, options: dict[str
 def _describe(
     runtime_model: RuntimeModel,
     path: Path,
-    example: torch.Tensor,
+    example: Batch,
     outputs: torch.Tensor,
     labels: torch.Tensor | None,
     parameters: tuple[int, int],
@@ -130,23 +149,29 @@ def finish_for_target(
     original_model: nn.Module,
     working: nn.Module,
     quantization: DeferredQuantization | None,
-    example: torch.Tensor,
+    example: Batch,
     threads: int,
     artifact: Path,
-    fid_inputs: torch.Tensor,
+    fid_inputs: Batch,
     fid_labels: torch.Tensor | None,
     reference: torch.Tensor | measure.Outputs,
     original_parameters: tuple[int, int],
     parameters: tuple[int, int],
     train: Dataset | None,
     progress: Callable[[float, str], None],
+    call: DeclaredCall | None = None,
 ) -> dict[str, Any]:
-    """Write the artifact for `runtime` and return (original figures, compressed figures, outputs, stage info)."""
+    """Write the artifact for `runtime` and return (original figures, compressed figures, outputs, stage info).
+
+    `call` says how the model is called when it takes more than one float tensor (named inputs,
+    constant arguments, the scored output); ONNX Runtime takes such models, ExecuTorch does not.
+    """
+    call = call or DeclaredCall()
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         original_file = folder / "original"
         progress(0.90, f"exporting the original to {runtime}")
-        _export_float(runtime, original_model, example, original_file)
+        _export_float(runtime, original_model, example, original_file, call)
         original_runtime = _load(runtime, original_file, threads)
         original_outputs = predict(original_runtime, fid_inputs)
         original = _describe(
@@ -159,7 +184,7 @@ def finish_for_target(
         if working is not original_model:
             float_file = folder / "compressed-float"
             progress(0.92, f"exporting the compressed model to {runtime}")
-            _export_float(runtime, working, example, float_file)
+            _export_float(runtime, working, example, float_file, call)
         info: dict[str, Any] = {}
         if quantization is None:
             shutil.copyfile(float_file, artifact)
@@ -191,10 +216,10 @@ def _quantize(
     runtime: str,
     quantization: DeferredQuantization,
     working: nn.Module,
-    example: torch.Tensor,
+    example: Batch,
     float_file: Path,
     artifact: Path,
-    calibration: torch.Tensor | None,
+    calibration: Batch | None,
 ) -> dict[str, Any]:
     if runtime == "onnxruntime":
         from worker.compression.targets.onnx_runtime import quantize
@@ -202,4 +227,5 @@ def _quantize(
         return quantize(float_file, artifact, quantization.scheme, calibration, quantization.options)
     from worker.compression.targets.executorch import lower_pte
 
-    return lower_pte(working, example, artifact, quantization.scheme, calibration)
+    assert calibration is None or isinstance(calibration, torch.Tensor)  # _one_tensor refused named inputs
+    return lower_pte(working, _one_tensor(example, runtime), artifact, quantization.scheme, calibration)

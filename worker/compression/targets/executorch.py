@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from worker.compression.base import EngineError
+from worker.compression.inputs import Batch, ModelInputs
 from worker.compression.targets.common import as_eval, run_in_chunks
 
 CALIBRATION_BATCH_SIZE = 32
@@ -125,14 +126,16 @@ class PteModel:
         self.batch = int(meta.input_tensor_meta(0).sizes()[0])
         self.threads = threads
 
-    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _run(self, inputs: Batch) -> torch.Tensor:
+        if isinstance(inputs, ModelInputs):
+            raise EngineError("the ExecuTorch target runs models called with one float tensor")
         output: torch.Tensor = self.method.execute([inputs.contiguous()])[0].clone()
         return output
 
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: Batch) -> torch.Tensor:
         return run_in_chunks(self._run, inputs, self.batch)
 
-    def timings_ms(self, example: torch.Tensor, warmup: int, iterations: int, budget_s: float) -> list[float]:
+    def timings_ms(self, example: Batch, warmup: int, iterations: int, budget_s: float) -> list[float]:
         for _ in range(warmup):
             self._run(example)
         timings: list[float] = []

@@ -10,6 +10,7 @@ as static QDQ int8 (47 dB SQNR on its logits).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
 import time
@@ -23,6 +24,15 @@ from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
 from worker.compression.base import EngineError
+from worker.compression.inputs import (
+    Batch,
+    ModelInputs,
+    OutputSelector,
+    Signature,
+    export_example,
+    select_output,
+    torchscript_to_graph,
+)
 from worker.compression.targets.common import as_eval, run_in_chunks
 
 INPUT_NAME = "input"
@@ -35,6 +45,50 @@ def versions() -> dict[str, str]:
     import onnxruntime
 
     return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__, "torch": torch.__version__}
+
+
+class ServedCall(nn.Module):
+    """The call a runtime serves: the declared tensors in, the scored output out.
+
+    Constant keyword arguments (`forward_kwargs`) are baked into the exported graph and only the
+    output the job scores (`output`, default the first floating tensor) is returned, so the ONNX
+    file takes exactly the declared inputs by name and gives one output.
+    """
+
+    def __init__(self, inner: nn.Module, constants: dict[str, Any], output: OutputSelector) -> None:
+        super().__init__()
+        self.inner = inner
+        self.constants = dict(constants)
+        self.output = output
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return select_output(self.inner(*tensors, **self.constants), self.output)
+
+
+def _exported_named(
+    model: nn.Module, example: ModelInputs, signature: Signature | None, output: OutputSelector
+) -> torch.export.ExportedProgram:
+    """torch.export of the served call with the declared dynamic dimensions (batch, sequence, ...)."""
+    served = ServedCall(model, example.kwargs, output)
+    stretched = export_example(signature, example)
+    assert isinstance(stretched, ModelInputs)  # ModelInputs in, ModelInputs out
+    # Dim.AUTO, as for one tensor: the range the model allows (a BERT's sequence stops at its position
+    # table; an uploaded program keeps its own), and ids and mask share their sizes as the graph says.
+    # forward(*tensors) is one variadic argument to torch.export: its shapes nest one level down.
+    declared = [spec.dynamic for spec in signature.inputs] if signature is not None else [(0,)] * len(example.tensors)
+    shapes = (
+        tuple(
+            {dim: torch.export.Dim.AUTO for dim in dynamic if dim < tensor.dim()} or None
+            for tensor, dynamic in zip(stretched.tensors, declared)
+        ),
+    )
+    try:
+        return torch.export.export(served, tuple(stretched.tensors), dynamic_shapes=shapes)
+    except Exception as error:
+        raise EngineError(
+            "the model could not be captured with torch.export for ONNX with the declared dynamic dimensions: "
+            f"{_first_line(error)}"
+        ) from error
 
 
 def _exported_program(model: nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
@@ -50,16 +104,33 @@ def _exported_program(model: nn.Module, example: torch.Tensor) -> torch.export.E
         ) from error
 
 
-def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Write `model` as a float ONNX model with input `input` (dynamic batch) and output `output`."""
+def export_onnx(
+    model: nn.Module,
+    example: Batch,
+    path: Path,
+    signature: Signature | None = None,
+    output: OutputSelector = None,
+) -> None:
+    """Write `model` as a float ONNX model with output `output`: one input `input` (dynamic batch)
+    for a one-tensor model, else the declared inputs by name (`input_ids`, `attention_mask`, ...)
+    with their declared dynamic dimensions and constant arguments baked in."""
+    if isinstance(model, torch.jit.ScriptModule):
+        # torch.export cannot capture a ScriptModule; torch's converter gives the same graph as a program
+        model = torchscript_to_graph(model, signature, example)
     model = as_eval(model)
-    program = _exported_program(model, example)
+    if isinstance(example, ModelInputs):
+        program = _exported_named(model, example, signature, output)
+        args: tuple[torch.Tensor, ...] = tuple(example.tensors)
+        names = list(example.names)
+    else:
+        program = _exported_program(model, example)
+        args, names = (example,), [INPUT_NAME]
     try:
         onnx_program = torch.onnx.export(
             program,
-            (example,),
+            args,
             dynamo=True,
-            input_names=[INPUT_NAME],
+            input_names=names,
             output_names=[OUTPUT_NAME],
             optimize=True,
             verbose=False,
@@ -117,16 +188,22 @@ def _source_location(program: torch.export.ExportedProgram, node_name: str | Non
 class _CalibrationReader(CalibrationDataReader):  # type: ignore[misc]  # onnxruntime ships no type information
     """ORT's calibration reader over the job's calibration batches."""
 
-    def __init__(self, batches: list[np.ndarray]) -> None:
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
         self._batches = iter(batches)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {INPUT_NAME: batch}
+        return next(self._batches, None)
+
+
+def feed(inputs: Batch) -> dict[str, np.ndarray]:
+    """ORT's input dict for a batch: `input` for one tensor, else each declared input by its name."""
+    if isinstance(inputs, ModelInputs):
+        return {name: tensor.contiguous().numpy() for name, tensor in zip(inputs.names, inputs.tensors)}
+    return {INPUT_NAME: inputs.contiguous().numpy()}
 
 
 def quantize(
-    float_path: Path, out_path: Path, scheme: str, calibration: torch.Tensor | None, options: dict[str, Any]
+    float_path: Path, out_path: Path, scheme: str, calibration: Batch | None, options: dict[str, Any]
 ) -> dict[str, Any]:
     """ORT int8 of the float ONNX model at `float_path`; returns what the stage report says."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -135,7 +212,15 @@ def quantize(
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         # shape inference and graph optimisation first, as ORT's quantization guide asks
-        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
+        # ORT's symbolic shape inference writes its failed graph into the working directory
+        with contextlib.chdir(scratch):
+            try:
+                quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
+            except Exception:
+                # it gives up on some graphs with several dynamic dimensions (a BERT's batch and
+                # sequence: "Incomplete symbolic shape inference"); ONNX's own shape inference and
+                # the graph optimisation still run without it
+                quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         skipped = _skipped_nodes(prepared, options)
         if scheme == "dynamic_int8":
             quantize_dynamic(
@@ -148,8 +233,7 @@ def quantize(
         if scheme == "static_int8":
             if calibration is None or len(calibration) == 0:
                 raise EngineError("static_int8 needs calibration data: give the job a dataset_id")
-            batches = [b.numpy().astype(np.float32) for b in calibration.split(CALIBRATION_BATCH_SIZE)]  # type: ignore[no-untyped-call]  # torch leaves this unannotated
-            reader = _CalibrationReader(batches)
+            reader = _CalibrationReader([feed(b) for b in calibration.split(CALIBRATION_BATCH_SIZE)])
             quantize_static(
                 str(prepared),
                 str(out_path),
@@ -200,24 +284,23 @@ class OrtModel:
         except Exception as error:
             raise EngineError(f"ONNX Runtime could not load the artifact: {_first_line(error)}") from error
         first = self.session.get_inputs()[0]
-        self.input_name = first.name
         # a model that fixes its batch size exports with a static one; inputs then run in chunks of it
         self.batch: int | None = first.shape[0] if isinstance(first.shape[0], int) else None
 
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: Batch) -> torch.Tensor:
         return run_in_chunks(self._run, inputs, self.batch)
 
-    def _run(self, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: inputs.contiguous().numpy()})[0])
+    def _run(self, inputs: Batch) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, feed(inputs))[0])
 
-    def timings_ms(self, example: torch.Tensor, warmup: int, iterations: int, budget_s: float) -> list[float]:
-        feed = {self.input_name: example.numpy()}
+    def timings_ms(self, example: Batch, warmup: int, iterations: int, budget_s: float) -> list[float]:
+        fed = feed(example)
         for _ in range(warmup):
-            self.session.run(None, feed)
+            self.session.run(None, fed)
         timings: list[float] = []
         started = time.perf_counter()
         while len(timings) < iterations and (len(timings) < 10 or time.perf_counter() - started < budget_s):
             t0 = time.perf_counter()
-            self.session.run(None, feed)
+            self.session.run(None, fed)
             timings.append((time.perf_counter() - t0) * 1e3)
         return timings
