@@ -97,11 +97,23 @@ SCHEMES: tuple[SchemeSpec, ...] = (
     SchemeSpec(
         "prune",
         "ln_structured",
-        "remove whole output channels / neurons by their Ln norm; shapes shrink",
+        "remove whole output channels / neurons by their Ln norm (transformers: attention heads and MLP channels); shapes shrink",
         ("cpu", "cuda"),
         input_formats=EAGER_FORMATS,
-        options=_PRUNE_COMMON + (OptionSpec("norm", "float", 2.0, 1.0, 100.0),),
-        library="torch-pruning (dependency graph)",
+        options=_PRUNE_COMMON
+        + (
+            OptionSpec("norm", "float", 2.0, 1.0, 100.0),
+            OptionSpec(
+                "heads",
+                "float",
+                0.0,
+                0.0,
+                1.0,
+                True,
+                help="transformers: fraction of each attention's heads removed (amount: of each MLP's channels)",
+            ),
+        ),
+        library="torch-pruning (dependency graph); transformers: heads / MLP channels on the exported graph",
     ),
     SchemeSpec(
         "prune",

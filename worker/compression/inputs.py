@@ -14,6 +14,7 @@ not care which one it holds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -278,10 +279,20 @@ def export_program(model: nn.Module, signature: Signature | None, inputs: Batch)
         assert isinstance(example, ModelInputs)  # a multi-input signature always builds ModelInputs
         example = _stretch_dynamic(example, signature)
     args, kwargs = as_call(example)
+    shapes = _with_kwargs(export_dynamic_shapes(signature, example), kwargs)
     try:
-        return torch.export.export(
-            model, args, kwargs or None, dynamic_shapes=_with_kwargs(export_dynamic_shapes(signature, example), kwargs)
-        )
+        try:
+            return torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes)
+        except Exception as error:
+            # the model bounds a declared dimension (a BERT's sequence by its position
+            # embeddings): take export's suggested range and try once more
+            from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+            if "Suggested fixes" not in str(error):
+                raise
+            fixes = [line for line in str(error).splitlines() if re.match(r"\s+\w+ = Dim\(", line)]
+            refined = refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + "\n".join(fixes), shapes)
+            return torch.export.export(model, args, kwargs or None, dynamic_shapes=refined)
     except Exception as error:
         raise EngineError(
             f"torch.export could not export the model with dynamic dimensions "

@@ -205,7 +205,9 @@ def save_artifact(
     Exported programs are exported with the declared dynamic dimensions (the batch for the
     one-tensor shorthand), so the artifact runs at any batch size and sequence length.
     """
-    model.eval()
+    from worker.compression.training.evaluation import set_training_mode
+
+    set_training_mode(model, False)  # exported-graph modules refuse a plain eval()
     if output_format == "torchscript":
         if kind == "torchscript":
             torch.jit.save(model, str(path))
