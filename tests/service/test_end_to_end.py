@@ -445,4 +445,5 @@ def test_zoo_bert_loses_heads_through_the_service(embedded: Service, tmp_path: P
     assert count(pruned) < 0.7 * count(entry.model)
     ids = torch.randint(0, VOCAB, (5, 12))
     with torch.no_grad():
-        assert pruned(ids, torch.ones_like(ids))[0].shape == (5, 12, 32)
+        hidden = pruned(ids, torch.ones_like(ids))  # the TorchScript model's dict of outputs, kept
+    assert hidden["last_hidden_state"].shape == (5, 12, 32)

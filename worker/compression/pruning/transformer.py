@@ -131,11 +131,13 @@ def projection_of(graph: fx.GraphModule, node: Any) -> Projection | None:
         weight, bias, axis = node.args[2], node.args[0], 1
     else:
         return None
-    if not _is_parameter(graph, weight) or (bias is not None and not _is_parameter(graph, bias)):
+    if not isinstance(weight, fx.Node) or not _is_parameter(graph, weight):
+        return None
+    if bias is not None and not (isinstance(bias, fx.Node) and _is_parameter(graph, bias)):
         return None
     if len(weight.users) != 1:  # a shared (tied) weight would change elsewhere too
         return None
-    return Projection(node, str(weight.target), str(bias.target) if bias is not None else None, axis)  # type: ignore[union-attr]
+    return Projection(node, str(weight.target), str(bias.target) if isinstance(bias, fx.Node) else None, axis)
 
 
 def _is_parameter(graph: fx.GraphModule, node: Any) -> bool:
@@ -344,7 +346,7 @@ def call_args(example: Batch) -> list[Tensor]:
 def _norms(graph: fx.GraphModule, projection: Projection, output: bool) -> Tensor:
     weight = _get(graph, projection.weight).detach().float()
     axis = projection.out_axis if output else projection.in_axis
-    squares = weight.pow(2).sum(dim=1 - axis)
+    squares: Tensor = weight.pow(2).sum(dim=1 - axis)
     if output and projection.bias is not None:
         squares = squares + _get(graph, projection.bias).detach().float().pow(2)
     return squares
