@@ -220,3 +220,24 @@ def test_pruned_graph_fine_tunes_on_a_labelled_dataset() -> None:
     with torch.no_grad():
         accuracy = float((result.model(ids).argmax(1) == labels).float().mean())
     assert accuracy > 0.5, accuracy  # chance is 0.25
+
+
+def test_uploaded_cnn_program_keeps_its_dynamic_batch_through_a_job(tmp_path: Path) -> None:
+    """The upload bounds its batch (max 1024) more tightly than the engine asks: the re-export takes the
+    program's own range instead of falling back to the example's batch ("Guard failed: x.size()[0] == 2")."""
+    from worker.compression.pipeline import JobRequest, ModelRef, StageSpec, run_job
+
+    entry = build("resnet")
+    path = entry.save_exported(tmp_path / "resnet.pt2")
+    artifact = tmp_path / "artifact.pt2"
+    request = JobRequest(
+        model=ModelRef(str(path), "exported_program"),
+        stages=[StageSpec("prune", "ln_structured", {"amount": 0.3})],
+        artifact_path=str(artifact),
+        example_input_shape=[1, 3, 32, 32],
+    )
+    run_job(request)
+    pruned = torch.export.load(str(artifact)).module()
+    assert _count(pruned) < 0.8 * _count(entry.model)
+    with torch.no_grad():
+        assert pruned(torch.randn(3, 3, 32, 32)).shape == (3, 10)

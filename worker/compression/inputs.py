@@ -281,24 +281,31 @@ def export_program(model: nn.Module, signature: Signature | None, inputs: Batch)
     args, kwargs = as_call(example)
     shapes = _with_kwargs(export_dynamic_shapes(signature, example), kwargs)
     try:
-        try:
-            return torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes)
-        except Exception as error:
-            # the model bounds a declared dimension (a BERT's sequence by its position
-            # embeddings): take export's suggested range and try once more
-            from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
-
-            if "Suggested fixes" not in str(error):
-                raise
-            fixes = [line for line in str(error).splitlines() if re.match(r"\s+\w+ = Dim\(", line)]
-            refined = refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + "\n".join(fixes), shapes)
-            return torch.export.export(model, args, kwargs or None, dynamic_shapes=refined)
+        return export_within_model_bounds(model, args, kwargs, shapes)
     except Exception as error:
         raise EngineError(
             f"torch.export could not export the model with dynamic dimensions "
             f"{_dynamic_names(signature)}: {_last_line(error)}. Declare only the dimensions that "
             "really vary in `inputs[].dynamic`"
         ) from error
+
+
+def export_within_model_bounds(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None, shapes: Any
+) -> torch.export.ExportedProgram:
+    """torch.export; when the model bounds a dynamic dimension more tightly than asked (a BERT's
+    sequence by its position embeddings, an uploaded program's batch by its own range), once more
+    with the range export suggests, instead of failing or specialising."""
+    try:
+        return torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes)
+    except Exception as error:
+        from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+        fixes = [line for line in str(error).splitlines() if re.match(r"\s+\w+ = Dim\(", line)]
+        if "Suggested fixes" not in str(error) or not fixes:
+            raise
+        refined = refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + "\n".join(fixes), shapes)
+        return torch.export.export(model, args, kwargs or None, dynamic_shapes=refined)
 
 
 def _with_kwargs(shapes: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
