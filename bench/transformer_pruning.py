@@ -67,7 +67,9 @@ def _distill(student: nn.Module, teacher: nn.Module, draw: Any) -> None:
         optimizer.step()
 
 
-def measure(name: str, model: nn.Module, example: Batch, signature: Signature | None, draw: Any, distill: bool) -> None:
+def measure(
+    name: str, model: nn.Module, example: Batch, signature: Signature | None, draw: Any, distill: bool, runs: int = 20
+) -> None:
     generator = torch.Generator().manual_seed(7)
     with tempfile.TemporaryDirectory() as folder:
         original_path = Path(folder) / "original.pt2"
@@ -84,8 +86,8 @@ def measure(name: str, model: nn.Module, example: Batch, signature: Signature | 
             pruned = torch.export.load(str(path)).module()
             before, after = [], []
             for _ in range(7):  # interleaved, so load on the machine hits both alike
-                before.append(_median_ms(original, test))
-                after.append(_median_ms(pruned, test))
+                before.append(_median_ms(original, test, runs))
+                after.append(_median_ms(pruned, test, runs))
             slow, fast = sorted(before)[3], sorted(after)[3]
             with torch.no_grad():
                 reference = select_output(call_model(original, test))
@@ -134,7 +136,7 @@ def main() -> None:
         ids = torch.randint(0, config.vocab_size, (8, 64), generator=generator)
         return ModelInputs([ids, torch.ones_like(ids)], names)
 
-    measure("bert-6L-768", base, example, Signature.from_request(specs, None), draw, distill=False)
+    measure("bert-6L-768", base, example, Signature.from_request(specs, None), draw, distill=False, runs=3)
 
 
 if __name__ == "__main__":
