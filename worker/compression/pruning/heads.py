@@ -27,10 +27,10 @@ from worker.compression.pruning.transformer import (
     find_attention,
     find_mlps,
     masked_reference,
+    probe_channels,
     prune_attention,
     prune_mlp,
 )
-from worker.compression.pruning.transformer import _probe_channels as probe_channels
 
 
 def prune_transformer(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:

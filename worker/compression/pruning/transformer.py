@@ -37,7 +37,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from worker.compression.base import EngineError
-from worker.compression.inputs import Batch, batch_of, call_model, output_leaves
+from worker.compression.inputs import Batch, as_call, batch_of, call_model, output_leaves
 
 aten = torch.ops.aten
 
@@ -293,7 +293,7 @@ class _ChannelProbe(fx.Interpreter):
         return result
 
 
-def _probe_channels(graph: fx.GraphModule, groups: list[AttentionGroup], example: Batch) -> list[AttentionGroup]:
+def probe_channels(graph: fx.GraphModule, groups: list[AttentionGroup], example: Batch) -> list[AttentionGroup]:
     """Fill in each group's per-head channels; groups whose data path does not keep channels apart are dropped."""
     probe = _ChannelProbe(graph, groups)
     try:
@@ -332,8 +332,6 @@ def _probe_channels(graph: fx.GraphModule, groups: list[AttentionGroup], example
 
 
 def call_args(example: Batch) -> list[Tensor]:
-    from worker.compression.inputs import as_call
-
     args, kwargs = as_call(example)
     if kwargs:
         raise EngineError("head pruning of a graph does not take constant forward arguments")
