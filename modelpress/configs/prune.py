@@ -49,11 +49,24 @@ class GlobalL1UnstructuredConfig(_AmountPruneConfig):
 
 class LnStructuredConfig(_AmountPruneConfig):
     scheme: Literal["ln_structured"] = "ln_structured"
-    summary: ClassVar[str] = "remove whole output channels / neurons by their Ln norm; shapes shrink"
+    summary: ClassVar[str] = (
+        "remove whole output channels / neurons by their Ln norm (transformers: attention heads and MLP channels);"
+        " shapes shrink"
+    )
     input_formats: ClassVar[tuple[str, ...]] = EAGER_FORMATS
-    library: ClassVar[str] = "torch-pruning (dependency graph)"
+    library: ClassVar[str] = (
+        "torch-pruning (dependency graph); transformers: heads / MLP channels on the exported graph"
+    )
 
     norm: Annotated[float, Field(ge=1.0, le=100.0, description="the n of the Ln norm that ranks channels")] = 2.0
+    heads: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            lt=1.0,
+            description="transformers: fraction of each attention's heads removed (amount: of each MLP's channels)",
+        ),
+    ] = 0.0
 
 
 class NmSemiStructuredConfig(_PruneConfig):

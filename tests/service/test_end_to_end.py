@@ -414,3 +414,36 @@ def test_token_model_with_declared_inputs_through_the_service(embedded: Service,
     assert measured >= 30, measured
     assert len(job["metrics"]["fidelity"]["outputs"]) == 2
     assert job["metrics"]["fidelity"]["sqnr_db"] >= 30
+
+
+def test_zoo_bert_loses_heads_through_the_service(embedded: Service, tmp_path: Path) -> None:
+    """ln_structured with heads on a TorchScript BERT upload (converted to an exported program in the
+    worker): the .pt2 artifact is smaller and runs at other batches."""
+    from tests.zoo import VOCAB, build
+    from tests.zoo import torchscript_bytes as zoo_torchscript_bytes
+
+    entry = build("bert")
+    uploaded = embedded.upload(zoo_torchscript_bytes(entry), "bert.pt")
+    ids_spec = {"name": "input_ids", "shape": [2, 12], "dtype": "int64", "low": 0, "high": VOCAB, "dynamic": [0]}
+    job = embedded.wait(
+        embedded.submit(
+            {
+                "model_id": uploaded["id"],
+                "inputs": [ids_spec, dict(ids_spec, name="attention_mask", low=1, high=2)],
+                "stages": [{"method": "prune", "scheme": "ln_structured", "heads": 0.5, "amount": 0.5}],
+            }
+        )["id"]
+    )
+    assert job["status"] == "succeeded", job["error"]
+    assert [row["heads_after"] for row in job["metrics"]["stages"][0]["info"]["attention"]] == [1, 1]
+    blob = embedded.client.get(f"/v1/jobs/{job['id']}/artifact", headers=embedded.headers).content
+    pruned = torch.export.load(io.BytesIO(blob)).module()
+
+    def count(model: torch.nn.Module) -> int:
+        return sum(t.numel() for t in {id(t): t for t in model.state_dict().values()}.values())
+
+    assert count(pruned) < 0.7 * count(entry.model)
+    ids = torch.randint(0, VOCAB, (5, 12))
+    with torch.no_grad():
+        hidden = pruned(ids, torch.ones_like(ids))  # the TorchScript model's dict of outputs, kept
+    assert hidden["last_hidden_state"].shape == (5, 12, 32)

@@ -14,6 +14,7 @@ not care which one it holds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -275,10 +276,9 @@ def export_program(model: nn.Module, signature: Signature | None, inputs: Batch)
     """torch.export with the declared dynamic dimensions, on an example where they are >= 2."""
     example = export_example(signature, inputs)
     args, kwargs = as_call(example)
+    shapes = _with_kwargs(export_dynamic_shapes(signature, example), kwargs)
     try:
-        return torch.export.export(
-            model, args, kwargs or None, dynamic_shapes=_with_kwargs(export_dynamic_shapes(signature, example), kwargs)
-        )
+        return export_within_model_bounds(model, args, kwargs, shapes)
     except Exception as error:
         raise EngineError(
             f"torch.export could not export the model with dynamic dimensions "
@@ -295,6 +295,24 @@ def export_example(signature: Signature | None, inputs: Batch) -> Batch:
         assert isinstance(example, ModelInputs)  # a multi-input signature always builds ModelInputs
         example = _stretch_dynamic(example, signature)
     return example
+
+
+def export_within_model_bounds(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None, shapes: Any
+) -> torch.export.ExportedProgram:
+    """torch.export; when the model bounds a dynamic dimension more tightly than asked (a BERT's
+    sequence by its position embeddings, an uploaded program's batch by its own range), once more
+    with the range export suggests, instead of failing or specialising."""
+    try:
+        return torch.export.export(model, args, kwargs or None, dynamic_shapes=shapes)
+    except Exception as error:
+        from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
+
+        fixes = [line for line in str(error).splitlines() if re.match(r"\s+\w+ = Dim\(", line)]
+        if "Suggested fixes" not in str(error) or not fixes:
+            raise
+        refined = refine_dynamic_shapes_from_suggested_fixes("Suggested fixes:\n" + "\n".join(fixes), shapes)
+        return torch.export.export(model, args, kwargs or None, dynamic_shapes=refined)
 
 
 def _with_kwargs(shapes: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -15,7 +15,7 @@ from torch import nn
 
 from worker.compression.archive_check import load_exported_program
 from worker.compression.base import Dataset, EngineError, ModelKind
-from worker.compression.inputs import Batch, ModelInputs, Signature, as_call, export_program
+from worker.compression.inputs import Batch, ModelInputs, Signature, as_call, export_program, export_within_model_bounds
 from worker.compression.registry import build_architecture
 
 # Globals a plain state_dict may reference beyond torch's own weights_only allowlist.
@@ -172,7 +172,7 @@ def _export_batch_dynamic(model: nn.Module, example_input: Batch) -> torch.expor
     if example_input.shape[0] == 1:
         example_input = torch.cat([example_input, example_input])
     try:
-        return torch.export.export(model, (example_input,), dynamic_shapes=_dynamic_batch_shapes())
+        return export_within_model_bounds(model, (example_input,), None, _dynamic_batch_shapes())
     except Exception:
         # some models specialise the batch dimension; a static export still loads and runs
         return torch.export.export(model, (example_input,))
@@ -217,7 +217,9 @@ def save_artifact(
     Exported programs are exported with the declared dynamic dimensions (the batch for the
     one-tensor shorthand), so the artifact runs at any batch size and sequence length.
     """
-    model.eval()
+    from worker.compression.training.evaluation import set_training_mode
+
+    set_training_mode(model, False)  # exported-graph modules refuse a plain eval()
     if output_format == "torchscript":
         if kind == "torchscript":
             torch.jit.save(model, str(path))

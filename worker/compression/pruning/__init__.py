@@ -37,7 +37,7 @@ from worker.compression.pruning.layers import _matrix_layers, _weight
 from worker.compression.pruning.masks import cubic_sparsity as cubic_sparsity
 from worker.compression.pruning.masks import magnitude_masks as magnitude_masks
 from worker.compression.pruning.masks import nm_mask as nm_mask
-from worker.compression.pruning.structured import _prune_channels
+from worker.compression.pruning.structured import _prune_channels, prunes_as_graph
 from worker.compression.pruning.unstructured import _prune_weights
 
 UNSTRUCTURED = ("l1_unstructured", "random_unstructured", "global_l1_unstructured")
@@ -65,10 +65,13 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         raise EngineError(f"unknown pruning scheme {scheme!r}; known schemes: {list(SCHEMES)}")
     options = with_defaults("prune", scheme, options)
     kind = ctx.kind
-    macs_before = count_macs(model, kind, ctx.example_input)
+    as_graph = scheme == "ln_structured" and kind != "torchscript" and prunes_as_graph(model, kind, options)
+    # one MAC counter before and after: the graph's when the result is a graph
+    macs_before = count_macs(model, "graph" if as_graph else kind, ctx.example_input)
     shapes_before = {name: list(_weight(module).shape) for name, module in _matrix_layers(model)}
     if scheme == "ln_structured":
         model, info = _prune_channels(model, options, ctx)
+        kind = "graph" if as_graph else kind  # transformers come back as their pruned exported graph
         preferred = None
     else:
         info = _prune_weights(model, scheme, options, ctx)

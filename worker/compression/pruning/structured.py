@@ -27,6 +27,10 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
             "file does not expose; upload a state_dict with a registered architecture or an "
             "exported program (torch.export) instead"
         )
+    if prunes_as_graph(model, ctx.kind, options):
+        from worker.compression.pruning.heads import prune_transformer
+
+        return prune_transformer(model, options, ctx)
     if options.get("prune_classifier"):
         raise EngineError(
             "ln_structured removes whole output neurons; on the final classifier that would remove "
@@ -108,6 +112,24 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
     elif data is not None:
         info["finetune"] = _fit_figures(_fit(model, data, options, None, ctx, 0.0, 1.0))
     return model, info
+
+
+def prunes_as_graph(model: nn.Module, kind: str, options: dict[str, Any]) -> bool:
+    """Transformers (attention, token embeddings, or `heads` asked for) are pruned on the exported graph."""
+    return _is_transformer(model, kind) or float(options.get("heads") or 0.0) > 0
+
+
+def _is_transformer(model: nn.Module, kind: str) -> bool:
+    """Attention or token embeddings: the transformer path (heads and MLP channels on the exported graph)."""
+    if kind == "graph":
+        assert isinstance(model, torch.fx.GraphModule)  # a graph-kind model is an exported program's module
+        targets = {node.target for node in model.graph.nodes if node.op == "call_function"}
+        aten = torch.ops.aten
+        return bool(targets & {aten.scaled_dot_product_attention.default, aten.embedding.default})
+    return any(
+        isinstance(module, (nn.MultiheadAttention, nn.Embedding)) or type(module).__name__.endswith("Attention")
+        for module in model.modules()
+    )
 
 
 def _first_tensor(output: Any) -> Tensor:
