@@ -69,6 +69,27 @@ _OUTLIERS = (
     ),
 )
 
+# CNN repair for static int8, after batch-norm folding (worker/compression/quantization/repair.py).
+_CNN_REPAIR = (
+    OptionSpec(
+        "cross_layer_equalization",
+        "str",
+        "auto",
+        choices=("auto", "on", "off"),
+        help="rescale consecutive conv/linear pairs joined through ReLU or pooling so their per-channel "
+        "weight ranges match (Nagel et al. 2019); auto: kept only when it raises the SQNR on held-out "
+        "calibration samples",
+    ),
+    OptionSpec(
+        "bias_correction",
+        "str",
+        "auto",
+        choices=("auto", "on", "off"),
+        help="subtract from each bias the mean output shift its int8 weights cause on the calibration "
+        "data; auto: kept only when it raises the SQNR on held-out calibration samples",
+    ),
+)
+
 SCHEMES: tuple[SchemeSpec, ...] = (
     SchemeSpec(
         "prune",
@@ -128,7 +149,7 @@ SCHEMES: tuple[SchemeSpec, ...] = (
         input_formats=EAGER_FORMATS,
         needs_dataset=True,
         quantizes=True,
-        options=(_SKIP, _KEEP_ENDS, OptionSpec("calibration_batches", "int", 16, 1, 10_000), *_BAR),
+        options=(_SKIP, _KEEP_ENDS, OptionSpec("calibration_batches", "int", 16, 1, 10_000), *_BAR, *_CNN_REPAIR),
         library="torchao PT2E (X86InductorQuantizer) / torch.ao FX",
     ),
     SchemeSpec(

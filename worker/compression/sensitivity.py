@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import nn
 from worker.compression import metrics as measure
 from worker.compression.base import EngineError, StageContext, StageResult
 from worker.compression.inputs import Batch
+from worker.compression.upstream_cache import UpstreamCache
 
 DEFAULT_PROBE_SAMPLES = 64
 
@@ -96,14 +98,23 @@ def layer_sensitivity(
     options = dict(options or {})
     with _quiet_deprecations():
         variants = _single_layer_variants(model, scheme, options, ctx)
+        cache = _upstream_cache(variants, probe)
         rows: list[dict[str, Any]] = []
         for index, (name, quantized_alone) in enumerate(variants.items()):
             ctx.check_cancelled()
-            with quantized_alone as variant:
+            with cache.skipping_before(name) if cache is not None else nullcontext(), quantized_alone as variant:
                 sqnr, drop = probe.judge(variant)
             rows.append({"layer": name, "kind": _layer_kind(model, name), "sqnr_db": sqnr, "accuracy_drop": drop})
             report((index + 1) / max(1, len(variants)), f"sensitivity {index + 1}/{len(variants)}: {name}")
     return sorted(rows, key=harm_key)
+
+
+def _upstream_cache(variants: dict[str, Any], probe: Probe) -> UpstreamCache | None:
+    """When every variant swaps one layer into the float model, the modules before it need not run again."""
+    if not variants or not all(isinstance(v, _Swapped) for v in variants.values()):
+        return None
+    root = next(iter(variants.values())).root
+    return UpstreamCache.record(root, probe.inputs, list(variants))
 
 
 def _layer_kind(model: Any, name: str) -> str:
