@@ -368,6 +368,13 @@ SCHEMES += (
                 help="the quantize scheme probed (static_int8 needs an eager or exported model and a dataset)",
             ),
             OptionSpec("samples", "int", 64, 1, 4096, help="probe-set size (from the eval, else training set)"),
+            OptionSpec(
+                "pruning",
+                "bool",
+                False,
+                help="also tabulate, per Linear / Conv layer, the whole model's fidelity with only that layer "
+                "pruned (unstructured L1) at 30%, 50% and 70%",
+            ),
             OptionSpec("calibration_batches", "int", 16, 1, 10_000),
             OptionSpec(
                 "min_sqnr_db", "float", None, 0.0, 200.0, help="suggest the skip_layers that meet this SQNR (verified)"

@@ -268,21 +268,25 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     Args:
         model: the float model, any kind.
         scheme: "sensitivity".
-        options: `quantization` (the scheme to probe), `samples` (probe-set size), and an optional
+        options: `quantization` (the scheme to probe), `samples` (probe-set size), `pruning` (also the
+            per-layer pruning table, `worker.compression.sensitivity_pruning`), and an optional
             bar (`min_sqnr_db` / `max_accuracy_drop`) for which a `skip_layers` is suggested and verified.
         ctx: data and model kind.
 
     Returns:
         The same model, with `info.sensitivity` (rows, most harmful first), `info.all_quantized`
-        (the whole model quantized) and, given a bar, `info.suggested_skip_layers`.
+        (the whole model quantized), with `pruning` `info.pruning_sensitivity`, and, given a bar,
+        `info.suggested_skip_layers`.
     """
     if scheme != "sensitivity":
         raise EngineError(f"unknown analyze scheme {scheme!r}")
     probed = str(options.get("quantization") or "dynamic_int8")
     quantize_options = {k: options[k] for k in ("calibration_batches",) if options.get(k) is not None}
     probe = make_probe(model, ctx, int(options.get("samples") or DEFAULT_PROBE_SAMPLES))
+    pruning = bool(options.get("pruning"))
+    share = 0.4 if pruning else 0.8
     rows = layer_sensitivity(
-        model, probed, ctx, probe, quantize_options, progress=lambda f, m: ctx.progress(0.8 * f, m)
+        model, probed, ctx, probe, quantize_options, progress=lambda f, m: ctx.progress(share * f, m)
     )
     info: dict[str, Any] = {
         "quantization": probed,
@@ -290,6 +294,13 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
         "probe_labels": probe.labels is not None,
         "sensitivity": rows,
     }
+    if pruning:
+        from worker.compression.sensitivity_pruning import PRUNING_AMOUNTS, pruning_sensitivity
+
+        info["pruning_amounts"] = list(PRUNING_AMOUNTS)
+        info["pruning_sensitivity"] = pruning_sensitivity(
+            model, ctx, probe, progress=lambda f, m: ctx.progress(0.4 + 0.4 * f, m)
+        )
     bar_given = options.get("min_sqnr_db") is not None or options.get("max_accuracy_drop") is not None
     from worker.compression.mixed_precision import Bar, keep_float_until
 
