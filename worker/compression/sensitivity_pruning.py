@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ def pruning_sensitivity(
     rows = []
     for index, (name, layer) in enumerate(layers.items()):
         ctx.check_cancelled()
-        weight = layer.weight
+        weight = cast(torch.Tensor, layer.weight)  # a Parameter (TorchScript modules too)
         original = weight.detach().clone()
         results = []
         try:
