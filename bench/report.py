@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-ORDER = ("quality", "peers", "service", "api", "readpath", "gpu", "targets")
+ORDER = ("quality", "peers", "service", "api", "readpath", "gpu", "targets", "sensitivity", "cnn_repair")
 
 
 def _cell(value: Any) -> str:

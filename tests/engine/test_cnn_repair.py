@@ -29,6 +29,7 @@ def test_equalization_keeps_the_float_function_and_balances_the_pairs(name: str,
     with torch.no_grad():  # batch norms with statistics of their own, so folding them changes the weights
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     repaired = repair(
