@@ -435,3 +435,18 @@ def fmt(value: Any, digits: int = 2, suffix: str = "") -> str:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def record_section(key: str, section: dict[str, Any]) -> None:
+    """Merge one stand-alone benchmark's section into bench/results.json and rewrite BENCHMARKS.md.
+
+    For scripts outside `bench.run` (bench.sensitivity, bench.cnn_repair): their sections are kept
+    by later `make bench` runs like any section not run.
+    """
+    from bench import report
+
+    results = load_results()
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    results["sections"][key] = finite({**section, "generated_at": stamp})
+    save_results(results)
+    MARKDOWN_PATH.write_text(report.render(results))

@@ -171,7 +171,7 @@ def run(size: Any, assets: Any) -> dict[str, Any]:
                 ratios += [latency[batch] / max(torch_ao_ms[batch], 1e-9) for batch in BATCHES]
     within = bool(ratios) and max(ratios) <= 1.10
     return {
-        "title": "Dynamic int8 off torch.ao: torch.ao against torchao and PT2E",
+        "title": "6. Dynamic int8 off torch.ao: torch.ao against torchao and PT2E",
         "intro": (
             "`torch.ao.quantization` is deprecated. The engine runs dynamic_int8 with torch.ao while it can be "
             "imported and is the faster, and otherwise with torchao's Int8DynamicActivationInt8WeightConfig "

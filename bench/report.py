@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-ORDER = ("quality", "peers", "service", "api", "readpath", "gpu", "targets", "dynamic_int8", "zoo")
+ORDER = (
+    "quality",
+    "peers",
+    "service",
+    "api",
+    "readpath",
+    "gpu",
+    "targets",
+    "dynamic_int8",
+    "sensitivity",
+    "cnn_repair",
+    "zoo",
+)
 
 
 def _cell(value: Any) -> str:

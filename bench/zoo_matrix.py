@@ -170,7 +170,7 @@ def run(size: Any, assets: Any) -> dict[str, Any]:
         if cell["outcome"] != "ok"
     ]
     return {
-        "title": "6. The model zoo against the main schemes",
+        "title": "9. The model zoo against the main schemes",
         "intro": (
             "Each zoo model (tests/zoo.py: tiny seeded random-init torchvision / timm / Hugging Face look-alikes "
             "and the real transformers BERT and GPT-2) as one upload, through each scheme as one engine job at one "

@@ -25,6 +25,9 @@ def job_charts(metrics: dict[str, Any] | None, events: list[tuple[str, dict[str,
     sensitivity = content.sensitivity_rows(metrics)
     if sensitivity:
         made.append(charts.sensitivity_chart(sensitivity))
+    pruning = content.pruning_sensitivity_rows(metrics)
+    if pruning:
+        made.append(charts.pruning_sensitivity_chart(pruning))
     runs = content.training_runs(events)
     if runs:
         made.append(charts.training_chart(runs))

@@ -3,7 +3,8 @@
 Figures are made with the object API (no pyplot state), so concurrent requests do not share a
 figure. Text stays text (`svg.fonttype: none`) and is never parsed as mathtext, so a layer named
 `a$b` prints as it is. Each chart marks what a test or a reader looks for with an SVG id (gid):
-`trial-points`, `pareto-front`, `bar`, `chosen-trial`, `layer-bar-<i>`, `compare-points`.
+`trial-points`, `pareto-front`, `bar`, `chosen-trial`, `layer-bar-<i>`, `prune-bar-<layer>-<amount>`,
+`compare-points`.
 """
 
 from __future__ import annotations
@@ -125,6 +126,40 @@ def sensitivity_chart(rows: list[dict[str, Any]]) -> Chart:
         text,
     )
     return Chart("sensitivity", "Per-layer sensitivity", _svg(figure))
+
+
+def pruning_sensitivity_chart(rows: list[dict[str, Any]]) -> Chart:
+    """Grouped bars: per layer, the whole model's SQNR (or top-1 drop) at each pruning amount."""
+    amounts = sorted({float(r["amount"]) for row in rows for r in row["results"]})
+    by_sqnr = any(r.get("sqnr_db") is not None for row in rows for r in row["results"])
+    key = "sqnr_db" if by_sqnr else "accuracy_drop"
+    scale = 1.0 if by_sqnr else 100.0
+    shades = ["#9dbcf7", "#5f8ff2", ACCENT, "#1c4fb8", "#123578"]
+    with matplotlib.rc_context(STYLE):  # type: ignore[arg-type]  # the stubs want literal rc keys
+        figure = Figure(figsize=(6.4, 1.1 + 0.22 * len(rows) * len(amounts)))
+        axes = figure.add_subplot()
+        height = 0.8 / max(1, len(amounts))
+        for slot, amount in enumerate(amounts):
+            values = []
+            for row in rows:
+                found = [r.get(key) for r in row["results"] if float(r["amount"]) == amount]
+                values.append(max(0.0, float(found[0]) * scale) if found and found[0] is not None else 0.0)
+            positions = [index + (slot - (len(amounts) - 1) / 2) * height for index in range(len(rows))]
+            bars = axes.barh(
+                positions, values, height=height, color=shades[slot % len(shades)], label=f"{amount:.0%} pruned"
+            )
+            for index, bar in enumerate(bars):
+                bar.set_gid(f"prune-bar-{index}-{slot}")
+        axes.set_yticks(range(len(rows)), [str(r["layer"]) for r in rows])
+        axes.invert_yaxis()
+        axes.set_xlabel(
+            "whole-model SQNR with only this layer pruned (dB; lower is more harmful)"
+            if by_sqnr
+            else "accuracy drop with only this layer pruned (points)"
+        )
+        axes.grid(axis="y", visible=False)
+        axes.legend(loc="lower right", fontsize=8)
+    return Chart("pruning-sensitivity", "Per-layer pruning sensitivity", _svg(figure))
 
 
 def trials_chart(search: SearchView) -> Chart:

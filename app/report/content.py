@@ -8,6 +8,8 @@ stages' `info`); nothing here computes a new measurement. Keys the report reads:
   `layers` (top level): per-layer zeros of the delivered model.
 - `stages[i].info.quantized_layers` / `skipped_layers` / `left_float` with the stage's scheme,
   or a codebook stage's `bits` and `layers`: per-layer weight bit widths.
+- `pruning_sensitivity` (top level or in a stage's info): rows `{"layer", "results": [{"amount",
+  "sqnr_db", "accuracy_drop"}]}`, most harmful first.
 - `sensitivity` (top level or in a stage's info): a list of rows, or `{"layers": [...]}`, each
   `{"layer": name, "sqnr_db": dB, "accuracy_drop": fraction?}` (whole-model fidelity with only that
   layer compressed), most harmful first.
@@ -180,6 +182,17 @@ def sensitivity_rows(metrics: dict[str, Any] | None) -> list[dict[str, Any]]:
         rows = found.get("layers") if isinstance(found, dict) else found
         if isinstance(rows, list) and rows and all(isinstance(r, dict) and "layer" in r for r in rows):
             if any(r.get("sqnr_db") is not None or r.get("accuracy_drop") is not None for r in rows):
+                return rows
+    return []
+
+
+def pruning_sensitivity_rows(metrics: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The per-layer pruning table of `analyze/sensitivity` with `pruning: true`: rows with `results` per amount."""
+    candidates: list[Any] = [(metrics or {}).get("pruning_sensitivity")]
+    candidates += [(s.get("info") or {}).get("pruning_sensitivity") for s in (metrics or {}).get("stages") or []]
+    for rows in candidates:
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) and "layer" in r for r in rows):
+            if all(isinstance(r.get("results"), list) for r in rows):
                 return rows
     return []
 

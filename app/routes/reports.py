@@ -28,7 +28,8 @@ CACHED_JOBS = 64
 
 class ChartRead(BaseModel):
     name: str = Field(
-        examples=["trials"], description="trials, layer-sparsity, layer-bits, sensitivity, training or compare"
+        examples=["trials"],
+        description="trials, layer-sparsity, layer-bits, sensitivity, pruning-sensitivity, training or compare",
     )
     title: str
     svg: str = Field(description="a standalone <svg> element (matplotlib), no external references")

@@ -33,6 +33,13 @@ class SensitivityConfig(StageConfig):
         MaxAccuracyDrop | None,
         Field(description="suggest the skip_layers that meet this top-1 drop (verified; needs labels)"),
     ] = None
+    pruning: Annotated[
+        bool,
+        Field(
+            description="also tabulate, per Linear / Conv layer, the whole model's fidelity with only that layer "
+            "pruned (unstructured L1) at 30%, 50% and 70%"
+        ),
+    ] = False
 
 
 ANALYZE_CONFIGS: tuple[type[StageConfig], ...] = (SensitivityConfig,)

@@ -86,6 +86,22 @@ class StaticInt8Config(_QuantizeConfig):
         MaxAccuracyDrop | None,
         Field(description="mixed precision: the same for the top-1 drop; needs an eval dataset with labels"),
     ] = None
+    # CNN repair after batch-norm folding (worker/compression/quantization/repair.py)
+    cross_layer_equalization: Annotated[
+        Literal["auto", "on", "off"],
+        Field(
+            description="rescale consecutive conv/linear pairs joined through ReLU or pooling so their per-channel "
+            "weight ranges match (Nagel et al. 2019); auto: kept only when it raises the SQNR on held-out "
+            "calibration samples"
+        ),
+    ] = "auto"
+    bias_correction: Annotated[
+        Literal["auto", "on", "off"],
+        Field(
+            description="subtract from each bias the mean output shift its int8 weights cause on the calibration "
+            "data; auto: kept only when it raises the SQNR on held-out calibration samples"
+        ),
+    ] = "auto"
 
 
 class QatInt8Config(_QuantizeConfig):

@@ -41,7 +41,7 @@ def test_analyze_job_reports_the_sorted_table_and_delivers_the_model(embedded: S
             {
                 "model_id": uploaded["id"],
                 "dataset_id": data.json()["id"],
-                "stages": [{"method": "analyze", "scheme": "sensitivity"}],
+                "stages": [{"method": "analyze", "scheme": "sensitivity", "pruning": True}],
             }
         )["id"]
     )
@@ -51,6 +51,11 @@ def test_analyze_job_reports_the_sorted_table_and_delivers_the_model(embedded: S
     assert sorted(r["layer"] for r in rows) == sorted(linears)
     assert [r["sqnr_db"] for r in rows] == sorted(r["sqnr_db"] for r in rows)
     assert job["metrics"]["stages"][0]["info"]["sensitivity"] == rows
+    pruning_rows = job["metrics"]["pruning_sensitivity"]
+    assert sorted(r["layer"] for r in pruning_rows) == sorted(linears)
+    assert all([r["amount"] for r in row["results"]] == [0.3, 0.5, 0.7] for row in pruning_rows)
+    charts = embedded.client.get(f"/v1/jobs/{job['id']}/charts", headers=embedded.headers).json()["charts"]
+    assert {"sensitivity", "pruning-sensitivity"} <= {chart["name"] for chart in charts}
     blob = embedded.client.get(f"/v1/jobs/{job['id']}/artifact", headers=embedded.headers).content
     delivered = torch.jit.load(io.BytesIO(blob))
     with torch.no_grad():

@@ -311,6 +311,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             document["result"] = report["info"]["result"]
         if "sensitivity" in report["info"]:
             document["sensitivity"] = report["info"]["sensitivity"]
+            if "pruning_sensitivity" in report["info"]:
+                document["pruning_sensitivity"] = report["info"]["pruning_sensitivity"]
             if "suggested_skip_layers" in report["info"]:
                 document["suggested_skip_layers"] = report["info"]["suggested_skip_layers"]
         # a stage's own warnings are part of the outcome, not buried in its info

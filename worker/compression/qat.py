@@ -82,7 +82,9 @@ def quantization_aware_training(model: nn.Module, options: dict[str, Any], ctx: 
         prepared, ctx.train_data, options.get("train"), ctx, val_data=ctx.eval_data, defaults=QAT_TRAIN_DEFAULTS
     )
     copied = _copy_trained_weights(prepared, float_model)
-    done = _static_int8_fx(float_model.eval(), options, ctx)
+    # no cross-layer equalization or bias correction: the weights were fine-tuned on the int8 grid they have
+    converted_options = {**options, "cross_layer_equalization": "off", "bias_correction": "off"}
+    done = _static_int8_fx(float_model.eval(), converted_options, ctx)
     done.info.update(
         {
             "qat": {

@@ -39,6 +39,8 @@ DISTILL_WIDTHS = (0.25, 0.5)
 # clients load with a one-liner): about twice a dense weight per kept value (value + index).
 SPARSE_COST_PER_KEPT = 2.0
 ORIGINAL = "original (uncompressed)"
+# int8 schemes whose quantize stage takes a bar and keeps the most harmful layers in float to meet it
+MIXED_PRECISION_SCHEMES = ("dynamic_int8", "static_int8")
 
 
 def sparse_size_ratio(amount: float) -> float:
@@ -330,6 +332,8 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
             break
         search.run(candidate)
 
+    _mixed_precision_fallback(search)
+
     if not user_recipes or amount_range:
         _bisect_pruning(search, low, high, lowest=low if amount_range else min(low, LOWEST_AMOUNT))
 
@@ -338,6 +342,28 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
             break
         search.run(candidate)
     return _outcome(search, model, ctx)
+
+
+def _mixed_precision_fallback(search: Search) -> None:
+    """Each int8 trial that missed the bar only on fidelity is tried once more as mixed precision:
+    the quantize stage with the search's bar, which keeps the most harmful layers of the sensitivity
+    table in float until the bar holds (`worker.compression.mixed_precision`)."""
+    bar = {"min_sqnr_db": search.config.min_sqnr_db, "max_accuracy_drop": search.config.max_accuracy_drop}
+    for trial in list(search.trials):
+        stage = trial.stages[0] if len(trial.stages) == 1 else {}
+        if (
+            trial.status != "missed"
+            or stage.get("method") != "quantize"
+            or stage.get("scheme") not in MIXED_PRECISION_SCHEMES
+            or any(stage.get(key) is not None for key in bar)  # already mixed precision
+            or trial.size_bytes is None
+            or trial.size_bytes >= search.original_size  # missed on size: float layers only add bytes
+        ):
+            continue
+        if search.out_of_budget():
+            return
+        mixed = {**stage, **{key: value for key, value in bar.items() if value is not None}}
+        search.run(Candidate(f"{trial.candidate} mixed precision", [mixed], trial.size_bytes / search.original_size))
 
 
 def _bisect_pruning(search: Search, low: float, high: float, lowest: float) -> None:

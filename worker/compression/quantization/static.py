@@ -26,7 +26,6 @@ _STATIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, n
 
 def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
     from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     batches = _calibration_batches(options, ctx)
     candidates = [name for name, module in model.named_modules() if name and type(module) in _STATIC_TYPES]
@@ -38,6 +37,29 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
         mapping.set_global(full_range_qconfig())
     for name in plan.skipped:
         mapping.set_module_name(name, None)
+    info: dict[str, Any] = {}
+    if any(options.get(key, "auto") != "off" for key in ("cross_layer_equalization", "bias_correction")):
+        from worker.compression.quantization.repair import quantize_with_repair
+
+        quantized, info["repair"] = quantize_with_repair(
+            model, options, ctx, plan.targets, mapping, batches, lambda m, b: _calibrate_and_convert(m, mapping, b, ctx)
+        )
+    else:
+        quantized = _calibrate_and_convert(model, mapping, batches, ctx)
+    _check_swapped(quantized, plan, "static_int8")
+    activation_range = (
+        "8-bit (this CPU has VNNI)"
+        if full_range
+        else "7-bit (reduce_range: without VNNI, fbgemm's int16 accumulation could saturate)"
+    )
+    info.update(calibration_samples=sum(len(b) for b in batches), activation_range=activation_range)
+    return _Done(quantized, "eager", plan, info)
+
+
+def _calibrate_and_convert(model: nn.Module, mapping: Any, batches: list[Batch], ctx: StageContext) -> nn.Module:
+    """prepare_fx a copy of `model`, run the calibration batches through it, convert_fx."""
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
     float_model = copy.deepcopy(model).eval()
     try:
         prepared = prepare_fx(float_model, mapping, as_call(ctx.example_input)[0])
@@ -56,19 +78,8 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
             ctx.check_cancelled()
             call_model(prepared, batch)
             ctx.progress(0.9 * (index + 1) / len(batches), "calibrating")
-    quantized = convert_fx(prepared).eval()
-    _check_swapped(quantized, plan, "static_int8")
-    activation_range = (
-        "8-bit (this CPU has VNNI)"
-        if full_range
-        else "7-bit (reduce_range: without VNNI, fbgemm's int16 accumulation could saturate)"
-    )
-    return _Done(
-        quantized,
-        "eager",
-        plan,
-        {"calibration_samples": sum(len(b) for b in batches), "activation_range": activation_range},
-    )
+    converted: nn.Module = convert_fx(prepared).eval()
+    return converted
 
 
 def cpu_has_vnni() -> bool:
