@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.compression import breadcrumbs, outcome
 from worker.compression import metrics as measure
-from worker.compression import outcome
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
 from worker.compression.facts import environment, layer_sparsity
 from worker.compression.inputs import Batch, ModelInputs, Signature, call_model, make_example, torchscript_to_graph
@@ -110,11 +110,15 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     if request.device == "cuda" and device.type != "cuda":
         raise EngineError("the job targets cuda but this worker has no CUDA device")
     reporter.progress(0.01, "loading")
+    breadcrumbs.stage("loading")
+    breadcrumbs.operation(f"loading the {request.model.format} model file")
     model, kind = load_model(Path(request.model.path), request.model.format, request.model.architecture)
     signature = request.signature
     train = load_dataset(Path(request.dataset_path), signature) if request.dataset_path else None
     evaluation = load_dataset(Path(request.eval_dataset_path), signature) if request.eval_dataset_path else None
     example = _example_input(request, train, evaluation)
+    breadcrumbs.model_facts(kind=kind, recurrent=_has_recurrent_layers(model))
+    breadcrumbs.operation("running the model on the example input")
     try:
         with torch.inference_mode():
             call_model(model, example)
@@ -127,6 +131,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     }
 
     reporter.progress(0.05, "measuring original")
+    breadcrumbs.stage("measuring the original")
     fid_inputs, fid_labels = measure.fidelity_inputs(example, evaluation, train, seed=request.seed, signature=signature)
     reference = measure.predict(model, fid_inputs, output=request.output)
     parameters = measure.count_parameters(model)
@@ -160,9 +165,11 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         label = f"{stage.method}:{stage.scheme}"
 
         def stage_progress(fraction: float, message: str, base: float = base, label: str = label) -> None:
+            breadcrumbs.operation(message or "running")
             reporter.progress(base + span * min(max(fraction, 0.0), 1.0), f"{label}: {message}" if message else label)
 
         reporter.check_cancelled()
+        breadcrumbs.stage(label)
         stage_progress(0.0, "starting")
         if kind == "torchscript" and _needs_graph(stage):
             stage_progress(0.0, "converting TorchScript to an exported program")
@@ -232,6 +239,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             device,
         )
     reporter.progress(0.92, "saving artifact")
+    breadcrumbs.stage("saving the artifact")
     output_format = request.output_format or default_output_format(
         kind, result.preferred_output_format if result else None
     )
@@ -249,6 +257,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     elif output_format == "deep_compression":
         final_model = _decoded_container(artifact, working, stage_reports)
     reporter.progress(0.95, "measuring compressed")
+    breadcrumbs.stage("measuring the artifact")
     outputs = measure.predict(final_model, fid_inputs, output=request.output)
     compressed = measure.describe(
         final_model,
@@ -333,6 +342,12 @@ def _finish_for_target(
     torch_original = {**torch_original, **measure.measure_latency(model, example, request.threads)}
     if device.type != "cpu":
         raise EngineError(f"the {request.runtime} target runs on cpu in this deployment")
+    breadcrumbs.stage(f"building the {request.runtime} artifact")
+
+    def progress(fraction: float, message: str) -> None:
+        breadcrumbs.operation(message)
+        reporter.progress(fraction, message)
+
     built = finish_for_target(
         runtime=request.runtime,
         original_model=model,
@@ -347,7 +362,7 @@ def _finish_for_target(
         original_parameters=(torch_original["parameters"], torch_original["nonzero_parameters"]),
         parameters=parameters,
         train=train,
-        progress=reporter.progress,
+        progress=progress,
     )
     fidelity = measure.fidelity(reference, built["outputs"])
     if deferred is not None:
@@ -385,6 +400,15 @@ def _finish_for_target(
         "artifact_format": RUNTIME_FORMATS[request.runtime],
         "requires": REQUIRES[request.runtime],
     }
+
+
+def _has_recurrent_layers(model: nn.Module) -> bool:
+    """LSTM / GRU / RNN layers, eager or as an exported graph's ops (a crash hint depends on it)."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return True
+    graph = getattr(model, "graph", None)
+    nodes = getattr(graph, "nodes", None) or []
+    return any(word in str(getattr(n, "target", "")) for n in nodes for word in ("lstm", "gru", "rnn_"))
 
 
 def _left_alone(stage_reports: list[dict[str, Any]]) -> frozenset[str]:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.compression import breadcrumbs
 from worker.compression.base import EngineError, StageContext
 from worker.compression.graph_lift import torch_level_module
 from worker.compression.inputs import Batch, ModelInputs, as_call, call_model
@@ -36,6 +37,7 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
     for name in plan.skipped:
         mapping.set_module_name(name, None)
     float_model = copy.deepcopy(model).eval()
+    breadcrumbs.operation("static_int8: tracing with torch.fx (prepare_fx)")
     try:
         prepared = prepare_fx(float_model, mapping, as_call(ctx.example_input)[0])
     except Exception as error:  # symbolic tracing fails on data-dependent control flow
@@ -48,11 +50,13 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
         raise EngineError(
             f"static_int8 could not trace the model's forward with torch.fx ({error}); {advice}"
         ) from error
+    breadcrumbs.operation("static_int8: calibrating")
     with torch.no_grad():
         for index, batch in enumerate(batches):
             ctx.check_cancelled()
             call_model(prepared, batch)
             ctx.progress(0.9 * (index + 1) / len(batches), "calibrating")
+    breadcrumbs.operation("static_int8: converting to int8 kernels (convert_fx)")
     quantized = convert_fx(prepared).eval()
     _check_swapped(quantized, plan, "static_int8")
     activation_range = (

@@ -22,6 +22,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
+from worker.compression import breadcrumbs
 from worker.compression.base import EngineError
 from worker.compression.targets.common import as_eval, run_in_chunks
 
@@ -42,6 +43,7 @@ def _exported_program(model: nn.Module, example: torch.Tensor) -> torch.export.E
     range an uploaded exported program declares, and specialises a model that fixes its batch)."""
     if example.shape[0] == 1:  # torch.export specialises a dimension of size 1
         example = torch.cat([example, example])
+    breadcrumbs.operation("export: torch.export")
     try:
         return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     except Exception as error:
@@ -54,6 +56,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     """Write `model` as a float ONNX model with input `input` (dynamic batch) and output `output`."""
     model = as_eval(model)
     program = _exported_program(model, example)
+    breadcrumbs.operation("export: torch.onnx.export")
     try:
         onnx_program = torch.onnx.export(
             program,
@@ -135,8 +138,10 @@ def quantize(
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         # shape inference and graph optimisation first, as ORT's quantization guide asks
+        breadcrumbs.operation(f"{scheme}: onnxruntime quant_pre_process")
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
         skipped = _skipped_nodes(prepared, options)
+        breadcrumbs.operation(f"{scheme}: onnxruntime quantization")
         if scheme == "dynamic_int8":
             quantize_dynamic(
                 str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=skipped
