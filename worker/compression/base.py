@@ -80,6 +80,9 @@ class StageContext:
     signature: Signature | None = None
     # the output format the job asked for (None: the stages' preference)
     output_format: str | None = None
+    # threads the artifact will run at, and the runtime that serves it (torch, onnxruntime, executorch)
+    threads: int = 1
+    runtime: str = "torch"
 
 
 @dataclass

@@ -195,9 +195,16 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             original_size_bytes=original["size_bytes"],
             signature=signature,
             output_format=request.output_format,
+            threads=request.threads,
+            runtime=request.runtime,
         )
         result = run_stage(working, stage.method, stage.scheme, stage.options, context)
         working, kind = result.model, result.kind
+        if request.runtime != "torch" and "runtime_quantization" in result.info:
+            from worker.compression.search_runtime import chosen_runtime_quantization
+
+            # the search chose a quantization that the target runtime's tools apply at the end
+            deferred, train = chosen_runtime_quantization(result.info, train, example, signature, request.seed)
         requires.update(result.requires)
         # Quantized modules pack their weights out of reach of a parameter count, so a
         # quantize stage keeps the float model's count; a stage may report its own.
