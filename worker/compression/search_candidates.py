@@ -48,6 +48,12 @@ def sparse_size_ratio(amount: float) -> float:
     return min(1.0, SPARSE_COST_PER_KEPT * (1 - amount))
 
 
+def structured_size_ratio(amount: float) -> float:
+    """Estimated size after removing `amount` of the channels: a layer loses its outputs and the next one
+    its inputs, so most weights shrink on both sides."""
+    return (1 - amount) ** 2
+
+
 def calibration_source(search: Search) -> str | None:
     """ "dataset" when the job has one, "synthetic" when inputs can be drawn from the declared shapes."""
     if search.ctx.train_data is not None and len(search.ctx.train_data) > 0:
@@ -102,7 +108,18 @@ def torch_candidates(search: Search) -> list[Candidate]:
     candidates.append(Candidate("fp16", [{"method": "quantize", "scheme": "fp16"}], 0.5))
     if search.ctx.kind != "torchscript":  # ln_structured changes the model's code, which TorchScript hides
         for amount in STRUCTURED_AMOUNTS:
-            candidates.append(Candidate(f"ln_structured {amount}", [_structured_stage(search, amount)], 1 - amount))
+            stage = _structured_stage(search, amount)
+            candidates.append(Candidate(f"ln_structured {amount}", [stage], structured_size_ratio(amount)))
+        if source is not None:
+            amount = STRUCTURED_AMOUNTS[0]
+            candidates.append(
+                Candidate(
+                    f"ln_structured {amount} + static_int8 ({source} calibration)",
+                    [_structured_stage(search, amount), {"method": "quantize", "scheme": "static_int8"}],
+                    0.27 * structured_size_ratio(amount),
+                    source,
+                )
+            )
     return candidates
 
 
@@ -118,13 +135,14 @@ def runtime_candidates(search: Search) -> list[Candidate]:
     if source is not None:
         candidates.append(Candidate(f"{runtime} static_int8 ({source} calibration)", [static], 0.27, source))
     for amount in STRUCTURED_AMOUNTS:
-        candidates.append(Candidate(f"ln_structured {amount}", [_structured_stage(search, amount)], 1 - amount))
+        stage = _structured_stage(search, amount)
+        candidates.append(Candidate(f"ln_structured {amount}", [stage], structured_size_ratio(amount)))
         if source is not None:
             candidates.append(
                 Candidate(
                     f"ln_structured {amount} + {runtime} static_int8 ({source} calibration)",
                     [_structured_stage(search, amount), static],
-                    0.27 * (1 - amount),
+                    0.27 * structured_size_ratio(amount),
                     source,
                 )
             )
