@@ -18,7 +18,13 @@ from typing import Any
 from worker.compression import breadcrumbs
 
 FAULTHANDLER_FILE = "faulthandler.log"
-NATIVE_SIGNALS = ("SIGSEGV", "SIGBUS", "SIGABRT", "SIGILL", "SIGFPE")
+NATIVE_SIGNALS = {
+    "SIGSEGV": "segmentation fault",
+    "SIGBUS": "bus error",
+    "SIGABRT": "abort",
+    "SIGILL": "illegal instruction",
+    "SIGFPE": "floating-point exception",
+}
 TOP_FRAMES = 8
 _FRAME = re.compile(r'File "([^"]+)", line (\d+) in (\S+)')
 
@@ -84,7 +90,9 @@ def native_crash_error(code: int, folder: Path, stderr_tail: str) -> dict[str, A
     frames = python_frames(folder)
     native_message = _native_message(stderr_tail)
     advice = hint(stage, operation, model or {})
-    detail = f"the sandboxed process crashed with {name} in stage {stage!r} while {operation!r}"
+    detail = (
+        f"the sandboxed process crashed with {name} ({NATIVE_SIGNALS[name]}) in stage {stage!r} while {operation!r}"
+    )
     if native_message:
         detail += f" ({native_message})"
     if frames:

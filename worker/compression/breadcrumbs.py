@@ -20,7 +20,7 @@ from typing import Any
 FILE_NAME = "breadcrumbs.json"
 
 _path: Path | None = None
-_state: dict[str, Any] = {"stage": "starting", "operation": "starting", "model": {}}
+_state: dict[str, Any] = {"stage": "starting", "operation": "importing the engine", "model": {}}
 
 
 def leave_in(folder: Path) -> None:

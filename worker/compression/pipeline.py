@@ -415,7 +415,11 @@ def _has_recurrent_layers(model: nn.Module) -> bool:
         return True
     graph = getattr(model, "graph", None)
     nodes = getattr(graph, "nodes", None) or []
-    return any(word in str(getattr(n, "target", "")) for n in nodes for word in ("lstm", "gru", "rnn_"))
+    if callable(nodes):  # a TorchScript graph lists its nodes through a method
+        nodes = nodes()
+    # an exported graph's node names its aten op in `target`; a TorchScript node's text holds its kind
+    texts = (str(getattr(node, "target", node)) for node in nodes)
+    return any(word in text for text in texts for word in ("lstm", "gru", "rnn_"))
 
 
 def _left_alone(stage_reports: list[dict[str, Any]]) -> frozenset[str]:
