@@ -335,7 +335,11 @@ def _child_main(mode: str, request_path: str, result_path: str) -> int:
             )
             result = run_job(JobRequest.from_dict(request), reporter)
         elif mode == "inspect":
+            from worker.compression import breadcrumbs
             from worker.compression.inspect import inspect_model
+
+            breadcrumbs.stage("inspecting the upload")
+            breadcrumbs.operation(f"loading the {request['format']} model file and running it")
 
             result = inspect_model(
                 Path(request["path"]), request["format"], request.get("architecture"), request.get("inputs")
