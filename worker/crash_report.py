@@ -54,7 +54,9 @@ def python_frames(folder: Path, limit: int = TOP_FRAMES) -> list[str]:
 def hint(stage: str, operation: str, model: dict[str, Any]) -> str:
     """What to try instead, for the crash's stage, operation and model."""
     where = f"{stage} {operation}".lower()
-    if model.get("recurrent") and ("int8" in where or "quantiz" in where):
+    # the job's quantization may crash later than its own stage: when its artifact is run or saved
+    quantized = "int8" in where or "quantiz" in where or any("int8" in str(s) for s in model.get("stages") or [])
+    if model.get("recurrent") and quantized:
         return (
             "recurrent layers (LSTM/GRU) in int8 are a known native crash of torch's quantized kernels on "
             "exported graphs: try dynamic_int8 on the eager or TorchScript form of the model, or leave the "

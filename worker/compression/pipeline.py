@@ -117,7 +117,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     train = load_dataset(Path(request.dataset_path), signature) if request.dataset_path else None
     evaluation = load_dataset(Path(request.eval_dataset_path), signature) if request.eval_dataset_path else None
     example = _example_input(request, train, evaluation)
-    breadcrumbs.model_facts(kind=kind, recurrent=_has_recurrent_layers(model))
+    schemes = [f"{stage.method}:{stage.scheme}" for stage in request.stages]
+    breadcrumbs.model_facts(kind=kind, recurrent=_has_recurrent_layers(model), stages=schemes)
     breadcrumbs.operation("running the model on the example input")
     try:
         with torch.inference_mode():
@@ -265,6 +266,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         final_model = _decoded_container(artifact, working, stage_reports)
     reporter.progress(0.95, "measuring compressed")
     breadcrumbs.stage("measuring the artifact")
+    breadcrumbs.operation(f"running the {output_format} artifact on the fidelity inputs")
     outputs = measure.predict(final_model, fid_inputs, output=request.output)
     compressed = measure.describe(
         final_model,
@@ -276,6 +278,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         parameters=parameters,
         latency=False,
     )
+    breadcrumbs.operation("timing the original and the artifact, interleaved")
     speed = measure.compare_latency(model, final_model, example, request.threads)
     original.update(speed["original"])
     compressed.update(speed["compressed"])
