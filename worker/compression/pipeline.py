@@ -397,6 +397,8 @@ def _finish_for_target(
         speed=built["speed"],
     )
     document["runtime"] = request.runtime
+    for report in stage_reports:  # a stage's own warnings (a search's synthetic calibration) are part of the outcome
+        document["warnings"].extend(w for w in report["info"].get("warnings") or [] if w not in document["warnings"])
     document["versions"] = built["versions"]
     document["original_in_torch"] = {
         k: torch_original[k] for k in ("size_bytes", "latency_ms_p50", "latency_ms_p95", "accuracy")
