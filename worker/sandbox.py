@@ -46,6 +46,7 @@ from worker.bubblewrap import (
     check_isolation,
     describe_isolation,
 )
+from worker.crash_report import FAULTHANDLER_FILE, native_crash_error
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 __all__ = [
@@ -297,7 +298,11 @@ def _supervise(
         return SandboxOutcome(True, payload["result"], None)
     if payload is not None and "error" in payload:
         return SandboxOutcome(False, None, payload["error"])
-    tail = stderr_path.read_text(errors="replace")[-600:].strip()
+    tail = stderr_path.read_text(errors="replace")[-2000:].strip()
+    crash = native_crash_error(code, result_path.parent, tail)
+    if crash is not None:
+        return SandboxOutcome(False, None, crash)
+    tail = tail[-600:]
     detail = f"the sandboxed process {_describe_exit(code, limits)}"
     if tail:
         detail += f"; last output: {tail.splitlines()[-1][:300]}"
@@ -323,6 +328,7 @@ def _emit(message: dict[str, Any]) -> None:
 
 def _child_main(mode: str, request_path: str, result_path: str) -> int:
     request = json.loads(Path(request_path).read_text())
+    _prepare_crash_report(Path(result_path).parent)
     try:
         if mode == "job":
             from worker.compression.pipeline import JobRequest, Reporter, run_job
@@ -333,7 +339,11 @@ def _child_main(mode: str, request_path: str, result_path: str) -> int:
             )
             result = run_job(JobRequest.from_dict(request), reporter)
         elif mode == "inspect":
+            from worker.compression import breadcrumbs
             from worker.compression.inspect import inspect_model
+
+            breadcrumbs.stage("inspecting the upload")
+            breadcrumbs.operation(f"loading the {request['format']} model file and running it")
 
             result = inspect_model(
                 Path(request["path"]), request["format"], request.get("architecture"), request.get("inputs")
@@ -350,6 +360,17 @@ def _child_main(mode: str, request_path: str, result_path: str) -> int:
         return 1
     Path(result_path).write_text(json.dumps({"result": result}, default=str))
     return 0
+
+
+def _prepare_crash_report(scratch: Path) -> None:
+    """Breadcrumbs and a faulthandler dump in the scratch folder, so a native crash can be explained."""
+    import faulthandler
+
+    from worker.compression import breadcrumbs
+
+    breadcrumbs.leave_in(scratch)
+    # kept open for the life of the child: faulthandler writes to the descriptor from its signal handler
+    faulthandler.enable(file=open(scratch / FAULTHANDLER_FILE, "w"), all_threads=True)  # noqa: SIM115
 
 
 # Imported by the engine only on first use, yet by most jobs that train or export: torch.optim's first

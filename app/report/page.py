@@ -90,7 +90,7 @@ def _trials_table(metrics: dict[str, Any]) -> str:
         f'<tr class="{escape(str(t.get("status")))}{" chosen" if t.get("candidate") == chosen else ""}">'
         f"<td>{escape(str(t.get('candidate')))}</td><td>{escape(str(t.get('status')))}</td>"
         f"{_cell(t.get('size_bytes'), 'size_bytes')}{_cell(t.get('accuracy'), 'accuracy')}"
-        f"{_cell(t.get('sqnr_db'), 'sqnr_db')}{_cell(t.get('seconds'), 'seconds')}"
+        f"{_cell(t.get('sqnr_db'), 'sqnr_db')}<td>{escape(speed_text(t))}</td>{_cell(t.get('seconds'), 'seconds')}"
         f"<td>{escape(str(t.get('reason') or ''))}</td></tr>"
         for t in search.trials
     )
@@ -98,7 +98,7 @@ def _trials_table(metrics: dict[str, Any]) -> str:
         f"<p>Result: <b>{escape(search.result)}</b>; objective {escape(search.objective)}; "
         f"chosen: <b>{escape(str(chosen))}</b>.</p>"
         '<table id="trials"><thead><tr><th>candidate</th><th>status</th><th>size (bytes)</th><th>accuracy</th>'
-        f"<th>SQNR</th><th>seconds</th><th>note</th></tr></thead><tbody>{body}</tbody></table>"
+        f"<th>SQNR</th><th>speed vs original</th><th>seconds</th><th>note</th></tr></thead><tbody>{body}</tbody></table>"
     )
 
 

@@ -40,7 +40,7 @@ RUNTIMES: dict[str, RuntimeSpec] = {
         "onnxruntime",
         "onnx",
         ("cpu",),
-        {**_FLOAT_STAGES, "quantize": ("dynamic_int8", "static_int8")},
+        {**_FLOAT_STAGES, "quantize": ("dynamic_int8", "static_int8"), "search": ("accuracy_aware",)},
         "onnxruntime",
         "torch.onnx.export(dynamo=True); onnxruntime.quantization (quantize_dynamic, quantize_static QDQ per-channel)",
     ),

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app.report.content import speed_text
 from modelpress.client import Client, ClientError
 from tests.helpers import PROJECT_ROOT, digits_split, mlp, npz_bytes, torchscript_bytes, train
 from tests.service.test_user_surface import Live, _browser, live  # noqa: F401  (module fixture)
@@ -208,6 +209,8 @@ def test_search_report_shows_every_measured_trial_the_front_the_bar_and_the_choi
     assert f"chosen: {info['chosen']['candidate']}" in text
     for trial in info["trials"]:
         assert trial["candidate"] in text
+        if trial.get("speed_verdict"):  # each measured candidate's interleaved speed against the original
+            assert speed_text(trial) in text
     # the search keeps no per-stage layer table; the delivered model's own zeros are charted when it has any
     layers = job.metrics["layers"]
     if any(row["sparsity"] > 0 for row in layers):

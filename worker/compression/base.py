@@ -82,6 +82,9 @@ class StageContext:
     signature: Signature | None = None
     # the output format the job asked for (None: the stages' preference)
     output_format: str | None = None
+    # threads the artifact will run at, and the runtime that serves it (torch, onnxruntime, executorch)
+    threads: int = 1
+    runtime: str = "torch"
 
 
 def with_defaults(method: str, scheme: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from worker.compression import breadcrumbs
 from worker.compression.archive_check import load_exported_program
 from worker.compression.base import Dataset, EngineError, ModelKind
 from worker.compression.inputs import Batch, ModelInputs, Signature, as_call, export_program, export_within_model_bounds
@@ -171,6 +172,7 @@ def _export_batch_dynamic(model: nn.Module, example_input: Batch) -> torch.expor
     # torch.export specialises a dimension of size 1; export with two samples so the batch stays dynamic
     if example_input.shape[0] == 1:
         example_input = torch.cat([example_input, example_input])
+    breadcrumbs.operation("export: torch.export")
     try:
         return export_within_model_bounds(model, (example_input,), None, _dynamic_batch_shapes())
     except Exception:

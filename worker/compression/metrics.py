@@ -100,7 +100,11 @@ SPEED_VERDICTS = ("faster", "slower", "no measurable change")
 
 
 def compare_latency(
-    original: Callable[[Any], Any], compressed: Callable[[Any], Any], example_input: Any, threads: int
+    original: Callable[[Any], Any],
+    compressed: Callable[[Any], Any],
+    example_input: Any,
+    threads: int,
+    budget_s: float = SPEED_TIME_BUDGET_S,
 ) -> dict[str, Any]:
     """Latency of both models measured interleaved, and the speedup (original / compressed) with its spread.
 
@@ -122,7 +126,7 @@ def compare_latency(
                 for _ in range(LATENCY_WARMUP):
                     _call(model, example_input)
                 per_call.append((time.perf_counter() - t0) / LATENCY_WARMUP)
-            round_budget = SPEED_TIME_BUDGET_S / SPEED_MIN_ROUNDS / 2
+            round_budget = budget_s / SPEED_MIN_ROUNDS / 2
             calls = max(1, min(SPEED_MAX_CALLS_PER_ROUND, int(round_budget / max(max(per_call), 1e-9))))
             started = time.perf_counter()
             for index in range(SPEED_MAX_ROUNDS):
@@ -136,7 +140,7 @@ def compare_latency(
                     timings[which].extend(batch)
                     medians[which] = statistics.median(batch)
                 ratios.append(medians[0] / max(medians[1], 1e-9))
-                if index + 1 >= SPEED_MIN_ROUNDS and time.perf_counter() - started > SPEED_TIME_BUDGET_S:
+                if index + 1 >= SPEED_MIN_ROUNDS and time.perf_counter() - started > budget_s:
                     break
     finally:
         torch.set_num_threads(previous)

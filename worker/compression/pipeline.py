@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from modelpress.configs import SpecError, StageConfig, parse_stage
+from worker.compression import breadcrumbs, outcome
 from worker.compression import metrics as measure
-from worker.compression import outcome
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
 from worker.compression.facts import environment, layer_sparsity
 from worker.compression.handlers import compress
@@ -130,6 +130,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     if request.device == "cuda" and device.type != "cuda":
         raise EngineError("the job targets cuda but this worker has no CUDA device")
     reporter.progress(0.01, "loading")
+    breadcrumbs.stage("loading")
+    breadcrumbs.operation(f"loading the {request.model.format} model file")
     model, kind = load_model(Path(request.model.path), request.model.format, request.model.architecture)
     if request.inputs is None and request.example_input_shape is None:
         from worker.compression.huggingface import declared_inputs, is_transformers_upload
@@ -141,6 +143,9 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     train = load_dataset(Path(request.dataset_path), signature) if request.dataset_path else None
     evaluation = load_dataset(Path(request.eval_dataset_path), signature) if request.eval_dataset_path else None
     example = _example_input(request, train, evaluation)
+    schemes = [f"{stage.method}:{stage.scheme}" for stage in request.stages]
+    breadcrumbs.model_facts(kind=kind, recurrent=_has_recurrent_layers(model), stages=schemes)
+    breadcrumbs.operation("running the model on the example input")
     try:
         with torch.inference_mode():
             call_model(model, example)
@@ -153,6 +158,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     }
 
     reporter.progress(0.05, "measuring original")
+    breadcrumbs.stage("measuring the original")
     fid_inputs, fid_labels = measure.fidelity_inputs(example, evaluation, train, seed=request.seed, signature=signature)
     reference = measure.predict(model, fid_inputs, output=request.output)
     parameters = measure.count_parameters(model)
@@ -186,9 +192,11 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         label = f"{stage.method}:{stage.scheme}"
 
         def stage_progress(fraction: float, message: str, base: float = base, label: str = label) -> None:
+            breadcrumbs.operation(message or "running")
             reporter.progress(base + span * min(max(fraction, 0.0), 1.0), f"{label}: {message}" if message else label)
 
         reporter.check_cancelled()
+        breadcrumbs.stage(label)
         stage_progress(0.0, "starting")
         if kind == "torchscript" and _needs_graph(stage):
             stage_progress(0.0, "converting TorchScript to an exported program")
@@ -214,9 +222,16 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             original_size_bytes=original["size_bytes"],
             signature=signature,
             output_format=request.output_format,
+            threads=request.threads,
+            runtime=request.runtime,
         )
         result = compress(working, stage, context)
         working, kind = result.model, result.kind
+        if request.runtime != "torch" and "runtime_quantization" in result.info:
+            from worker.compression.search_runtime import chosen_runtime_quantization
+
+            # the search chose a quantization that the target runtime's tools apply at the end
+            deferred, train = chosen_runtime_quantization(result.info, train, example, signature, request.seed)
         requires.update(result.requires)
         # Quantized modules pack their weights out of reach of a parameter count, so a
         # quantize stage keeps the float model's count; a stage may report its own.
@@ -256,6 +271,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
             device,
         )
     reporter.progress(0.92, "saving artifact")
+    breadcrumbs.stage("saving the artifact")
     output_format = request.output_format or default_output_format(
         kind, result.preferred_output_format if result else None
     )
@@ -273,6 +289,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     elif output_format == "deep_compression":
         final_model = _decoded_container(artifact, working, stage_reports)
     reporter.progress(0.95, "measuring compressed")
+    breadcrumbs.stage("measuring the artifact")
+    breadcrumbs.operation(f"running the {output_format} artifact on the fidelity inputs")
     outputs = measure.predict(final_model, fid_inputs, output=request.output)
     compressed = measure.describe(
         final_model,
@@ -284,6 +302,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         parameters=parameters,
         latency=False,
     )
+    breadcrumbs.operation("timing the original and the artifact, interleaved")
     speed = measure.compare_latency(model, final_model, example, request.threads)
     original.update(speed["original"])
     compressed.update(speed["compressed"])
@@ -359,6 +378,12 @@ def _finish_for_target(
     torch_original = {**torch_original, **measure.measure_latency(model, example, request.threads)}
     if device.type != "cpu":
         raise EngineError(f"the {request.runtime} target runs on cpu in this deployment")
+    breadcrumbs.stage(f"building the {request.runtime} artifact")
+
+    def progress(fraction: float, message: str) -> None:
+        breadcrumbs.operation(message)
+        reporter.progress(fraction, message)
+
     built = finish_for_target(
         runtime=request.runtime,
         original_model=model,
@@ -373,7 +398,7 @@ def _finish_for_target(
         original_parameters=(torch_original["parameters"], torch_original["nonzero_parameters"]),
         parameters=parameters,
         train=train,
-        progress=reporter.progress,
+        progress=progress,
         call=DeclaredCall(request.signature, request.output),
     )
     fidelity = measure.fidelity(reference, built["outputs"])
@@ -399,6 +424,8 @@ def _finish_for_target(
         speed=built["speed"],
     )
     document["runtime"] = request.runtime
+    for report in stage_reports:  # a stage's own warnings (a search's synthetic calibration) are part of the outcome
+        document["warnings"].extend(w for w in report["info"].get("warnings") or [] if w not in document["warnings"])
     document["versions"] = built["versions"]
     document["original_in_torch"] = {
         k: torch_original[k] for k in ("size_bytes", "latency_ms_p50", "latency_ms_p95", "accuracy")
@@ -412,6 +439,19 @@ def _finish_for_target(
         "artifact_format": RUNTIME_FORMATS[request.runtime],
         "requires": REQUIRES[request.runtime],
     }
+
+
+def _has_recurrent_layers(model: nn.Module) -> bool:
+    """LSTM / GRU / RNN layers, eager or as an exported graph's ops (a crash hint depends on it)."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return True
+    graph = getattr(model, "graph", None)
+    nodes = getattr(graph, "nodes", None) or []
+    if callable(nodes):  # a TorchScript graph lists its nodes through a method
+        nodes = nodes()
+    # an exported graph's node names its aten op in `target`; a TorchScript node's text holds its kind
+    texts = (str(getattr(node, "target", node)) for node in nodes)
+    return any(word in text for text in texts for word in ("lstm", "gru", "rnn_"))
 
 
 def _left_alone(stage_reports: list[dict[str, Any]]) -> frozenset[str]:

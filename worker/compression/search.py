@@ -1,13 +1,19 @@
 """Accuracy-aware search: the smallest (or fastest) model that meets the user's bar.
 
-Candidates run cheapest first (no-training quantization, then pruning with
-bisection over the amount, then distillation); a candidate whose size estimate
-cannot beat the best so far is skipped. Every trial is recorded. The original is
-always a candidate: under the size objective a candidate that is not smaller
-than the upload never meets the bar, and when no candidate meets it the stage
-hands back the original model, unchanged, with `result:
-"no_candidate_met_constraints"` (the closest candidate is named in the info), so
-a search never delivers something worse than doing nothing.
+Candidates run cheapest first (no-training quantization: dynamic int8, static int8, fp16; then
+structured pruning; then unstructured pruning with bisection over the amount; then
+distillation); a candidate whose size estimate cannot beat the best so far is skipped. Every
+trial is recorded with its size, fidelity (and accuracy with labels) and its latency measured
+interleaved with the original's (metrics.compare_latency: a speedup with its spread and a
+verdict). A candidate that is not smaller than the upload, or is measurably slower than it,
+never wins; under the latency objective a winner must be measurably faster. When no candidate
+meets the bar the stage hands back the original model, unchanged, with `result:
+"no_candidate_met_constraints"` (the closest candidate is named in the info), so a search never
+delivers something worse than doing nothing.
+
+For a job whose target runtime is not torch (ONNX Runtime), candidates are built and measured
+in that runtime (worker.compression.search_runtime): quantization by the runtime's own tools,
+sizes of the runtime's files, latency interleaved with the original exported to that runtime.
 """
 
 from __future__ import annotations
@@ -25,27 +31,29 @@ from torch import nn
 
 from modelpress.catalog import JobFacts, SpecError, validate_stages
 from modelpress.configs import AccuracyAwareConfig, StageConfig
+from worker.compression import breadcrumbs
 from worker.compression import metrics as measure
 from worker.compression.base import Dataset, EngineError, JobCancelled, ModelKind, StageContext, StageResult
-from worker.compression.inputs import Batch
-from worker.compression.io import KIND_TO_FORMAT, default_output_format, save_artifact
+from worker.compression.io import KIND_TO_FORMAT, default_output_format, load_artifact, save_artifact
+from worker.compression.search_candidates import (
+    CANDIDATE_SPEED_BUDGET_S,
+    SPARSE_COST_PER_KEPT,
+    Candidate,
+    distill_candidates,
+    pruning_candidate,
+    runtime_candidates,
+    synthetic_calibration,
+    torch_candidates,
+)
+from worker.compression.search_candidates import linear_widths as linear_widths
 
 AMOUNT_RANGE = (0.5, 0.97)
 # Below the range's low end, amounts are probed downward to this one when the low end misses.
 LOWEST_AMOUNT = 0.1
 BISECTION_TOLERANCE = 0.02
-DISTILL_WIDTHS = (0.25, 0.5)
-# Pruning candidates are stored as sparse_state_dict (dense or CSR with int32 indices, which
-# clients load with a one-liner): about twice a dense weight per kept value (value + index).
-SPARSE_COST_PER_KEPT = 2.0
 ORIGINAL = "original (uncompressed)"
 # int8 schemes whose quantize stage takes a bar and keeps the most harmful layers in float to meet it
 MIXED_PRECISION_SCHEMES = ("dynamic_int8", "static_int8")
-
-
-def sparse_size_ratio(amount: float) -> float:
-    """Estimated size of pruned weights relative to dense, at `amount` zeros."""
-    return min(1.0, SPARSE_COST_PER_KEPT * (1 - amount))
 
 
 @dataclass(frozen=True)
@@ -70,13 +78,6 @@ class SearchConfig:
 
 
 @dataclass
-class Candidate:
-    name: str
-    stages: list[dict[str, Any]]
-    estimated_size_ratio: float
-
-
-@dataclass
 class Trial:
     candidate: str
     stages: list[dict[str, Any]]
@@ -92,9 +93,14 @@ class Trial:
     kind: ModelKind | None = None
     output_format: str | None = None
     parameters: tuple[int, int] | None = None
+    # interleaved against the original (metrics.compare_latency)
+    speed: dict[str, Any] | None = None
+    calibration: str | None = None
+    # for a runtime target: the quantization the runtime's tools apply to the exported float model
+    runtime_quantization: dict[str, Any] | None = None
 
     def row(self) -> dict[str, Any]:
-        return {
+        row = {
             "candidate": self.candidate,
             "stages": self.stages,
             "status": self.status,
@@ -106,10 +112,19 @@ class Trial:
             "seconds": round(self.seconds, 3),
             "reason": self.reason,
         }
+        if self.speed is not None:
+            row["original_latency_ms_p50"] = self.speed["original"]["latency_ms_p50"]
+            for key in ("speedup", "speedup_low", "speedup_high", "speed_verdict"):
+                row[key] = self.speed[key]
+        if self.calibration is not None:
+            row["calibration"] = self.calibration
+        return row
 
 
 class Search:
     def __init__(self, model: nn.Module, config: SearchConfig, ctx: StageContext) -> None:
+        from worker.compression.search_runtime import RuntimeBench
+
         self.model, self.config, self.ctx = model, config, ctx
         self.started = time.monotonic()
         self.trials: list[Trial] = []
@@ -119,10 +134,15 @@ class Search:
         self.inputs = self.eval_data.inputs if self.eval_data is not None else ctx.example_input
         self.reference = measure.predict(model, self.inputs)
         self.baseline_accuracy = measure.accuracy(self.reference, ctx.eval_data.labels if ctx.eval_data else None)
+        # In a runtime target, candidates are measured against the original exported to that runtime.
+        self.bench = RuntimeBench(model, ctx) if ctx.runtime != "torch" else None
         # The bar a candidate must beat is the file the user uploaded, when the pipeline says its size.
-        self.original_size = ctx.original_size_bytes or self._artifact_size(
-            model, ctx.kind, default_output_format(ctx.kind, None)
-        )
+        if self.bench is not None:
+            self.original_size = self.bench.original_size
+        else:
+            self.original_size = (
+                ctx.original_size_bytes or self._saved(model, ctx.kind, default_output_format(ctx.kind, None))[0]
+            )
         self.planned = config.max_trials
 
     # ---------------------------------------------------------------- bookkeeping
@@ -137,8 +157,8 @@ class Search:
         if not met:
             return None
         if self.config.objective == "latency":
-            return min(met, key=lambda t: t.latency_ms_p50 or float("inf"))
-        return min(met, key=lambda t: t.size_bytes or float("inf"))
+            return max(met, key=lambda t: (t.speed or {}).get("speedup") or 0.0)
+        return min(met, key=lambda t: (t.size_bytes or float("inf"), -((t.speed or {}).get("speedup") or 0.0)))
 
     def closest(self) -> Trial | None:
         tried = [t for t in self.trials if t.status == "missed"]
@@ -154,11 +174,16 @@ class Search:
         self.ctx.event("trial", self.trials[-1].row())
 
     # ---------------------------------------------------------------- trials
-    def _artifact_size(self, model: nn.Module, kind: ModelKind, output_format: str) -> int:
+    def _saved(self, model: nn.Module, kind: ModelKind, output_format: str) -> tuple[int, nn.Module | None]:
+        """The size of `model` saved as the user would download it, and the file loaded back where it runs."""
         with tempfile.TemporaryDirectory(prefix="search-") as folder:
             path = Path(folder) / "candidate"
             save_artifact(model, kind, output_format, path, self.ctx.example_input, self.ctx.signature)
-            return path.stat().st_size
+            loaded = None
+            if output_format in ("torchscript", "exported_program"):
+                reloaded = load_artifact(path, output_format)
+                loaded = reloaded if isinstance(reloaded, nn.Module) else None
+            return path.stat().st_size, loaded
 
     def _copy(self) -> nn.Module:
         if self.ctx.kind == "torchscript":
@@ -169,10 +194,10 @@ class Search:
             return copied
         return copy.deepcopy(self.model)
 
-    def _validated(self, stages: list[dict[str, Any]]) -> list[StageConfig]:
+    def _validated(self, stages: list[dict[str, Any]], synthetic_data: bool = False) -> list[StageConfig]:
         facts = JobFacts(
             model_format=KIND_TO_FORMAT[self.ctx.kind],
-            has_dataset=self.ctx.train_data is not None,
+            has_dataset=self.ctx.train_data is not None or synthetic_data,
             dataset_has_labels=self.ctx.train_data is not None and self.ctx.train_data.labels is not None,
             eval_has_labels=self.ctx.eval_data is not None and self.ctx.eval_data.labels is not None,
         )
@@ -189,59 +214,93 @@ class Search:
         return candidate.estimated_size_ratio * self.original_size < best.size_bytes
 
     def run(self, candidate: Candidate) -> Trial:
-        from worker.compression.handlers import compress
-
         self.ctx.check_cancelled()
-        trial = Trial(candidate.name, candidate.stages, "failed")
+        trial = Trial(candidate.name, candidate.stages, "failed", calibration=candidate.calibration)
         if not self.can_beat_best(candidate):
             trial.status, trial.reason = "skipped", "its estimated size cannot beat the best candidate so far"
             self.trials.append(trial)
             return trial
         started = time.monotonic()
         try:
-            model, kind = self._copy(), self.ctx.kind
-            preferred: str | None = None
-            parameters = measure.count_parameters(model)
-            for config in self._validated(candidate.stages):
-                stage_ctx = copy.copy(self.ctx)
-                stage_ctx.kind = kind
-                stage_ctx.progress = lambda fraction, message: None
-                result: StageResult = compress(model, config, stage_ctx)
-                model, kind, preferred = result.model, result.kind, result.preferred_output_format
-                if config.method != "quantize":
-                    parameters = measure.count_parameters(model)
-            trial.parameters = parameters
-            trial.output_format = default_output_format(kind, preferred)
-            trial.size_bytes = self._artifact_size(model, kind, trial.output_format)
-            outputs = measure.predict(model, self.inputs)
-            trial.sqnr_db = measure.fidelity(self.reference, outputs)["sqnr_db"]
-            if self.ctx.eval_data is not None and self.ctx.eval_data.labels is not None:
-                trial.accuracy = measure.accuracy(outputs, self.ctx.eval_data.labels)
-                if trial.accuracy is not None and self.baseline_accuracy is not None:
-                    trial.accuracy_drop = round(self.baseline_accuracy - trial.accuracy, 6)
-            if self.config.objective == "latency":
-                trial.latency_ms_p50 = measure.measure_latency(model, self.ctx.example_input, 1)["latency_ms_p50"]
+            with breadcrumbs.within(f"candidate {candidate.name}"):
+                self._build_and_measure(candidate, trial)
             trial.status = "met" if self._meets(trial) else "missed"
-            trial.model, trial.kind = model, kind
         except JobCancelled:
             raise
         except Exception as error:  # one broken candidate must not end the search
-            trial.status, trial.reason = "failed", f"{type(error).__name__}: {error}"[:300]
+            trial.status, trial.reason, trial.model = "failed", f"{type(error).__name__}: {error}"[:300], None
         trial.seconds = time.monotonic() - started
         self.trials.append(trial)
         self._drop_models_except_best()
         self._report()
         return trial
 
+    def _build_and_measure(self, candidate: Candidate, trial: Trial) -> None:
+        from worker.compression.handlers import compress
+
+        model, kind = self._copy(), self.ctx.kind
+        preferred: str | None = None
+        parameters = measure.count_parameters(model)
+        calibration = self.ctx.train_data
+        if candidate.calibration == "synthetic":
+            calibration = synthetic_calibration(self.ctx.example_input, self.ctx.signature, self.ctx.seed)
+        for config in self._validated(candidate.stages, calibration is not None):
+            if self.bench is not None and config.method == "quantize":
+                # the target runtime quantizes the exported float model with its own tools
+                trial.runtime_quantization = {"scheme": config.scheme, "options": config.options()}
+                continue
+            stage_ctx = copy.copy(self.ctx)
+            stage_ctx.kind = kind
+            stage_ctx.progress = lambda fraction, message: breadcrumbs.operation(message or "running")
+            if config.method == "quantize":
+                stage_ctx.train_data = calibration
+            result: StageResult = compress(model, config, stage_ctx)
+            model, kind, preferred = result.model, result.kind, result.preferred_output_format
+            if config.method != "quantize":
+                parameters = measure.count_parameters(model)
+        trial.parameters, trial.model, trial.kind = parameters, model, kind
+        outputs: torch.Tensor | measure.Outputs
+        if self.bench is not None:
+            measured = self.bench.measure(model, trial.runtime_quantization, calibration, len(self.trials))
+            trial.size_bytes, outputs, trial.speed = measured
+        else:
+            trial.output_format = default_output_format(kind, preferred)
+            breadcrumbs.operation(f"saving as {trial.output_format}")
+            trial.size_bytes, loaded = self._saved(model, kind, trial.output_format)
+            served = loaded if loaded is not None else model
+            breadcrumbs.operation("measuring fidelity and latency")
+            outputs = measure.predict(served, self.inputs)
+            trial.speed = measure.compare_latency(
+                self.model, served, self.ctx.example_input, self.ctx.threads, CANDIDATE_SPEED_BUDGET_S
+            )
+        trial.latency_ms_p50 = trial.speed["compressed"]["latency_ms_p50"]
+        trial.sqnr_db = measure.fidelity(self.reference, outputs)["sqnr_db"]
+        if self.ctx.eval_data is not None and self.ctx.eval_data.labels is not None:
+            trial.accuracy = measure.accuracy(outputs, self.ctx.eval_data.labels)
+            if trial.accuracy is not None and self.baseline_accuracy is not None:
+                trial.accuracy_drop = round(self.baseline_accuracy - trial.accuracy, 6)
+
     def _meets(self, trial: Trial) -> bool:
-        if self.config.objective == "size" and (trial.size_bytes is None or trial.size_bytes >= self.original_size):
+        speed = trial.speed or {}
+        if trial.size_bytes is None or trial.size_bytes >= self.original_size:
             trial.reason = f"not smaller than the original ({trial.size_bytes} B vs {self.original_size} B)"
+            return False
+        if speed.get("speed_verdict") == "slower":
+            trial.reason = (
+                f"slower than the original ({speed['speedup']:.2f}x, {speed['speedup_low']:.2f}-"
+                f"{speed['speedup_high']:.2f})"
+            )
+            return False
+        if self.config.objective == "latency" and speed.get("speed_verdict") != "faster":
+            trial.reason = f"not measurably faster than the original ({speed.get('speedup')}x)"
             return False
         if self.config.max_accuracy_drop is not None:
             if trial.accuracy_drop is None or trial.accuracy_drop > self.config.max_accuracy_drop + 1e-9:
+                trial.reason = f"accuracy drop {trial.accuracy_drop} exceeds {self.config.max_accuracy_drop}"
                 return False
         if self.config.min_sqnr_db is not None:
             if trial.sqnr_db is not None and trial.sqnr_db < self.config.min_sqnr_db:
+                trial.reason = f"SQNR {trial.sqnr_db} dB is below {self.config.min_sqnr_db} dB"
                 return False
         return True
 
@@ -250,68 +309,6 @@ class Search:
         for trial in self.trials:
             if id(trial) not in keep:
                 trial.model = None
-
-
-# -------------------------------------------------------------------- candidates
-
-
-def linear_widths(model: nn.Module, example: Batch) -> list[int] | None:
-    """[in, hidden..., out] when the model's matrix weights form one chain of Linear layers."""
-    weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
-    if not weights or any(w.dim() != 2 for w in weights):
-        return None
-    widths = [int(weights[0].shape[1])]
-    for weight in weights:
-        if int(weight.shape[1]) != widths[-1]:
-            return None
-        widths.append(int(weight.shape[0]))
-    if example.dim() != 2 or int(example.shape[1]) != widths[0]:
-        return None
-    return widths
-
-
-def fixed_candidates(search: Search) -> list[Candidate]:
-    user = (search.config.candidates or {}).get("recipes")
-    if user:
-        return [Candidate(f"recipe {i}", stages, 1.0) for i, stages in enumerate(user)]
-    return [
-        Candidate("dynamic_int8", [{"method": "quantize", "scheme": "dynamic_int8"}], 0.3),
-        Candidate("fp16", [{"method": "quantize", "scheme": "fp16"}], 0.5),
-    ]
-
-
-def pruning_candidate(search: Search, amount: float) -> Candidate:
-    stage: dict[str, Any] = {"method": "prune", "scheme": "global_l1_unstructured", "amount": round(amount, 4)}
-    train = search.ctx.train_data
-    if train is not None and train.labels is not None:
-        stage["schedule"] = {"steps": 3, "finetune_epochs": 2}
-        if search.config.train:
-            stage["train"] = search.config.train
-    return Candidate(f"prune {amount:.3f}", [stage], sparse_size_ratio(amount))
-
-
-def distill_candidates(search: Search) -> list[Candidate]:
-    train = search.ctx.train_data
-    widths = linear_widths(search.model, search.ctx.example_input)
-    if train is None or train.labels is None or widths is None or len(widths) < 3:
-        return []
-    candidates = []
-    for multiplier in DISTILL_WIDTHS:
-        student = [widths[0]] + [max(4, round(w * multiplier)) for w in widths[1:-1]] + [widths[-1]]
-        stages: list[dict[str, Any]] = [
-            {
-                "method": "distill",
-                "scheme": "hinton",
-                "student": {"architecture": {"name": "mlp", "kwargs": {"widths": student}}},
-            },
-            {"method": "quantize", "scheme": "dynamic_int8"},
-        ]
-        if search.config.train:
-            stages[0]["train"] = search.config.train
-        teacher_params = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-        student_params = sum(a * b for a, b in zip(student[:-1], student[1:]))
-        candidates.append(Candidate(f"distill mlp{student} + int8", stages, 0.3 * student_params / teacher_params))
-    return candidates
 
 
 def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: StageContext) -> StageResult:
@@ -327,20 +324,25 @@ def run_stage(model: nn.Module, scheme: str, options: dict[str, Any], ctx: Stage
     high = float(amount_range.get("max", AMOUNT_RANGE[1]))
     user_recipes = bool((config.candidates or {}).get("recipes"))
 
-    for candidate in fixed_candidates(search):
-        if search.out_of_budget():
-            break
-        search.run(candidate)
+    in_runtime = search.bench is not None
+    try:
+        for candidate in runtime_candidates(search) if in_runtime else torch_candidates(search):
+            if search.out_of_budget():
+                break
+            search.run(candidate)
+        if not in_runtime:
+            _mixed_precision_fallback(search)
+        # A runtime's file stores zeros densely, so unstructured sparsity gains nothing there.
+        if not in_runtime and (not user_recipes or amount_range):
+            _bisect_pruning(search, low, high, lowest=low if amount_range else min(low, LOWEST_AMOUNT))
 
-    _mixed_precision_fallback(search)
-
-    if not user_recipes or amount_range:
-        _bisect_pruning(search, low, high, lowest=low if amount_range else min(low, LOWEST_AMOUNT))
-
-    for candidate in distill_candidates(search) if not user_recipes else []:
-        if search.out_of_budget():
-            break
-        search.run(candidate)
+        for candidate in distill_candidates(search) if not user_recipes and not in_runtime else []:
+            if search.out_of_budget():
+                break
+            search.run(candidate)
+    finally:
+        if search.bench is not None:
+            search.bench.close()
     return _outcome(search, model, ctx)
 
 
@@ -437,7 +439,20 @@ def _outcome(search: Search, model: nn.Module, ctx: StageContext) -> StageResult
         "trials": [t.row() for t in search.trials],
         "trials_run": len([t for t in search.trials if t.status != "skipped"]),
         "seconds": round(time.monotonic() - search.started, 3),
+        "runtime": ctx.runtime,
+        "measured_in": (
+            f"{ctx.runtime}: each candidate's file built and loaded there, latency interleaved with the "
+            f"original exported to {ctx.runtime}"
+            if search.bench is not None
+            else "torch: each candidate saved as it would download and loaded back, latency interleaved "
+            "with the original's"
+        ),
+        "candidate_speed_budget_s": CANDIDATE_SPEED_BUDGET_S,
     }
+    if chosen.runtime_quantization is not None:
+        info["runtime_quantization"] = chosen.runtime_quantization
+    if chosen.calibration is not None:
+        info["calibration"] = chosen.calibration
     if closest is not None:
         info["closest"] = closest.row()
     if chosen.candidate == ORIGINAL:
@@ -447,6 +462,11 @@ def _outcome(search: Search, model: nn.Module, ctx: StageContext) -> StageResult
             if config.objective == "size"
             else f"no candidate of {tried} tried met the constraints",
             "the original model is returned unchanged",
+        ]
+    elif chosen.calibration == "synthetic":
+        info["warnings"] = [
+            "the chosen static int8 was calibrated on synthetic inputs drawn from the declared input shapes "
+            "(the job has no dataset); give the job a dataset_id to calibrate on real data"
         ]
     if chosen.parameters is not None:
         info["parameters"] = list(chosen.parameters)

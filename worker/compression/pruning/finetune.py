@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from worker.compression import breadcrumbs
 from worker.compression.base import Dataset, EngineError, StageContext
 from worker.compression.training import fit
 
@@ -45,6 +46,7 @@ def _fit(
     def progress(fraction: float, message: str) -> None:
         ctx.progress(start + span * fraction, message)
 
+    breadcrumbs.operation(f"fine-tuning ({train_options.get('epochs', 'default')} epochs)")
     summary: dict[str, Any] = fit(
         model,
         data,

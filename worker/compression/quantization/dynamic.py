@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.compression import breadcrumbs
 from worker.compression.base import EngineError, StageContext
 from worker.compression.graph_lift import torch_level_module
 from worker.compression.quantization.plan import (
@@ -37,6 +38,7 @@ def _dynamic_int8_eager(model: nn.Module, options: dict[str, Any], ctx: StageCon
     qconfig: dict[str, Any] = {name: per_channel_dynamic_qconfig for name in plan.targets}
     embeddings = _embedding_targets(model, options)
     qconfig.update({name: float_qparams_weight_only_qconfig for name in embeddings})
+    breadcrumbs.operation("dynamic_int8: quantize_dynamic")
     quantized = quantize_dynamic(model, qconfig, dtype=torch.qint8, inplace=False)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
     _check_swapped(quantized, plan, "dynamic_int8")
     info: dict[str, Any] = {}

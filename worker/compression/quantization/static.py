@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from modelpress.configs import StaticInt8Config
+from worker.compression import breadcrumbs
 from worker.compression.base import EngineError, StageContext
 from worker.compression.graph_lift import torch_level_module
 from worker.compression.inputs import Batch, ModelInputs, as_call, call_model
@@ -61,6 +62,7 @@ def _calibrate_and_convert(model: nn.Module, mapping: Any, batches: list[Batch],
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     float_model = copy.deepcopy(model).eval()
+    breadcrumbs.operation("static_int8: tracing with torch.fx (prepare_fx)")
     try:
         prepared = prepare_fx(float_model, mapping, as_call(ctx.example_input)[0])
     except Exception as error:  # symbolic tracing fails on data-dependent control flow
@@ -73,11 +75,13 @@ def _calibrate_and_convert(model: nn.Module, mapping: Any, batches: list[Batch],
         raise EngineError(
             f"static_int8 could not trace the model's forward with torch.fx ({error}); {advice}"
         ) from error
+    breadcrumbs.operation("static_int8: calibrating")
     with torch.no_grad():
         for index, batch in enumerate(batches):
             ctx.check_cancelled()
             call_model(prepared, batch)
             ctx.progress(0.9 * (index + 1) / len(batches), "calibrating")
+    breadcrumbs.operation("static_int8: converting to int8 kernels (convert_fx)")
     converted: nn.Module = convert_fx(prepared).eval()
     return converted
 

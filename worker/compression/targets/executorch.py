@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.compression import breadcrumbs
 from worker.compression.base import EngineError
 from worker.compression.inputs import Batch, ModelInputs
 from worker.compression.targets.common import as_eval, run_in_chunks
@@ -54,7 +55,9 @@ def lower_pte(
     info: dict[str, Any] = {"backend": "executorch XNNPACK delegate (fp32)"}
     try:
         if scheme is not None:
+            breadcrumbs.operation(f"{scheme}: XNNPACKQuantizer (PT2E)")
             model, info = _quantize_pt2e(model, example, scheme, calibration)
+        breadcrumbs.operation("export: torch.export")
         program = torch.export.export(model, (example,))
     except EngineError:
         raise
@@ -63,6 +66,7 @@ def lower_pte(
             f"the model could not be captured with torch.export for ExecuTorch: "
             f"{str(error).strip().splitlines()[0][:500]}"
         ) from error
+    breadcrumbs.operation("export: ExecuTorch lowering (to_edge_transform_and_lower, XNNPACK)")
     try:
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     except Exception as error:

@@ -23,6 +23,7 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
+from worker.compression import breadcrumbs
 from worker.compression.base import EngineError
 from worker.compression.inputs import (
     Batch,
@@ -96,6 +97,7 @@ def _exported_program(model: nn.Module, example: torch.Tensor) -> torch.export.E
     range an uploaded exported program declares, and specialises a model that fixes its batch)."""
     if example.shape[0] == 1:  # torch.export specialises a dimension of size 1
         example = torch.cat([example, example])
+    breadcrumbs.operation("export: torch.export")
     try:
         return torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
     except Exception as error:
@@ -125,6 +127,7 @@ def export_onnx(
     else:
         program = _exported_program(model, example)
         args, names = (example,), [INPUT_NAME]
+    breadcrumbs.operation("export: torch.onnx.export")
     try:
         onnx_program = torch.onnx.export(
             program,
@@ -213,6 +216,7 @@ def quantize(
         prepared = Path(scratch) / "prepared.onnx"
         # shape inference and graph optimisation first, as ORT's quantization guide asks
         # ORT's symbolic shape inference writes its failed graph into the working directory
+        breadcrumbs.operation(f"{scheme}: onnxruntime quant_pre_process")
         with contextlib.chdir(scratch):
             try:
                 quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=False)
@@ -222,6 +226,7 @@ def quantize(
                 # the graph optimisation still run without it
                 quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         skipped = _skipped_nodes(prepared, options)
+        breadcrumbs.operation(f"{scheme}: onnxruntime quantization")
         if scheme == "dynamic_int8":
             quantize_dynamic(
                 str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=skipped
