@@ -12,8 +12,9 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import job_reads
 from app.config import get_settings
-from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from app.errors import Conflict, Invalid, QuotaExceeded
 from app.outbox import enqueue
 from app.queue import RUN_JOB
 from app.resources import get_dataset, get_model, get_owned
@@ -247,7 +248,11 @@ def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
 
 
 def encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+    return _cursor_after(job.created_at, job.id)
+
+
+def _cursor_after(created_at: datetime, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
@@ -285,15 +290,18 @@ def list_job_reads(
     cursor: str | None,
 ) -> tuple[list[JobRead], str | None]:
     """A page of jobs with their metrics and artifacts, in one query."""
-    query = (
-        select(Job, JobMetrics.document, Artifact)
-        .outerjoin(JobMetrics, JobMetrics.job_id == Job.id)
-        .outerjoin(Artifact, Artifact.job_id == Job.id)
+    after = None
+    if cursor:
+        created, job_id = decode_cursor(cursor)
+        if session.get_bind().dialect.name == "sqlite":
+            created = created.replace(tzinfo=None)
+        after = (created, job_id)
+    rows = job_reads.list_page(
+        session, tenant.id, status=status, model_id=model_id, method=method, after=after, limit=limit
     )
-    rows, next_cursor = _list_rows(
-        session, tenant, query, status=status, model_id=model_id, method=method, limit=limit, cursor=cursor
-    )
-    return [_job_read(row[0], row[1], row[2]) for row in rows], next_cursor
+    reads = job_reads.job_reads_from_rows(rows[:limit])
+    next_cursor = _cursor_after(reads[-1].created_at, reads[-1].id) if len(rows) > limit else None
+    return reads, next_cursor
 
 
 def _list_rows(
@@ -332,15 +340,7 @@ def job_read(session: Session, job: Job) -> JobRead:
 
 def read_job(session: Session, tenant: Tenant, job_id: str) -> JobRead:
     """The tenant's job with its metrics and artifact in one query (GET /v1/jobs/{id} is what clients poll)."""
-    row = session.execute(
-        select(Job, JobMetrics.document, Artifact)
-        .outerjoin(JobMetrics, JobMetrics.job_id == Job.id)
-        .outerjoin(Artifact, Artifact.job_id == Job.id)
-        .where(Job.id == job_id, Job.tenant_id == tenant.id)
-    ).first()
-    if row is None:  # another tenant's job is as absent as a missing one
-        raise NotFound(f"no job {job_id!r}")
-    return _job_read(row[0], row[1], row[2])
+    return job_reads.read_job(session, tenant.id, job_id)
 
 
 def _job_read(job: Job, metrics_document: dict[str, Any] | None, artifact: Artifact | None) -> JobRead:
