@@ -88,7 +88,8 @@ def _page_statement(status: bool, model_id: bool, method: bool, after: bool) -> 
     if method:
         query = query.where(Job.method == bindparam("method"))
     if after:
-        created, job_id = bindparam("after_created", type_=Job.created_at.type), bindparam("after_id")
+        created = bindparam("after_created", type_=Job.created_at.type)
+        job_id = bindparam("after_id", type_=Job.id.type)
         query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
     return query.order_by(Job.created_at.desc(), Job.id.desc()).limit(bindparam("limit"))
 
@@ -97,7 +98,7 @@ def job_reads_from_rows(rows: Sequence[Row[Any]]) -> list[JobRead]:
     return [job_read_from_row(row) for row in rows]
 
 
-def job_read_from_row(row: Row[Any]) -> JobRead:
+def job_read_from_row(row: Sequence[Any]) -> JobRead:
     (
         job_id,
         status,
