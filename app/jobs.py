@@ -11,10 +11,11 @@ from sqlalchemy.orm import Session
 
 from app import job_states
 from app.config import get_settings
-from app.errors import Conflict, Invalid, NotFound, QuotaExceeded
+from app.errors import Conflict, Invalid, QuotaExceeded
 from app.job_states import JobAlreadyFinished, JobStatus
 from app.outbox import enqueue
 from app.queue import RUN_JOB
+from app.repositories import job_reads
 from app.repositories import jobs as jobs_repo
 from app.repositories.owned import get_owned
 from app.resources import get_dataset, get_model
@@ -272,10 +273,18 @@ def list_job_reads(
     cursor: str | None,
 ) -> tuple[list[JobRead], str | None]:
     """A page of jobs with their metrics and artifacts, in one query."""
-    rows, next_cursor = jobs_repo.page(
-        session, tenant_id=tenant.id, status=status, model_id=model_id, method=method, limit=limit, cursor=cursor
+    after = None
+    if cursor:
+        created, job_id = jobs_repo.decode_cursor(cursor)
+        if session.get_bind().dialect.name == "sqlite":
+            created = created.replace(tzinfo=None)
+        after = (created, job_id)
+    rows = job_reads.list_page(
+        session, tenant.id, status=status, model_id=model_id, method=method, after=after, limit=limit
     )
-    return [_job_read(*row) for row in rows], next_cursor
+    reads = job_reads.job_reads_from_rows(rows[:limit])
+    next_cursor = jobs_repo.cursor_after(reads[-1].created_at, reads[-1].id) if len(rows) > limit else None
+    return reads, next_cursor
 
 
 def job_read(session: Session, job: Job) -> JobRead:
@@ -284,10 +293,7 @@ def job_read(session: Session, job: Job) -> JobRead:
 
 def read_job(session: Session, tenant: Tenant, job_id: str) -> JobRead:
     """The tenant's job with its metrics and artifact in one query (GET /v1/jobs/{id} is what clients poll)."""
-    row = jobs_repo.with_results(session, tenant_id=tenant.id, job_id=job_id)
-    if row is None:  # another tenant's job is as absent as a missing one
-        raise NotFound(f"no job {job_id!r}")
-    return _job_read(*row)
+    return job_reads.read_job(session, tenant.id, job_id)
 
 
 def _job_read(job: Job, metrics_document: dict[str, Any] | None, artifact: Artifact | None) -> JobRead:

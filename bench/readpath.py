@@ -194,6 +194,7 @@ def run(size: Size, assets: Assets, folder: Path, pool: ServicePool) -> dict[str
             name: len(service.client.get(url, headers=headers).content) if name != "bare" else None
             for name, (url, headers) in endpoints.items()
         }
+        load_before = os.getloadavg()[0]
         rounds = 1 if size.name == "tiny" else 3
         seconds = max(1.0, size.api_seconds / 2)
         closed: dict[str, list[dict[str, Any]]] = {name: [] for name in endpoints}
@@ -207,13 +208,14 @@ def run(size: Size, assets: Assets, folder: Path, pool: ServicePool) -> dict[str
         for name, (url, headers) in endpoints.items():
             log(f"readpath: {name} paced at {PACED_RATE} req/s for {size.api_seconds:.0f} s")
             paced_results[name] = paced(url, size.api_seconds, headers, script, PACED_RATE)
+        load = (load_before, os.getloadavg()[0])
     finally:
         bare.terminate()
         try:
             bare.wait(10)
         except subprocess.TimeoutExpired:
             bare.kill()
-    return _section(size, closed, paced_results, sizes, skipped)
+    return _section(size, closed, paced_results, sizes, skipped, load)
 
 
 TITLE = "4b. Read path: job reads against a bare FastAPI endpoint on the same Postgres (wrk)"
@@ -230,6 +232,7 @@ def _section(
     paced_results: dict[str, dict[str, Any]],
     sizes: dict[str, int | None],
     skipped: dict[str, str],
+    load: tuple[float, float],
 ) -> dict[str, Any]:
     cpus = os.cpu_count()
     throughput = {name: statistics.median(r["throughput_rps"] for r in runs) for name, runs in closed.items()}
@@ -276,7 +279,9 @@ def _section(
         f"{PACED_CONNECTIONS} connections that each wait between requests so the total lands near {PACED_RATE} "
         "req/s (wrk has no rate option; the achieved rate is shown); latency is from each request's send.",
         "Everything shares the box's cores: the API (one uvicorn process), Postgres, Redis, the idle Celery worker "
-        "and wrk itself.",
+        f"and wrk itself. The box's 1-minute load average was {load[0]:.1f} before the rounds and {load[1]:.1f} "
+        f"after them ({cpus} cores): above {cpus} means other work was queued for the cores, so absolute figures "
+        "are inflated and only the side-by-side shares compare.",
         "Payloads: "
         + ", ".join(f"{LABELS[n]} {b} bytes" for n, b in sizes.items() if b is not None)
         + "; the bare endpoint answers a few columns of the job's row.",
@@ -308,5 +313,11 @@ def _section(
         ],
         "targets": targets,
         "notes": notes,
-        "data": {"closed": closed, "paced": paced_results, "response_bytes": sizes, "mode": MODE_LABELS["postgres"]},
+        "data": {
+            "closed": closed,
+            "paced": paced_results,
+            "response_bytes": sizes,
+            "mode": MODE_LABELS["postgres"],
+            "load_average": load,
+        },
     }

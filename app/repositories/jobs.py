@@ -45,7 +45,12 @@ def count_active(session: Session, *, tenant_id: str | None = None, model_id: st
 
 
 def encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+    return cursor_after(job.created_at, job.id)
+
+
+def cursor_after(created_at: datetime, job_id: str) -> str:
+    """The opaque cursor of a page that ends with the job created at `created_at` with id `job_id`."""
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{job_id}".encode()).decode()
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
