@@ -21,6 +21,7 @@ from worker.compression.base import Dataset, EngineError, StageContext
 from worker.compression.inputs import Batch, Signature
 from worker.compression.search_candidates import CANDIDATE_SPEED_BUDGET_S, synthetic_calibration
 from worker.compression.targets.deploy import (
+    DeclaredCall,
     DeferredQuantization,
     _calibration,
     _export_float,
@@ -46,7 +47,7 @@ class RuntimeBench:
         self.folder = Path(self._folder.name)
         self.original_file = self.folder / "original"
         breadcrumbs.operation(f"exporting the original to {ctx.runtime}")
-        _export_float(ctx.runtime, original, self.example, self.original_file)
+        _export_float(ctx.runtime, original, self.example, self.original_file, DeclaredCall(ctx.signature))
         self.original = _load(ctx.runtime, self.original_file, ctx.threads)
         self.original_size = self.original_file.stat().st_size
 
@@ -61,7 +62,7 @@ class RuntimeBench:
         runtime = self.ctx.runtime
         float_file = self.folder / f"candidate-{index}-float"
         breadcrumbs.operation(f"exporting the candidate to {runtime}")
-        _export_float(runtime, model, self.example, float_file)
+        _export_float(runtime, model, self.example, float_file, DeclaredCall(self.ctx.signature))
         artifact = float_file
         if quantization is not None:
             artifact = self.folder / f"candidate-{index}"
