@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
+import modelpress
 from app.config import get_settings
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
@@ -53,7 +54,7 @@ def create_app() -> FastAPI:
     settings = get_settings()
     app = FastAPI(
         title="ModelPress",
-        version="1.0.0",
+        version=modelpress.__version__,  # the API path stays /v1; this is the release
         lifespan=lifespan,
         description="Upload a PyTorch model, prune / quantize / distill it, measure what was gained "
         "and lost, download a model that runs with stock PyTorch.",

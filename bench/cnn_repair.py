@@ -53,9 +53,9 @@ def measure_model(
 
 def main() -> None:
     warnings.simplefilter("ignore")
+    from bench import model_zoo as zoo
     from bench.common import record_section
-    from tests import zoo
-    from tests.helpers import SmallCNN, digits_split, train
+    from bench.fixtures import SmallCNN, digits_split, train
     from worker.compression import metrics as measure
 
     torch.set_num_threads(1)

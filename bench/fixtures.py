@@ -37,3 +37,23 @@ def train(model: nn.Module, inputs: np.ndarray, labels: np.ndarray, epochs: int 
             loss.backward()
             optimizer.step()
     return model.eval()
+
+
+class SmallCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 64, 3, padding=1)
+        self.f1 = nn.Linear(256, 128)
+        self.f2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.view(-1, 1, 8, 8)
+        x = F.max_pool2d(F.relu(self.c1(x)), 2)
+        x = F.max_pool2d(F.relu(self.c2(x)), 2)
+        return self.f2(F.relu(self.f1(x.flatten(1))))
+
+
+def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
+    reference, output = reference.float(), output.float()
+    return float(10 * torch.log10(reference.pow(2).mean() / (reference - output).pow(2).mean().clamp_min(1e-20)))

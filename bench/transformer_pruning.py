@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tests.helpers import sqnr_db
-from tests.zoo import VOCAB, build
+from bench.fixtures import sqnr_db
+from bench.model_zoo import VOCAB, build
 from worker.compression.base import StageContext
 from worker.compression.inputs import Batch, ModelInputs, Signature, call_model, select_output
 from worker.compression.io import save_artifact

@@ -37,7 +37,7 @@ CALIBRATION_SAMPLES = 32
 
 def _declared_inputs(entry: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The entry's forward call as a job declares it: named inputs (batch dynamic) and constants."""
-    from tests import zoo
+    from bench import model_zoo as zoo
 
     names = [n for n in inspect.signature(entry.model.forward).parameters]
     inputs = []
@@ -153,7 +153,7 @@ def _show_cell(cell: dict[str, Any]) -> str:
 
 
 def run(size: Any, assets: Any) -> dict[str, Any]:
-    from tests import zoo
+    from bench import model_zoo as zoo
 
     # tiny (the smoke test): the Hugging Face path alone
     names = [n for n in zoo.NAMES if n != "tiny_mlp"] if size.name != "tiny" else ["bert"]
@@ -203,7 +203,7 @@ def _child(name: str, scratch: str, schemes: list[str]) -> None:
     """One model's cells, one JSON line each as it finishes (the parent survives a crash)."""
     import warnings
 
-    from tests import zoo
+    from bench import model_zoo as zoo
     from worker.compression.torchvision_ops import declare_torchvision_ops
 
     warnings.simplefilter("ignore")

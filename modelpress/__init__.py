@@ -1,3 +1,3 @@
 """ModelPress: a model-compression service for PyTorch."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

@@ -15,11 +15,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from bench.fixtures import SmallCNN as SmallCNN
 
 # the digits data and the training recipe live with the benchmarks, which share them without importing tests
 from bench.fixtures import digits_split as digits_split
+from bench.fixtures import sqnr_db as sqnr_db
 from bench.fixtures import train as train
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -32,29 +34,9 @@ def mlp(widths: tuple[int, ...] = (64, 300, 100, 10)) -> nn.Sequential:
     return nn.Sequential(*layers[:-1])
 
 
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(1, 32, 3, padding=1)
-        self.c2 = nn.Conv2d(32, 64, 3, padding=1)
-        self.f1 = nn.Linear(256, 128)
-        self.f2 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.view(-1, 1, 8, 8)
-        x = F.max_pool2d(F.relu(self.c1(x)), 2)
-        x = F.max_pool2d(F.relu(self.c2(x)), 2)
-        return self.f2(F.relu(self.f1(x.flatten(1))))
-
-
 def accuracy(model: Callable[[torch.Tensor], torch.Tensor], inputs: np.ndarray, labels: np.ndarray) -> float:
     with torch.no_grad():
         return float((model(torch.tensor(inputs)).argmax(1) == torch.tensor(labels)).float().mean())
-
-
-def sqnr_db(reference: torch.Tensor, output: torch.Tensor) -> float:
-    reference, output = reference.float(), output.float()
-    return float(10 * torch.log10(reference.pow(2).mean() / (reference - output).pow(2).mean().clamp_min(1e-20)))
 
 
 def torchscript_bytes(model: nn.Module) -> bytes:

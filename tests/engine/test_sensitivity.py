@@ -197,7 +197,8 @@ def test_analyze_static_int8_probes_convs_too_with_one_calibration(digits: Any, 
     inputs = test.inputs[:128]
     # the table converts one shared calibration (every layer observed once); the backend observes only
     # the layer it quantizes, so the neighbours' output observers differ and the figures agree within a few 0.1 dB
-    assert whole_model_sqnr(model, alone, inputs) == pytest.approx(rows[0]["sqnr_db"], abs=0.5)
+    # (0.3 dB with VNNI's 8-bit activations; 0.72 dB measured with the 7-bit ones of an AVX2-only CPU)
+    assert whole_model_sqnr(model, alone, inputs) == pytest.approx(rows[0]["sqnr_db"], abs=1.0)
 
 
 def test_catalog_refuses_what_cannot_run() -> None:
