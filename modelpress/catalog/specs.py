@@ -7,8 +7,9 @@ defaults and bounds are written.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
+from modelpress.artifact_formats import OutputFormat
 from modelpress.configs import EAGER_FORMATS, MODEL_FORMATS, Device, SpecError, StageConfig
 
 __all__ = [
@@ -23,16 +24,8 @@ __all__ = [
 ]
 
 OptionKind = Literal["float", "int", "bool", "str", "str_list", "object", "str_or_object"]
-OUTPUT_FORMATS = (
-    "torchscript",
-    "exported_program",
-    "state_dict",
-    "sparse_state_dict",
-    "compact_state_dict",
-    "deep_compression",
-    "onnx",
-    "executorch",
-)
+# the artifact formats' names, from the one table of them (modelpress/artifact_formats.py)
+OUTPUT_FORMATS: tuple[str, ...] = get_args(OutputFormat)
 _KINDS: dict[str, OptionKind] = {
     "number": "float",
     "integer": "int",

@@ -18,6 +18,19 @@ from modelpress.configs.base import (
     Train,
 )
 
+# a fidelity bar for int8: quantize everything, then keep the most harmful layers in float until it holds
+MixedPrecisionSqnr = Annotated[
+    MinSqnrDb | None,
+    Field(
+        description="mixed precision: keep the fewest, most harmful layers in float until the whole model's "
+        "SQNR against the float outputs is at least this"
+    ),
+]
+MixedPrecisionDrop = Annotated[
+    MaxAccuracyDrop | None,
+    Field(description="mixed precision: the same for the top-1 drop; needs an eval dataset with labels"),
+]
+
 
 class _QuantizeConfig(StageConfig):
     method: Literal["quantize"] = "quantize"
@@ -33,17 +46,8 @@ class DynamicInt8Config(_QuantizeConfig):
 
     keep_first_last_float: KeepEnds = False
     # a fidelity bar for int8: quantize everything, then keep the most harmful layers in float until it holds
-    min_sqnr_db: Annotated[
-        MinSqnrDb | None,
-        Field(
-            description="mixed precision: keep the fewest, most harmful layers in float until the whole model's "
-            "SQNR against the float outputs is at least this"
-        ),
-    ] = None
-    max_accuracy_drop: Annotated[
-        MaxAccuracyDrop | None,
-        Field(description="mixed precision: the same for the top-1 drop; needs an eval dataset with labels"),
-    ] = None
+    min_sqnr_db: MixedPrecisionSqnr = None
+    max_accuracy_drop: MixedPrecisionDrop = None
     # outlier-aware int8 for transformers (worker/compression/smoothquant.py)
     smoothquant: Annotated[
         bool,
@@ -75,17 +79,8 @@ class StaticInt8Config(_QuantizeConfig):
     calibration_batches: Annotated[
         CalibrationBatches, Field(description="batches of 32 samples whose activation ranges are measured")
     ] = 16
-    min_sqnr_db: Annotated[
-        MinSqnrDb | None,
-        Field(
-            description="mixed precision: keep the fewest, most harmful layers in float until the whole model's "
-            "SQNR against the float outputs is at least this"
-        ),
-    ] = None
-    max_accuracy_drop: Annotated[
-        MaxAccuracyDrop | None,
-        Field(description="mixed precision: the same for the top-1 drop; needs an eval dataset with labels"),
-    ] = None
+    min_sqnr_db: MixedPrecisionSqnr = None
+    max_accuracy_drop: MixedPrecisionDrop = None
     # CNN repair after batch-norm folding (worker/compression/quantization/repair.py)
     cross_layer_equalization: Annotated[
         Literal["auto", "on", "off"],
