@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from typing import Any
@@ -67,6 +68,7 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             eval_has_labels=_dataset_has_labels(evaluation.info if evaluation else None),
             max_train_devices=max_train_devices(session, job_in.target.device),
             graph_conversion_error=(model.inspection or {}).get("graph_conversion_error"),
+            recurrent_graph=bool((model.inspection or {}).get("recurrent_graph")),
         )
         if job_in.inputs is not None and job_in.example_input_shape is not None:
             raise SpecError("give inputs or example_input_shape (the one-float-tensor shorthand), not both")
@@ -79,6 +81,7 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             runtime, job_in.target.device, job_in.output_format, stages, model.format, installed=_package_installed
         )
         # a job for another runtime may have no stage: a conversion, verified in that runtime
+        facts = dataclasses.replace(facts, runtime=runtime)
         validated = validate_stages(stages, facts) if stages or runtime == "torch" else []
     except SpecError as error:
         raise Invalid(str(error)) from error

@@ -27,6 +27,10 @@ class JobFacts:
     # why inspection could not convert this TorchScript model to an exported program (None: it
     # could, or it was not tried because the upload declared no inputs)
     graph_conversion_error: str | None = None
+    # inspection found LSTM / GRU / RNN ops in this exported program
+    recurrent_graph: bool = False
+    # where the job's artifact runs (the target's runtime)
+    runtime: str = "torch"
 
 
 @dataclass
@@ -84,6 +88,17 @@ def validate_stages(stages: Sequence[dict[str, Any] | StageConfig], facts: JobFa
                     f"model could not be converted to one: {facts.graph_conversion_error}"
                 )
             current_format = "exported_program"
+        if (
+            facts.recurrent_graph
+            and facts.runtime == "torch"
+            and current_format == "exported_program"
+            and spec.method == "quantize"
+        ):
+            raise SpecError(
+                f"{where}: scheme {spec.name!r} on an exported program with LSTM / GRU ops crashes torch's "
+                "int8 kernels; upload the model as TorchScript or as a state_dict with its architecture "
+                "(dynamic_int8 quantizes recurrent layers there), or target onnxruntime"
+            )
         if current_format not in spec.input_formats:
             raise SpecError(
                 f"{where}: scheme {spec.name!r} needs an eager model (state_dict + architecture, or an "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import SmallCNN, exported_bytes, mlp, torchscript_bytes
@@ -28,3 +29,25 @@ def test_torchscript_parameters_and_layers(tmp_path: Path) -> None:
     report = inspect_model(path, "torchscript", None)
     assert report["parameters"] == sum(p.numel() for p in model.parameters())
     assert report["layer_types"]["Linear"] == 2 and report["output_shape"] is None
+
+
+def test_an_exported_lstm_graph_is_flagged_and_its_int8_refused_at_submit(tmp_path: Path) -> None:
+    # int8 of an exported LSTM graph crashes torch's kernels natively (SIGBUS / SIGABRT): inspection
+    # flags the graph, and submit-time validation refuses the scheme with a sentence instead
+    from modelpress.catalog import JobFacts, SpecError, validate_stages
+    from tests import zoo
+
+    path = zoo.build("lstm").save_exported(tmp_path / "lstm.pt2")
+    report = inspect_model(path, "exported_program", None)
+    assert report["recurrent_graph"] is True
+    cnn = tmp_path / "cnn.pt2"
+    cnn.write_bytes(exported_bytes(SmallCNN().eval(), torch.randn(8, 64)))
+    assert inspect_model(cnn, "exported_program", None)["recurrent_graph"] is False
+
+    stage = [{"method": "quantize", "scheme": "dynamic_int8"}]
+    facts = JobFacts("exported_program", recurrent_graph=True)
+    with pytest.raises(SpecError, match="LSTM / GRU ops crashes torch's int8 kernels"):
+        validate_stages(stage, facts)
+    # ONNX Runtime quantizes with its own tools, and pruning keeps float weights: both still accepted
+    assert validate_stages(stage, JobFacts("exported_program", recurrent_graph=True, runtime="onnxruntime"))
+    assert validate_stages([{"method": "prune", "scheme": "l1_unstructured", "amount": 0.5}], facts)

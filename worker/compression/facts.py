@@ -75,3 +75,16 @@ def layer_sparsity(model: nn.Module) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def has_recurrent_layers(model: nn.Module) -> bool:
+    """LSTM / GRU / RNN layers, eager or as an exported graph's ops (a crash hint and a submit-time refusal depend on it)."""
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        return True
+    graph = getattr(model, "graph", None)
+    nodes = getattr(graph, "nodes", None) or []
+    if callable(nodes):  # a TorchScript graph lists its nodes through a method
+        nodes = nodes()
+    # an exported graph's node names its aten op in `target`; a TorchScript node's text holds its kind
+    texts = (str(getattr(node, "target", node)) for node in nodes)
+    return any(word in text for text in texts for word in ("lstm", "gru", "rnn_"))

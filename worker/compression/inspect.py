@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from worker.compression.base import EngineError
+from worker.compression.facts import has_recurrent_layers
 from worker.compression.inputs import Signature, make_example, torchscript_to_graph
 from worker.compression.io import load_model
 from worker.compression.metrics import count_parameters
@@ -44,6 +45,10 @@ def inspect_model(
         "layer_types": dict(layer_types.most_common(30)),
         "input_signature": signature,
     }
+    if kind == "graph":
+        # torch's int8 kernels crash natively on an exported graph's LSTM / GRU ops (SIGBUS, SIGABRT
+        # "corrupted double-linked list"): the API refuses int8 of such a graph at submit
+        found["recurrent_graph"] = has_recurrent_layers(model)
     if kind == "torchscript" and inputs:
         found.update(_try_graph_conversion(model, inputs))
     from worker.compression.huggingface import declared_inputs, is_transformers_upload

@@ -21,7 +21,7 @@ from modelpress.configs import SpecError, StageConfig, parse_stage
 from worker.compression import breadcrumbs, outcome
 from worker.compression import metrics as measure
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
-from worker.compression.facts import environment, layer_sparsity
+from worker.compression.facts import environment, has_recurrent_layers, layer_sparsity
 from worker.compression.handlers import compress
 from worker.compression.inputs import Batch, ModelInputs, Signature, call_model, make_example, torchscript_to_graph
 from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
@@ -145,7 +145,7 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
     evaluation = load_dataset(Path(request.eval_dataset_path), signature) if request.eval_dataset_path else None
     example = _example_input(request, train, evaluation)
     schemes = [f"{stage.method}:{stage.scheme}" for stage in request.stages]
-    breadcrumbs.model_facts(kind=kind, recurrent=_has_recurrent_layers(model), stages=schemes)
+    breadcrumbs.model_facts(kind=kind, recurrent=has_recurrent_layers(model), stages=schemes)
     breadcrumbs.operation("running the model on the example input")
     try:
         with torch.inference_mode():
@@ -354,19 +354,6 @@ def _decoded_container(artifact: Path, working: nn.Module, stage_reports: list[d
             report["info"]["container"] = describe(data)
             break
     return decoded.eval()
-
-
-def _has_recurrent_layers(model: nn.Module) -> bool:
-    """LSTM / GRU / RNN layers, eager or as an exported graph's ops (a crash hint depends on it)."""
-    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
-        return True
-    graph = getattr(model, "graph", None)
-    nodes = getattr(graph, "nodes", None) or []
-    if callable(nodes):  # a TorchScript graph lists its nodes through a method
-        nodes = nodes()
-    # an exported graph's node names its aten op in `target`; a TorchScript node's text holds its kind
-    texts = (str(getattr(node, "target", node)) for node in nodes)
-    return any(word in text for text in texts for word in ("lstm", "gru", "rnn_"))
 
 
 def _left_alone(stage_reports: list[dict[str, Any]]) -> frozenset[str]:
