@@ -276,12 +276,7 @@ def list_job_reads(
     cursor: str | None,
 ) -> tuple[list[JobRead], str | None]:
     """A page of jobs with their metrics and artifacts, in one query."""
-    after = None
-    if cursor:
-        created, job_id = jobs_repo.decode_cursor(cursor)
-        if session.get_bind().dialect.name == "sqlite":
-            created = created.replace(tzinfo=None)
-        after = (created, job_id)
+    after = jobs_repo.cursor_position(session, cursor)
     rows = job_reads.list_page(
         session, tenant.id, status=status, model_id=model_id, method=method, after=after, limit=limit
     )

@@ -61,6 +61,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise Invalid("cursor is not one this API returned") from error
 
 
+def cursor_position(session: Session, cursor: str | None) -> tuple[datetime, str] | None:
+    """Where a page after `cursor` starts: (created_at, id) of the last job shown, in the database's terms
+    (SQLite keeps naive datetimes)."""
+    if not cursor:
+        return None
+    created, job_id = decode_cursor(cursor)
+    if session.get_bind().dialect.name == "sqlite":
+        created = created.replace(tzinfo=None)
+    return created, job_id
+
+
 def page(
     session: Session,
     *,
@@ -80,10 +91,8 @@ def page(
         query = query.where(Job.model_id == model_id)
     if method:
         query = query.where(Job.method == method)
-    if cursor:
-        created, job_id = decode_cursor(cursor)
-        if session.get_bind().dialect.name == "sqlite":
-            created = created.replace(tzinfo=None)
+    if (after := cursor_position(session, cursor)) is not None:
+        created, job_id = after
         query = query.where((Job.created_at < created) | ((Job.created_at == created) & (Job.id < job_id)))
     rows = [
         (r[0], r[1], r[2])
@@ -91,12 +100,6 @@ def page(
     ]
     next_cursor = encode_cursor(rows[limit - 1][0]) if len(rows) > limit else None
     return rows[:limit], next_cursor
-
-
-def with_results(session: Session, *, tenant_id: str, job_id: str) -> JobRow | None:
-    """The tenant's job with its metrics document and artifact, in one query (what clients poll)."""
-    row = session.execute(_with_results().where(Job.id == job_id, Job.tenant_id == tenant_id)).first()
-    return None if row is None else (row[0], row[1], row[2])
 
 
 def results_of(session: Session, *, job_id: str) -> tuple[dict[str, Any] | None, Artifact | None]:

@@ -32,6 +32,14 @@ MixedPrecisionDrop = Annotated[
 ]
 
 
+Calibration = Annotated[
+    CalibrationBatches, Field(description="batches of 32 samples whose activation ranges are measured")
+]
+# a CNN repair after batch-norm folding (worker/compression/quantization/repair.py)
+RepairMode = Literal["auto", "on", "off"]
+_AUTO_REPAIR = "; auto: kept only when it raises the SQNR on held-out calibration samples"
+
+
 class _QuantizeConfig(StageConfig):
     method: Literal["quantize"] = "quantize"
     quantizes: ClassVar[bool] = True
@@ -76,25 +84,22 @@ class StaticInt8Config(_QuantizeConfig):
     library: ClassVar[str] = "torchao PT2E (X86InductorQuantizer) / torch.ao FX"
 
     keep_first_last_float: KeepEnds = False
-    calibration_batches: Annotated[
-        CalibrationBatches, Field(description="batches of 32 samples whose activation ranges are measured")
-    ] = 16
+    calibration_batches: Calibration = 16
     min_sqnr_db: MixedPrecisionSqnr = None
     max_accuracy_drop: MixedPrecisionDrop = None
     # CNN repair after batch-norm folding (worker/compression/quantization/repair.py)
     cross_layer_equalization: Annotated[
-        Literal["auto", "on", "off"],
+        RepairMode,
         Field(
             description="rescale consecutive conv/linear pairs joined through ReLU or pooling so their per-channel "
-            "weight ranges match (Nagel et al. 2019); auto: kept only when it raises the SQNR on held-out "
-            "calibration samples"
+            "weight ranges match (Nagel et al. 2019)" + _AUTO_REPAIR
         ),
     ] = "auto"
     bias_correction: Annotated[
-        Literal["auto", "on", "off"],
+        RepairMode,
         Field(
             description="subtract from each bias the mean output shift its int8 weights cause on the calibration "
-            "data; auto: kept only when it raises the SQNR on held-out calibration samples"
+            "data" + _AUTO_REPAIR
         ),
     ] = "auto"
 
@@ -110,9 +115,7 @@ class QatInt8Config(_QuantizeConfig):
     library: ClassVar[str] = "torchao PT2E QAT (prepare_qat_pt2e) / torch.ao FX convert"
 
     keep_first_last_float: KeepEnds = False
-    calibration_batches: Annotated[
-        CalibrationBatches, Field(description="batches of 32 samples whose activation ranges are measured")
-    ] = 16
+    calibration_batches: Calibration = 16
     train: Annotated[
         Train, Field(description="training-loop options for the fine-tune (default epochs 3, lr 1e-4)")
     ] = None
