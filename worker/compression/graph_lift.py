@@ -41,6 +41,9 @@ _CONV_OPS: dict[Any, Callable[..., nn.Module]] = {
     _aten.conv2d.padding: nn.Conv2d,
     _aten.conv3d.padding: nn.Conv3d,
 }
+# aten's recurrent ops take the flat weight list that nn.LSTM / nn.GRU keep in `_flat_weights`
+_RNN_OPS: dict[Any, type[nn.RNNBase]] = {_aten.lstm.input: nn.LSTM, _aten.gru.input: nn.GRU}
+_ZEROS_OPS = (_aten.zeros.default, _aten.zeros_like.default, _aten.new_zeros.default)
 _BATCH_NORM_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _RESHAPE_OPS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
 _SIMPLE_CALLS: dict[Any, Callable[..., Any]] = {
@@ -143,6 +146,10 @@ def lift_graph(
                 continue  # shape guards of the export; nothing reads them
             raise EngineError(f"unexpected submodule call {node.target!r} in the exported graph")
         elif node.op == "call_function":
+            recurrent = _recurrent_layer(graph_module, node) if translate_ops else None
+            if recurrent is not None:
+                env[node] = _call_recurrent(graph, root, node, recurrent, arg)
+                continue
             layer = _layer_parameters(node, layer_norm)
             if layer is not None and sole_owners_only and _sole_owner(graph_module, layer, uses) is None:
                 layer = None
@@ -180,6 +187,71 @@ def lift_graph(
                 setattr(rebuilt, name, getattr(graph_module, name))
     rebuilt.recompile()
     return rebuilt.eval()
+
+
+def _recurrent_layer(source: fx.GraphModule, node: fx.Node) -> tuple[str, nn.RNNBase] | None:
+    """The nn.LSTM / nn.GRU an aten.lstm.input / aten.gru.input call on stored weights stands for, and its name.
+
+    As an aten call FX quantization cannot trace it (its zero initial state is built from a
+    symbolic batch size) and quantize_dynamic cannot reach its weights; as a module both can.
+    """
+    cls = _RNN_OPS.get(node.target)
+    if cls is None:
+        return None
+    _input, _hx, params, has_biases, num_layers, dropout, _train, bidirectional, batch_first = node.args
+    if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
+        return None
+    per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
+    if len(params) != per_layer * num_layers:
+        return None  # projections (proj_size) add a weight per layer: left as the aten call
+    weights = [_fetch(source, str(p.target)) for p in params]
+    gates = 4 if cls is nn.LSTM else 3
+    module = cls(
+        weights[0].shape[1],
+        weights[0].shape[0] // gates,
+        num_layers=int(num_layers),
+        bias=bool(has_biases),
+        batch_first=bool(batch_first),
+        dropout=float(dropout),
+        bidirectional=bool(bidirectional),
+        device="meta",
+    )
+    for name, value in zip(module._flat_weights_names, weights):
+        setattr(module, name, value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False))
+    owners = {str(p.target).rpartition(".")[0] for p in params}
+    leaves = [str(p.target).rpartition(".")[2] for p in params]
+    owner = owners.pop() if len(owners) == 1 else ""
+    name = owner if owner and leaves == list(module._flat_weights_names) else f"recurrent_{node.name}"
+    return name, module.train(False)
+
+
+def _call_recurrent(
+    graph: fx.Graph, root: nn.Module, node: fx.Node, recurrent: tuple[str, nn.RNNBase], arg: Callable[[Any], Any]
+) -> fx.Node:
+    """Call the lifted recurrent module; its result is made the aten op's flat (output, h_n[, c_n]) tuple."""
+    name, module = recurrent
+    if _has_submodule(root, name):
+        # the container made for the weights' get_attr nodes, which the module replaces
+        container = root.get_submodule(name)
+        if any(True for _ in container.children()) or set(container._buffers) - set(module._flat_weights_names):
+            name = f"recurrent_{node.name}"
+    _set_path(root, name, module)
+    source, hx = node.args[0], node.args[1]
+    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
+    if all(isinstance(s, fx.Node) and s.target in _ZEROS_OPS for s in states):
+        # a zero initial state is the module's default; the aten op needs it spelled out
+        called = graph.call_module(name, (arg(source),))
+    else:
+        state = tuple(arg(states)) if isinstance(module, nn.LSTM) else arg(hx)
+        called = graph.call_module(name, (arg(source), state))
+    if isinstance(module, nn.LSTM):
+        return graph.call_function(_lstm_outputs, (called,))
+    return called
+
+
+def _lstm_outputs(result: Any) -> tuple[Any, Any, Any]:
+    """nn.LSTM's (output, (h_n, c_n)) as aten.lstm's (output, h_n, c_n)."""
+    return result[0], result[1][0], result[1][1]
 
 
 def _layer_parameters(node: fx.Node, layer_norm: bool) -> dict[str, fx.Node | None] | None:

@@ -85,6 +85,7 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
         wrapped: nn.Module = torch.jit.script(_ScriptCastWrapper(converted, dtype, out_dtype))
     else:
         converted = copy.deepcopy(model).to(dtype)
+        retargeted = _retarget_float32(converted, dtype) if ctx.kind == "graph" else []
         for name in sorted(plan.skipped, key=lambda n: -n.count(".")):  # innermost first
             # Skipped layers stay float32 and talk to their half-precision neighbours through casts.
             module = converted.get_submodule(name)
@@ -93,7 +94,42 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
     if not any(_has_dtype(converted, name, dtype) for name in plan.targets):
         raise EngineError(f"{scheme} changed no parameter to {dtype}")
     _run_or_explain(wrapped, ctx.example_input, scheme)
-    return _Done(wrapped.eval(), ctx.kind, plan, {"dtype": str(dtype).removeprefix("torch.")})
+    info: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch.")}
+    if ctx.kind != "torchscript" and retargeted:
+        info["float32_ops_retargeted"] = retargeted
+    return _Done(wrapped.eval(), ctx.kind, plan, info)
+
+
+_aten = torch.ops.aten
+# casts whose target dtype is an argument (positional index), as torch.export writes `.float()` / `.to(...)`
+_CAST_DTYPE_ARG = {_aten.to.dtype: 1, _aten._to_copy.default: None, _aten.to.dtype_layout: None}
+
+
+def _retarget_float32(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Make the graph's float32 tensors in `dtype`: factory ops (zeros, ones, full, arange, ...) and
+    casts to float32, which an export records from the float model's dtype (an LSTM's zero initial
+    state, `x.to(weight.dtype)`) and which would otherwise meet half-precision weights in a matmul.
+
+    Returns the rewritten nodes' names (a graph that upcasts on purpose now runs those ops in `dtype`).
+    """
+    import torch.fx as fx
+
+    if not isinstance(model, fx.GraphModule):
+        return []
+    changed = []
+    for node in model.graph.nodes:
+        if node.op != "call_function":
+            continue
+        position = _CAST_DTYPE_ARG.get(node.target)
+        if position is not None and len(node.args) > position and node.args[position] == torch.float32:
+            node.args = (*node.args[:position], dtype, *node.args[position + 1 :])
+            changed.append(node.name)
+        elif node.kwargs.get("dtype") == torch.float32:
+            node.kwargs = {**node.kwargs, "dtype": dtype}
+            changed.append(node.name)
+    if changed:
+        model.recompile()
+    return changed
 
 
 def _has_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> bool:

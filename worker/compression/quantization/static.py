@@ -23,20 +23,26 @@ DEFAULT_CALIBRATION_BATCHES = StaticInt8Config().calibration_batches
 
 
 _STATIC_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# FX has no static int8 LSTM / GRU kernel; their weights go int8 with dynamic activations instead
+_RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU)
+RECURRENT_NOTE = "int8 weights with dynamic activations (torch has no static int8 LSTM / GRU kernel)"
 
 
 def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
     from torch.ao.quantization import get_default_qconfig_mapping
 
     batches = _calibration_batches(options, ctx)
-    candidates = [name for name, module in model.named_modules() if name and type(module) in _STATIC_TYPES]
+    candidates = [
+        name for name, module in model.named_modules() if name and type(module) in _STATIC_TYPES + _RECURRENT_TYPES
+    ]
+    recurrent = {name for name, module in model.named_modules() if type(module) in _RECURRENT_TYPES}
     plan = plan_layers(candidates, options)
-    _require_targets(plan, candidates, "Linear / Conv layers", "static_int8")
+    _require_targets(plan, candidates, "Linear / Conv / LSTM / GRU layers", "static_int8")
     mapping = get_default_qconfig_mapping("x86")
     full_range = cpu_has_vnni()
     if full_range:
         mapping.set_global(full_range_qconfig())
-    for name in plan.skipped:
+    for name in plan.skipped + sorted(recurrent):
         mapping.set_module_name(name, None)
     info: dict[str, Any] = {}
     if any(options.get(key, "auto") != "off" for key in ("cross_layer_equalization", "bias_correction")):
@@ -47,6 +53,10 @@ def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext
         )
     else:
         quantized = _calibrate_and_convert(model, mapping, batches, ctx)
+    dynamic = [name for name in plan.targets if name in recurrent]
+    if dynamic:
+        quantized = _recurrent_dynamic_int8(quantized, dynamic)
+        info["dynamic_int8_layers"] = {name: RECURRENT_NOTE for name in dynamic}
     _check_swapped(quantized, plan, "static_int8")
     activation_range = (
         "8-bit (this CPU has VNNI)"
@@ -84,6 +94,16 @@ def _calibrate_and_convert(model: nn.Module, mapping: Any, batches: list[Batch],
     breadcrumbs.operation("static_int8: converting to int8 kernels (convert_fx)")
     converted: nn.Module = convert_fx(prepared).eval()
     return converted
+
+
+def _recurrent_dynamic_int8(model: nn.Module, names: list[str]) -> nn.Module:
+    """`model` with the named LSTM / GRU modules swapped for their dynamically quantized versions."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    breadcrumbs.operation("static_int8: LSTM / GRU weights to int8 (quantize_dynamic)")
+    qconfig: dict[str, Any] = {name: per_channel_dynamic_qconfig for name in names}
+    swapped: nn.Module = quantize_dynamic(model, qconfig, dtype=torch.qint8, inplace=False)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+    return swapped
 
 
 def cpu_has_vnni() -> bool:
