@@ -42,7 +42,7 @@ _CONV_OPS: dict[Any, Callable[..., nn.Module]] = {
     _aten.conv3d.padding: nn.Conv3d,
 }
 # aten's recurrent ops take the flat weight list that nn.LSTM / nn.GRU keep in `_flat_weights`
-_RNN_OPS: dict[Any, type[nn.RNNBase]] = {_aten.lstm.input: nn.LSTM, _aten.gru.input: nn.GRU}
+_RNN_OPS: dict[Any, Any] = {_aten.lstm.input: nn.LSTM, _aten.gru.input: nn.GRU}
 _ZEROS_OPS = (_aten.zeros.default, _aten.zeros_like.default, _aten.new_zeros.default)
 _BATCH_NORM_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _RESHAPE_OPS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
@@ -198,7 +198,8 @@ def _recurrent_layer(source: fx.GraphModule, node: fx.Node) -> tuple[str, nn.RNN
     cls = _RNN_OPS.get(node.target)
     if cls is None:
         return None
-    _input, _hx, params, has_biases, num_layers, dropout, _train, bidirectional, batch_first = node.args
+    args: list[Any] = list(node.args)  # aten.lstm.input / aten.gru.input: fixed positional schema
+    _input, _hx, params, has_biases, num_layers, dropout, _train, bidirectional, batch_first = args
     if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
         return None
     per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
@@ -237,6 +238,7 @@ def _call_recurrent(
             name = f"recurrent_{node.name}"
     _set_path(root, name, module)
     source, hx = node.args[0], node.args[1]
+    assert isinstance(hx, (list, tuple, fx.Node))  # the op's initial state: a list (LSTM) or a tensor (GRU)
     states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
     if all(isinstance(s, fx.Node) and s.target in _ZEROS_OPS for s in states):
         # a zero initial state is the module's default; the aten op needs it spelled out

@@ -14,6 +14,7 @@ not care which one it holds.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -351,8 +352,10 @@ def torchscript_to_graph(model: nn.Module, signature: Signature | None, inputs: 
     assert isinstance(model, torch.jit.ScriptModule)  # only TorchScript models are converted here
     example = batch_of(inputs, MIN_DYNAMIC_SIZE)
     args = positional_with_constants(model, example)
+    _, constants = as_call(example)
+    source = _with_constants_inlined(model, constants) if constants else model
     try:
-        program = TS2EPConverter(model, args).convert()
+        program = TS2EPConverter(source, args[: len(args) - len(constants)]).convert()
     except Exception as error:
         raise EngineError(
             f"this TorchScript model could not be converted to an exported program "
@@ -360,6 +363,8 @@ def torchscript_to_graph(model: nn.Module, signature: Signature | None, inputs: 
             "exported program (torch.export.save) or a state_dict with its architecture"
         ) from error
     graph = program.module()
+    if constants:
+        _accept_constants(graph, constants)
     _name_convolutions(graph)
     _restore_parameters(graph, {name for name, _ in model.named_parameters()})
     try:
@@ -373,6 +378,56 @@ def torchscript_to_graph(model: nn.Module, signature: Signature | None, inputs: 
             f"the exported program converted from this TorchScript model does not run like it: {_last_line(error)}"
         ) from error
     return graph
+
+
+def _with_constants_inlined(model: torch.jit.ScriptModule, constants: dict[str, Any]) -> torch.jit.ScriptModule:
+    """A copy of `model` whose forward graph has the constant arguments (`sr=16000`) as constants.
+
+    The converter traces every argument as a tensor, so an int that forward turns into a float
+    (`float(sr)`) fails there; inlined and constant-propagated, it leaves no op behind. The job's
+    forward_kwargs are the values the model is always called with, so specialising on them loses nothing.
+    """
+    buffer = io.BytesIO()
+    torch.jit.save(model, buffer)  # a copy with method graphs of its own to rewrite
+    buffer.seek(0)
+    copy: Any = torch.jit.load(buffer, map_location="cpu")
+    graph: Any = copy.graph  # torch._C.Graph: its stubs lack insertConstant
+    names = [argument.name for argument in copy.forward.schema.arguments]
+    values = list(graph.inputs())  # `self` first, in the schema's order
+    with graph.insert_point_guard(next(iter(graph.nodes()))):
+        for name in reversed(names):  # erased from the end, so the earlier positions stay valid
+            if name not in constants:
+                continue
+            position = names.index(name)
+            values[position].replaceAllUsesWith(graph.insertConstant(constants[name]))
+            graph.eraseInput(position)
+    torch._C._jit_pass_constant_propagation(graph)
+    return copy
+
+
+def _accept_constants(graph: nn.Module, constants: dict[str, Any]) -> None:
+    """Let the converted program be called as the model is, with the constants as keyword arguments.
+
+    The converted graph takes the tensors only; an unused placeholder per constant, added to its
+    input spec, keeps `call_model(graph, inputs)` and a later torch.export (which specialises on
+    the constant's value) working like the TorchScript model's call.
+    """
+    import torch.fx as fx
+    import torch.utils._pytree as pytree
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+    assert isinstance(graph, fx.GraphModule)  # an exported program's .module()
+    codegen = graph.graph._codegen
+    assert isinstance(codegen, _PyTreeCodeGen)  # exported programs' modules take pytree inputs
+    placeholders = [node for node in graph.graph.nodes if node.op == "placeholder"]
+    with graph.graph.inserting_after(placeholders[-1]):
+        for name in reversed(list(constants)):
+            graph.graph.placeholder(name)
+    info = codegen.pytree_info
+    in_spec = pytree.tree_flatten((tuple(range(len(placeholders))), dict(constants)))[1]
+    codegen.pytree_info = _PyTreeInfo([*info.orig_args, *constants], in_spec, info.out_spec)
+    graph._in_spec = in_spec
+    graph.recompile()
 
 
 def _restore_parameters(graph: nn.Module, names: set[str]) -> None:

@@ -180,6 +180,14 @@ def _export_batch_dynamic(model: nn.Module, example_input: Batch) -> torch.expor
         return torch.export.export(model, (example_input,))
 
 
+def _with_constant_arguments(traced: nn.Module, names: list[str], constants: dict[str, Any]) -> nn.Module:
+    """The traced module (tensors only) behind a scripted forward(tensors..., constants...)."""
+    from worker.compression.script_wrapper import check_constants, script_forward
+
+    call = ", ".join(names)
+    return script_forward(traced, names, constants, check_constants(constants) + f"        return self.inner({call})\n")
+
+
 class BoundConstants(nn.Module):
     """`inner(*tensors, **constants)` as a module taking the tensors only (for tracing)."""
 
@@ -235,6 +243,10 @@ def save_artifact(
                 scripted = torch.jit.trace(traced, args, check_trace=False, strict=False)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
             except Exception as error:
                 raise EngineError(f"the model could not be saved as TorchScript: {error}") from error
+            if kwargs:
+                assert isinstance(example_input, ModelInputs)  # constants come with named inputs only
+                # the artifact is called as the model is, constants included (and checked: they are baked in)
+                scripted = _with_constant_arguments(scripted, list(example_input.names), kwargs)
         torch.jit.save(scripted, str(path))
     elif output_format == "exported_program":
         if kind == "torchscript":

@@ -19,6 +19,7 @@ from torch import nn
 from worker.compression.base import EngineError, StageContext
 from worker.compression.inputs import export_program
 from worker.compression.pruning.finetune import _fit, _fit_figures, _labelled_train_data
+from worker.compression.pruning.recurrent import has_recurrent_ops, prune_recurrent
 from worker.compression.pruning.transformer import (
     AttentionGroup,
     MlpGroup,
@@ -60,11 +61,17 @@ def prune_transformer(model: nn.Module, options: dict[str, Any], ctx: StageConte
             "scaled_dot_product_attention fed by linear projections through reshapes only "
             "(attention written as matmul + softmax, or q scaled before it, is not followed)"
         )
+    if not attention and not mlps and amount > 0 and has_recurrent_ops(graph):
+        figures = prune_recurrent(graph, options, ctx)
+        if options.get("train"):
+            data = _labelled_train_data(ctx, "fine-tuning (train options)")
+            figures["finetune"] = _fit_figures(_fit(graph, data, options, None, ctx, 0.0, 1.0))
+        return graph, figures
     if not attention and not mlps:
         raise EngineError(
             "ln_structured found nothing to remove in this model: no attention heads and no "
             "Linear -> activation -> Linear pair whose middle channels only feed the next layer "
-            "(recurrent layers such as LSTM / GRU cannot be narrowed structurally here)"
+            "(nor an LSTM / GRU op)"
         )
     original = copy.deepcopy(graph)
     zeroed: dict[str, tuple[Projection, list[int]]] = {}

@@ -115,8 +115,18 @@ def _prune_channels(model: nn.Module, options: dict[str, Any], ctx: StageContext
 
 
 def prunes_as_graph(model: nn.Module, kind: str, options: dict[str, Any]) -> bool:
-    """Transformers (attention, token embeddings, or `heads` asked for) are pruned on the exported graph."""
-    return _is_transformer(model, kind) or float(options.get("heads") or 0.0) > 0
+    """Transformers (attention, token embeddings, or `heads` asked for) and LSTM / GRU models are pruned
+    on the exported graph."""
+    return _is_transformer(model, kind) or float(options.get("heads") or 0.0) > 0 or _is_recurrent(model, kind)
+
+
+def _is_recurrent(model: nn.Module, kind: str) -> bool:
+    from worker.compression.pruning.recurrent import has_recurrent_ops
+
+    if kind == "graph":
+        assert isinstance(model, torch.fx.GraphModule)  # a graph-kind model is an exported program's module
+        return has_recurrent_ops(model)
+    return any(isinstance(module, (nn.LSTM, nn.GRU)) for module in model.modules())
 
 
 def _is_transformer(model: nn.Module, kind: str) -> bool:

@@ -76,13 +76,11 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
                 f"{scheme}: skip_layers is not supported for TorchScript models "
                 "(their submodules cannot be wrapped); upload an eager model or drop skip_layers"
             )
-        if isinstance(ctx.example_input, ModelInputs):
-            raise EngineError(
-                f"{scheme} on a TorchScript model takes models of one float input; this one takes "
-                f"{ctx.example_input.describe()}: upload it as an exported program"
-            )
         converted = copy.deepcopy(model).to(dtype)
-        wrapped: nn.Module = torch.jit.script(_ScriptCastWrapper(converted, dtype, out_dtype))
+        if isinstance(ctx.example_input, ModelInputs):
+            wrapped: nn.Module = _script_cast_named(converted, ctx.example_input, dtype, out_dtype, scheme)
+        else:
+            wrapped = torch.jit.script(_ScriptCastWrapper(converted, dtype, out_dtype))
     else:
         converted = copy.deepcopy(model).to(dtype)
         retargeted = _retarget_float32(converted, dtype) if ctx.kind == "graph" else []
@@ -130,6 +128,35 @@ def _retarget_float32(model: nn.Module, dtype: torch.dtype) -> list[str]:
     if changed:
         model.recompile()
     return changed
+
+
+def _script_cast_named(
+    inner: nn.Module, example: ModelInputs, dtype: torch.dtype, out_dtype: torch.dtype, scheme: str
+) -> nn.Module:
+    """_ScriptCastWrapper for a TorchScript forward of several named inputs and constants
+    (`forward(input_ids, attention_mask)`, `forward(x, sr: int)`): a scripted wrapper of that
+    signature casts the floating inputs in and the floating outputs (a tensor or a tuple) back."""
+    from worker.compression.script_wrapper import script_forward
+
+    returns = inner.forward.schema.returns  # type: ignore[attr-defined]  # a ScriptModule's method has a schema
+    output = str(returns[0].type) if len(returns) == 1 else ""
+    width = output.removeprefix("Tuple[").removesuffix("]").split(", ") if output.startswith("Tuple[") else []
+    if output != "Tensor" and (not width or any(kind != "Tensor" for kind in width)):
+        raise EngineError(
+            f"{scheme} on a TorchScript model with several inputs handles outputs of a tensor or a tuple "
+            f"of tensors; this forward returns {output or 'several values'}: upload it as an exported program"
+        )
+    target, back = f"torch.{str(dtype).removeprefix('torch.')}", f"torch.{str(out_dtype).removeprefix('torch.')}"
+    names = list(example.names)
+    lines = [f"        {name} = {name}.to({target}) if {name}.is_floating_point() else {name}\n" for name in names]
+    call = ", ".join([*names, *(f"{name}={name}" for name in example.kwargs)])
+    lines.append(f"        out = self.inner({call})\n")
+    if output == "Tensor":
+        lines.append(f"        return out.to({back}) if out.is_floating_point() else out\n")
+    else:
+        items = [f"out[{i}].to({back}) if out[{i}].is_floating_point() else out[{i}]" for i in range(len(width))]
+        lines.append(f"        return ({', '.join(items)}{',' if len(items) == 1 else ''})\n")
+    return script_forward(inner, names, example.kwargs, "".join(lines))
 
 
 def _has_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
