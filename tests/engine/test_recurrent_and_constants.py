@@ -226,3 +226,54 @@ def test_int_argument_torchscript_runs_every_scheme_and_keeps_its_call(
         assert result["artifact_format"] == "torchscript"
         with pytest.raises(Exception, match="made for sr=16000"):  # the constant is baked in: said so, not ignored
             loaded(samples, 8000)
+
+
+# ---------------------------------------------------------------- TorchScript artifacts of LSTM graphs
+
+
+def test_lstm_graph_saved_as_torchscript_runs_at_other_batch_sizes(
+    lstm: tuple[zoo.ZooEntry, Path], tmp_path: Path
+) -> None:
+    # A trace of aten.lstm sized its zero initial state for the example's batch, and aten.lstm
+    # does not check it: the artifact segfaulted at any other batch. Run in a child, so that a
+    # regression fails this test instead of killing the test run.
+    import subprocess
+    import sys
+
+    from worker.compression.io import load_model, save_artifact
+
+    entry, source = lstm
+    graph, kind = load_model(source, "exported_program", None)
+    artifact = tmp_path / "lstm.pt"
+    save_artifact(graph, kind, "torchscript", artifact, entry.inputs[0])
+    ids = torch.randint(0, zoo.VOCAB, (5, zoo.SEQUENCE), generator=torch.Generator().manual_seed(4))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        torch.save(entry.model(ids), tmp_path / "expected.pt")
+    check = (
+        "import torch, sys; m = torch.jit.load(sys.argv[1]); ids = torch.load(sys.argv[2]); "
+        "torch.testing.assert_close(m(ids), torch.load(sys.argv[3])); print('same')"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", check, str(artifact), str(tmp_path / "ids.pt"), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == 0 and "same" in child.stdout, child.stderr[-2000:]
+
+
+def test_fp16_of_a_traced_lstm_that_makes_float32_inside_goes_through_an_exported_program(
+    tmp_path: Path,
+) -> None:
+    entry = zoo.build("lstm")
+    source = entry.save_torchscript(tmp_path / "lstm.pt")  # traced: its zero state is a float32 zeros op
+    samples = _samples(LSTM_INPUTS, None)
+    result, artifact = _job(tmp_path, source, "torchscript", ("quantize", "fp16", {}), LSTM_INPUTS, samples)
+    assert result["artifact_format"] == "exported_program"
+    assert "float32 tensors inside forward" in result["metrics"]["stages"][0]["info"]["converted"]
+    with torch.no_grad():
+        own = _sqnr(entry.model(samples), _load(artifact, "exported_program")(samples))
+    assert own >= 45.0
+    assert own == pytest.approx(result["metrics"]["fidelity"]["sqnr_db"], abs=0.5)

@@ -189,6 +189,13 @@ def lift_graph(
     return rebuilt.eval()
 
 
+def has_recurrent_ops(graph: nn.Module) -> bool:
+    """Whether an exported graph calls aten.lstm / aten.gru (whose zero state a trace would size for one batch)."""
+    return isinstance(graph, fx.GraphModule) and any(
+        node.op == "call_function" and node.target in _RNN_OPS for node in graph.graph.nodes
+    )
+
+
 def _recurrent_layer(source: fx.GraphModule, node: fx.Node) -> tuple[str, nn.RNNBase] | None:
     """The nn.LSTM / nn.GRU an aten.lstm.input / aten.gru.input call on stored weights stands for, and its name.
 

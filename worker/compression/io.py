@@ -6,6 +6,7 @@ exported programs are code, and are treated as such.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 from worker.compression import breadcrumbs
 from worker.compression.archive_check import load_exported_program
 from worker.compression.base import Dataset, EngineError, ModelKind
+from worker.compression.graph_lift import has_recurrent_ops, torch_level_module
 from worker.compression.inputs import Batch, ModelInputs, Signature, as_call, export_program, export_within_model_bounds
 from worker.compression.registry import build_architecture
 
@@ -180,6 +182,15 @@ def _export_batch_dynamic(model: nn.Module, example_input: Batch) -> torch.expor
         return torch.export.export(model, (example_input,))
 
 
+def _recurrent_ops_lifted(model: nn.Module) -> nn.Module:
+    """`model` with each exported graph in it that calls aten.lstm / aten.gru rebuilt with nn.LSTM / nn.GRU."""
+    if has_recurrent_ops(model):
+        return torch_level_module(model)
+    for name, child in list(model.named_children()):
+        setattr(model, name, _recurrent_ops_lifted(child))
+    return model
+
+
 def _with_constant_arguments(traced: nn.Module, names: list[str], constants: dict[str, Any]) -> nn.Module:
     """The traced module (tensors only) behind a scripted forward(tensors..., constants...)."""
     from worker.compression.script_wrapper import check_constants, script_forward
@@ -234,6 +245,11 @@ def save_artifact(
         if kind == "torchscript":
             torch.jit.save(model, str(path))
             return
+        if kind == "graph" and any(has_recurrent_ops(module) for module in model.modules()):
+            # A trace of aten.lstm records its zero initial state at the example's batch size, and
+            # the op does not check it: at another batch the artifact crashed natively (SIGSEGV).
+            # nn.LSTM builds that state from its input when it runs.
+            model = _recurrent_ops_lifted(copy.deepcopy(model))
         with torch.no_grad():
             try:
                 args, kwargs = as_call(example_input)

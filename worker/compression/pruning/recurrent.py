@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from worker.compression.base import EngineError, StageContext
+from worker.compression.graph_lift import has_recurrent_ops as has_recurrent_ops
 from worker.compression.pruning.transformer import check_same_outputs
 
 _aten = torch.ops.aten
@@ -51,10 +52,6 @@ class RecurrentGroup:
     params: list[str]  # weight_ih, weight_hh[, bias_ih, bias_hh] targets
     zeros: list[fx.Node]  # the zero initial states, sized by the hidden width
     consumers: list[str]  # weights of the aten.linear calls reading the hidden units
-
-
-def has_recurrent_ops(graph: fx.GraphModule) -> bool:
-    return any(node.op == "call_function" and node.target in GATES for node in graph.graph.nodes)
 
 
 def find_recurrent(graph: fx.GraphModule) -> list[RecurrentGroup]:

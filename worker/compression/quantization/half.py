@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +82,10 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
             wrapped: nn.Module = _script_cast_named(converted, ctx.example_input, dtype, out_dtype, scheme)
         else:
             wrapped = torch.jit.script(_ScriptCastWrapper(converted, dtype, out_dtype))
+        try:
+            _run_or_explain(wrapped, ctx.example_input, scheme)
+        except EngineError as error:
+            return _via_exported_program(model, dtype, options, ctx, error)
     else:
         converted = copy.deepcopy(model).to(dtype)
         retargeted = _retarget_float32(converted, dtype) if ctx.kind == "graph" else []
@@ -128,6 +133,25 @@ def _retarget_float32(model: nn.Module, dtype: torch.dtype) -> list[str]:
     if changed:
         model.recompile()
     return changed
+
+
+def _via_exported_program(
+    model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx: StageContext, error: EngineError
+) -> _Done:
+    """fp16 of a TorchScript model that makes float32 tensors inside forward (a traced LSTM's zero
+    state): converted to an exported program, whose float32 factory ops can be retargeted."""
+    from worker.compression.inputs import torchscript_to_graph
+
+    try:
+        graph = torchscript_to_graph(model, ctx.signature, ctx.example_input)
+    except EngineError:
+        raise error from None  # the conversion's failure would hide why fp16 did not run
+    done = _to_dtype(graph, dtype, options, dataclasses.replace(ctx, kind="graph"))
+    done.info["converted"] = (
+        "the TorchScript model makes float32 tensors inside forward, so it was converted to an exported "
+        "program (torch._export.converter.TS2EPConverter) whose float32 ops could be made half precision"
+    )
+    return done
 
 
 def _script_cast_named(
