@@ -88,17 +88,6 @@ def validate_stages(stages: Sequence[dict[str, Any] | StageConfig], facts: JobFa
                     f"model could not be converted to one: {facts.graph_conversion_error}"
                 )
             current_format = "exported_program"
-        if (
-            facts.recurrent_graph
-            and facts.runtime == "torch"
-            and current_format == "exported_program"
-            and spec.method == "quantize"
-        ):
-            raise SpecError(
-                f"{where}: scheme {spec.name!r} on an exported program with LSTM / GRU ops crashes torch's "
-                "int8 kernels; upload the model as TorchScript or as a state_dict with its architecture "
-                "(dynamic_int8 quantizes recurrent layers there), or target onnxruntime"
-            )
         if current_format not in spec.input_formats:
             raise SpecError(
                 f"{where}: scheme {spec.name!r} needs an eager model (state_dict + architecture, or an "

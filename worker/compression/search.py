@@ -34,7 +34,6 @@ from modelpress.configs import AccuracyAwareConfig, StageConfig
 from worker.compression import breadcrumbs
 from worker.compression import metrics as measure
 from worker.compression.base import Dataset, EngineError, JobCancelled, ModelKind, StageContext, StageResult
-from worker.compression.facts import has_recurrent_layers
 from worker.compression.io import KIND_TO_FORMAT, default_output_format, load_artifact, save_artifact
 from worker.compression.search_candidates import (
     CANDIDATE_SPEED_BUDGET_S,
@@ -201,8 +200,6 @@ class Search:
             has_dataset=self.ctx.train_data is not None or synthetic_data,
             dataset_has_labels=self.ctx.train_data is not None and self.ctx.train_data.labels is not None,
             eval_has_labels=self.ctx.eval_data is not None and self.ctx.eval_data.labels is not None,
-            # int8 of an exported LSTM graph crashes natively: such a candidate is refused, not run
-            recurrent_graph=self.ctx.kind == "graph" and has_recurrent_layers(self.model),
             runtime=self.ctx.runtime,
         )
         try:
