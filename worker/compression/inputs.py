@@ -430,6 +430,35 @@ def _accept_constants(graph: nn.Module, constants: dict[str, Any]) -> None:
     graph.recompile()
 
 
+def constants_by_name(graph: nn.Module, signature: Signature | None) -> None:
+    """Let an exported program that took the constants positionally (`export(model, (x, 16000))`)
+    be called the engine's way, `graph(x, sr=16000)`: its input spec takes them by name instead.
+
+    The program still checks each value it was specialised on; nothing changes when the program
+    already takes them by name or when its argument names differ from the declared constants.
+    """
+    import torch.fx as fx
+    import torch.utils._pytree as pytree
+    from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+    if signature is None or not signature.kwargs or not isinstance(graph, fx.GraphModule):
+        return
+    codegen = graph.graph._codegen
+    spec = getattr(graph, "_in_spec", None)
+    if not isinstance(codegen, _PyTreeCodeGen) or spec is None or spec.num_children != 2:
+        return
+    positional, keywords = spec.children()
+    tensors, names = len(signature.inputs), list(signature.kwargs)
+    trailing = list(codegen.pytree_info.orig_args[tensors:])
+    if keywords.num_children or positional.num_children != tensors + len(names) or trailing != names:
+        return
+    in_spec = pytree.tree_flatten((tuple(range(tensors)), dict(signature.kwargs)))[1]
+    info = codegen.pytree_info
+    codegen.pytree_info = _PyTreeInfo(info.orig_args, in_spec, info.out_spec)
+    graph._in_spec = in_spec
+    graph.recompile()
+
+
 def _restore_parameters(graph: nn.Module, names: set[str]) -> None:
     """The converter keeps the ScriptModule's parameters as plain tensors; make them parameters
     again, so counting, pruning and fine-tuning see the weights as they see an exported program's."""

@@ -23,7 +23,15 @@ from worker.compression import metrics as measure
 from worker.compression.base import Dataset, EngineError, StageContext, StageResult
 from worker.compression.facts import environment, has_recurrent_layers, layer_sparsity
 from worker.compression.handlers import compress
-from worker.compression.inputs import Batch, ModelInputs, Signature, call_model, make_example, torchscript_to_graph
+from worker.compression.inputs import (
+    Batch,
+    ModelInputs,
+    Signature,
+    call_model,
+    constants_by_name,
+    make_example,
+    torchscript_to_graph,
+)
 from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
 from worker.compression.pipeline_target import finish_for_runtime
 
@@ -143,6 +151,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         if is_transformers_upload(request.model.format, request.model.architecture):
             request = dataclasses.replace(request, inputs=declared_inputs(model))
     signature = request.signature
+    if kind == "graph":
+        constants_by_name(model, signature)  # a program exported with its constants positional
     train = load_dataset(Path(request.dataset_path), signature) if request.dataset_path else None
     evaluation = load_dataset(Path(request.eval_dataset_path), signature) if request.eval_dataset_path else None
     example = _example_input(request, train, evaluation)
