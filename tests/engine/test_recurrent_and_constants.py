@@ -279,15 +279,19 @@ def test_fp16_of_a_traced_lstm_that_makes_float32_inside_goes_through_an_exporte
     assert own == pytest.approx(result["metrics"]["fidelity"]["sqnr_db"], abs=0.5)
 
 
-def test_exported_program_with_its_constant_positional_is_called_by_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("scheme", "min_sqnr"), [("static_int8", 25.0), ("fp16", 50.0)])
+def test_exported_program_with_its_constant_positional_is_called_by_name(
+    tmp_path: Path, scheme: str, min_sqnr: float
+) -> None:
     entry = zoo.build("audio")
     source = entry.save_exported(tmp_path / "audio.pt2")  # torch.export.export(model, (x, 16000))
     samples = _samples(AUDIO_INPUTS, AUDIO_CONSTANTS)
     result, artifact = _job(
-        tmp_path, source, "exported_program", ("quantize", "static_int8", {}), AUDIO_INPUTS, samples, AUDIO_CONSTANTS
+        tmp_path, source, "exported_program", ("quantize", scheme, {}), AUDIO_INPUTS, samples, AUDIO_CONSTANTS
     )
     loaded = _load(artifact, result["artifact_format"])
     with torch.no_grad():
         own = _sqnr(entry.model(samples, 16000), loaded(samples, sr=16000))
-    assert own >= 25.0
+        assert loaded(samples[:3], sr=16000).dtype == torch.float32
+    assert own >= min_sqnr
     assert own == pytest.approx(result["metrics"]["fidelity"]["sqnr_db"], abs=0.5)

@@ -93,17 +93,68 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
             # Skipped layers stay float32 and talk to their half-precision neighbours through casts.
             module = converted.get_submodule(name)
             _replace_submodule(converted, name, CastWrapper(module.float(), torch.float32, dtype))
-        wrapped = CastWrapper(converted, dtype, out_dtype)
+        constants = ctx.signature is not None and bool(ctx.signature.kwargs)
+        if ctx.kind == "graph" and constants and not plan.skipped and _cast_at_the_edges(converted, dtype):
+            # CastWrapper's **kwargs cannot be exported with dynamic shapes; the program keeps its own
+            # calling convention, constants by name included
+            wrapped = converted
+        else:
+            wrapped = CastWrapper(converted, dtype, out_dtype)
     if not any(_has_dtype(converted, name, dtype) for name in plan.targets):
         raise EngineError(f"{scheme} changed no parameter to {dtype}")
     _run_or_explain(wrapped, ctx.example_input, scheme)
     info: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch.")}
+    if wrapped is converted:
+        return _Done(wrapped, ctx.kind, plan, info | ({"float32_ops_retargeted": retargeted} if retargeted else {}))
     if ctx.kind != "torchscript" and retargeted:
         info["float32_ops_retargeted"] = retargeted
     return _Done(wrapped.eval(), ctx.kind, plan, info)
 
 
 _aten = torch.ops.aten
+
+
+def _cast_at_the_edges(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Cast an exported graph's floating inputs to `dtype` and its floating outputs back to their own
+    dtypes, in the graph itself; False (nothing changed) when the graph does not record its dtypes."""
+    import torch.fx as fx
+
+    if not isinstance(model, fx.GraphModule):
+        return False
+    graph = model.graph
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    leaves = [leaf for leaf in _nodes_in(output.args[0])]
+    if not all(isinstance(leaf.meta.get("val"), torch.Tensor) for leaf in leaves):
+        return False
+    for node in [n for n in graph.nodes if n.op == "placeholder"]:
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        with graph.inserting_after(node):
+            cast = graph.call_function(_aten._to_copy.default, (node,), {"dtype": dtype})
+        # shape guards read the input as it came
+        node.replace_all_uses_with(
+            cast, delete_user_cb=lambda user, cast=cast: user is not cast and user.op != "call_module"
+        )
+    back: dict[fx.Node, fx.Node] = {}
+    for leaf in leaves:
+        original = leaf.meta["val"].dtype
+        if original.is_floating_point and leaf not in back:
+            with graph.inserting_before(output):
+                back[leaf] = graph.call_function(_aten._to_copy.default, (leaf,), {"dtype": original})
+    output.args = (fx.node.map_arg(output.args[0], lambda node: back.get(node, node)),)
+    model.recompile()
+    return True
+
+
+def _nodes_in(value: Any) -> list[Any]:
+    import torch.fx as fx
+
+    found: list[Any] = []
+    fx.node.map_arg(value, found.append)
+    return found
+
+
 # casts whose target dtype is an argument (positional index), as torch.export writes `.float()` / `.to(...)`
 _CAST_DTYPE_ARG = {_aten.to.dtype: 1, _aten._to_copy.default: None, _aten.to.dtype_layout: None}
 
