@@ -358,7 +358,31 @@ def _translate_call(graph: fx.Graph, node: fx.Node, arg: Callable[[Any], Any]) -
         return graph.call_function(target, arg(node.args), arg(kwargs))
     if target in _SIMPLE_CALLS:
         return graph.call_function(_SIMPLE_CALLS[target], arg(node.args), arg(kwargs))
+    method = _tensor_method(target)
+    if method is not None and _takes_computed_sizes(node):
+        # torch.jit.trace records a size read off a tensor only where a torch function or tensor
+        # method receives it; an aten overload called directly gets a plain int, and the trace
+        # would keep the example's size (an expand to the class token's batch of 1)
+        return graph.call_method(method, arg(node.args), arg(kwargs))
     return graph.call_function(target, arg(node.args), arg(kwargs))
+
+
+def _tensor_method(target: Any) -> str | None:
+    """The Tensor method an aten overload is (aten.expand.default -> "expand"), if there is one."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target.overloadpacket.__name__
+    schema = target._schema
+    takes_self = bool(schema.arguments) and schema.arguments[0].name == "self"
+    return name if takes_self and hasattr(Tensor, name) else None
+
+
+def _takes_computed_sizes(node: fx.Node) -> bool:
+    """Whether an argument of `node` (or an element of a list argument) is a size computed in the graph."""
+    values: list[Any] = []
+    for value in [*node.args, *node.kwargs.values()]:
+        values.extend(value if isinstance(value, (list, tuple)) else [value])
+    return any(isinstance(v, fx.Node) and not isinstance(v.meta.get("val"), Tensor) for v in values)
 
 
 def _fetch(source: nn.Module, target: str) -> Any:
