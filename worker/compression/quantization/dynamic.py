@@ -117,6 +117,14 @@ def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: St
             if kind in ("LSTM", "GRU", "RNN")
         }
     )
+    plan.left_float.update(
+        {
+            name: "a Hugging Face Conv1D (an addmm) is no Linear to the TorchScript path (quantize_dynamic_jit); "
+            "an exported program or the save_pretrained folder gets it quantized"
+            for name, kind in kinds.items()
+            if kind == "Conv1D"
+        }
+    )
     qconfig: dict[str, Any] = {"": per_channel_dynamic_qconfig, **{name: None for name in plan.skipped}}
     working = _fresh_script_copy(model)
     _isolate_control_flow_outputs(working)
