@@ -115,6 +115,9 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             extra_models.append(student["model_id"])
     spec = job_in.model_dump(mode="json")
     spec["inputs"] = inputs
+    # and the constant arguments declared with the model, when it gives none
+    if job_in.forward_kwargs is None and model.forward_kwargs:
+        spec["forward_kwargs"] = model.forward_kwargs
     spec["target"]["runtime"] = runtime
     spec["stages"] = [v.config.as_stage() for v in validated]
     spec["extra_model_ids"] = extra_models

@@ -38,7 +38,7 @@ OUTCOMES = ("ok", "refused", "failed", "crashed")
 CALIBRATION_SAMPLES = 32
 
 
-def _declared_inputs(entry: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def declared_call(entry: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The entry's forward call as a job declares it: named inputs (batch dynamic) and constants."""
     from bench import model_zoo as zoo
 
@@ -82,7 +82,7 @@ def upload_forms(name: str) -> list[str]:
     return forms
 
 
-def _upload(entry: Any, folder: Path, form: str) -> tuple[Path, str, dict[str, Any] | None, Any]:
+def save_upload(entry: Any, folder: Path, form: str) -> tuple[Path, str, dict[str, Any] | None, Any]:
     """The upload file, its format, its architecture and the model it holds (the entry's, or the library's)."""
     if form == "torchscript":
         return entry.save_torchscript(folder / f"{entry.name}.pt"), "torchscript", None, entry.model
@@ -100,7 +100,13 @@ def _upload(entry: Any, folder: Path, form: str) -> tuple[Path, str, dict[str, A
 
     architecture = LIBRARY_FORMS[entry.name]
     torch.manual_seed(0)
-    model = build_architecture(architecture["name"], architecture["kwargs"]).eval()
+    model = build_architecture(architecture["name"], architecture["kwargs"])
+    # batch-norm statistics as training leaves them: at their initial values (mean 0, variance 1) a
+    # random-init MobileNetV3's activations shrink to 1e-10 and every SQNR reads 0 dB
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(16, 3, 32, 32))
+    model.eval()
     path = folder / f"{entry.name}-state.pt"
     torch.save(model.state_dict(), path)
     return path, "state_dict", architecture, model
@@ -131,7 +137,7 @@ def _cell(
     from worker.compression.pipeline import JobRequest, ModelRef, StageSpec, run_job
 
     path, fmt, architecture, model = upload
-    inputs, constants = _declared_inputs(entry)
+    inputs, constants = declared_call(entry)
     if fmt == "huggingface":  # the job declares none: the engine reads them from config.json, as here
         inputs = declared_inputs(model) or inputs
     request = JobRequest(
@@ -159,20 +165,21 @@ def _cell(
 
 def _trial(key: str, upload: tuple[Path, str, Any, Any], entry: Any, folder: Path) -> dict[str, Any] | None:
     """The upload trial the worker runs after inspection (worker.upload_trials) for one scheme, in this
-    process: None when the worker would skip the trials (inputs unknown, or the model needs a constant
-    that an upload does not declare), so nothing is refused at submit."""
+    process, with the inputs and constants declared at upload: None when the worker would skip the trials
+    (inputs unknown), so nothing is refused at submit."""
     from worker.compression.inspect import inspect_model
     from worker.compression.scheme_trials import TrialRequest, run_trials
     from worker.compression.trial_plan import read_progress, trial_inputs
 
     path, fmt, architecture, _ = upload
-    declared = None if fmt == "huggingface" else _declared_inputs(entry)[0]
+    declared, constants = (None, None) if fmt == "huggingface" else declared_call(entry)
     inputs = trial_inputs(declared, inspect_model(path, fmt, architecture, declared))
     if inputs is None:
         return None
     trial_folder = folder / f"trial-{key.replace(':', '-')}"
     trial_folder.mkdir(exist_ok=True)
-    results = run_trials(TrialRequest(str(path), fmt, architecture, inputs, (key,)), trial_folder)
+    request = TrialRequest(str(path), fmt, architecture, inputs, (key,), constants or None)
+    results = run_trials(request, trial_folder)
     return None if read_progress(trial_folder)[2] else results[key]
 
 
@@ -295,7 +302,7 @@ def _child(name: str, form: str, scratch: str, schemes: list[str]) -> None:
     torch.set_num_threads(1)
     entry = zoo.build(name)
     folder = Path(tempfile.mkdtemp(prefix=f"{name}-{form}-", dir=scratch))
-    upload = _upload(entry, folder, form)
+    upload = save_upload(entry, folder, form)
     fmt = upload[1]
 
     def say(scheme: str, **fields: Any) -> None:

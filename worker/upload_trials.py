@@ -27,10 +27,12 @@ def try_schemes(
     declared_inputs: list[dict[str, Any]] | None,
     inspection: dict[str, Any],
     isolation: str,
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """{"results": {"method:scheme": {...}}} for the trials that ran, or {"skipped": why none did}.
 
-    `fetch_model(folder)` puts the upload into a sandbox's folder and returns its model reference.
+    `fetch_model(folder)` puts the upload into a sandbox's folder and returns its model reference;
+    `forward_kwargs` are the constant arguments declared with the upload.
     """
     inputs = trial_inputs(declared_inputs, inspection)
     if inputs is None:
@@ -42,7 +44,7 @@ def try_schemes(
     limits = slot_limits(wall_seconds=TRIALS_WALL_SECONDS)
     while remaining:
         with sandbox_slot(f"trial-{model_id}-{len(results)}", limits) as (scratch, warm):
-            request = dict(fetch_model(scratch), inputs=inputs, schemes=remaining)
+            request = dict(fetch_model(scratch), inputs=inputs, forward_kwargs=forward_kwargs, schemes=remaining)
             outcome = run_sandboxed("trial", request, scratch, limits, isolation=isolation, warm=warm)
             done, trying, skipped = read_progress(scratch)
         if skipped:

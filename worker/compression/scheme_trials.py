@@ -40,10 +40,19 @@ class TrialRequest:
     architecture: dict[str, Any] | None
     inputs: list[dict[str, Any]]
     schemes: tuple[str, ...] = ALL_TRIALS
+    # constant non-tensor arguments of forward, declared with the upload
+    forward_kwargs: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrialRequest:
-        return cls(data["path"], data["format"], data.get("architecture"), data["inputs"], tuple(data["schemes"]))
+        return cls(
+            data["path"],
+            data["format"],
+            data.get("architecture"),
+            data["inputs"],
+            tuple(data["schemes"]),
+            data.get("forward_kwargs"),
+        )
 
 
 def run_trials(request: TrialRequest, scratch: Path) -> dict[str, dict[str, Any]]:
@@ -51,7 +60,7 @@ def run_trials(request: TrialRequest, scratch: Path) -> dict[str, dict[str, Any]
     from worker.compression import breadcrumbs
 
     results: dict[str, dict[str, Any]] = {}
-    calibration = _calibration(request.inputs, scratch)
+    calibration = _calibration(request.inputs, request.forward_kwargs, scratch)
     if (problem := _does_not_run(request, calibration)) is not None:
         # every trial would fail the same way, which says nothing about the schemes: nothing is refused
         write_progress(scratch, {}, trying=None, skipped=problem)
@@ -80,6 +89,7 @@ def try_scheme(
             stages=[StageSpec(method, scheme, dict(options)).to_config()],
             artifact_path=str(Path(folder) / "artifact"),
             inputs=request.inputs,
+            forward_kwargs=request.forward_kwargs,
             dataset_path=str(calibration),
             threads=1,
             latency_budget_s=TRIAL_LATENCY_BUDGET_S,
@@ -109,7 +119,7 @@ def _does_not_run(request: TrialRequest, calibration: Path) -> str | None:
     from worker.compression.io import load_dataset, load_model
 
     model, _ = load_model(Path(request.path), request.format, request.architecture)
-    data = load_dataset(calibration, Signature.from_request(request.inputs, None))
+    data = load_dataset(calibration, Signature.from_request(request.inputs, None, request.forward_kwargs))
     try:
         with torch.inference_mode():
             call_model(model, data.inputs[:2])
@@ -118,11 +128,11 @@ def _does_not_run(request: TrialRequest, calibration: Path) -> str | None:
     return None
 
 
-def _calibration(inputs: list[dict[str, Any]], scratch: Path) -> Path:
+def _calibration(inputs: list[dict[str, Any]], constants: dict[str, Any] | None, scratch: Path) -> Path:
     """TRIAL_SAMPLES seeded samples of the declared inputs, as a dataset of named arrays."""
     from worker.compression.inputs import ModelInputs, Signature, make_example
 
-    signature = Signature.from_request(inputs, None)
+    signature = Signature.from_request(inputs, None, constants)
     assert signature is not None
     example = make_example(signature, batch=TRIAL_SAMPLES, seed=1)
     tensors = example.tensors if isinstance(example, ModelInputs) else (example,)
