@@ -438,8 +438,8 @@ def _first_export() -> None:
     """torch.export of a tiny model made here, with a dynamic batch as the engine exports artifacts, saved,
     loaded back (in memory) and run. Exported programs are the default artifact of eager models, so most jobs end
     on this path, and its first call in a process imports torch.export's tracer and AOTAutograd and fills
-    sympy's caches for the symbolic batch: about 0.6 s of the service benchmark's ~10 s job (1 s of CPU on a
-    loaded 2-core box), paid after training, on the job's wall time, had the warm child not paid it here."""
+    sympy's caches for the symbolic batch: 0.8 s of CPU measured here (0.1 s once paid), which the service
+    benchmark's job paid after training, on its wall time, where the in-process run had paid it before."""
     import io
 
     import torch
