@@ -380,7 +380,8 @@ def _prepare_crash_report(scratch: Path) -> None:
 # Imported by the engine only on first use, yet by most jobs that train or export: torch.optim's first
 # optimizer and torch.export import torch._dynamo (1.6 s of a 2.2 s small distillation job measured in a fresh
 # child, more on a loaded box). A warm child pays for them before its job exists. The method modules that
-# worker.compression.handlers imports when a stage runs follow (about 0.1 s together, no extension loading).
+# worker.compression.handlers imports when a stage runs follow (about 0.1 s together, no extension loading),
+# and the upload trials' runner (warm children serve trials too).
 PREWARM_MODULES = (
     "torch._dynamo",
     "torch.export",
@@ -392,6 +393,7 @@ PREWARM_MODULES = (
     "worker.compression.search",
     "worker.compression.codebook",
     "worker.compression.sensitivity",
+    "worker.compression.scheme_trials",
 )
 
 
