@@ -58,6 +58,10 @@ _SIMPLE_CALLS: dict[Any, Callable[..., Any]] = {
     _aten.transpose.int: torch.transpose,
     _aten.add.Tensor: operator.add,
     _aten.mul.Tensor: operator.mul,
+    # torch.arange takes a size that torch.jit.trace holds as a tensor; the aten overloads refuse it
+    _aten.arange.default: torch.arange,
+    _aten.arange.start: torch.arange,
+    _aten.arange.start_step: torch.arange,
 }
 
 
@@ -126,6 +130,9 @@ def lift_graph(
         graph._codegen = copy.deepcopy(graph_module.graph._codegen)
     env: dict[fx.Node, Any] = {}
     lifted: dict[tuple[str, ...], str] = {}  # targets of the parameters -> submodule name
+    # a tensor other ops read too (GPT-2's LM head weight, tied to the token embedding) stays where it is:
+    # once inside a layer, quantization would swap it for packed int8 and the embedding lose its weight
+    shared = _read_by_other_ops(graph_module, layer_norm, addmm=translate_ops)
 
     def arg(value: Any) -> Any:
         return fx.node.map_arg(value, lambda node: env[node])
@@ -143,12 +150,15 @@ def lift_graph(
                 continue  # shape guards of the export; nothing reads them
             raise EngineError(f"unexpected submodule call {node.target!r} in the exported graph")
         elif node.op == "call_function":
-            layer = _layer_parameters(node, layer_norm)
+            layer = _layer_parameters(node, layer_norm, addmm=translate_ops)
             if layer is not None and sole_owners_only and _sole_owner(graph_module, layer, uses) is None:
+                layer = None
+            if layer is not None and any(t is not None and t.target in shared for t in layer.values()):
                 layer = None
             if layer is not None:
                 name = _lift(graph_module, root, node, lifted, layer)
-                env[node] = graph.call_module(name, (arg(node.args[0]),))
+                source = node.args[1] if node.target is _aten.addmm.default else node.args[0]
+                env[node] = graph.call_module(name, (arg(source),))
             elif flatten_reshapes and node.target in _RESHAPE_OPS and _flattens_to_batch(node):
                 env[node] = graph.call_function(_aten.flatten.using_ints, (arg(node.args[0]), 1))
             elif translate_ops:
@@ -182,8 +192,12 @@ def lift_graph(
     return rebuilt.eval()
 
 
-def _layer_parameters(node: fx.Node, layer_norm: bool) -> dict[str, fx.Node | None] | None:
-    """The stored tensors a liftable layer op reads, by the nn module's attribute name; None if it is none."""
+def _layer_parameters(node: fx.Node, layer_norm: bool, addmm: bool = False) -> dict[str, fx.Node | None] | None:
+    """The stored tensors a liftable layer op reads, by the nn module's attribute name; None if it is none.
+
+    `addmm`: `addmm(bias, x, weight)` on stored tensors (Hugging Face's Conv1D, GPT-2's projections)
+    is a Linear whose weight is the transpose.
+    """
     target = node.target
     args: list[Any] = list(node.args) + [None] * 9
     kwargs: dict[str, Any] = dict(node.kwargs)
@@ -196,6 +210,8 @@ def _layer_parameters(node: fx.Node, layer_norm: bool) -> dict[str, fx.Node | No
             return None
     elif target is _aten.layer_norm.default and layer_norm:
         tensors = {"weight": args[2], "bias": args[3]}
+    elif target is _aten.addmm.default and addmm and not kwargs:
+        tensors = {"weight": args[2], "bias": args[0]}
     else:
         return None
     if tensors["weight"] is None and target is not _aten.batch_norm.default:
@@ -204,6 +220,19 @@ def _layer_parameters(node: fx.Node, layer_norm: bool) -> dict[str, fx.Node | No
         if value is not None and not (isinstance(value, fx.Node) and value.op == "get_attr"):
             return None  # computed, not stored, parameters stay an aten call
     return tensors
+
+
+def _read_by_other_ops(graph_module: fx.GraphModule, layer_norm: bool, addmm: bool) -> set[str]:
+    """Stored tensors some op reads other than as a liftable layer's parameter (an embedding, a matmul)."""
+    others: set[str] = set()
+    for node in graph_module.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        for user in node.users:
+            tensors = _layer_parameters(user, layer_norm, addmm) if user.op == "call_function" else None
+            if tensors is None or node not in tensors.values():
+                others.add(str(node.target))
+    return others
 
 
 def _sole_owner(root: fx.GraphModule, tensors: dict[str, fx.Node | None], uses: dict[str, int]) -> str | None:
@@ -280,6 +309,9 @@ def _make_layer(node: fx.Node, values: dict[str, Any]) -> nn.Module:
     module: nn.Module
     if target is _aten.linear.default:
         module = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in values, device="meta")
+    elif target is _aten.addmm.default:
+        module = nn.Linear(weight.shape[0], weight.shape[1], bias="bias" in values, device="meta")
+        values = {**values, "weight": weight.detach().t()}  # a view: the stored weight is not copied
     elif target in _CONV_OPS:
         names = ("stride", "padding", "dilation", "groups")
         conv_args = {k: kwargs.get(k, v) for k, v in zip(names, args[3:7]) if kwargs.get(k, v)}
@@ -413,6 +445,26 @@ def _unflatten_output(source: fx.GraphModule, leaves: list[Any]) -> Any:
         return tuple(leaves)
     if spec.is_leaf():
         return leaves[0]
+    if _is_mapping_spec(spec):
+        return _rebuild_mapping(spec, iter(leaves))
+    raise EngineError(f"exported models returning a {spec.type.__name__} are not supported; return tensors")
+
+
+def _is_mapping_spec(spec: Any) -> bool:
+    """A dict output, or a dict subclass such as transformers' ModelOutput (its context: the keys)."""
+    return isinstance(spec.type, type) and issubclass(spec.type, dict) and isinstance(spec.context, list)
+
+
+def _rebuild_mapping(spec: Any, leaves: Any) -> Any:
+    """The output as a plain dict keyed like the exported one (a ModelOutput becomes the dict of its
+    fields: an fx graph cannot build the class, and tracers and fidelity read a dict by the same names)."""
+    if spec.is_leaf():
+        return next(leaves)
+    children = [_rebuild_mapping(child, leaves) for child in spec.children()]
+    if _is_mapping_spec(spec):
+        return dict(zip(spec.context, children))
+    if spec.type in (tuple, list):
+        return tuple(children)
     raise EngineError(f"exported models returning a {spec.type.__name__} are not supported; return tensors")
 
 
