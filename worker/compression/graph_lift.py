@@ -386,7 +386,9 @@ def _translate_call(graph: fx.Graph, node: fx.Node, arg: Callable[[Any], Any]) -
         if len(args) > 2 and not args[2]:
             args[2] = None  # aten's empty stride means "same as the kernel"
         return graph.call_function(pool, tuple(arg(args)))
-    if target in (_aten.add.Tensor, _aten.mul.Tensor) and kwargs:
+    if target in (_aten.add.Tensor, _aten.mul.Tensor) and (kwargs or not _is_floating(node)):
+        # FX quantization observes operator.add / mul: on integer tensors (index arithmetic of a
+        # converted TorchScript graph) its histogram observers fail, so those stay aten calls
         return graph.call_function(target, arg(node.args), arg(kwargs))
     if target in _SIMPLE_CALLS:
         return graph.call_function(_SIMPLE_CALLS[target], arg(node.args), arg(kwargs))
@@ -487,6 +489,12 @@ def _flattens_to_batch(node: fx.Node) -> bool:
         return bool(statically_known_true(before.shape[0] == after.shape[0]))
     except Exception:
         return False
+
+
+def _is_floating(node: fx.Node) -> bool:
+    """Whether the node computes a floating tensor (True when the graph does not say)."""
+    value = node.meta.get("val")
+    return not isinstance(value, Tensor) or value.is_floating_point()
 
 
 def _rank(node: Any) -> int | None:

@@ -11,7 +11,14 @@ from torch import nn
 
 from worker.compression.base import EngineError, StageContext
 from worker.compression.graph_lift import _replace_submodule, torch_level_module
-from worker.compression.inputs import Batch, ModelInputs, call_model, map_floating, select_output
+from worker.compression.inputs import (
+    Batch,
+    ModelInputs,
+    call_model,
+    map_floating,
+    select_output,
+    torchscript_to_graph,
+)
 from worker.compression.quantization.plan import _Done, _model_device, _require_targets, plan_layers
 
 # --------------------------------------------------------------------------- fp16 / bf16
@@ -61,7 +68,13 @@ def _half_precision(dtype: torch.dtype) -> Callable[[nn.Module, dict[str, Any], 
 def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx: StageContext) -> _Done:
     scheme = "fp16" if dtype == torch.float16 else "bf16"
     out_dtype = _output_dtype(model, ctx.example_input)
-    if ctx.kind == "graph" and (options.get("skip_layers") or options.get("keep_first_last_float")):
+    kind, info = ctx.kind, {"dtype": str(dtype).removeprefix("torch.")}
+    example = ctx.example_input
+    if kind == "torchscript" and isinstance(example, ModelInputs) and not example.kwargs:
+        # a script wrapper takes one tensor; several (token ids and a mask) go through an exported program
+        model, kind = torchscript_to_graph(model, ctx.signature, example), "graph"
+        info["converted"] = "TorchScript -> exported program (torch._export.converter.TS2EPConverter)"
+    if kind == "graph" and (options.get("skip_layers") or options.get("keep_first_last_float")):
         model = torch_level_module(model)  # skipped layers need to be submodule calls to be wrapped
     candidates = [
         name
@@ -70,7 +83,7 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
     ]
     plan = plan_layers(candidates, options)
     _require_targets(plan, candidates, "layers with floating-point parameters", scheme)
-    if ctx.kind == "torchscript":
+    if kind == "torchscript":
         if plan.skipped:
             raise EngineError(
                 f"{scheme}: skip_layers is not supported for TorchScript models "
@@ -89,11 +102,43 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
             # Skipped layers stay float32 and talk to their half-precision neighbours through casts.
             module = converted.get_submodule(name)
             _replace_submodule(converted, name, CastWrapper(module.float(), torch.float32, dtype))
+        if kind == "graph":
+            _retarget_float32(converted, dtype)
         wrapped = CastWrapper(converted, dtype, out_dtype)
     if not any(_has_dtype(converted, name, dtype) for name in plan.targets):
         raise EngineError(f"{scheme} changed no parameter to {dtype}")
     _run_or_explain(wrapped, ctx.example_input, scheme)
-    return _Done(wrapped.eval(), ctx.kind, plan, {"dtype": str(dtype).removeprefix("torch.")})
+    return _Done(wrapped.eval(), kind, plan, info)
+
+
+def _retarget_float32(graph_module: nn.Module, dtype: torch.dtype) -> None:
+    """An exported graph spells out the float32 of its trace: `to(dtype=float32)` casts and dtype
+    asserts (Hugging Face casts the position embeddings to the model's dtype). Run in `dtype`, those
+    casts go to `dtype`, as the eager code would cast to its half-precision dtype, and the asserts go."""
+    import torch.fx as fx
+
+    if not isinstance(graph_module, fx.GraphModule):
+        return
+    aten = torch.ops.aten
+    changed = False
+    for node in list(graph_module.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if (
+            node.target is aten._assert_tensor_metadata.default
+            and node.kwargs.get("dtype") == torch.float32
+            and not node.users
+        ):
+            graph_module.graph.erase_node(node)
+            changed = True
+        elif node.target in (aten.to.dtype_layout, aten._to_copy.default) and node.kwargs.get("dtype") == torch.float32:
+            node.kwargs = {**node.kwargs, "dtype": dtype}
+            changed = True
+        elif node.target is aten.to.dtype and len(node.args) > 1 and node.args[1] == torch.float32:
+            node.args = (node.args[0], dtype, *node.args[2:])
+            changed = True
+    if changed:
+        graph_module.recompile()
 
 
 def _has_dtype(model: nn.Module, name: str, dtype: torch.dtype) -> bool:
