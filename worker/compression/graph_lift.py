@@ -162,7 +162,7 @@ def lift_graph(
             elif flatten_reshapes and node.target in _RESHAPE_OPS and _flattens_to_batch(node):
                 env[node] = graph.call_function(_aten.flatten.using_ints, (arg(node.args[0]), 1))
             elif translate_ops:
-                env[node] = _translate_call(graph, node, arg)
+                env[node] = _translate_call(graph, node, arg, graph_module)
             else:
                 env[node] = graph.call_function(node.target, arg(node.args), arg(dict(node.kwargs)))
             if keep_export_form:
@@ -373,7 +373,7 @@ def _refuse_unlifted_parameters(graph: fx.Graph, root: nn.Module) -> None:
         )
 
 
-def _translate_call(graph: fx.Graph, node: fx.Node, arg: Callable[[Any], Any]) -> Any:
+def _translate_call(graph: fx.Graph, node: fx.Node, arg: Callable[[Any], Any], source: nn.Module) -> Any:
     target = node.target
     assert callable(target)  # a call_function node's target is the function
     kwargs = dict(node.kwargs)
@@ -386,9 +386,10 @@ def _translate_call(graph: fx.Graph, node: fx.Node, arg: Callable[[Any], Any]) -
         if len(args) > 2 and not args[2]:
             args[2] = None  # aten's empty stride means "same as the kernel"
         return graph.call_function(pool, tuple(arg(args)))
-    if target in (_aten.add.Tensor, _aten.mul.Tensor) and (kwargs or not _is_floating(node)):
-        # FX quantization observes operator.add / mul: on integer tensors (index arithmetic of a
-        # converted TorchScript graph) its histogram observers fail, so those stay aten calls
+    if target in (_aten.add.Tensor, _aten.mul.Tensor) and (kwargs or not _float32_operands(node, source)):
+        # FX quantization observes operator.add / mul and quantizes their operands: integer index
+        # arithmetic or a float64 constant (a converted TorchScript graph's attention scale) would
+        # fail there, so those stay aten calls and run in float
         return graph.call_function(target, arg(node.args), arg(kwargs))
     if target in _SIMPLE_CALLS:
         return graph.call_function(_SIMPLE_CALLS[target], arg(node.args), arg(kwargs))
@@ -491,10 +492,14 @@ def _flattens_to_batch(node: fx.Node) -> bool:
         return False
 
 
-def _is_floating(node: fx.Node) -> bool:
-    """Whether the node computes a floating tensor (True when the graph does not say)."""
-    value = node.meta.get("val")
-    return not isinstance(value, Tensor) or value.is_floating_point()
+def _float32_operands(node: fx.Node, source: nn.Module) -> bool:
+    """Whether every tensor the node computes or reads is float32 (as far as the graph says)."""
+    values = [node.meta.get("val")]
+    for operand in node.args:
+        if isinstance(operand, fx.Node):
+            stored = operand.op == "get_attr" and isinstance(operand.target, str)
+            values.append(_fetch(source, operand.target) if stored else operand.meta.get("val"))
+    return all(value.dtype == torch.float32 for value in values if isinstance(value, Tensor))
 
 
 def _rank(node: Any) -> int | None:
