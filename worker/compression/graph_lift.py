@@ -58,10 +58,6 @@ _SIMPLE_CALLS: dict[Any, Callable[..., Any]] = {
     _aten.transpose.int: torch.transpose,
     _aten.add.Tensor: operator.add,
     _aten.mul.Tensor: operator.mul,
-    # torch.arange takes a size that torch.jit.trace holds as a tensor; the aten overloads refuse it
-    _aten.arange.default: torch.arange,
-    _aten.arange.start: torch.arange,
-    _aten.arange.start_step: torch.arange,
 }
 
 
@@ -130,9 +126,6 @@ def lift_graph(
         graph._codegen = copy.deepcopy(graph_module.graph._codegen)
     env: dict[fx.Node, Any] = {}
     lifted: dict[tuple[str, ...], str] = {}  # targets of the parameters -> submodule name
-    # a tensor other ops read too (GPT-2's LM head weight, tied to the token embedding) stays where it is:
-    # once inside a layer, quantization would swap it for packed int8 and the embedding lose its weight
-    shared = _read_by_other_ops(graph_module, layer_norm, addmm=translate_ops)
 
     def arg(value: Any) -> Any:
         return fx.node.map_arg(value, lambda node: env[node])
@@ -153,8 +146,6 @@ def lift_graph(
             layer = _layer_parameters(node, layer_norm, addmm=translate_ops)
             if layer is not None and sole_owners_only and _sole_owner(graph_module, layer, uses) is None:
                 layer = None
-            if layer is not None and any(t is not None and t.target in shared for t in layer.values()):
-                layer = None
             if layer is not None:
                 name = _lift(graph_module, root, node, lifted, layer)
                 source = node.args[1] if node.target is _aten.addmm.default else node.args[0]
@@ -162,7 +153,7 @@ def lift_graph(
             elif flatten_reshapes and node.target in _RESHAPE_OPS and _flattens_to_batch(node):
                 env[node] = graph.call_function(_aten.flatten.using_ints, (arg(node.args[0]), 1))
             elif translate_ops:
-                env[node] = _translate_call(graph, node, arg, graph_module)
+                env[node] = _translate_call(graph, node, arg)
             else:
                 env[node] = graph.call_function(node.target, arg(node.args), arg(dict(node.kwargs)))
             if keep_export_form:
@@ -177,6 +168,7 @@ def lift_graph(
             raise EngineError(f"unsupported node {node.op} in the exported graph")
     rebuilt = fx.GraphModule(root, graph, class_name="TorchLevelModule")
     rebuilt.graph.eliminate_dead_code()  # the get_attr nodes of lifted parameters (needs the owning module)
+    _detach_shared_reads(rebuilt, set(lifted.values()))
     # Copied again once they are gone: parameters now held by a lifted layer do not stay a second time
     # under their old names, and submodules are registered in the order the forward calls them (the
     # last one is the classifier that select_layers leaves out).
@@ -192,17 +184,45 @@ def lift_graph(
     return rebuilt.eval()
 
 
+def _detach_shared_reads(rebuilt: fx.GraphModule, layers: set[str]) -> None:
+    """Point get_attr reads of a lifted layer's tensors at a root attribute holding the same tensor.
+
+    A tied weight (GPT-2's LM head and token embedding) becomes the Linear layer, yet the
+    embedding still reads it as `transformer.wte.weight`; once quantization swaps the layer that
+    name is a packed int8 module's method. Read from the root, the embedding keeps the float tensor.
+    """
+    for node in rebuilt.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        owner, _, attribute = str(node.target).rpartition(".")
+        if owner not in layers:
+            continue
+        flat = str(node.target).replace(".", "_")
+        while hasattr(rebuilt, flat) and _fetch(rebuilt, flat) is not _fetch(rebuilt, str(node.target)):
+            flat += "_"
+        value = _fetch(rebuilt, str(node.target))
+        if isinstance(value, nn.Parameter):
+            rebuilt.register_parameter(flat, value)
+        else:
+            rebuilt.register_buffer(flat, value)
+        node.target = flat
+
+
 def _layer_parameters(node: fx.Node, layer_norm: bool, addmm: bool = False) -> dict[str, fx.Node | None] | None:
     """The stored tensors a liftable layer op reads, by the nn module's attribute name; None if it is none.
 
-    `addmm`: `addmm(bias, x, weight)` on stored tensors (Hugging Face's Conv1D, GPT-2's projections)
-    is a Linear whose weight is the transpose.
+    With `addmm`, `addmm(bias, x, weight)` on stored tensors (Hugging Face's Conv1D, GPT-2's
+    projections) is a layer too: the nn.Linear it computes, its weight transposed.
     """
     target = node.target
     args: list[Any] = list(node.args) + [None] * 9
     kwargs: dict[str, Any] = dict(node.kwargs)
     tensors: dict[str, Any]
-    if target is _aten.linear.default or target in _CONV_OPS:
+    if target is _aten.addmm.default:
+        if not addmm or kwargs or not _is_matrix(args[2]) or not _is_matrix(args[1]):
+            return None
+        tensors = {"weight": args[2], "bias": args[0]}
+    elif target is _aten.linear.default or target in _CONV_OPS:
         tensors = {"weight": args[1], "bias": args[2] if args[2] is not None else kwargs.get("bias")}
     elif target is _aten.batch_norm.default and not args[5]:  # eval mode only: training updates the stats
         tensors = {"weight": args[1], "bias": args[2], "running_mean": args[3], "running_var": args[4]}
@@ -210,8 +230,6 @@ def _layer_parameters(node: fx.Node, layer_norm: bool, addmm: bool = False) -> d
             return None
     elif target is _aten.layer_norm.default and layer_norm:
         tensors = {"weight": args[2], "bias": args[3]}
-    elif target is _aten.addmm.default and addmm and not kwargs:
-        tensors = {"weight": args[2], "bias": args[0]}
     else:
         return None
     if tensors["weight"] is None and target is not _aten.batch_norm.default:
@@ -220,19 +238,6 @@ def _layer_parameters(node: fx.Node, layer_norm: bool, addmm: bool = False) -> d
         if value is not None and not (isinstance(value, fx.Node) and value.op == "get_attr"):
             return None  # computed, not stored, parameters stay an aten call
     return tensors
-
-
-def _read_by_other_ops(graph_module: fx.GraphModule, layer_norm: bool, addmm: bool) -> set[str]:
-    """Stored tensors some op reads other than as a liftable layer's parameter (an embedding, a matmul)."""
-    others: set[str] = set()
-    for node in graph_module.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        for user in node.users:
-            tensors = _layer_parameters(user, layer_norm, addmm) if user.op == "call_function" else None
-            if tensors is None or node not in tensors.values():
-                others.add(str(node.target))
-    return others
 
 
 def _sole_owner(root: fx.GraphModule, tensors: dict[str, fx.Node | None], uses: dict[str, int]) -> str | None:
@@ -307,11 +312,12 @@ def _make_layer(node: fx.Node, values: dict[str, Any]) -> nn.Module:
     kwargs: dict[str, Any] = dict(node.kwargs)
     weight: Any = values.get("weight")
     module: nn.Module
-    if target is _aten.linear.default:
-        module = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in values, device="meta")
-    elif target is _aten.addmm.default:
+    if target is _aten.addmm.default:
+        # Conv1D stores [in, out]; the copy is the only one the lifted module keeps
+        values = {**values, "weight": weight.detach().t().contiguous()}
         module = nn.Linear(weight.shape[0], weight.shape[1], bias="bias" in values, device="meta")
-        values = {**values, "weight": weight.detach().t()}  # a view: the stored weight is not copied
+    elif target is _aten.linear.default:
+        module = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in values, device="meta")
     elif target in _CONV_OPS:
         names = ("stride", "padding", "dilation", "groups")
         conv_args = {k: kwargs.get(k, v) for k, v in zip(names, args[3:7]) if kwargs.get(k, v)}
@@ -373,7 +379,7 @@ def _refuse_unlifted_parameters(graph: fx.Graph, root: nn.Module) -> None:
         )
 
 
-def _translate_call(graph: fx.Graph, node: fx.Node, arg: Callable[[Any], Any], source: nn.Module) -> Any:
+def _translate_call(graph: fx.Graph, node: fx.Node, arg: Callable[[Any], Any]) -> Any:
     target = node.target
     assert callable(target)  # a call_function node's target is the function
     kwargs = dict(node.kwargs)
@@ -386,14 +392,47 @@ def _translate_call(graph: fx.Graph, node: fx.Node, arg: Callable[[Any], Any], s
         if len(args) > 2 and not args[2]:
             args[2] = None  # aten's empty stride means "same as the kernel"
         return graph.call_function(pool, tuple(arg(args)))
-    if target in (_aten.add.Tensor, _aten.mul.Tensor) and (kwargs or not _float32_operands(node, source)):
-        # FX quantization observes operator.add / mul and quantizes their operands: integer index
-        # arithmetic or a float64 constant (a converted TorchScript graph's attention scale) would
-        # fail there, so those stay aten calls and run in float
+    if target in (_aten.add.Tensor, _aten.mul.Tensor) and kwargs:
         return graph.call_function(target, arg(node.args), arg(kwargs))
     if target in _SIMPLE_CALLS:
         return graph.call_function(_SIMPLE_CALLS[target], arg(node.args), arg(kwargs))
+    if _takes_computed_sizes(node):
+        # torch.jit.trace records a size read off a tensor only where a torch function or tensor
+        # method receives it; an aten overload called directly gets a plain int, and the trace
+        # would keep the example's size (an expand to the class token's batch of 1)
+        method = _tensor_method(target)
+        if method is not None:
+            return graph.call_method(method, arg(node.args), arg(kwargs))
+        function = _torch_function(target)
+        if function is not None:
+            return graph.call_function(function, arg(node.args), arg(kwargs))
     return graph.call_function(target, arg(node.args), arg(kwargs))
+
+
+def _tensor_method(target: Any) -> str | None:
+    """The Tensor method an aten overload is (aten.expand.default -> "expand"), if there is one."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    name = target.overloadpacket.__name__
+    schema = target._schema
+    takes_self = bool(schema.arguments) and schema.arguments[0].name == "self"
+    return name if takes_self and hasattr(Tensor, name) else None
+
+
+def _torch_function(target: Any) -> Callable[..., Any] | None:
+    """The torch function an aten factory overload is (aten.arange.default -> torch.arange), if there is one."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+        return None
+    function = getattr(torch, target.overloadpacket.__name__, None)
+    return function if callable(function) else None
+
+
+def _takes_computed_sizes(node: fx.Node) -> bool:
+    """Whether an argument of `node` (or an element of a list argument) is a size computed in the graph."""
+    values: list[Any] = []
+    for value in [*node.args, *node.kwargs.values()]:
+        values.extend(value if isinstance(value, (list, tuple)) else [value])
+    return any(isinstance(v, fx.Node) and not isinstance(v.meta.get("val"), Tensor) for v in values)
 
 
 def _fetch(source: nn.Module, target: str) -> Any:
@@ -448,26 +487,16 @@ def _unflatten_output(source: fx.GraphModule, leaves: list[Any]) -> Any:
         return tuple(leaves)
     if spec.is_leaf():
         return leaves[0]
-    if _is_mapping_spec(spec):
-        return _rebuild_mapping(spec, iter(leaves))
-    raise EngineError(f"exported models returning a {spec.type.__name__} are not supported; return tensors")
-
-
-def _is_mapping_spec(spec: Any) -> bool:
-    """A dict output, or a dict subclass such as transformers' ModelOutput (its context: the keys)."""
-    return isinstance(spec.type, type) and issubclass(spec.type, dict) and isinstance(spec.context, list)
-
-
-def _rebuild_mapping(spec: Any, leaves: Any) -> Any:
-    """The output as a plain dict keyed like the exported one (a ModelOutput becomes the dict of its
-    fields: an fx graph cannot build the class, and tracers and fidelity read a dict by the same names)."""
-    if spec.is_leaf():
-        return next(leaves)
-    children = [_rebuild_mapping(child, leaves) for child in spec.children()]
-    if _is_mapping_spec(spec):
-        return dict(zip(spec.context, children))
-    if spec.type in (tuple, list):
-        return tuple(children)
+    keys = spec.context
+    if (
+        isinstance(keys, (list, tuple))
+        and len(keys) == len(leaves)
+        and all(isinstance(key, str) for key in keys)
+        and all(child.is_leaf() for child in spec.children_specs)
+    ):
+        # a dict of tensors (a Hugging Face ModelOutput): a plain dict, which FX, torch.jit.trace and
+        # the engine's output selection all take
+        return dict(zip(keys, leaves))
     raise EngineError(f"exported models returning a {spec.type.__name__} are not supported; return tensors")
 
 
@@ -492,14 +521,9 @@ def _flattens_to_batch(node: fx.Node) -> bool:
         return False
 
 
-def _float32_operands(node: fx.Node, source: nn.Module) -> bool:
-    """Whether every tensor the node computes or reads is float32 (as far as the graph says)."""
-    values = [node.meta.get("val")]
-    for operand in node.args:
-        if isinstance(operand, fx.Node):
-            stored = operand.op == "get_attr" and isinstance(operand.target, str)
-            values.append(_fetch(source, operand.target) if stored else operand.meta.get("val"))
-    return all(value.dtype == torch.float32 for value in values if isinstance(value, Tensor))
+def _is_matrix(node: Any) -> bool:
+    """Whether `node` is known to be a 2-D tensor (addmm's bias may broadcast; its operands may not)."""
+    return _rank(node) == 2
 
 
 def _rank(node: Any) -> int | None:

@@ -377,11 +377,12 @@ def torchscript_to_graph(model: nn.Module, signature: Signature | None, inputs: 
     except Exception as error:
         raise EngineError(
             f"this TorchScript model could not be converted to an exported program "
-            f"(torch._export.converter.TS2EPConverter): {_last_line(error)}; upload it as an "
+            f"(torch._export.converter.TS2EPConverter): {_converter_failure(error)}; upload it as an "
             "exported program (torch.export.save) or a state_dict with its architecture"
         ) from error
     graph = program.module()
     _name_convolutions(graph)
+    _inline_scalar_constants(graph)
     _restore_parameters(graph, {name for name, _ in model.named_parameters()})
     try:
         with torch.no_grad():
@@ -410,6 +411,55 @@ def _restore_parameters(graph: nn.Module, names: set[str]) -> None:
             continue
         del owner._buffers[leaf]
         owner.register_parameter(leaf, nn.Parameter(value, requires_grad=True))
+
+
+def _converter_failure(error: BaseException) -> str:
+    """The op the converter stopped at and why, from its error (whose last line is advice on logging)."""
+    text = str(error)
+    where = re.search(r"While executing %\S+ : .*?target=(?:torch\.ops\.)?([\w.]+)\]", text)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
+    if where is None:
+        return _last_line(error)
+    reason = "a size computed from tensor values" if "data-dependent" in first else first[:200]
+    return f"{where.group(1)} takes {reason}"
+
+
+def _inline_scalar_constants(graph: nn.Module) -> None:
+    """Put the converter's 0-dim double constants back as the Python numbers they were written as.
+
+    TorchScript keeps `x * 0.5` as a multiplication by a float64 0-dim tensor (GPT-2's GELU has
+    four); as a tensor operand, static int8 observes and quantizes it, and int8 has no double.
+    """
+    import torch.fx as fx
+
+    if not isinstance(graph, fx.GraphModule):
+        return
+    aten = torch.ops.aten
+    arithmetic = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
+    changed = False
+    for node in graph.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = graph
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        if not isinstance(value, Tensor) or isinstance(value, nn.Parameter) or value.dim() != 0:
+            continue
+        if value.dtype != torch.float64:
+            continue
+        for user in list(node.users):
+            # only as the second operand: the first is the tensor the result takes its dtype from
+            if (
+                user.op == "call_function"
+                and user.target in arithmetic
+                and user.args[1:2] == (node,)
+                and not user.kwargs
+            ):
+                user.args = (user.args[0], float(value), *user.args[2:])
+                changed = True
+    if changed:
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
 
 
 def _name_convolutions(graph: nn.Module) -> None:

@@ -16,7 +16,18 @@ from torch import nn
 from worker.compression import breadcrumbs
 from worker.compression.archive_check import load_exported_program
 from worker.compression.base import Dataset, EngineError, ModelKind
-from worker.compression.inputs import Batch, ModelInputs, Signature, as_call, export_program, export_within_model_bounds
+from worker.compression.inputs import (
+    Batch,
+    ModelInputs,
+    Signature,
+    as_call,
+    call_model,
+    export_example,
+    export_program,
+    export_within_model_bounds,
+    output_leaves,
+)
+from worker.compression.inputs import _last_line as last_line
 from worker.compression.registry import build_architecture
 
 # Globals a plain state_dict may reference beyond torch's own weights_only allowlist.
@@ -226,15 +237,7 @@ def save_artifact(
         if kind == "torchscript":
             torch.jit.save(model, str(path))
             return
-        with torch.no_grad():
-            try:
-                args, kwargs = as_call(example_input)
-                # tracing records one path through the code: constant arguments are baked in
-                traced = BoundConstants(model, kwargs) if kwargs else model
-                # strict=False: tuple / dict outputs (Hugging Face models) are traced as they are
-                scripted = torch.jit.trace(traced, args, check_trace=False, strict=False)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
-            except Exception as error:
-                raise EngineError(f"the model could not be saved as TorchScript: {error}") from error
+        scripted = _trace(model, example_input, signature)
         torch.jit.save(scripted, str(path))
     elif output_format == "exported_program":
         if kind == "torchscript":
@@ -269,6 +272,62 @@ def save_artifact(
         path.write_bytes(encode(arrays)[0])
     else:
         raise EngineError(f"unknown output format {output_format!r}")
+
+
+def _trace(model: nn.Module, example_input: Batch, signature: Signature | None) -> torch.jit.ScriptModule:
+    """`model` traced to TorchScript on an example whose declared dynamic dimensions are >= 2,
+    checked on `example_input` (another size) against the model itself.
+
+    A trace records the sizes it saw wherever code turns them into plain numbers; at size 1
+    that includes code that tests for 1 (Hugging Face's mask building picks another path for one
+    sequence, indexed by the batch), so the trace is made at size 2 and run once at the other size.
+    """
+    example = export_example(signature, example_input)
+    args, kwargs = as_call(example)
+    with torch.no_grad():
+        try:
+            # tracing records one path through the code: constant arguments are baked in
+            traced = BoundConstants(model, kwargs) if kwargs else model
+            # strict=False: tuple / dict outputs (Hugging Face models) are traced as they are
+            scripted: torch.jit.ScriptModule = torch.jit.trace(traced, args, check_trace=False, strict=False)  # type: ignore[no-untyped-call]  # torch leaves this unannotated
+        except Exception as error:
+            raise EngineError(f"the model could not be saved as TorchScript: {error}") from error
+        if _shapes(example_input) != _shapes(example):
+            _check_trace_generalizes(model, scripted, example_input, len(example))
+    return scripted
+
+
+def _check_trace_generalizes(
+    model: nn.Module, scripted: torch.jit.ScriptModule, other: Batch, traced_batch: int
+) -> None:
+    args, kwargs = as_call(other)
+    try:
+        expected, got = call_model(model, other), scripted(*args)
+        mismatch = _first_mismatch(output_leaves(expected), output_leaves(got))
+    except Exception as error:
+        mismatch = last_line(error)
+    if mismatch:
+        raise EngineError(
+            f"the TorchScript trace of this model (made at batch {traced_batch}) does not run at batch "
+            f"{len(other)}: {mismatch}; the model turns its input sizes into constants that torch.jit.trace "
+            'bakes in, so choose output_format "exported_program" or a scheme that can write one'
+        )
+
+
+def _first_mismatch(expected: list[tuple[str, torch.Tensor]], got: list[tuple[str, torch.Tensor]]) -> str | None:
+    if len(expected) != len(got):
+        return f"it returns {len(got)} tensors instead of {len(expected)}"
+    for (name, a), (_, b) in zip(expected, got):
+        if a.shape != b.shape:
+            return f"output {name} has shape {list(b.shape)} instead of {list(a.shape)}"
+        scale = float(a.float().abs().max()) if a.numel() else 0.0
+        if not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3 * scale):
+            return f"output {name} differs from the model's"
+    return None
+
+
+def _shapes(inputs: Batch) -> list[tuple[int, ...]]:
+    return [tuple(t.shape) for t in as_call(inputs)[0]]
 
 
 def weights_for_saving(model: nn.Module, kind: ModelKind) -> dict[str, torch.Tensor]:

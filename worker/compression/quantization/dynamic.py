@@ -3,6 +3,7 @@ TorchScript."""
 
 from __future__ import annotations
 
+import copy
 import io
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,7 @@ _DYNAMIC_WHAT = "Linear / LSTM / GRU layers"
 def _dynamic_int8_eager(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
     from torch.ao.quantization import float_qparams_weight_only_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
+    model = linears_for_conv1d(model)
     # Exact types: subclasses such as MultiheadAttention's out_proj are not swapped by quantize_dynamic.
     candidates = [name for name, module in model.named_modules() if name and type(module) in _DYNAMIC_TYPES]
     plan = plan_layers(candidates, options)
@@ -46,6 +48,37 @@ def _dynamic_int8_eager(model: nn.Module, options: dict[str, Any], ctx: StageCon
         modules = dict(quantized.named_modules())
         info["quantized_embeddings"] = [name for name in embeddings if _is_quantized_module(modules[name])]
     return _Done(quantized.eval(), "eager", plan, info)
+
+
+def linears_for_conv1d(model: nn.Module) -> nn.Module:
+    """`model`, or a copy in which every Hugging Face `Conv1D` is the `nn.Linear` it computes.
+
+    GPT-2 (and GPT, CTRL ...) hold their attention and MLP weights in transformers' Conv1D,
+    `x @ weight + bias` with the weight stored [in, out]: most of the model, and no type
+    torch.ao knows, so quantize_dynamic would leave all of it float. As nn.Linear (the weight
+    transposed, the same numbers) it is quantized like any other. The caller's model is left as it is.
+    """
+    if not any(_is_hf_conv1d(module) for module in model.modules()):
+        return model
+    model = copy.deepcopy(model)  # keeps tied weights tied
+    for name, module in list(model.named_modules()):
+        if not _is_hf_conv1d(module):
+            continue
+        weight = module.weight.detach()
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None, device=weight.device)
+        linear = linear.to(weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.t())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias.detach())
+        parent_name, _, leaf = name.rpartition(".")
+        model.get_submodule(parent_name).add_module(leaf, linear.train(module.training))
+    return model
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    kind = type(module)
+    return kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers.")
 
 
 def _embedding_targets(model: nn.Module, options: dict[str, Any]) -> list[str]:
@@ -82,6 +115,14 @@ def _dynamic_int8_torchscript(model: nn.Module, options: dict[str, Any], ctx: St
             name: "the TorchScript path (quantize_dynamic_jit) quantizes Linear only"
             for name, kind in kinds.items()
             if kind in ("LSTM", "GRU", "RNN")
+        }
+    )
+    plan.left_float.update(
+        {
+            name: "a Hugging Face Conv1D (an addmm) is no Linear to the TorchScript path (quantize_dynamic_jit); "
+            "an exported program or the save_pretrained folder gets it quantized"
+            for name, kind in kinds.items()
+            if kind == "Conv1D"
         }
     )
     qconfig: dict[str, Any] = {"": per_channel_dynamic_qconfig, **{name: None for name in plan.skipped}}
