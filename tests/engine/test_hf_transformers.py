@@ -24,6 +24,8 @@ from worker.compression.inputs import ModelInputs, Signature, make_example
 from worker.compression.io import save_artifact
 from worker.compression.pipeline import JobRequest, ModelRef, StageSpec, run_job
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SAMPLES = 32
 MIN_SQNR_DB = 25.0
 SQNR_TOLERANCE_DB = 0.5
