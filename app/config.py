@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     sandbox_isolation: str = "bubblewrap"
     # each worker slot keeps one sandboxed child started ahead (torch imported, nothing loaded) for its next job
     warm_sandbox: bool = True
+    # after inspection, each main scheme is tried on an upload whose inputs are known, so that a job of a
+    # scheme that fails on it is refused at submit with the reason (worker/upload_trials.py); off, such jobs
+    # run and fail in the worker with the same sentence
+    upload_trials: bool = True
     # how long the worker keeps retrying its database writes (progress, events, the final result) through
     # an outage before giving the attempt up
     database_outage_tolerance_s: float = 300.0

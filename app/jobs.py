@@ -28,6 +28,7 @@ from modelpress.catalog import (
     SpecError,
     expand_preset,
     resolve_runtime,
+    trial_refusals,
     validate_forward_call,
     validate_stages,
     validate_target,
@@ -69,6 +70,7 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             max_train_devices=max_train_devices(session, job_in.target.device),
             graph_conversion_error=(model.inspection or {}).get("graph_conversion_error"),
             recurrent_graph=bool((model.inspection or {}).get("recurrent_graph")),
+            trial_refusals=trial_refusals(model.inspection),
         )
         if job_in.inputs is not None and job_in.example_input_shape is not None:
             raise SpecError("give inputs or example_input_shape (the one-float-tensor shorthand), not both")
@@ -113,6 +115,9 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             extra_models.append(student["model_id"])
     spec = job_in.model_dump(mode="json")
     spec["inputs"] = inputs
+    # and the constant arguments declared with the model, when it gives none
+    if job_in.forward_kwargs is None and model.forward_kwargs:
+        spec["forward_kwargs"] = model.forward_kwargs
     spec["target"]["runtime"] = runtime
     spec["stages"] = [v.config.as_stage() for v in validated]
     spec["extra_model_ids"] = extra_models

@@ -91,6 +91,27 @@ def parse_inputs(inputs_json: str | None) -> list[dict[str, Any]] | None:
     return as_dicts
 
 
+def parse_forward_kwargs(kwargs_json: str | None, inputs: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """The `forward_kwargs` form field of a model upload, checked as a job's are."""
+    if kwargs_json is None or not kwargs_json.strip():
+        return None
+    from modelpress.catalog import SpecError, validate_forward_call
+
+    if len(kwargs_json) > 16 * 1024:
+        raise Invalid("forward_kwargs: at most 16 KiB of JSON")
+    try:
+        constants = json.loads(kwargs_json)
+    except ValueError:
+        raise Invalid("forward_kwargs must be a JSON object") from None
+    if not isinstance(constants, dict):
+        raise Invalid("forward_kwargs must be a JSON object")
+    try:
+        validate_forward_call(inputs, constants, None)
+    except SpecError as error:
+        raise Invalid(str(error)) from None
+    return constants or None
+
+
 def create_model(
     session: Session,
     *,
@@ -100,6 +121,7 @@ def create_model(
     declared_format: str | None,
     architecture_json: str | None,
     inputs: list[dict[str, Any]] | None = None,
+    forward_kwargs: dict[str, Any] | None = None,
 ) -> tuple[StoredModel, int]:
     """Store and record an upload; returns it and the outbox message of its sandboxed inspection."""
     settings = get_settings()
@@ -135,6 +157,7 @@ def create_model(
         storage_key=key,
         status="pending",
         inputs=inputs,
+        forward_kwargs=forward_kwargs,
     )
     _store_and_record(session, upload, record)
     message = enqueue(session, task=INSPECT_MODEL, object_id=model_id)

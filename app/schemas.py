@@ -60,6 +60,7 @@ class ModelRead(BaseModel):
     status: Literal["pending", "ready", "rejected"]
     inspection: dict[str, Any] | None = None
     inputs: list[dict[str, Any]] | None = None
+    forward_kwargs: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):

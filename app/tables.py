@@ -78,6 +78,8 @@ class StoredModel(Base):
     inspection: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # the forward's inputs as declared at upload (API.md "Inputs and outputs"); jobs default to them
     inputs: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    # constant non-tensor arguments of forward declared at upload ({"sr": 16000}); jobs default to them
+    forward_kwargs: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -104,15 +104,16 @@ def test_zoo_matrix_section_records_every_cell(tmp_path: Path) -> None:
     results, markdown = _run(tmp_path, ["zoo"], postgres_url=None, redis_url=None)
     section = results["sections"]["zoo"]
     cells = [cell for row in section["matrix"].values() for cell in row.values()]
-    assert cells and all(cell["outcome"] in ("ok", "refused") for cell in cells)
+    # a job either succeeds or is refused at submit by its upload trial: nothing fails in the worker
+    assert cells and all(cell["outcome"] in ("ok", "refused") for cell in cells), cells
     for cell in cells:
         if cell["outcome"] == "ok":
             _positive(cell["size_ratio"], "size_ratio")
             _positive(cell["speedup"], "speedup")
         else:
             assert cell["reason"], cell
-    assert section["matrix"]["bert"]["dynamic_int8"]["outcome"] == "ok"
-    assert section["formats"]["bert"] == "huggingface"
+    assert section["matrix"]["bert (huggingface)"]["dynamic_int8"]["outcome"] == "ok"
+    assert section["uploads"]["bert (huggingface)"] == {"model": "bert", "form": "native", "format": "huggingface"}
     assert "The model zoo against the main schemes" in markdown
 
 

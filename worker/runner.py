@@ -393,7 +393,12 @@ def inspect_model(model_id: str) -> str:
                 return "gone"
             # declared inputs let inspection run the model and try the TorchScript -> exported program conversion
             ref = dict(_model_ref(model, scratch), inputs=model.inputs)
+            declared_inputs, constants = model.inputs, model.forward_kwargs
         outcome = run_sandboxed("inspect", ref, scratch, limits, isolation=settings.sandbox_isolation, warm=warm)
+
+    if outcome.ok and outcome.result is not None and settings.upload_trials:
+        # each main scheme tried on the upload, so that the API refuses at submit what would fail
+        outcome.result["scheme_trials"] = _try_schemes(model_id, declared_inputs, constants, outcome.result)
 
     def record() -> str:
         with session_scope() as session:
@@ -412,3 +417,22 @@ def inspect_model(model_id: str) -> str:
             return str(model.status)
 
     return with_database_retry(record, f"model {model_id} inspection")
+
+
+def _try_schemes(
+    model_id: str, declared_inputs: Any, constants: dict[str, Any] | None, inspection: dict[str, Any]
+) -> dict[str, Any]:
+    from worker.upload_trials import try_schemes
+
+    def fetch(folder: Path) -> dict[str, Any]:
+        with session_scope() as session:
+            model = session.get(StoredModel, model_id)
+            assert model is not None
+            return _model_ref(model, folder)
+
+    try:
+        isolation = get_settings().sandbox_isolation
+        return try_schemes(model_id, fetch, declared_inputs, inspection, isolation, forward_kwargs=constants)
+    except Exception as error:  # the model is still usable: its jobs run and explain their own failures
+        log.exception("model %s: scheme trials failed", model_id)
+        return {"skipped": f"the trials could not run ({type(error).__name__}: {str(error)[:300]})"}

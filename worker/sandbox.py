@@ -348,6 +348,10 @@ def _child_main(mode: str, request_path: str, result_path: str) -> int:
             result = inspect_model(
                 Path(request["path"]), request["format"], request.get("architecture"), request.get("inputs")
             )
+        elif mode == "trial":
+            from worker.compression.scheme_trials import TrialRequest, run_trials
+
+            result = run_trials(TrialRequest.from_dict(request), Path(result_path).parent)
         else:
             raise ValueError(f"unknown sandbox mode {mode!r}")
     except Exception as error:

@@ -36,8 +36,12 @@ def upload_model(
     format: Annotated[str | None, Form()] = None,
     architecture: Annotated[str | None, Form()] = None,
     inputs: Annotated[str | None, Form(description="JSON list of the forward's inputs (API.md)")] = None,
+    forward_kwargs: Annotated[
+        str | None, Form(description='JSON object of constant non-tensor arguments of forward, e.g. {"sr": 16000}')
+    ] = None,
 ) -> StoredModel:
     declared_inputs = resources.parse_inputs(inputs)  # before the upload is read: a bad one costs nothing
+    constants = resources.parse_forward_kwargs(forward_kwargs, declared_inputs)
     with receive_upload(file) as received:
         record, inspection = resources.create_model(
             session,
@@ -47,6 +51,7 @@ def upload_model(
             declared_format=format,
             architecture_json=architecture,
             inputs=declared_inputs,
+            forward_kwargs=constants,
         )
         session.commit()
     publish_now(inspection)  # after the commit, as for jobs; the relay retries a failed publish

@@ -36,7 +36,7 @@ from modelpress.catalog.specs import (
     SchemeSpec,
     SpecError,
 )
-from modelpress.catalog.validate import JobFacts, ValidatedStage, validate_stages
+from modelpress.catalog.validate import JobFacts, ValidatedStage, trial_refusals, validate_stages
 
 __all__ = [
     "DEFAULT_SCHEME",
@@ -66,6 +66,7 @@ __all__ = [
     "SpecError",
     "TORCH_FORMATS",
     "validate_forward_call",
+    "trial_refusals",
     "validate_stages",
     "validate_target",
     "ValidatedStage",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,22 @@ class JobFacts:
     recurrent_graph: bool = False
     # where the job's artifact runs (the target's runtime)
     runtime: str = "torch"
+    # {"method:scheme": the sentence it failed with} for the schemes tried on this upload that failed
+    # (worker.compression.scheme_trials); a first stage of such a scheme is refused
+    trial_refusals: Mapping[str, str] = field(default_factory=dict)
+
+
+def trial_refusals(inspection: Mapping[str, Any] | None) -> dict[str, str]:
+    """The failed upload trials recorded in a model's inspection: {"method:scheme": reason}."""
+    trials = (inspection or {}).get("scheme_trials")
+    results = trials.get("results") if isinstance(trials, Mapping) else None
+    if not isinstance(results, Mapping):
+        return {}
+    return {
+        str(key): str(result.get("reason") or "it failed")
+        for key, result in results.items()
+        if isinstance(result, Mapping) and result.get("ok") is False
+    }
 
 
 @dataclass
@@ -70,6 +86,18 @@ def validate_stages(stages: Sequence[dict[str, Any] | StageConfig], facts: JobFa
             and facts.compute_capability < spec.min_compute_capability
         ):
             raise SpecError(f"{where}: scheme {spec.name!r} needs compute capability >= {spec.min_compute_capability}")
+        tried = facts.trial_refusals.get(f"{spec.method}:{config.scheme}")
+        if (
+            index == 0
+            and tried is not None
+            and facts.runtime == "torch"
+            and facts.device == "cpu"
+            and _as_tried(config)
+        ):
+            raise SpecError(
+                f"{where}: {spec.method} {config.scheme!r} was tried on this model when it was uploaded and "
+                f"failed: {tried}"
+            )
         if quantized_by is not None and spec.method in ("prune", "distill", "analyze"):
             raise SpecError(
                 f"{where}: {spec.method} needs float weights, but stage {quantized_by} already quantized them"
@@ -111,6 +139,18 @@ def validate_stages(stages: Sequence[dict[str, Any] | StageConfig], facts: JobFa
             quantized_by = str(index)
         validated.append(ValidatedStage(config))
     return validated
+
+
+# options that change how much a scheme does, not whether it can run on a model: a trial with the
+# scheme's defaults speaks for any value of these, and for no other option changed
+TRIAL_FREE_OPTIONS = frozenset({"amount"})
+
+
+def _as_tried(config: StageConfig) -> bool:
+    """Whether the stage is the scheme the upload trial ran: its defaults, up to TRIAL_FREE_OPTIONS."""
+    defaults = parse_stage({"method": config.method, "scheme": config.scheme}, "trial").options()
+    options = config.options()
+    return all(options.get(name) == defaults.get(name) for name in (set(options) | set(defaults)) - TRIAL_FREE_OPTIONS)
 
 
 def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts, where: str) -> None:

@@ -529,3 +529,31 @@ def test_model_upload_declares_inputs_that_jobs_default_to(api: Api) -> None:
     )
     assert job.status_code == 202, job.text
     assert job.json()["spec"]["inputs"][0]["name"] == "x"
+
+
+def test_model_upload_declares_constant_arguments_that_jobs_default_to(api: Api) -> None:
+    declared = json.dumps([{"name": "x", "shape": [1, 8], "dtype": "float32", "dynamic": [0]}])
+    files = {"file": ("mlp.pt", torchscript_bytes(mlp((8, 16, 4))))}
+    for bad, fragment in (('{"sr": [1, 2]}', "forward_kwargs.sr"), ("[16000]", "JSON object"), ('{"x": 1}', "x")):
+        response = api.client.post(
+            "/v1/models", headers=api.headers(), data={"inputs": declared, "forward_kwargs": bad}, files=files
+        )
+        assert fragment in assert_error(response, 422)["detail"], bad
+    assert counts()[0] == 0
+    response = api.client.post(
+        "/v1/models", headers=api.headers(), data={"inputs": declared, "forward_kwargs": '{"sr": 16000}'}, files=files
+    )
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert model["forward_kwargs"] == {"sr": 16000}
+    stages = [{"method": "quantize", "scheme": "dynamic_int8"}]
+    job = api.client.post("/v1/jobs", headers=api.headers(), json={"model_id": model["id"], "stages": stages})
+    assert job.status_code == 202, job.text
+    assert job.json()["spec"]["forward_kwargs"] == {"sr": 16000}
+    # a job's own constants replace the model's
+    job = api.client.post(
+        "/v1/jobs",
+        headers=api.headers(),
+        json={"model_id": model["id"], "stages": stages, "forward_kwargs": {"sr": 8000}},
+    )
+    assert job.json()["spec"]["forward_kwargs"] == {"sr": 8000}

@@ -72,6 +72,8 @@ class JobRequest:
     inputs: list[dict[str, Any]] | None = None
     forward_kwargs: dict[str, Any] | None = None
     output: int | str | None = None
+    # seconds for the interleaved latency comparison (None: the default); upload trials only check it runs
+    latency_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         self.stages = [
@@ -304,7 +306,8 @@ def run_job(request: JobRequest, reporter: Reporter | None = None) -> dict[str, 
         latency=False,
     )
     breadcrumbs.operation("timing the original and the artifact, interleaved")
-    speed = measure.compare_latency(model, final_model, example, request.threads)
+    budget = {} if request.latency_budget_s is None else {"budget_s": request.latency_budget_s}
+    speed = measure.compare_latency(model, final_model, example, request.threads, **budget)
     original.update(speed["original"])
     compressed.update(speed["compressed"])
     document = build_metrics(

@@ -1,0 +1,92 @@
+"""Issue 15's matrix at the engine level: every zoo model in every upload form (TorchScript, exported program,
+native checkpoint) against every main scheme, through the worker's own upload trials
+(worker.upload_trials.try_schemes: sandboxed children, a native crash contained to its scheme). Each cell
+runs, or fails with the sentence the API then answers 422 with at submit; the cells the issue names run.
+
+Two uploads are tried at a time (each trial child uses one thread), so the matrix costs about half its
+CPU time on the suite's two cores.
+"""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import model_zoo as zoo
+from bench.zoo_matrix import declared_call, save_upload, upload_forms
+from worker.compression.inspect import inspect_model
+from worker.compression.trial_plan import ALL_TRIALS
+
+pytestmark = pytest.mark.slow
+
+MODELS = [name for name in zoo.NAMES if name != "tiny_mlp"]
+# (model, upload form, scheme) that must run: the issue's targets and what runs today
+MUST_RUN: set[tuple[str, str, str]] = set()
+
+
+def _try_upload(name: str, form: str, scratch: Path) -> dict[str, Any]:
+    from worker.upload_trials import try_schemes
+
+    folder = scratch / f"{name}-{form}"
+    folder.mkdir()
+    entry = zoo.build(name)
+    path, fmt, architecture, _ = save_upload(entry, folder, form)
+    declared, constants = (None, None) if fmt == "huggingface" else declared_call(entry)
+    inspection = inspect_model(path, fmt, architecture, declared)
+
+    def fetch(child_folder: Path) -> dict[str, Any]:
+        copy = child_folder / path.name
+        shutil.copyfile(path, copy)
+        return {"path": str(copy), "format": fmt, "architecture": architecture}
+
+    return try_schemes(f"{name}-{form}", fetch, declared, inspection, "none", forward_kwargs=constants or None)
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], dict[str, Any]]:
+    import os
+
+    from app.config import get_settings
+
+    scratch = tmp_path_factory.mktemp("zoo-matrix")
+    previous = {key: os.environ.get(key) for key in ("MODELPRESS_DATA_DIR", "MODELPRESS_WARM_SANDBOX")}
+    os.environ.update(MODELPRESS_DATA_DIR=str(scratch / "data"), MODELPRESS_WARM_SANDBOX="false")
+    get_settings.cache_clear()
+    uploads = [(name, form) for name in MODELS for form in upload_forms(name)]
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            found = dict(zip(uploads, pool.map(lambda upload: _try_upload(*upload, scratch), uploads)))
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        get_settings.cache_clear()
+    return found
+
+
+def test_every_cell_runs_or_is_refused_with_a_sentence(matrix: dict[tuple[str, str], dict[str, Any]]) -> None:
+    lines = []
+    for (name, form), trials in sorted(matrix.items()):
+        assert set(trials["results"]) == set(ALL_TRIALS), (name, form, trials)
+        for key, result in trials["results"].items():
+            if not result["ok"]:
+                reason = result["reason"]
+                # a sentence a user can act on: more than an exception's name, not a bare interpreter frame
+                assert len(reason) > 40 and "failed in the TorchScript interpreter." not in reason[:60], reason
+            lines.append(f"{name:13s} {form:17s} {key:22s} {'ok' if result['ok'] else result['reason'][:90]}")
+    print("\n".join(lines))
+
+
+def test_the_cells_the_issue_names_run(matrix: dict[tuple[str, str], dict[str, Any]]) -> None:
+    failed = {
+        (name, form, key): matrix[(name, form)]["results"][key].get("reason")
+        for name, form, key in MUST_RUN
+        if not matrix[(name, form)]["results"][key]["ok"]
+    }
+    assert not failed, failed
