@@ -35,8 +35,8 @@ def test_dynamic_int8_on_an_exported_vit_lifts_attention_projections() -> None:
     torch.jit.save(torch.jit.trace(result.model, images), buffer)
     buffer.seek(0)
     loaded = torch.jit.load(buffer)
-    # the example's batch: tracing bakes the class token's expand to it
-    other = torch.randn(len(images), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    # another batch than the trace's: the class token's expand follows the input's batch
+    other = torch.randn(len(images) + 3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert sqnr_db(entry.model(other), loaded(other)) >= 20
     # no float copy of a lifted weight is left beside its int8 layer

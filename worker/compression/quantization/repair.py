@@ -287,7 +287,8 @@ def quantize_with_repair(
     measuring = "auto" in modes.values()
     calibration, held_out, held_out_source = _held_out(batches, options, ctx) if measuring else (batches, [], None)
     reference = [measure.predict(model, batch).primary for batch in held_out]
-    make_observer = mapping.global_qconfig.weight
+    # the layers' own qconfig: a transformer's mapping has no global one (static.py keeps the rest float)
+    make_observer = (mapping.global_qconfig or mapping.object_type_qconfigs[nn.Linear]).weight
     choices = [
         (equalization, correction)
         for equalization in _choices(modes["cross_layer_equalization"])
