@@ -379,8 +379,22 @@ def _prepare_crash_report(scratch: Path) -> None:
 
 # Imported by the engine only on first use, yet by most jobs that train or export: torch.optim's first
 # optimizer and torch.export import torch._dynamo (1.6 s of a 2.2 s small distillation job measured in a fresh
-# child, more on a loaded box). A warm child pays for them before its job exists.
-PREWARM_MODULES = ("torch._dynamo", "torch.export", "torch.utils.flop_counter", "torch_pruning")
+# child, more on a loaded box). A warm child pays for them before its job exists. The method modules that
+# worker.compression.handlers imports when a stage runs follow (about 0.1 s together, no extension loading),
+# and the upload trials' runner (warm children serve trials too).
+PREWARM_MODULES = (
+    "torch._dynamo",
+    "torch.export",
+    "torch.utils.flop_counter",
+    "torch_pruning",
+    "worker.compression.pruning",
+    "worker.compression.quantization",
+    "worker.compression.distillation",
+    "worker.compression.search",
+    "worker.compression.codebook",
+    "worker.compression.sensitivity",
+    "worker.compression.scheme_trials",
+)
 
 
 def _job_waiting() -> bool:
@@ -402,7 +416,7 @@ def _prewarm_steps() -> list[Callable[[], None]]:
 
         return step
 
-    return [load(name) for name in PREWARM_MODULES] + [_first_calls]
+    return [load(name) for name in PREWARM_MODULES] + [_first_calls, _first_export]
 
 
 def _first_calls() -> None:
@@ -426,6 +440,31 @@ def _first_calls() -> None:
             traced(inputs)
 
 
+def _first_export() -> None:
+    """torch.export of a tiny model made here, with a dynamic batch as the engine exports artifacts, saved,
+    loaded back (in memory) and run. Exported programs are the default artifact of eager models, so most jobs end
+    on this path, and its first call in a process imports torch.export's tracer and AOTAutograd and fills
+    sympy's caches for the symbolic batch: 0.8 s of CPU measured here (0.1 s once paid), which the service
+    benchmark's job paid after training, on its wall time, where the in-process run had paid it before."""
+    import io
+
+    import torch
+    from torch import nn
+
+    from worker.compression.inputs import export_within_model_bounds
+    from worker.compression.io import MAX_BATCH
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    batch = ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+    program = export_within_model_bounds(model, (torch.randn(2, 8),), None, batch)
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    with torch.inference_mode():
+        loaded(torch.randn(3, 8))
+
+
 def _warm_main() -> int:
     """Pay the interpreter start, the imports and first-call costs before the job exists; serve exactly one job.
 
@@ -438,7 +477,10 @@ def _warm_main() -> int:
     for step in _prewarm_steps():
         if _job_waiting():
             break
-        step()
+        try:
+            step()
+        except Exception:  # a warm-up that fails here only leaves its cost to the job, which reports any real error
+            pass
     _emit({"type": "warm"})
     line = sys.stdin.readline()
     if not line:

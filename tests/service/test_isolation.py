@@ -323,3 +323,32 @@ def test_raw_weights_that_look_like_a_pickle_or_a_zip_are_not_refused(tmp_path: 
     check_exported_program_archive(path)
     outcome = run_sandboxed("inspect", {"path": str(path), "format": "exported_program"}, tmp_path, LIMITS)
     assert outcome.ok, outcome.error
+
+
+def test_every_warm_up_step_runs_and_covers_each_method_module_of_the_engine() -> None:
+    """The warm child swallows a failing warm-up step (the job then pays for it), so a step broken by a torch
+    upgrade would go unnoticed but for this test; and a method module added to the handler table is imported
+    ahead of its job too."""
+    from worker.compression.handlers import HANDLERS
+    from worker.sandbox import PREWARM_MODULES, _prewarm_steps
+
+    for step in _prewarm_steps():
+        step()
+    # each handler is named run_<module> after the method module it imports when its stage runs
+    methods = {f"worker.compression.{handler.__name__.removeprefix('run_')}" for handler in HANDLERS.values()}
+    assert methods <= set(PREWARM_MODULES)
+    assert all(name in sys.modules for name in PREWARM_MODULES)
+
+
+def test_a_warm_sandbox_leaves_nothing_of_its_warm_up_in_the_folder_its_job_gets(tmp_path: Path) -> None:
+    from worker.sandbox import WarmSandbox
+
+    warm = WarmSandbox(tmp_path / "warm-clean", LIMITS, "bubblewrap")
+    try:
+        assert warm.child.stdout is not None
+        assert json.loads(warm.child.stdout.readline()) == {"type": "warm"}  # every warm-up step is done
+        # no file but the lock and the log (importing torch._dynamo makes the empty inductor cache folder)
+        files = sorted(str(path.relative_to(warm.folder)) for path in warm.folder.rglob("*") if not path.is_dir())
+        assert files == [".in-use", "stderr.log"]
+    finally:
+        warm.discard()

@@ -91,3 +91,31 @@ def test_a_segfault_during_a_stage_names_the_stage_the_operation_and_the_signal(
     )
     # it crashed once, in the one run: the child ran the training forward exactly one time
     assert (scratch / "forward-calls-in-training.txt").read_text() == "crash\n"
+
+
+def test_breadcrumbs_are_one_page_rewritten_in_place_and_a_long_text_is_trimmed_not_lost(tmp_path: Path) -> None:
+    """The record is rewritten with one page-sized write (no rename per breadcrumb), so it never grows and each
+    read gives the last breadcrumb whole; a text too long for the page keeps where the job was."""
+    from worker.compression import breadcrumbs
+
+    try:
+        breadcrumbs.leave_in(tmp_path)
+        path = tmp_path / breadcrumbs.FILE_NAME
+        inode = path.stat().st_ino
+        breadcrumbs.stage("prune:l1_unstructured")
+        breadcrumbs.operation("epoch 1/2: loss 0.5")
+        breadcrumbs.operation("export: torch.export")
+        assert breadcrumbs.read(tmp_path) == {
+            "stage": "prune:l1_unstructured",
+            "operation": "export: torch.export",
+            "model": {},
+        }
+        assert path.stat().st_ino == inode and path.stat().st_size == breadcrumbs.RECORD_BYTES
+        assert [p.name for p in tmp_path.iterdir()] == [breadcrumbs.FILE_NAME]
+        breadcrumbs.operation("é" * 5000)  # 30,000 bytes as JSON escapes
+        crumb = breadcrumbs.read(tmp_path)
+        assert crumb is not None and crumb["stage"] == "prune:l1_unstructured"
+        assert crumb["operation"] == "é" * breadcrumbs.TRIMMED_CHARS
+        assert path.stat().st_size == breadcrumbs.RECORD_BYTES
+    finally:
+        breadcrumbs.leave_in(tmp_path / "missing")  # no such folder: later breadcrumbs in this process are no-ops
