@@ -12,9 +12,13 @@ by a restricted unpickler. Both layers run inside the sandbox as well.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import io
+import json
 import pickle
 import pickletools
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -132,9 +136,77 @@ def _weights_only_loading() -> Iterator[None]:
         _package.pickle.loads = original_loads  # type: ignore[attr-defined]  # the stdlib pickle that torch's archive reader imports
 
 
+# a .pt2's calling convention (pytree specs) names the output's class; these libraries register theirs on import
+_SPEC_LIBRARIES = ("transformers",)
+_MAX_PROGRAM_JSON_BYTES = 512 * 1024 * 1024
+_MODULE_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def spec_types(path: Path) -> set[str]:
+    """The classes a .pt2's input / output pytree specs name ("transformers.modeling_outputs.ModelOutput"),
+    read from the archive's program JSON: nothing unpickled, nothing imported."""
+    names: set[str] = set()
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            parts = info.filename.split("/")
+            if len(parts) < 2 or parts[-2] != "models" or not parts[-1].endswith(".json"):
+                continue
+            if info.file_size > _MAX_PROGRAM_JSON_BYTES:
+                raise EngineError(
+                    f"the exported program's {info.filename!r} is larger than {_MAX_PROGRAM_JSON_BYTES} bytes"
+                )
+            try:
+                program = json.loads(archive.read(info))
+                calls = program["graph_module"]["module_call_graph"]
+                for call in calls:
+                    for key in ("in_spec", "out_spec"):
+                        spec = (call.get("signature") or {}).get(key)
+                        if isinstance(spec, str):
+                            _collect_types(json.loads(spec), names)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # torch.export.load reports a malformed program itself
+    return names
+
+
+def _collect_types(node: Any, names: set[str]) -> None:
+    if isinstance(node, dict):
+        if isinstance(node.get("type"), str):
+            names.add(node["type"])
+        for child in node.get("children_spec") or ():
+            _collect_types(child, names)
+    elif isinstance(node, list):
+        for child in node:
+            _collect_types(child, names)
+
+
+def import_spec_libraries(path: Path) -> None:
+    """Import the modules of the library classes a .pt2's specs name (transformers' ModelOutput
+    types register themselves with torch's pytree when their module is imported; torch.export.load
+    cannot rebuild the output spec before). Only modules of `_SPEC_LIBRARIES`, only when installed:
+    library code runs, nothing of the archive does."""
+    modules = {
+        name.rpartition(".")[0]
+        for name in spec_types(path)
+        if _MODULE_PATH.fullmatch(name) and name.split(".", 1)[0] in _SPEC_LIBRARIES
+    }
+    for module in sorted(modules):
+        library = module.split(".", 1)[0]
+        if importlib.util.find_spec(library) is None:
+            continue  # torch.export.load then names the type it cannot find
+        if library == "transformers":
+            from worker.compression.huggingface import offline
+
+            offline()  # never the hub; torchvision's ops declared before transformers imports it
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue  # not a module of the installed version: torch.export.load names the type
+
+
 def load_exported_program(path: Path) -> torch.export.ExportedProgram:
     """torch.export.load, after the archive check and with pickles restricted to weights."""
     check_exported_program_archive(path)
+    import_spec_libraries(path)
     try:
         with _weights_only_loading(), open(path, "rb") as handle:
             return torch.export.load(handle)

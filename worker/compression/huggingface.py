@@ -29,7 +29,8 @@ EXAMPLE_SEQUENCE = 16
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _offline() -> None:
+def offline() -> None:
+    """No hub, no remote code; torchvision's ops declared before transformers imports it."""
     from worker.compression.torchvision_ops import declare_torchvision_ops
 
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -84,7 +85,7 @@ def _model_class(config: Any) -> type[nn.Module]:
 
 def load_pretrained_folder(folder: Path) -> nn.Module:
     """The model a save_pretrained folder holds, in float32, every weight matched."""
-    _offline()
+    offline()
     _read_config(folder)
     import transformers
 
@@ -167,7 +168,7 @@ def build_from_config(class_name: str, config_fields: dict[str, Any]) -> nn.Modu
     head transformers' Auto classes build for the config's model_type. Random weights: the
     upload's state_dict fills them.
     """
-    _offline()
+    offline()
     import transformers
 
     fields = dict(config_fields)

@@ -277,7 +277,7 @@ def export_program(model: nn.Module, signature: Signature | None, inputs: Batch)
     """torch.export with the declared dynamic dimensions, on an example where they are >= 2."""
     example = export_example(signature, inputs)
     args, kwargs = as_call(example)
-    shapes = _with_kwargs(export_dynamic_shapes(signature, example), kwargs)
+    shapes = _as_forward_binds(model, args, kwargs, export_dynamic_shapes(signature, example))
     try:
         return export_within_model_bounds(model, args, kwargs, shapes)
     except Exception as error:
@@ -316,11 +316,32 @@ def export_within_model_bounds(
         return torch.export.export(model, args, kwargs or None, dynamic_shapes=refined)
 
 
-def _with_kwargs(shapes: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    if not kwargs:
-        return shapes
-    # a tuple follows the inputs in call order, keyword arguments after the positional ones
-    return (*shapes, *[None] * len(kwargs))
+def _as_forward_binds(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], shapes: tuple[Any, ...]) -> Any:
+    """`shapes` (one per positional tensor) laid out as torch.export matches them: by the names
+    `forward` binds the call to. A wrapper's `forward(x, *args, **kwargs)` (fp16's CastWrapper)
+    takes three tensors as `x` and a tuple `args`, so a flat tuple of three would not match."""
+    import inspect
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no Python signature to bind to: the call order it is
+        return (*shapes, *[None] * len(kwargs))
+    by_name: dict[str, Any] = {}
+    position = 0
+    for name, value in bound.items():
+        kind = parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            by_name[name] = tuple(shapes[position : position + len(value)])
+            position += len(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            by_name[name] = {key: None for key in value}  # constants: never dynamic
+        elif position < len(args) and name not in kwargs:
+            by_name[name] = shapes[position]
+            position += 1
+        else:
+            by_name[name] = None
+    return by_name
 
 
 def _stretch_dynamic(inputs: ModelInputs, signature: Signature) -> ModelInputs:

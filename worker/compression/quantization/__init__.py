@@ -57,7 +57,7 @@ from worker.compression.quantization.plan import plan_layers as plan_layers
 from worker.compression.quantization.static import _STATIC_TYPES as _STATIC_TYPES
 from worker.compression.quantization.static import CALIBRATION_BATCH_SIZE as CALIBRATION_BATCH_SIZE
 from worker.compression.quantization.static import _calibration_batches as _calibration_batches
-from worker.compression.quantization.static import _qat_int8, _static_int8_fx, _static_int8_graph
+from worker.compression.quantization.static import _qat_int8, _static_int8_eager, _static_int8_graph
 from worker.compression.quantization.static import cpu_has_vnni as cpu_has_vnni
 from worker.compression.quantization.static import full_range_qconfig as full_range_qconfig
 from worker.compression.quantization.torchao_cuda import _torchao_config as _torchao_config
@@ -198,7 +198,9 @@ BACKENDS: dict[tuple[str, ModelKind], Backend] = {
         "torch.ao.quantization.quantize_dynamic on the lifted exported graph", _dynamic_int8_graph, "torchscript"
     ),
     ("static_int8", "eager"): Backend(
-        "torch.ao.quantization.quantize_fx (x86 qconfig)", _static_int8_fx, "torchscript"
+        "torch.ao.quantization.quantize_fx (x86 qconfig); torch.export where torch.fx cannot trace",
+        _static_int8_eager,
+        "torchscript",
     ),
     ("static_int8", "graph"): Backend(
         "torch.ao.quantization.quantize_fx (x86 qconfig) on the lifted exported graph",

@@ -12,7 +12,14 @@ from torch import nn
 
 from worker.compression.base import EngineError, StageContext
 from worker.compression.graph_lift import _replace_submodule, torch_level_module
-from worker.compression.inputs import Batch, ModelInputs, call_model, map_floating, select_output
+from worker.compression.inputs import (
+    Batch,
+    ModelInputs,
+    call_model,
+    map_floating,
+    select_output,
+    torchscript_to_graph,
+)
 from worker.compression.quantization.plan import _Done, _model_device, _require_targets, plan_layers
 
 # --------------------------------------------------------------------------- fp16 / bf16
@@ -62,7 +69,14 @@ def _half_precision(dtype: torch.dtype) -> Callable[[nn.Module, dict[str, Any], 
 def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx: StageContext) -> _Done:
     scheme = "fp16" if dtype == torch.float16 else "bf16"
     out_dtype = _output_dtype(model, ctx.example_input)
-    if ctx.kind == "graph" and (options.get("skip_layers") or options.get("keep_first_last_float")):
+    kind = ctx.kind
+    info: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch.")}
+    example = ctx.example_input
+    if kind == "torchscript" and isinstance(example, ModelInputs) and not example.kwargs:
+        # a script wrapper takes one tensor; several (token ids and a mask) go through an exported program
+        model, kind = torchscript_to_graph(model, ctx.signature, example), "graph"
+        info["converted"] = "TorchScript -> exported program (torch._export.converter.TS2EPConverter)"
+    if kind == "graph" and (options.get("skip_layers") or options.get("keep_first_last_float")):
         model = torch_level_module(model)  # skipped layers need to be submodule calls to be wrapped
     candidates = [
         name
@@ -71,7 +85,8 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
     ]
     plan = plan_layers(candidates, options)
     _require_targets(plan, candidates, "layers with floating-point parameters", scheme)
-    if ctx.kind == "torchscript":
+    retargeted: list[str] = []
+    if kind == "torchscript":
         if plan.skipped:
             raise EngineError(
                 f"{scheme}: skip_layers is not supported for TorchScript models "
@@ -88,13 +103,13 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
             return _via_exported_program(model, dtype, options, ctx, error)
     else:
         converted = copy.deepcopy(model).to(dtype)
-        retargeted = _retarget_float32(converted, dtype) if ctx.kind == "graph" else []
+        retargeted = _retarget_float32(converted, dtype) if kind == "graph" else []
         for name in sorted(plan.skipped, key=lambda n: -n.count(".")):  # innermost first
             # Skipped layers stay float32 and talk to their half-precision neighbours through casts.
             module = converted.get_submodule(name)
             _replace_submodule(converted, name, CastWrapper(module.float(), torch.float32, dtype))
         constants = ctx.signature is not None and bool(ctx.signature.kwargs)
-        if ctx.kind == "graph" and constants and not plan.skipped and _cast_at_the_edges(converted, dtype):
+        if kind == "graph" and constants and not plan.skipped and _cast_at_the_edges(converted, dtype):
             # CastWrapper's **kwargs cannot be exported with dynamic shapes; the program keeps its own
             # calling convention, constants by name included
             wrapped = converted
@@ -103,12 +118,11 @@ def _to_dtype(model: nn.Module, dtype: torch.dtype, options: dict[str, Any], ctx
     if not any(_has_dtype(converted, name, dtype) for name in plan.targets):
         raise EngineError(f"{scheme} changed no parameter to {dtype}")
     _run_or_explain(wrapped, ctx.example_input, scheme)
-    info: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch.")}
-    if wrapped is converted:
-        return _Done(wrapped, ctx.kind, plan, info | ({"float32_ops_retargeted": retargeted} if retargeted else {}))
-    if ctx.kind != "torchscript" and retargeted:
+    if retargeted:
         info["float32_ops_retargeted"] = retargeted
-    return _Done(wrapped.eval(), ctx.kind, plan, info)
+    if wrapped is converted:
+        return _Done(wrapped, kind, plan, info)
+    return _Done(wrapped.eval(), kind, plan, info)
 
 
 _aten = torch.ops.aten
@@ -171,8 +185,14 @@ def _retarget_float32(model: nn.Module, dtype: torch.dtype) -> list[str]:
     if not isinstance(model, fx.GraphModule):
         return []
     changed = []
-    for node in model.graph.nodes:
+    for node in list(model.graph.nodes):
         if node.op != "call_function":
+            continue
+        if node.target is _aten._assert_tensor_metadata.default and node.kwargs.get("dtype") == torch.float32:
+            # the trace's dtype asserts (Hugging Face casts position embeddings to the model's dtype)
+            if not node.users:
+                model.graph.erase_node(node)
+                changed.append(node.name)
             continue
         position = _CAST_DTYPE_ARG.get(node.target)
         if position is not None and len(node.args) > position and node.args[position] == torch.float32:

@@ -28,6 +28,39 @@ _RECURRENT_TYPES: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU)
 RECURRENT_NOTE = "int8 weights with dynamic activations (torch has no static int8 LSTM / GRU kernel)"
 
 
+class _FxTraceFailed(EngineError):
+    """torch.fx could not trace the forward (Python control flow on values, item assignment, ...)."""
+
+
+def _static_int8_eager(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
+    """FX graph mode on the eager model; where torch.fx cannot trace its forward (Hugging Face
+    models: mask building, `**kwargs` signatures), on the model exported by torch.export instead,
+    which traces the same code with real tensors, lifted back to layers as an uploaded .pt2 is."""
+    try:
+        return _static_int8_fx(model, options, ctx)
+    except _FxTraceFailed as error:
+        fx_error = error
+    done = _static_int8_graph(_exported(model, ctx, fx_error), options, ctx)
+    done.info["traced_with"] = f"torch.export (torch.fx could not trace the forward: {fx_error.__cause__})"
+    return done
+
+
+def _exported(model: nn.Module, ctx: StageContext, fx_error: _FxTraceFailed) -> nn.Module:
+    from worker.compression.inputs import export_program
+    from worker.compression.io import tie_shared_parameters
+
+    breadcrumbs.operation("static_int8: exporting with torch.export (torch.fx could not trace the forward)")
+    try:
+        program = export_program(copy.deepcopy(model).eval(), ctx.signature, ctx.example_input)
+    except EngineError as error:
+        raise EngineError(
+            f"static_int8 could not trace the model's forward with torch.fx ({fx_error.__cause__}) nor "
+            f"export it with torch.export ({error}); dynamic_int8 or fp16 do not need a graph"
+        ) from error
+    # .module() hands tied weights (GPT-2's LM head and embedding) back as two Parameters over one storage
+    return tie_shared_parameters(program.module())
+
+
 def _static_int8_fx(model: nn.Module, options: dict[str, Any], ctx: StageContext) -> _Done:
     from torch.ao.quantization import QConfigMapping, get_default_qconfig_mapping
 
@@ -102,7 +135,7 @@ def _calibrate_and_convert(model: nn.Module, mapping: Any, batches: list[Batch],
             if ctx.kind == "graph"
             else "upload it as an exported program instead"
         )
-        raise EngineError(
+        raise _FxTraceFailed(
             f"static_int8 could not trace the model's forward with torch.fx ({error}); {advice}"
         ) from error
     breadcrumbs.operation("static_int8: calibrating")
