@@ -69,7 +69,6 @@ def validate_job(session: Session, tenant: Tenant, job_in: JobCreate) -> dict[st
             eval_has_labels=_dataset_has_labels(evaluation.info if evaluation else None),
             max_train_devices=max_train_devices(session, job_in.target.device),
             graph_conversion_error=(model.inspection or {}).get("graph_conversion_error"),
-            recurrent_graph=bool((model.inspection or {}).get("recurrent_graph")),
             trial_refusals=trial_refusals(model.inspection),
         )
         if job_in.inputs is not None and job_in.example_input_shape is not None:

@@ -1,3 +1,3 @@
 """ModelPress: a model-compression service for PyTorch."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

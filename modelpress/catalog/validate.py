@@ -27,8 +27,6 @@ class JobFacts:
     # why inspection could not convert this TorchScript model to an exported program (None: it
     # could, or it was not tried because the upload declared no inputs)
     graph_conversion_error: str | None = None
-    # inspection found LSTM / GRU / RNN ops in this exported program
-    recurrent_graph: bool = False
     # where the job's artifact runs (the target's runtime)
     runtime: str = "torch"
     # {"method:scheme": the sentence it failed with} for the schemes tried on this upload that failed
