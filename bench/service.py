@@ -317,7 +317,9 @@ def _section(
         "Round to round in this run (min–max): "
         + "; ".join(f"{name} {min(values):.1f}–{max(values):.1f} s" for name, values in spreads if values)
         + ". A ratio is only as good as that spread: where it is wider than the gap between two variants, the "
-        "run does not tell them apart."
+        "run does not tell them apart. A ratio below 1 is such a case, not a service faster than the engine: the "
+        "sandboxed child leads its own session (setsid), so with the kernel's autogroup scheduling on it is "
+        "scheduled as a group of its own, apart from this benchmark process and whatever else shares the box."
     )
     for mode, figures in per_mode.items():
         for incident in figures.get("worker_incidents", []):
