@@ -9,6 +9,7 @@ CPU time on the suite's two cores.
 
 from __future__ import annotations
 
+import math
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +28,13 @@ MODELS = [name for name in zoo.NAMES if name != "tiny_mlp"]
 # torchvision's full-size ResNet-18 (11.7 M parameters) as a state_dict is left to the benchmark's matrix
 # (`make bench`, BENCHMARKS section 9), which runs every form: here it would cost a minute of the suite
 UPLOADS = [(name, form) for name in MODELS for form in upload_forms(name) if (name, form) != ("resnet", "native")]
-# (model, upload form, scheme) that must run: the issue's targets and what runs today
-MUST_RUN: set[tuple[str, str, str]] = set()
+# the cells refused today, each with the words its sentence must hold; every other cell must run. torch's
+# TorchScript -> exported program converter cannot translate nn.MultiheadAttention's traced head split
+# (a view whose size is computed from tensor values), which static int8 and structured pruning need
+KNOWN_REFUSALS: dict[tuple[str, str, str], str] = {
+    ("vit", "torchscript", "quantize:static_int8"): "could not be converted to an exported program",
+    ("vit", "torchscript", "prune:ln_structured"): "could not be converted to an exported program",
+}
 
 
 def _prepare_upload(name: str, form: str, scratch: Path) -> dict[str, Any]:
@@ -109,10 +115,18 @@ def test_every_cell_runs_or_is_refused_with_a_sentence(matrix: dict[tuple[str, s
     print("\n".join(lines))
 
 
-def test_the_cells_the_issue_names_run(matrix: dict[tuple[str, str], dict[str, Any]]) -> None:
-    failed = {
-        (name, form, key): matrix[(name, form)]["results"][key].get("reason")
-        for name, form, key in MUST_RUN
-        if not matrix[(name, form)]["results"][key]["ok"]
+def test_every_cell_but_the_known_refusals_runs(matrix: dict[tuple[str, str], dict[str, Any]]) -> None:
+    outcomes = {
+        (name, form, key): result
+        for (name, form), trials in matrix.items()
+        for key, result in trials["results"].items()
     }
-    assert not failed, failed
+    refused = {cell: result["reason"] for cell, result in outcomes.items() if not result["ok"]}
+    assert set(refused) == set(KNOWN_REFUSALS), refused
+    for cell, words in KNOWN_REFUSALS.items():
+        assert words in refused[cell], (cell, refused[cell])
+    # what ran was measured against the float model, as the job will report it
+    for cell, result in outcomes.items():
+        if result["ok"]:
+            assert isinstance(result["sqnr_db"], float) and not math.isnan(result["sqnr_db"]), (cell, result)
+            assert result["size_ratio"] > 0, (cell, result)
