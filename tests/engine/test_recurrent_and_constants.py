@@ -272,7 +272,8 @@ def test_fp16_of_a_traced_lstm_that_makes_float32_inside_goes_through_an_exporte
     samples = _samples(LSTM_INPUTS, None)
     result, artifact = _job(tmp_path, source, "torchscript", ("quantize", "fp16", {}), LSTM_INPUTS, samples)
     assert result["artifact_format"] == "exported_program"
-    assert "float32 tensors inside forward" in result["metrics"]["stages"][0]["info"]["converted"]
+    # declared named inputs take it through the converter before any cast (a script wrapper takes one tensor)
+    assert "exported program" in result["metrics"]["stages"][0]["info"]["converted"]
     with torch.no_grad():
         own = _sqnr(entry.model(samples), _load(artifact, "exported_program")(samples))
     assert own >= 45.0
