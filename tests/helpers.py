@@ -27,6 +27,17 @@ from bench.fixtures import train as train
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
+class OneLayer(nn.Module):
+    """A linear classifier: its only layer is the classifier, so structured pruning has nothing to remove."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
 def mlp(widths: tuple[int, ...] = (64, 300, 100, 10)) -> nn.Sequential:
     layers: list[nn.Module] = []
     for fan_in, fan_out in zip(widths[:-1], widths[1:]):

@@ -9,21 +9,10 @@ import torch
 from torch import nn
 
 from modelpress.catalog import JobFacts, SpecError, trial_refusals, validate_stages
-from tests.helpers import SmallCNN, exported_bytes
+from tests.helpers import OneLayer, SmallCNN, exported_bytes
 from worker.compression.inspect import inspect_model
 from worker.compression.scheme_trials import TrialRequest, run_trials
 from worker.compression.trial_plan import ALL_TRIALS, read_progress, trial_inputs
-
-
-class OneLayer(nn.Module):
-    """A linear classifier: every output channel is an output of the model, so no channel can be removed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
 
 
 class NeedsRate(nn.Module):

@@ -12,24 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from torch import nn
 
-from tests.helpers import exported_bytes, wait_for
+from tests.helpers import OneLayer, exported_bytes, wait_for
 from tests.service.test_end_to_end import Service, start_service
 from worker.compression.trial_plan import ALL_TRIALS
 
 pytestmark = pytest.mark.slow
-
-
-class OneLayer(nn.Module):
-    """A linear classifier: its only layer is the classifier, so structured pruning has nothing to remove."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
 
 
 @pytest.fixture
