@@ -187,8 +187,9 @@ def _validate_nested(spec: SchemeSpec, options: dict[str, Any], facts: JobFacts,
             isinstance(student, dict) and ("model_id" in student or "architecture" in student)
         ):
             raise SpecError(f'{where}.student must be "auto", {{"model_id": ...}} or {{"architecture": ...}}')
-        if student == "auto" and facts.model_format == "torchscript":
+        if student == "auto" and facts.model_format == "torchscript" and facts.graph_conversion_error:
             raise SpecError(
-                f'{where}: student "auto" is derived from an eager teacher; a TorchScript teacher '
-                "needs an explicit student (model_id or architecture)"
+                f'{where}: student "auto" narrows a TorchScript teacher converted to an exported program, and '
+                f"this one could not be converted: {facts.graph_conversion_error}; give a student "
+                "(model_id or architecture)"
             )

@@ -155,13 +155,27 @@ def test_auto_student_is_narrower_and_trains(digits: tuple[Dataset, Dataset], te
     assert result.info["evaluated_on"] == "validation_split"
     assert result.info["training"]["val_samples"] == round(len(train) * 0.1)
     assert evaluate_accuracy(result.model, test) > 0.9
-    with pytest.raises(EngineError, match="eager teacher"):
-        run_stage(
-            torch.jit.script(copy.deepcopy(teacher)),
-            "hinton",
-            {"student": "auto", "train": QUICK},
-            context(train, kind="torchscript"),
-        )
+
+
+@pytest.mark.parametrize("kind", ["graph", "torchscript"])
+def test_auto_student_of_an_exported_or_torchscript_teacher(
+    digits: tuple[Dataset, Dataset], teacher: nn.Module, kind: str
+) -> None:
+    # the teacher as uploaded: its layers are lifted to modules (TorchScript converted to an exported
+    # program first) and narrowed as an eager teacher's would be
+    train, test = digits
+    if kind == "graph":
+        uploaded: nn.Module = torch.export.export(
+            copy.deepcopy(teacher), (train.inputs[:4],), dynamic_shapes=({0: torch.export.Dim("batch")},)
+        ).module()
+    else:
+        uploaded = torch.jit.script(copy.deepcopy(teacher))
+    options = {"student": "auto", "width_multiplier": 0.25, "train": QUICK}
+    result = run_stage(uploaded, "hinton", options, context(train, kind=kind, eval_data=test))
+    linears = [m for m in result.model.modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [75, 25, 10]
+    assert result.info["student_parameters"] < result.info["teacher_parameters"] / 6
+    assert evaluate_accuracy(result.model, test) > 0.9
 
 
 def test_feature_distillation_trains_adapters_and_removes_hooks(

@@ -33,13 +33,12 @@ class StudentWithAdapters(nn.Module):
 def _build_student(teacher: nn.Module, config: DistillConfig, ctx: StageContext) -> tuple[nn.Module, ModelKind, str]:
     spec = config.student
     if spec == "auto":
-        if ctx.kind != "eager":
+        if not isinstance(ctx.example_input, Tensor):
             raise EngineError(
-                f'student "auto" is derived from an eager teacher; this teacher is {ctx.kind}: '
-                'give a student as {"architecture": ...} or {"model_id": ...}'
+                'student "auto" narrows models that take one input tensor; give a student as '
+                '{"architecture": ...} or {"model_id": ...}'
             )
-        assert isinstance(ctx.example_input, Tensor)  # narrowing is traced on one input tensor
-        return _shrink_width(teacher, config.width_multiplier, ctx.example_input), "eager", "auto"
+        return _shrink_width(_eager_form(teacher, ctx), config.width_multiplier, ctx.example_input), "eager", "auto"
     assert isinstance(spec, dict)
     if "model_id" in spec:
         model_id = spec["model_id"]
@@ -57,6 +56,28 @@ def _build_student(teacher: nn.Module, config: DistillConfig, ctx: StageContext)
 
     torch.manual_seed(ctx.seed)  # the student's initial weights follow the job's seed
     return build_architecture(name, kwargs), "eager", f"architecture:{name}"
+
+
+def _eager_form(teacher: nn.Module, ctx: StageContext) -> nn.Module:
+    """The teacher as modules torch-pruning can narrow: an exported program (or a TorchScript model,
+    converted to one first) has its conv / linear / norm ops lifted to nn modules; eager stays as it is."""
+    if ctx.kind == "eager":
+        return teacher
+    from worker.compression.graph_lift import lift_exported_graph
+
+    graph = teacher
+    if ctx.kind == "torchscript":
+        from worker.compression.inputs import torchscript_to_graph
+
+        graph = torchscript_to_graph(teacher, ctx.signature, ctx.example_input)
+    assert isinstance(graph, torch.fx.GraphModule)
+    try:
+        return lift_exported_graph(graph)
+    except EngineError as error:
+        raise EngineError(
+            f'student "auto" needs the teacher\'s layers as modules to narrow them: {error}; give a student '
+            'as {"architecture": ...} or {"model_id": ...}'
+        ) from error
 
 
 def _shrink_width(teacher: nn.Module, width_multiplier: float, example_input: Tensor) -> nn.Module:
