@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import io
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,16 @@ class ZooEntry:
     def save_torchscript(self, path: Path) -> Path:
         torch.jit.save(self.scripted(), str(path))
         return path
+
+    def save_pretrained_zip(self, folder: Path) -> Path:
+        """A Hugging Face model as users upload it: its `save_pretrained` folder, zipped."""
+        saved = folder / f"{self.name}-saved"
+        self.model.save_pretrained(str(saved))
+        archive = folder / f"{self.name}.zip"
+        with zipfile.ZipFile(archive, "w") as handle:
+            for file in sorted(saved.iterdir()):
+                handle.write(file, f"{self.name}/{file.name}")
+        return archive
 
     def save_exported(self, path: Path) -> Path:
         batch = torch.export.Dim("batch", min=1, max=1024)

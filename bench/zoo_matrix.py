@@ -20,19 +20,15 @@ import signal
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SCHEMES: tuple[tuple[str, str, dict[str, Any]], ...] = (
-    ("quantize", "dynamic_int8", {}),
-    ("quantize", "static_int8", {}),
-    ("quantize", "fp16", {}),
-    ("prune", "ln_structured", {"amount": 0.3}),
-    ("prune", "l1_unstructured", {"amount": 0.5}),
-)
+from worker.compression.trial_plan import TRIAL_STAGES
+
+# the schemes the worker tries on each upload, with the same options
+SCHEMES = TRIAL_STAGES
 HUGGING_FACE = ("bert", "gpt2")
 OUTCOMES = ("ok", "refused", "failed", "crashed")
 CALIBRATION_SAMPLES = 32
@@ -89,13 +85,7 @@ def save_upload(entry: Any, folder: Path, form: str) -> tuple[Path, str, dict[st
     if form == "exported_program":
         return entry.save_exported(folder / f"{entry.name}.pt2"), "exported_program", None, entry.model
     if entry.name in HUGGING_FACE:
-        saved = folder / f"{entry.name}-saved"
-        entry.model.save_pretrained(str(saved))
-        archive = folder / f"{entry.name}.zip"
-        with zipfile.ZipFile(archive, "w") as handle:
-            for file in sorted(saved.iterdir()):
-                handle.write(file, f"{entry.name}/{file.name}")
-        return archive, "huggingface", None, entry.model
+        return entry.save_pretrained_zip(folder), "huggingface", None, entry.model
     from worker.compression.registry import build_architecture
 
     architecture = LIBRARY_FORMS[entry.name]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,7 @@ SQNR_TOLERANCE_DB = 0.5
 
 def _upload(entry: zoo.ZooEntry, fmt: str, folder: Path) -> Path:
     if fmt == "huggingface":
-        saved = folder / "saved"
-        entry.model.save_pretrained(str(saved))
-        archive = folder / f"{entry.name}.zip"
-        with zipfile.ZipFile(archive, "w") as handle:
-            for file in sorted(saved.iterdir()):
-                handle.write(file, f"{entry.name}/{file.name}")
-        return archive
+        return entry.save_pretrained_zip(folder)
     if fmt == "exported_program":
         return entry.save_exported(folder / f"{entry.name}.pt2")
     return entry.save_torchscript(folder / f"{entry.name}.pt")

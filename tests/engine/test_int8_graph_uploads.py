@@ -8,7 +8,6 @@ slack) and at least 25 dB.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,7 @@ HF_SEQUENCE = 16  # what the engine reads from the tiny GPT-2's config.json for 
 
 def _upload(entry: zoo.ZooEntry, model_format: str, folder: Path) -> Path:
     if model_format == "huggingface":
-        saved = folder / "saved"
-        entry.model.save_pretrained(str(saved))
-        archive = folder / f"{entry.name}.zip"
-        with zipfile.ZipFile(archive, "w") as handle:
-            for file in sorted(saved.iterdir()):
-                handle.write(file, f"{entry.name}/{file.name}")
-        return archive
+        return entry.save_pretrained_zip(folder)
     if model_format == "torchscript":
         return entry.save_torchscript(folder / f"{entry.name}.pt")
     return entry.save_exported(folder / f"{entry.name}.pt2")
