@@ -18,8 +18,9 @@ import torch
 
 from tests import zoo
 from worker.compression.base import EngineError
-from worker.compression.inputs import Signature, make_example, torchscript_to_graph
+from worker.compression.inputs import Signature, make_example
 from worker.compression.pipeline import JobRequest, run_job
+from worker.compression.torchscript_conversion import torchscript_to_graph
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

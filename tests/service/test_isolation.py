@@ -330,9 +330,9 @@ def test_every_warm_up_step_runs_and_covers_each_method_module_of_the_engine() -
     upgrade would go unnoticed but for this test; and a method module added to the handler table is imported
     ahead of its job too."""
     from worker.compression.handlers import HANDLERS
-    from worker.sandbox import PREWARM_MODULES, _prewarm_steps
+    from worker.sandbox_warmup import PREWARM_MODULES, prewarm_steps
 
-    for step in _prewarm_steps():
+    for step in prewarm_steps():
         step()
     # each handler is named run_<module> after the method module it imports when its stage runs
     methods = {f"worker.compression.{handler.__name__.removeprefix('run_')}" for handler in HANDLERS.values()}

@@ -67,7 +67,7 @@ def _eager_form(teacher: nn.Module, ctx: StageContext) -> nn.Module:
 
     graph = teacher
     if ctx.kind == "torchscript":
-        from worker.compression.inputs import torchscript_to_graph
+        from worker.compression.torchscript_conversion import torchscript_to_graph
 
         graph = torchscript_to_graph(teacher, ctx.signature, ctx.example_input)
     assert isinstance(graph, torch.fx.GraphModule)

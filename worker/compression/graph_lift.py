@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from worker.compression.base import EngineError
+from worker.compression.graph_lift_recurrent import call_recurrent, recurrent_layer
+from worker.compression.module_paths import copy_attribute, fetch, has_submodule, set_path
 
 _aten = torch.ops.aten
 # each class takes a kernel size of its own rank, which one static type cannot say
@@ -41,9 +43,6 @@ _CONV_OPS: dict[Any, Callable[..., nn.Module]] = {
     _aten.conv2d.padding: nn.Conv2d,
     _aten.conv3d.padding: nn.Conv3d,
 }
-# aten's recurrent ops take the flat weight list that nn.LSTM / nn.GRU keep in `_flat_weights`
-_RNN_OPS: dict[Any, Any] = {_aten.lstm.input: nn.LSTM, _aten.gru.input: nn.GRU}
-_ZEROS_OPS = (_aten.zeros.default, _aten.zeros_like.default, _aten.new_zeros.default)
 _BATCH_NORM_BY_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _RESHAPE_OPS = (_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default)
 _SIMPLE_CALLS: dict[Any, Callable[..., Any]] = {
@@ -139,16 +138,16 @@ def lift_graph(
             if keep_export_form:
                 env[node].meta = dict(node.meta)
         elif node.op == "get_attr":
-            _copy_attribute(graph_module, root, node.target)
+            copy_attribute(graph_module, root, node.target)
             env[node] = graph.get_attr(node.target)
         elif node.op == "call_module":
             if node.target == "_guards_fn" or not node.users:
                 continue  # shape guards of the export; nothing reads them
             raise EngineError(f"unexpected submodule call {node.target!r} in the exported graph")
         elif node.op == "call_function":
-            recurrent = _recurrent_layer(graph_module, node) if translate_ops else None
+            recurrent = recurrent_layer(graph_module, node) if translate_ops else None
             if recurrent is not None:
-                env[node] = _call_recurrent(graph, root, node, recurrent, arg)
+                env[node] = call_recurrent(graph, root, node, recurrent, arg)
                 continue
             layer = _layer_parameters(node, layer_norm, addmm=translate_ops)
             if layer is not None and sole_owners_only and _sole_owner(graph_module, layer, uses) is None:
@@ -191,80 +190,6 @@ def lift_graph(
     return rebuilt.eval()
 
 
-def has_recurrent_ops(graph: nn.Module) -> bool:
-    """Whether an exported graph calls aten.lstm / aten.gru (whose zero state a trace would size for one batch)."""
-    return isinstance(graph, fx.GraphModule) and any(
-        node.op == "call_function" and node.target in _RNN_OPS for node in graph.graph.nodes
-    )
-
-
-def _recurrent_layer(source: fx.GraphModule, node: fx.Node) -> tuple[str, nn.RNNBase] | None:
-    """The nn.LSTM / nn.GRU an aten.lstm.input / aten.gru.input call on stored weights stands for, and its name.
-
-    As an aten call FX quantization cannot trace it (its zero initial state is built from a
-    symbolic batch size) and quantize_dynamic cannot reach its weights; as a module both can.
-    """
-    cls = _RNN_OPS.get(node.target)
-    if cls is None:
-        return None
-    args: list[Any] = list(node.args)  # aten.lstm.input / aten.gru.input: fixed positional schema
-    _input, _hx, params, has_biases, num_layers, dropout, _train, bidirectional, batch_first = args
-    if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
-        return None
-    per_layer = (4 if has_biases else 2) * (2 if bidirectional else 1)
-    if len(params) != per_layer * num_layers:
-        return None  # projections (proj_size) add a weight per layer: left as the aten call
-    weights = [_fetch(source, str(p.target)) for p in params]
-    gates = 4 if cls is nn.LSTM else 3
-    module = cls(
-        weights[0].shape[1],
-        weights[0].shape[0] // gates,
-        num_layers=int(num_layers),
-        bias=bool(has_biases),
-        batch_first=bool(batch_first),
-        dropout=float(dropout),
-        bidirectional=bool(bidirectional),
-        device="meta",
-    )
-    for name, value in zip(module._flat_weights_names, weights):
-        setattr(module, name, value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False))
-    owners = {str(p.target).rpartition(".")[0] for p in params}
-    leaves = [str(p.target).rpartition(".")[2] for p in params]
-    owner = owners.pop() if len(owners) == 1 else ""
-    name = owner if owner and leaves == list(module._flat_weights_names) else f"recurrent_{node.name}"
-    return name, module.train(False)
-
-
-def _call_recurrent(
-    graph: fx.Graph, root: nn.Module, node: fx.Node, recurrent: tuple[str, nn.RNNBase], arg: Callable[[Any], Any]
-) -> fx.Node:
-    """Call the lifted recurrent module; its result is made the aten op's flat (output, h_n[, c_n]) tuple."""
-    name, module = recurrent
-    if _has_submodule(root, name):
-        # the container made for the weights' get_attr nodes, which the module replaces
-        container = root.get_submodule(name)
-        if any(True for _ in container.children()) or set(container._buffers) - set(module._flat_weights_names):
-            name = f"recurrent_{node.name}"
-    _set_path(root, name, module)
-    source, hx = node.args[0], node.args[1]
-    assert isinstance(hx, (list, tuple, fx.Node))  # the op's initial state: a list (LSTM) or a tensor (GRU)
-    states = list(hx) if isinstance(hx, (list, tuple)) else [hx]
-    if all(isinstance(s, fx.Node) and s.target in _ZEROS_OPS for s in states):
-        # a zero initial state is the module's default; the aten op needs it spelled out
-        called = graph.call_module(name, (arg(source),))
-    else:
-        state = tuple(arg(states)) if isinstance(module, nn.LSTM) else arg(hx)
-        called = graph.call_module(name, (arg(source), state))
-    if isinstance(module, nn.LSTM):
-        return graph.call_function(_lstm_outputs, (called,))
-    return called
-
-
-def _lstm_outputs(result: Any) -> tuple[Any, Any, Any]:
-    """nn.LSTM's (output, (h_n, c_n)) as aten.lstm's (output, h_n, c_n)."""
-    return result[0], result[1][0], result[1][1]
-
-
 def _detach_shared_reads(rebuilt: fx.GraphModule, layers: set[str]) -> None:
     """Point get_attr reads of a lifted layer's tensors at a root attribute holding the same tensor.
 
@@ -279,9 +204,9 @@ def _detach_shared_reads(rebuilt: fx.GraphModule, layers: set[str]) -> None:
         if owner not in layers:
             continue
         flat = str(node.target).replace(".", "_")
-        while hasattr(rebuilt, flat) and _fetch(rebuilt, flat) is not _fetch(rebuilt, str(node.target)):
+        while hasattr(rebuilt, flat) and fetch(rebuilt, flat) is not fetch(rebuilt, str(node.target)):
             flat += "_"
-        value = _fetch(rebuilt, str(node.target))
+        value = fetch(rebuilt, str(node.target))
         if isinstance(value, nn.Parameter):
             rebuilt.register_parameter(flat, value)
         else:
@@ -365,9 +290,9 @@ def _lift(
     stem = weight_name.removesuffix("weight").rstrip("_")
     owner = ".".join(part for part in (owner, stem) if part)
     name = owner if owner and owner not in lifted.values() else f"{owner or 'layer'}_{len(lifted)}".replace(".", "_")
-    values = {attribute: _fetch(source, str(t.target)) for attribute, t in tensors.items() if t is not None}
+    values = {attribute: fetch(source, str(t.target)) for attribute, t in tensors.items() if t is not None}
     module = _make_layer(node, values)
-    if _has_submodule(root, name):
+    if has_submodule(root, name):
         # the container made for this owner's get_attr nodes: its other contents move onto the module
         container = root.get_submodule(name)
         for child_name, child in container._modules.items():
@@ -381,7 +306,7 @@ def _lift(
         for parameter_name, parameter in container._parameters.items():
             if parameter_name not in held:
                 module.register_parameter(parameter_name, parameter)
-    _set_path(root, name, module)
+    set_path(root, name, module)
     lifted[key] = name
     return name
 
@@ -443,7 +368,7 @@ def _refuse_unlifted_parameters(graph: fx.Graph, root: nn.Module) -> None:
         {
             f"{user.target} uses {node.target}"
             for node in graph.nodes
-            if node.op == "get_attr" and isinstance(_fetch(root, node.target), nn.Parameter)
+            if node.op == "get_attr" and isinstance(fetch(root, node.target), nn.Parameter)
             for user in node.users
         }
     )
@@ -516,52 +441,6 @@ def _takes_computed_sizes(node: fx.Node) -> bool:
     return any(isinstance(v, fx.Node) and not isinstance(v.meta.get("val"), Tensor) for v in values)
 
 
-def _fetch(source: nn.Module, target: str) -> Any:
-    value: Any = source
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
-def _has_submodule(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
-def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = _ensure_module(root, parent_path)
-    parent.add_module(leaf, module)
-
-
-def _ensure_module(root: nn.Module, path: str) -> nn.Module:
-    module = root
-    for part in path.split(".") if path else []:
-        child = module._modules.get(part)
-        if child is None:
-            child = nn.Module()
-            module.add_module(part, child)
-        module = child
-    return module
-
-
-def _copy_attribute(source: nn.Module, root: nn.Module, target: str) -> None:
-    parent_path, _, leaf = target.rpartition(".")
-    parent = _ensure_module(root, parent_path)
-    if leaf in parent._parameters or leaf in parent._buffers or leaf in parent.__dict__:
-        return
-    value = _fetch(source, target)
-    if isinstance(value, nn.Parameter):
-        parent.register_parameter(leaf, value)
-    elif isinstance(value, torch.Tensor):
-        parent.register_buffer(leaf, value)
-    else:
-        setattr(parent, leaf, value)
-
-
 def _unflatten_output(source: fx.GraphModule, leaves: list[Any]) -> Any:
     spec = getattr(source, "_out_spec", None)
     if spec is None or spec.type in (tuple, list):
@@ -584,7 +463,7 @@ def _unflatten_output(source: fx.GraphModule, leaves: list[Any]) -> Any:
 def _replace_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     if not path:
         raise EngineError("cannot skip the whole model")
-    _set_path(root, path, module)
+    set_path(root, path, module)
 
 
 def _flattens_to_batch(node: fx.Node) -> bool:

@@ -10,9 +10,10 @@ import torch
 
 from worker.compression.base import EngineError
 from worker.compression.facts import has_recurrent_layers
-from worker.compression.inputs import Signature, make_example, torchscript_to_graph
+from worker.compression.inputs import Signature, make_example
 from worker.compression.io import load_model
 from worker.compression.metrics import count_parameters
+from worker.compression.torchscript_conversion import torchscript_to_graph
 
 
 def inspect_model(

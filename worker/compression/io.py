@@ -17,7 +17,8 @@ from torch import nn
 from worker.compression import breadcrumbs
 from worker.compression.archive_check import load_exported_program
 from worker.compression.base import Dataset, EngineError, ModelKind
-from worker.compression.graph_lift import has_recurrent_ops, torch_level_module
+from worker.compression.graph_lift import torch_level_module
+from worker.compression.graph_lift_recurrent import has_recurrent_ops
 from worker.compression.inputs import (
     Batch,
     ModelInputs,

@@ -28,12 +28,11 @@ from worker.compression.inputs import (
     ModelInputs,
     Signature,
     call_model,
-    constants_by_name,
     make_example,
-    torchscript_to_graph,
 )
 from worker.compression.io import default_output_format, load_artifact, load_dataset, load_model, save_artifact
 from worker.compression.pipeline_target import finish_for_runtime
+from worker.compression.torchscript_conversion import constants_by_name, torchscript_to_graph
 
 DEFAULT_BATCH_FROM_DATASET = 32
 

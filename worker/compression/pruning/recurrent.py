@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from worker.compression.base import EngineError, StageContext
-from worker.compression.graph_lift import has_recurrent_ops as has_recurrent_ops
+from worker.compression.graph_lift_recurrent import has_recurrent_ops as has_recurrent_ops
 from worker.compression.pruning.transformer import check_same_outputs
 
 _aten = torch.ops.aten

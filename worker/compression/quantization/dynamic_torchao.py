@@ -52,7 +52,7 @@ def _dynamic_int8_torchao(model: nn.Module, options: dict[str, Any], ctx: StageC
             "the torchao path quantizes Linear layers only"
         )
     if ctx.kind == "torchscript":
-        from worker.compression.inputs import torchscript_to_graph
+        from worker.compression.torchscript_conversion import torchscript_to_graph
 
         model = torchscript_to_graph(model, ctx.signature, ctx.example_input)
     eager = copy.deepcopy(model) if ctx.kind == "eager" else torch_level_module(model)

@@ -18,9 +18,9 @@ from worker.compression.inputs import (
     call_model,
     map_floating,
     select_output,
-    torchscript_to_graph,
 )
 from worker.compression.quantization.plan import _Done, _model_device, _require_targets, plan_layers
+from worker.compression.torchscript_conversion import torchscript_to_graph
 
 # --------------------------------------------------------------------------- fp16 / bf16
 
@@ -211,7 +211,7 @@ def _via_exported_program(
 ) -> _Done:
     """fp16 of a TorchScript model that makes float32 tensors inside forward (a traced LSTM's zero
     state): converted to an exported program, whose float32 factory ops can be retargeted."""
-    from worker.compression.inputs import torchscript_to_graph
+    from worker.compression.torchscript_conversion import torchscript_to_graph
 
     try:
         graph = torchscript_to_graph(model, ctx.signature, ctx.example_input)

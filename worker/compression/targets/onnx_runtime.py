@@ -32,9 +32,9 @@ from worker.compression.inputs import (
     Signature,
     export_example,
     select_output,
-    torchscript_to_graph,
 )
 from worker.compression.targets.common import as_eval, run_in_chunks
+from worker.compression.torchscript_conversion import torchscript_to_graph
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
