@@ -110,8 +110,9 @@ def test_search_on_digits_tries_static_int8_on_the_dataset_and_fine_tuned_struct
     assert static["calibration"] == "dataset" and static["status"] in ("met", "missed")
     structured = [t for t in info["trials"] if t["candidate"].startswith("ln_structured")]
     assert structured and all(t["stages"][0].get("train") == {"epochs": 1} for t in structured)
+    # which candidates meet the bar depends on this CPU's int8 kernels (static int8 of this small LeNet is
+    # faster at batch 1 on some x86 CPUs, slower on others); the choice among them does not
     assert info["result"] == "met"
-    assert info["chosen"]["candidate"].startswith(("static_int8", "ln_structured")), info["trials"]
     met = [t for t in info["trials"] if t["status"] == "met"]
     assert info["chosen"]["size_bytes"] == min(t["size_bytes"] for t in met)
     # independent: the returned model's accuracy on the held-out digits
