@@ -31,8 +31,10 @@ _state: dict[str, Any] = {"stage": "starting", "operation": "importing the engin
 
 
 def leave_in(folder: Path) -> None:
-    """Write breadcrumbs to `folder`/breadcrumbs.json from now on."""
+    """Write breadcrumbs to `folder`/breadcrumbs.json from now on, starting a fresh record (nothing of an
+    earlier job run in this process carries over)."""
     global _file
+    _state.update(stage="starting", operation="importing the engine", model={})
     if _file is not None:
         os.close(_file)
         _file = None
