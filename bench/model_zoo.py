@@ -57,6 +57,14 @@ class ZooEntry:
         torch.jit.save(self.scripted(), str(path))
         return path
 
+    def save_as(self, model_format: str, folder: Path) -> Path:
+        """The upload file of one format: "torchscript", "exported_program" or "huggingface"."""
+        if model_format == "huggingface":
+            return self.save_pretrained_zip(folder)
+        if model_format == "exported_program":
+            return self.save_exported(folder / f"{self.name}.pt2")
+        return self.save_torchscript(folder / f"{self.name}.pt")
+
     def save_pretrained_zip(self, folder: Path) -> Path:
         """A Hugging Face model as users upload it: its `save_pretrained` folder, zipped."""
         saved = folder / f"{self.name}-saved"

@@ -30,12 +30,8 @@ MIN_SQNR_DB = 25.0
 SQNR_TOLERANCE_DB = 0.5
 
 
-def _upload(entry: zoo.ZooEntry, fmt: str, folder: Path) -> Path:
-    if fmt == "huggingface":
-        return entry.save_pretrained_zip(folder)
-    if fmt == "exported_program":
-        return entry.save_exported(folder / f"{entry.name}.pt2")
-    return entry.save_torchscript(folder / f"{entry.name}.pt")
+def _upload(entry: zoo.ZooEntry, model_format: str, folder: Path) -> Path:
+    return entry.save_as(model_format, folder)
 
 
 def _inputs(entry: zoo.ZooEntry, fmt: str) -> list[dict[str, Any]]:

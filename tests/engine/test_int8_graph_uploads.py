@@ -29,11 +29,7 @@ HF_SEQUENCE = 16  # what the engine reads from the tiny GPT-2's config.json for 
 
 
 def _upload(entry: zoo.ZooEntry, model_format: str, folder: Path) -> Path:
-    if model_format == "huggingface":
-        return entry.save_pretrained_zip(folder)
-    if model_format == "torchscript":
-        return entry.save_torchscript(folder / f"{entry.name}.pt")
-    return entry.save_exported(folder / f"{entry.name}.pt2")
+    return entry.save_as(model_format, folder)
 
 
 def _samples(name: str, model_format: str, count: int, seed: int) -> torch.Tensor:
